@@ -1,0 +1,164 @@
+"""The ``kbench`` command line: each command parses its options and calls one library function.
+
+Keras reads its backend once, on first import: ``--backend`` is handled eagerly, before any command
+body runs, and nothing here imports keras at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+
+import click
+
+from kbench import __version__
+from kbench.errors import KbenchError, TrainingInterrupted
+
+
+class _Group(click.Group):
+    """Turns KbenchError into one line on stderr and exit code 2 (130/143 for an interrupted run)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TrainingInterrupted as stopped:
+            click.echo(f"kbench: {stopped}", err=True)
+            ctx.exit(128 + stopped.signal_number)
+        except KbenchError as error:
+            click.echo(f"kbench: error: {error}", err=True)
+            ctx.exit(2)
+
+
+def _set_backend(ctx, param, value):
+    from kbench.backend import use_backend
+
+    try:
+        return use_backend(value)
+    except KbenchError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["jax", "tensorflow"]),
+    default=None,
+    is_eager=True,
+    callback=_set_backend,
+    help="Keras backend (default: $KERAS_BACKEND, else jax).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kbench")
+def cli():
+    """Which pretrained backbone or ensemble should you fine-tune, and what does each cost to train
+    and to serve? kbench measures it on your own images."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kbench: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("kbench")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+@cli.command()
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def backbones(output_format):
+    """List the registered backbones (native size, parameters, feature width)."""
+    from kbench.backbones import list_backbones
+    from kbench.report import format_table
+
+    rows = [spec.to_dict() for spec in list_backbones()]
+    if output_format == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = ["name", "image_size", "params", "feature_dim", "preprocessing", "pretrained"]
+    click.echo(format_table(rows, columns))
+
+
+@cli.command()
+@click.option("--backbone", help="Registered backbone name (see `kbench backbones`).")
+@click.option("--data", type=click.Path(), help="Kaggle train folder or train.zip, or one folder per class.")
+@backend_option
+@click.option("--epochs", type=int, help="Training epochs.  [default: 10]")
+@click.option("--batch-size", type=int, help="Images per step.  [default: 32]")
+@click.option("--image-size", type=int, help="Pixels per side.  [default: the backbone's native size]")
+@click.option("--lr", type=float, help="Adam learning rate.  [default: 1e-4]")
+@click.option("--weights", help="imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).  "
+              "[default: imagenet; none for small_cnn]")
+@click.option("--augment/--no-augment", default=None, help="The reference study's flips and crops.  [default: on]")
+@click.option("--val-split", type=float, help="Stratified hold-out fraction.  [default: 0.1]")
+@click.option("--seed", type=int, help="Seed for the split, shuffling, augmentation and weights.  [default: 0]")
+@click.option("--run-dir", type=click.Path(), required=True, help="Folder for the model, metrics and history.")
+@click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the head.")
+@click.option("--cache", is_flag=True, default=None, help="Keep decoded images in memory after the first epoch.")
+@click.option("--workers", type=int, help="Image decoding threads.  [default: CPU count, at most 8]")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --run-dir (its own config).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(resume, quiet, run_dir, **options):
+    """Fine-tune one backbone on a folder or zip of images and write a run folder.
+
+    \b
+    Example:
+      kbench train --backbone efficientnet_b0 --data train.zip --epochs 10 --run-dir runs/b0
+    Ctrl-C saves a checkpoint; `--resume` continues it.
+    """
+    from kbench.train import TrainConfig, resume_config
+    from kbench.train import train as train_run
+
+    given = {name: value for name, value in options.items() if value is not None}
+    if resume:
+        config = resume_config(run_dir, given.get("epochs"))
+    else:
+        for required in ("backbone", "data"):
+            if required not in given:
+                raise click.UsageError(f"--{required} is required (unless --resume)")
+        config = TrainConfig(run_dir=run_dir, **given)
+    result = train_run(config, resume=resume, verbose=0 if quiet else "auto")
+    click.echo(_summary(result, run_dir))
+
+
+def _summary(result: dict, run_dir: str) -> str:
+    seconds = result["epoch_seconds"]
+    quality = (
+        f"val log loss {result['val_log_loss']:.4f}, accuracy {result['val_accuracy']:.3f}"
+        if result["val_log_loss"] is not None
+        else "no validation split"
+    )
+    return (
+        f"{result['backbone']} ({result['backend']}): {quality}; {len(seconds)} epochs, "
+        f"last {seconds[-1]:.1f} s ({result['train_images_per_second']:.0f} images/s) "
+        f"-> {os.path.join(run_dir, 'model.keras')}"
+    )
+
+
+@cli.command()
+@click.option("--out", type=click.Path(), default="runs/demo", show_default=True, help="Folder for data and run.")
+@backend_option
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--images", type=int, default=600, show_default=True, help="Generated training images.")
+def demo(out, epochs, images, backend):
+    """Offline demo: generate a learnable Dogs-vs-Cats-style set and fine-tune small_cnn on it."""
+    from kbench.synthetic import write_kaggle_dataset
+    from kbench.train import TrainConfig
+    from kbench.train import train as train_run
+
+    click.echo(f"writing {images} generated images in the Kaggle layout to {out}/data ...")
+    paths = write_kaggle_dataset(os.path.join(out, "data"), n_train=images, n_test=100, image_size=64)
+    run_dir = os.path.join(out, "small_cnn")
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        shutil.rmtree(run_dir)  # a demo always starts over
+    config = TrainConfig(
+        backbone="small_cnn", data=paths["train"], run_dir=run_dir, backend=backend, epochs=epochs,
+        batch_size=32, lr=3e-3, weights="none",
+    )
+    result = train_run(config)
+    click.echo(_summary(result, run_dir))
+
+
+def main() -> None:
+    cli(prog_name="kbench")
