@@ -109,14 +109,13 @@ def build_feature_extractor(spec: BackboneSpec, image_size: int | None = None, w
             f"{spec.name} needs images of at least {spec.min_image_size} px; got {image_size}"
         )
     image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
-    if spec.application is None:
-        if weights not in ("none", "backbone"):
-            raise KbenchError(f"{spec.name} has no pretrained weights; use --weights none")
-        return _small_cnn(image, spec.name)
-
     kind = weights_kind(weights)
     if kind == "model":
         kind = "none"  # the caller loads whole-model weights after building
+    if spec.application is None:
+        if kind != "none":
+            raise KbenchError(f"{spec.name} has no pretrained weights; use --weights none or a .keras file")
+        return _small_cnn(image, spec.name)
     app_weights = {"none": None, "imagenet": "imagenet", "backbone": weights}[kind]
     x = image
     if spec.preprocessing == "tf":
@@ -124,7 +123,13 @@ def build_feature_extractor(spec: BackboneSpec, image_size: int | None = None, w
     constructor = getattr(keras.applications, spec.application)
     try:
         # input_tensor makes the application's graph start at our input: one flat model.
-        return constructor(include_top=False, weights=app_weights, input_tensor=x, pooling="avg")
+        return constructor(
+            include_top=False,
+            weights=app_weights,
+            input_tensor=x,
+            input_shape=(image_size, image_size, 3),  # picks the weight file made for this size
+            pooling="avg",
+        )
     except Exception as error:  # keras raises bare Exception for a failed download
         if kind == "imagenet":
             raise KbenchError(_imagenet_failure(spec, error)) from None

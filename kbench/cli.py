@@ -154,7 +154,7 @@ def demo(out, epochs, images, backend):
         shutil.rmtree(run_dir)  # a demo always starts over
     config = TrainConfig(
         backbone="small_cnn", data=paths["train"], run_dir=run_dir, backend=backend, epochs=epochs,
-        batch_size=32, lr=3e-3, weights="none",
+        batch_size=32, lr=2e-3, weights="none",
     )
     result = train_run(config)
     click.echo(_summary(result, run_dir))

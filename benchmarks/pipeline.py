@@ -1,0 +1,151 @@
+"""Input-pipeline benchmark: is kbench's threaded OpenCV loader fast enough to keep training fed?
+
+Two measurements, in one run on one machine:
+1. images/s of ``ImageLoader`` (thread pool + prefetch) against a single-threaded loop like the
+   reference study's (read, decode, resize, augment, one image after another);
+2. training steps/s of a backbone fed by the loader against the same steps fed from an in-memory array.
+
+    python benchmarks/pipeline.py [--backbone mobilenet_v2] [--images 512] [--steps 12] [-o result.json]
+
+Images are generated JPEGs of about Kaggle's size (400 x 350 px), in a zip, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kbench.backend import use_backend  # noqa: E402
+from kbench.data import ImageLoader, augment, decode_image, find_images, resize  # noqa: E402
+from kbench.synthetic import CLASSES, encode_jpeg, make_image  # noqa: E402
+
+
+def write_images(path: str, count: int, seed: int = 0) -> None:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for index in range(count):
+            label = index % 2
+            image = cv2.resize(make_image(label, 128, rng), (400, 350), interpolation=cv2.INTER_CUBIC)
+            archive.writestr(f"train/{CLASSES[label]}.{index}.jpg", encode_jpeg(image))
+
+
+def single_threaded(images, indices, image_size: int, seed: int) -> float:
+    """The reference study's loop: one image after another on the calling thread. Returns images/s."""
+    reader = images.reader()
+    start = time.perf_counter()
+    for index in indices:
+        image = resize(decode_image(reader.read(images.keys[index])), image_size)
+        augment(image, np.random.default_rng([seed, 0, int(index)]))
+    return len(indices) / (time.perf_counter() - start)
+
+
+def threaded(images, indices, image_size: int, batch_size: int, seed: int, workers: int | None) -> float:
+    loader = ImageLoader(images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed,
+                         workers=workers)
+    start = time.perf_counter()
+    count = sum(len(loader.batch(0, b)[1]) for b in range(len(loader)))
+    seconds = time.perf_counter() - start
+    loader.close()
+    return count / seconds
+
+
+def training_steps(images, indices, backbone: str, image_size: int, batch_size: int, steps: int, seed: int):
+    """(steps/s from memory, steps/s from the loader); the same model, alternating blocks of steps."""
+    import keras
+
+    from kbench.backbones import build_classifier, get_backbone
+
+    model = build_classifier(get_backbone(backbone), 2, image_size, "none")
+    model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy")
+    loader = ImageLoader(images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed)
+    pixels, labels = loader.batch(0, 0)
+    labels = labels.astype("float32")[:, None]
+    for _ in range(2):  # compile and warm up outside the timings
+        model.train_on_batch(pixels, labels)
+
+    def memory_step(step):
+        return model.train_on_batch(pixels, labels)
+
+    def loader_step(step):
+        x, y = loader.batch(1, step % len(loader))
+        return model.train_on_batch(x, y.astype("float32")[:, None])
+
+    def time_block(step_function):
+        start = time.perf_counter()
+        for step in range(steps):
+            step_function(step)
+        return steps / (time.perf_counter() - start)
+
+    memory, fed = [], []
+    for _ in range(3):  # alternate to spread the machine's noise over both
+        memory.append(time_block(memory_step))
+        fed.append(time_block(loader_step))
+    loader.close()
+    return statistics.median(memory), statistics.median(fed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="training steps per timed block")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("-o", "--output", help="write the result as JSON here")
+    args = parser.parse_args()
+    backend = use_backend(args.backend)
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "train.zip")
+        write_images(path, args.images)
+        images = find_images(path)
+        indices = np.arange(len(images))
+        single = statistics.median(single_threaded(images, indices, args.image_size, s) for s in range(args.repeats))
+        pooled = statistics.median(
+            threaded(images, indices, args.image_size, args.batch_size, s, args.workers) for s in range(args.repeats)
+        )
+        memory, fed = training_steps(images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0)
+
+    import keras
+
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "backend": backend,
+        "keras": keras.__version__,
+        "images": args.images,
+        "image_size": args.image_size,
+        "single_thread_images_per_second": single,
+        "pipeline_images_per_second": pooled,
+        "pipeline_speedup": pooled / single,
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "memory_steps_per_second": memory,
+        "pipeline_steps_per_second": fed,
+        "pipeline_step_cost_percent": 100 * (memory / fed - 1),
+    }
+    print(f"| measure | value |\n|---|---|")
+    for key, value in result.items():
+        print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
