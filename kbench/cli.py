@@ -136,6 +136,59 @@ def _summary(result: dict, run_dir: str) -> str:
     )
 
 
+@cli.group()
+def export():
+    """Export a trained model to another format."""
+
+
+@export.command("onnx")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="ONNX file to write.  [default: exports/NAME.onnx]")
+@backend_option
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..18).")
+@click.option("--batch-size", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized copy.")
+@click.option("--calibration-data", type=click.Path(), help="Images to calibrate int8 on.  [default: the run's training split]")
+def export_onnx_command(model, output, opset, batch_size, quantize, calibration_data, backend):
+    """Export MODEL (a run folder, ensemble folder or .keras file) to ONNX, checked against Keras.
+
+    \b
+    The graph takes one input, `image` (float32 NHWC, RGB 0..255), and returns `probability`.
+    It is kept only if ONNX Runtime matches Keras within 1e-4 at batch 1 and 3.
+    Example:
+      kbench export onnx runs/b0 -o exports/b0.onnx --quantize int8
+    """
+    from kbench.export import default_output, export_onnx, run_metadata
+
+    if batch_size == "dynamic":
+        fixed = None
+    elif batch_size.isdigit() and int(batch_size) > 0:
+        fixed = int(batch_size)
+    else:
+        raise click.BadParameter("use 'dynamic' or a positive whole number", param_hint="--batch-size")
+    output = output or default_output(model)
+    result = export_onnx(model, output, opset=opset, batch_size=fixed, metadata=run_metadata(model))
+    click.echo(
+        f"wrote {result['path']} ({result['megabytes']:.1f} MB, opset {opset}, batch {result['batch_size']}) "
+        f"in {result['export_seconds']:.1f} s; ONNX Runtime vs Keras ({result['backend']}): largest relative "
+        f"difference {result['max_relative_difference']:.1e}"
+    )
+    if quantize:
+        from kbench.quantize import quantize_int8
+
+        int8_path = os.path.splitext(output)[0] + ".int8.onnx"
+        record = quantize_int8(output, int8_path, calibration_data, model if os.path.isdir(model) else None)
+        click.echo(
+            f"wrote {int8_path} (calibrated on {record['calibration_images']} images); batch-1 latency "
+            f"{record['float_ms']:.2f} ms -> {record['int8_ms']:.2f} ms ({record['speedup']:.2f}x)"
+        )
+        if "int8_val_log_loss" in record:
+            click.echo(
+                f"validation log loss {record['float_val_log_loss']:.4f} -> {record['int8_val_log_loss']:.4f}, "
+                f"accuracy {record['float_val_accuracy']:.3f} -> {record['int8_val_accuracy']:.3f}"
+            )
+
+
 @cli.command()
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True, help="Folder for data and run.")
 @backend_option

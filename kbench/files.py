@@ -22,6 +22,7 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(handle)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual permissions
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -32,6 +33,18 @@ def write_text(path: str, text: str) -> None:
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
 
 
 def write_json(path: str, value) -> None:

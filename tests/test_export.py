@@ -1,0 +1,137 @@
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from conftest import BACKEND, run_cli
+from kbench import export as export_module
+from kbench.backbones import build_classifier, build_feature_extractor, get_backbone
+from kbench.errors import KbenchError
+from kbench.export import export_onnx, read_metadata
+from kbench.train import TrainConfig, train
+
+
+def two_member_ensemble():
+    """Two tiny members of different input sizes behind one 48 px image input, with dropout: the
+    shape of a kbench ensemble (nested models, in-graph resizing, the study's stacked head)."""
+    import keras
+    from keras import layers
+
+    image = keras.Input((48, 48, 3), name="image")
+    features = []
+    for size in (32, 24):
+        member = build_feature_extractor(get_backbone("small_cnn"), size)
+        member.name = f"member_{size}"
+        features.append(member(layers.Resizing(size, size, name=f"resize_{size}")(image)))
+    x = layers.Concatenate()(features)
+    x = layers.Dropout(0.3)(layers.Dense(32, activation="relu")(x))
+    x = layers.Dense(8, activation="relu")(x)
+    return keras.Model(image, layers.Dense(1, activation="sigmoid", name="probability")(x))
+
+
+def session(path):
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def test_small_cnn_exports_with_one_image_input_and_probability_output(tmp_path):
+    model = build_classifier(get_backbone("small_cnn"), 2, 32)
+    result = export_onnx(model, str(tmp_path / "m.onnx"), metadata={"classes": ["cat", "dog"]})
+    assert result["max_relative_difference"] <= 1e-4 and result["backend"] == BACKEND
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+    graph = session(str(tmp_path / "m.onnx"))
+    assert [i.name for i in graph.get_inputs()] == ["image"]
+    assert [o.name for o in graph.get_outputs()] == ["probability"]
+    pixels = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    assert np.allclose(graph.run(None, {"image": pixels})[0], np.asarray(model.predict_on_batch(pixels)), atol=1e-5)
+    metadata = read_metadata(str(tmp_path / "m.onnx"))
+    assert json.loads(metadata["classes"]) == ["cat", "dog"] and metadata["backend"] == BACKEND
+    assert json.loads(metadata["image_size"]) == [32, 32] and "keras_version" in metadata
+
+
+def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
+    model = two_member_ensemble()
+    result = export_onnx(model, str(tmp_path / "ensemble.onnx"))
+    assert result["max_relative_difference"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "ensemble.onnx")).graph
+    assert len(graph.input) == 1  # no constants leaked out as inputs
+    assert not any("Random" in node.op_type for node in graph.node)  # dropout is gone
+
+
+def test_fixed_batch_size_and_feature_extractor(tmp_path):
+    extractor = build_feature_extractor(get_backbone("small_cnn"), 32)
+    export_onnx(extractor, str(tmp_path / "features.onnx"), batch_size=4)
+    graph = session(str(tmp_path / "features.onnx"))
+    assert graph.get_inputs()[0].shape == [4, 32, 32, 3]
+    assert graph.get_outputs()[0].shape[-1] == 64
+
+
+def test_failed_parity_check_leaves_no_file(tmp_path, monkeypatch):
+    original = export_module._set_metadata
+
+    def tampered(onnx_model, *args):
+        original(onnx_model, *args)
+        for tensor in onnx_model.graph.initializer:  # double every float weight: the graph now lies
+            if tensor.data_type == onnx.TensorProto.FLOAT and tensor.raw_data:
+                values = onnx.numpy_helper.to_array(tensor) * 2 + 1
+                tensor.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), tensor.name))
+
+    monkeypatch.setattr(export_module, "_set_metadata", tampered)
+    output = tmp_path / "bad.onnx"
+    with pytest.raises(KbenchError, match="disagree.*no file was written"):
+        export_onnx(build_classifier(get_backbone("small_cnn"), 2, 32), str(output))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_models_and_opsets_are_refused(tmp_path):
+    import keras
+
+    not_a_model = tmp_path / "notes.keras"
+    not_a_model.write_text("hello")
+    with pytest.raises(KbenchError, match="could not be loaded as a Keras model"):
+        export_onnx(str(not_a_model), str(tmp_path / "x.onnx"))
+    a, b = keras.Input((8, 8, 3)), keras.Input((8, 8, 3))
+    two_inputs = keras.Model([a, b], keras.layers.Add()([a, b]))
+    with pytest.raises(KbenchError, match="2 inputs"):
+        export_onnx(two_inputs, str(tmp_path / "x.onnx"))
+    with pytest.raises(KbenchError, match="opset 99"):
+        export_onnx(build_classifier(get_backbone("small_cnn"), 2, 32), str(tmp_path / "x.onnx"), opset=99)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_user_model_keeps_its_own_names(tmp_path):
+    import keras
+
+    pixels = keras.Input((16, 16, 3), name="photo")
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(pixels))
+    path = str(tmp_path / "user.keras")
+    keras.Model(pixels, logits).save(path)
+    export_onnx(path, str(tmp_path / "user.onnx"))
+    graph = session(str(tmp_path / "user.onnx"))
+    assert [i.name for i in graph.get_inputs()] == ["photo"] and [o.name for o in graph.get_outputs()] == ["logits"]
+
+
+def test_cli_exports_a_run_and_quantizes_it(kaggle_data, tmp_path):
+    run_dir = str(tmp_path / "run")
+    train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=2, image_size=32,
+                      lr=2e-3, batch_size=24), verbose=0)
+    output = str(tmp_path / "out" / "run.onnx")
+    done = run_cli("export", "onnx", run_dir, "-o", output, "--quantize", "int8", "--backend", BACKEND)
+    assert done.returncode == 0, done.stderr
+    assert "largest relative difference" in done.stdout and "validation log loss" in done.stdout
+    assert os.path.exists(output) and os.path.exists(str(tmp_path / "out" / "run.int8.onnx"))
+    assert json.loads(read_metadata(output)["backbones"]) == ["small_cnn"]
+    int8 = onnx.load(str(tmp_path / "out" / "run.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+
+    missing = run_cli("export", "onnx", str(tmp_path / "nothing"), "--backend", BACKEND)
+    assert missing.returncode == 2 and "model not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_real_backbones_export_at_reduced_size(name, tmp_path):
+    model = build_classifier(get_backbone(name), 2, 96)
+    assert export_onnx(model, str(tmp_path / f"{name}.onnx"))["max_relative_difference"] <= 1e-4
