@@ -189,6 +189,87 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
             )
 
 
+def _int_list(ctx, param, value):
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("use comma-separated whole numbers, e.g. 1,8,32") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter("use comma-separated positive whole numbers, e.g. 1,8,32")
+    return numbers
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--runtime", "runtimes", default="keras-predict,keras-compiled,onnxruntime-cpu,onnxruntime-cuda",
+              show_default=True, help="Comma-separated runtimes to time.")
+@backend_option
+@click.option("--batch-size", "batch_sizes", default="1,8,32", show_default=True, callback=_int_list)
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per row, each timed on its own.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads.  [default: ONNX Runtime's choice]")
+@click.option("--weights", default="none", show_default=True, help="For registry names: imagenet or none.")
+@click.option("--format", "output_format", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Write the result here instead of stdout.")
+def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, output_format, output, backend):
+    """Time inference of MODELS on Keras and ONNX Runtime (CPU and CUDA).
+
+    \b
+    MODEL: a run or ensemble folder, a .keras or .onnx file, or a backbone name (native size,
+    fresh head). Keras models are exported to exports/NAME.onnx for the ONNX runtimes (reused
+    while newer than the model). Ctrl-C prints the rows finished so far.
+    Example:
+      kbench latency efficientnet_b0 --runtime keras-compiled,onnxruntime-cpu --batch-size 1,32
+    """
+    from kbench.latency import LatencyConfig, iter_latency, machine_info, plan
+
+    config = LatencyConfig(list(models), [r.strip() for r in runtimes.split(",") if r.strip()], batch_sizes, runs,
+                           warmup, threads, weights)
+    rows, interrupted = [], False
+    try:
+        with click.progressbar(length=plan(config), label="timing", file=sys.stderr) as bar:
+            for row in iter_latency(config):
+                rows.append(row)
+                bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    text = _format_latency(rows, output_format, machine_info(threads))
+    if output:
+        from kbench.files import write_text
+
+        write_text(output, text)
+        click.echo(f"wrote {len(rows)} rows to {output}", err=True)
+    else:
+        click.echo(text)
+    if interrupted:
+        click.echo("kbench: interrupted; the rows above are those finished", err=True)
+        sys.exit(130)
+
+
+def _format_latency(rows: list[dict], output_format: str, machine: dict) -> str:
+    from kbench.latency import COLUMNS
+    from kbench.report import format_table
+
+    if output_format == "json":
+        return json.dumps(rows, indent=2)
+    if output_format == "csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
+    header = (f"machine: {machine['cpu']}, {machine['cores']} cores; GPU: {machine['gpu']}; "
+              f"ONNX Runtime threads: {machine['threads']}; {versions}")
+    shown = [c for c in COLUMNS if c not in ("runs", "warmup", "detail")]
+    style = "markdown" if output_format == "markdown" else "ascii"
+    return header + "\n\n" + format_table(rows, shown, style=style)
+
+
 @cli.command()
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True, help="Folder for data and run.")
 @backend_option

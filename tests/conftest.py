@@ -26,8 +26,8 @@ def class_folders(tmp_path_factory):
                                classes=("ant", "bee", "cow"))
 
 
-def run_cli(*args, env=None, timeout=300):
+def run_cli(*args, env=None, timeout=300, cwd=None):
     """Run `python cli.py ARGS` in a fresh process; returns the CompletedProcess."""
     environment = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args], capture_output=True,
-                          text=True, env=environment, timeout=timeout)
+                          text=True, env=environment, timeout=timeout, cwd=cwd)

@@ -1,0 +1,186 @@
+"""The timing loop over models x runtimes x batch sizes; flat rows out.
+
+Method (timm's benchmark harness, nanoGPT's bench.py): warm-up runs outside the timings, every run
+timed on its own with the device synchronised inside the timed region, inputs of real image pixels at
+the model's size, statistics over the individual timings.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from kbench import metrics
+from kbench.errors import KbenchError
+from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
+
+COLUMNS = ["model", "runtime", "backend", "device", "batch_size", "runs", "warmup", "min_ms", "p50_ms", "p90_ms",
+           "p99_ms", "mean_ms", "std_ms", "images_per_second", "status", "detail"]
+
+
+@dataclass
+class LatencyConfig:
+    models: list[str]
+    runtimes: list[str] = field(default_factory=lambda: ["keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    runs: int = 100
+    warmup: int = 10
+    threads: int | None = None
+    weights: str = "none"  # for registry names
+    export_dir: str = "exports"
+
+
+@dataclass
+class ModelSource:
+    name: str
+    keras_path: str | None
+    onnx_path: str | None
+    image_size: tuple[int, int]
+    members: int = 1
+
+
+def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
+    """MODEL: a run/ensemble folder, a ``.keras`` file, an ``.onnx`` file, or a registry name (the
+    backbone at its native size with a fresh two-class head)."""
+    from kbench.export import describe_inputs, load_model, model_file, run_metadata
+
+    if model.endswith(".onnx"):
+        if not os.path.isfile(model):
+            raise KbenchError(f"model not found: {model}")
+        import onnxruntime
+
+        shape = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+        return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])))
+    if os.path.exists(model):
+        path = model_file(model)
+        _, (height, width, _) = describe_inputs(load_model(path))
+        members = len(run_metadata(model).get("backbones", [])) or 1
+        name = os.path.basename(model.rstrip("/"))
+        name = name if os.path.isdir(model) else os.path.splitext(name)[0]
+        return ModelSource(name, path, None, (height, width), members)
+    from kbench.backbones import build_classifier, get_backbone
+
+    spec = get_backbone(model)  # KbenchError listing the names if it is none of the above
+    path = os.path.join(scratch, f"{spec.name}.keras")
+    build_classifier(spec, 2, spec.image_size, weights).save(path)
+    return ModelSource(spec.name, path, None, (spec.image_size, spec.image_size))
+
+
+def onnx_file(source: ModelSource, export_dir: str) -> str:
+    """The ONNX export of a Keras model: reused when newer than the model, else exported (checked)."""
+    if source.onnx_path:
+        return source.onnx_path
+    from kbench.export import export_onnx
+
+    path = os.path.join(export_dir, f"{source.name}.onnx")
+    if not (os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(source.keras_path)):
+        export_onnx(source.keras_path, path)
+    source.onnx_path = path
+    return path
+
+
+def sample_pixels(batch_size: int, image_size: tuple[int, int]) -> np.ndarray:
+    """Image-like pixels (generated photographs' statistics, not zeros) at the model's size."""
+    import cv2
+
+    from kbench.synthetic import make_image
+
+    rng = np.random.default_rng(0)
+    images = [cv2.resize(make_image(i % 2, 64, rng), image_size[::-1]) for i in range(batch_size)]
+    return np.stack(images).astype(np.float32)
+
+
+def time_runs(run, pixels: np.ndarray, runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``run(pixels)`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run(pixels)
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(pixels)
+        timings.append((time.perf_counter() - start) * 1000)
+    return timings
+
+
+def plan(config: LatencyConfig) -> int:
+    return len(config.models) * len(config.runtimes) * len(config.batch_sizes)
+
+
+def iter_latency(config: LatencyConfig) -> Iterator[dict]:
+    """Yield one row per (model, runtime, batch size); rows of runtimes that can't run say why."""
+    import keras
+
+    for name in config.runtimes:
+        if name not in RUNTIMES:
+            raise KbenchError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    if config.runs < 1 or config.warmup < 0 or any(b < 1 for b in config.batch_sizes):
+        raise KbenchError("--runs and --batch-size must be positive and --warmup not negative")
+    backend = keras.backend.backend()
+    with tempfile.TemporaryDirectory(prefix="kbench-latency-") as scratch:
+        for model in config.models:
+            source = resolve_model(model, config.weights, scratch)
+            keras_model = None
+            names = list(config.runtimes)
+            if source.members > 1 and "onnxruntime-cpu" in names:
+                names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
+            for runtime_name in names:
+                runtime = make_runtime(runtime_name, config.threads)
+                base = {"model": source.name, "runtime": runtime.name, "backend": backend if runtime.needs == "keras"
+                        else "onnxruntime", "runs": config.runs, "warmup": config.warmup}
+                try:
+                    if runtime.needs == "keras":
+                        if source.keras_path is None:
+                            raise Unavailable("MODEL is an ONNX file")
+                        if keras_model is None:
+                            from kbench.export import load_model
+
+                            keras_model = load_model(source.keras_path)
+                        runtime.prepare(keras_model, source.image_size)
+                    else:
+                        runtime.prepare(onnx_file(source, config.export_dir), source.image_size)
+                except Unavailable as reason:
+                    for batch in config.batch_sizes:
+                        yield {**base, "device": runtime.device, "batch_size": batch, "status": f"unavailable: {reason}"}
+                    continue
+                for batch in config.batch_sizes:
+                    timings = time_runs(runtime.run, sample_pixels(batch, source.image_size), config.runs, config.warmup)
+                    stats = metrics.latency_stats(timings)
+                    yield {**base, "device": runtime.device, "batch_size": batch, **stats,
+                           "images_per_second": 1000 * batch / stats["p50_ms"], "status": "ok",
+                           "detail": runtime.detail}
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """What the numbers were measured on: CPU model, cores, GPU, library versions, thread settings."""
+    import importlib.metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = "none"
+    try:
+        import subprocess
+
+        found = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=10)
+        if found.returncode == 0 and found.stdout.strip():
+            gpu = found.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    versions = {}
+    for package in ("keras", "jax", "tensorflow", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "versions": versions,
+            "threads": threads or "default", "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
