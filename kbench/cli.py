@@ -189,6 +189,89 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
             )
 
 
+@cli.command()
+@click.option("--members", required=True, help="Comma-separated run folders trained on the same data and split.")
+@click.option("--data", type=click.Path(), help="The members' data.  [default: the path their runs recorded]")
+@backend_option
+@click.option("--run-dir", type=click.Path(), required=True, help="Folder for the ensemble.")
+@click.option("--method", type=click.Choice(["stack", "mean"]), default="stack", show_default=True,
+              help="stack: the study's head (Dense 32-8-1) on cached features; mean: average of probabilities.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Head epochs (stack).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate (Adam).")
+@click.option("--tta-passes", type=int, default=0, show_default=True,
+              help="Augmented passes of the training split added to the head's features.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ensemble(members, run_dir, quiet, backend, **options):
+    """Combine trained runs into ONE model with one image input (members frozen).
+
+    \b
+    Example:
+      kbench ensemble --members runs/b0,runs/b1 --run-dir runs/b0+b1
+    """
+    from kbench.ensemble import EnsembleConfig, train_ensemble
+
+    config = EnsembleConfig([m.strip() for m in members.split(",") if m.strip()], run_dir, backend=backend, **options)
+    result = train_ensemble(config, verbose=0 if quiet else "auto")
+    parts = ", ".join(f"{m['backbone']} {m['val_log_loss']:.4f}" for m in result["members"] if m["val_log_loss"] is not None)
+    click.echo(
+        f"ensemble ({result['method']}): val log loss {result['val_log_loss']:.4f}, accuracy "
+        f"{result['val_accuracy']:.3f} (members: {parts}); features {result['feature_seconds']:.1f} s, "
+        f"head {result['head_seconds']:.1f} s -> {os.path.join(run_dir, 'model.keras')}"
+    )
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", type=click.Path(), required=True, help="Test images: a folder or Kaggle's test.zip.")
+@click.option("-o", "--output", type=click.Path(), default="submission.csv", show_default=True)
+@backend_option
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: average with the horizontally flipped image.")
+@click.option("--clip", type=float, help="Clip probabilities to [EPS, 1 - EPS].")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default="keras", show_default=True)
+@click.option("--calibrate", is_flag=True, help="Apply a temperature fitted on the run's validation split.")
+def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, backend):
+    """Predict a test set into a Kaggle submission (id,label = P(second class)).
+
+    \b
+    MODEL: a run or ensemble folder, a .keras file, or an .onnx file (ONNX Runtime only).
+    Example:
+      kbench predict runs/b0 --data test.zip -o submission.csv --tta flip --clip 0.005
+    """
+    from kbench import metrics
+    from kbench.submission import apply_temperature, fit_temperature, predict_test_set, validation_predictions
+
+    temperature = None
+    if calibrate:
+        probabilities, labels = validation_predictions(model, runtime, batch_size)
+        temperature = fit_temperature(probabilities, labels)
+        click.echo(f"calibration: temperature {temperature:.3f}; validation log loss "
+                   f"{metrics.log_loss(labels, probabilities):.4f} -> "
+                   f"{metrics.log_loss(labels, apply_temperature(probabilities, temperature)):.4f}")
+    from kbench.data import find_images
+
+    with click.progressbar(length=len(find_images(data, labelled=False)), label="predicting", file=sys.stderr) as bar:
+        result = predict_test_set(model, data, output, tta, clip, batch_size, runtime, temperature,
+                                  progress=bar.update)
+    click.echo(f"wrote {result['path']}: {result['predicted']} of {result['images']} images predicted, "
+               f"{result['skipped']} unreadable (given the uniform probability)")
+
+
+@cli.command()
+@click.argument("submission", type=click.Path())
+@click.option("--answers", type=click.Path(), required=True, help="CSV with id,label (1 for the second class).")
+def score(submission, answers):
+    """Score a submission's log loss and accuracy as Kaggle does, after a grader's checks."""
+    from kbench.submission import score_submission
+
+    result = score_submission(submission, answers)
+    click.echo(f"{submission}: log loss {result['log_loss']:.5f}, accuracy {result['accuracy']:.4f} "
+               f"({result['rows']} rows)")
+
+
 def _int_list(ctx, param, value):
     try:
         numbers = [int(part) for part in value.split(",") if part.strip()]

@@ -284,7 +284,12 @@ class ImageLoader:
         return [(index, self._pool.submit(self.load, index, epoch)) for index in members]
 
     def batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``batch`` of ``epoch``, and queue the next ``prefetch`` batches for decoding."""
+        """Batch ``batch`` of ``epoch`` as (pixels, labels); queues the next ``prefetch`` batches."""
+        pixels, labels, _ = self.batch_items(epoch, batch)
+        return pixels, labels
+
+    def batch_items(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pixels, labels, image indices) of one batch: the indices say which images were kept."""
         while self._pending and (self._pending[0][0], self._pending[0][1]) != (epoch, batch):
             self._pending.popleft()  # out-of-order request: drop stale prefetches
         if not self._pending:
@@ -294,21 +299,22 @@ class ImageLoader:
             if (epoch, ahead) not in queued:
                 self._pending.append((epoch, ahead, self._submit(epoch, ahead)))
         _, _, futures = self._pending.popleft()
-        pixels, labels = [], []
+        pixels, kept = [], []
         for index, future in futures:
             image = future.result()
             if image is not None:
                 pixels.append(image)
-                labels.append(self.images.labels[index])
+                kept.append(index)
         if not pixels:  # every file of this batch was bad: borrow one good image
             for index in self.indices:
                 image = self.load(int(index), epoch)
                 if image is not None:
-                    pixels, labels = [image], [self.images.labels[index]]
+                    pixels, kept = [image], [index]
                     break
             else:
                 raise KbenchError(f"none of the images in {self.images.root} could be decoded")
-        return np.stack(pixels).astype(np.float32), np.asarray(labels)
+        kept = np.asarray(kept, dtype=np.int64)
+        return np.stack(pixels).astype(np.float32), self.images.labels[kept], kept
 
     def __iter__(self):
         """One pass in order (epoch 0): for prediction and evaluation."""

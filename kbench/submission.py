@@ -1,0 +1,215 @@
+"""Predict a test set into a Kaggle submission (``id,label``), and score a submission as a grader does.
+
+Prediction runs on Keras or, for an ``.onnx`` model, on ONNX Runtime alone (keras isn't imported).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+
+import numpy as np
+
+from kbench import files, metrics
+from kbench.data import ImageLoader, find_images
+from kbench.errors import KbenchError
+
+def image_id(key: str) -> str:
+    """``test/123.jpg`` -> ``123``."""
+    return os.path.basename(key).rsplit(".", 1)[0]
+
+
+def _id_order(identifier: str):
+    return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+
+
+class _Predictor:
+    """probabilities = predictor(pixels); ``image_size`` and ``classes`` describe the model."""
+
+    def __init__(self, model: str, runtime: str):
+        if model.endswith(".onnx") or runtime == "onnxruntime":
+            self._load_onnx(model)
+        else:
+            from kbench.export import load_model, model_file, run_metadata
+
+            self.keras_model = load_model(model_file(model))
+            self.image_size = int(self.keras_model.inputs[0].shape[1])
+            self.classes = run_metadata(model).get("classes")
+            self._run = lambda pixels: np.asarray(self.keras_model.predict_on_batch(pixels))
+
+    def _load_onnx(self, model: str) -> None:
+        import json
+
+        import onnxruntime
+
+        path = model
+        if not model.endswith(".onnx"):  # a Keras model asked to run on ONNX Runtime: export it first
+            from kbench.export import default_output, export_onnx, run_metadata
+
+            path = default_output(model)
+            export_onnx(model, path, metadata=run_metadata(model))
+        if not os.path.isfile(path):
+            raise KbenchError(f"model not found: {path}")
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        self.image_size = int(session.get_inputs()[0].shape[1])
+        properties = session.get_modelmeta().custom_metadata_map
+        self.classes = json.loads(properties["classes"]) if "classes" in properties else None
+        self._run = lambda pixels: session.run(None, {name: pixels})[0]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self._run(pixels)
+
+
+def _as_matrix(probabilities: np.ndarray) -> np.ndarray:
+    p = np.asarray(probabilities, dtype=np.float64)
+    return p.reshape(len(p), -1)
+
+
+def predict_test_set(
+    model: str,
+    data: str,
+    output: str,
+    tta: str = "none",
+    clip: float | None = None,
+    batch_size: int = 32,
+    runtime: str = "keras",
+    temperature: float | None = None,
+    progress=None,
+) -> dict:
+    """Write the submission for the images in ``data`` (folder or ``test.zip``) to ``output``.
+
+    Binary models: ``id,label`` with label = P(second class), e.g. P(dog). More classes: ``id`` and
+    one column per class. Rows sorted by numeric id; an unreadable image gets the uniform
+    probability (so every id is present) and is counted as skipped.
+    """
+    if tta not in ("none", "flip"):
+        raise KbenchError(f"unknown --tta {tta!r}; choose none or flip")
+    if clip is not None and not 0 <= clip < 0.5:
+        raise KbenchError(f"--clip must be in [0, 0.5); got {clip}")
+    predictor = _Predictor(model, runtime)
+    images = find_images(data, labelled=False)
+    order = sorted(range(len(images)), key=lambda i: _id_order(image_id(images.keys[i])))
+    loader = ImageLoader(images, np.array(order), predictor.image_size, batch_size)
+    found: dict[int, np.ndarray] = {}
+    try:
+        for batch in range(len(loader)):
+            pixels, _, kept = loader.batch_items(0, batch)
+            p = _as_matrix(predictor(pixels))
+            if tta == "flip":
+                p = (p + _as_matrix(predictor(np.ascontiguousarray(pixels[:, :, ::-1])))) / 2
+            found.update(zip(kept.tolist(), p))
+            if progress:
+                progress(len(pixels))
+    finally:
+        loader.close()
+    width = next(iter(found.values())).shape[0] if found else 1
+    uniform = np.full(width, 0.5 if width == 1 else 1 / width)
+    rows = np.stack([found.get(i, uniform) for i in order])
+    if temperature:
+        rows = apply_temperature(rows, temperature)
+    if clip:
+        rows = np.clip(rows, clip, 1 - clip)
+    classes = predictor.classes or ([f"class_{i}" for i in range(width)] if width > 1 else None)
+    header = ["id", "label"] if width == 1 else ["id", *classes]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for index, row in zip(order, rows):
+        writer.writerow([image_id(images.keys[index]), *(f"{v:.6f}" for v in row)])
+    files.write_text(output, buffer.getvalue())
+    skipped = len(images.skipped) + len(loader.bad)
+    return {"path": output, "images": len(images), "predicted": len(found), "skipped": skipped}
+
+
+def _logits(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p)) if p.shape[1] == 1 else np.log(p)
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale probabilities as if their logits were divided by ``temperature``."""
+    z = _logits(_as_matrix(probabilities)) / temperature
+    if z.shape[1] == 1:
+        return 1 / (1 + np.exp(-z))
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising log loss on held-out predictions (golden-section search on log T)."""
+    def loss(log_t):
+        return metrics.log_loss(labels, apply_temperature(probabilities, math.exp(log_t)))
+
+    low, high = math.log(0.05), math.log(20.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, b) if loss(a) < loss(b) else (a, high)
+    return math.exp((low + high) / 2)
+
+
+def validation_predictions(model: str, runtime: str, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of a run folder's validation split."""
+    split_path = os.path.join(model, "split.json") if os.path.isdir(model) else ""
+    if not os.path.isfile(split_path):
+        raise KbenchError("--calibrate needs MODEL to be a run or ensemble folder (its validation split)")
+    split = files.read_json(split_path)
+    images = find_images(split["data"])
+    position = {key: i for i, key in enumerate(images.keys)}
+    indices = np.array([position[k] for k in split["val"] if k in position], dtype=np.int64)
+    predictor = _Predictor(model, runtime)
+    loader = ImageLoader(images, indices, predictor.image_size, batch_size)
+    outputs, labels = [], []
+    try:
+        for pixels, batch_labels in loader:
+            outputs.append(_as_matrix(predictor(pixels)))
+            labels.append(batch_labels)
+    finally:
+        loader.close()
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def _read_csv(path: str, what: str) -> tuple[list[str], list[dict]]:
+    if not os.path.isfile(path):
+        raise KbenchError(f"{what} not found: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def score_submission(submission: str, answers: str) -> dict:
+    """Log loss and accuracy of a binary ``id,label`` submission against ``id,label`` answers, after
+    the checks a grader makes; each failed check is a one-line KbenchError."""
+    columns, rows = _read_csv(submission, "submission")
+    for column in ("id", "label"):
+        if column not in columns:
+            raise KbenchError(f"submission has no '{column}' column (columns: {', '.join(columns) or 'none'})")
+    _, truth = _read_csv(answers, "answers")
+    if len(rows) != len(truth):
+        raise KbenchError(f"submission has {len(rows)} rows; the answers have {len(truth)}")
+    ids = [row["id"].strip() for row in rows]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1}, key=_id_order) if len(set(ids)) < len(ids) else []
+    if duplicates:
+        raise KbenchError(f"submission repeats ids: {', '.join(duplicates[:5])}")
+    expected = {row["id"].strip(): int(float(row["label"])) for row in truth}
+    missing = sorted(set(expected) - set(ids), key=_id_order)
+    if missing:
+        raise KbenchError(f"submission lacks ids present in the answers: {', '.join(missing[:5])}")
+    labels = []
+    for row in rows:
+        try:
+            value = float(row["label"])
+        except (TypeError, ValueError):
+            raise KbenchError(f"id {row['id']}: label {row['label']!r} is not a number") from None
+        if math.isnan(value):
+            raise KbenchError(f"id {row['id']}: label is NaN")
+        if not 0 <= value <= 1:
+            raise KbenchError(f"id {row['id']}: label {value} is outside [0, 1]")
+        labels.append(value)
+    truth_labels = np.array([expected[i] for i in ids])
+    predictions = np.array(labels)
+    return {"rows": len(rows), "log_loss": metrics.log_loss(truth_labels, predictions),
+            "accuracy": metrics.accuracy(truth_labels, predictions)}
