@@ -354,27 +354,82 @@ def _format_latency(rows: list[dict], output_format: str, machine: dict) -> str:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(), default="runs/demo", show_default=True, help="Folder for data and run.")
+@click.option("--config", "config_path", type=click.Path(), required=True, help="Study TOML (see benchmarks/).")
+@click.option("--data", type=click.Path(), help="Training images (overrides the config).")
+@click.option("--test-data", type=click.Path(), help="Test images for the submission (overrides the config).")
+@click.option("--answers", type=click.Path(), help="id,label CSV to score the submission (overrides the config).")
 @backend_option
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--images", type=int, default=600, show_default=True, help="Generated training images.")
-def demo(out, epochs, images, backend):
-    """Offline demo: generate a learnable Dogs-vs-Cats-style set and fine-tune small_cnn on it."""
-    from kbench.synthetic import write_kaggle_dataset
-    from kbench.train import TrainConfig
-    from kbench.train import train as train_run
+@click.option("--out", type=click.Path(), help="Report folder.  [default: reports/NAME]")
+@click.option("--progress/--quiet", default=False, help="Keras progress bars while training.")
+def bench(config_path, data, test_data, answers, out, progress, backend):
+    """Run the whole comparison study: train, export, time, ensemble, predict, report.
 
-    click.echo(f"writing {images} generated images in the Kaggle layout to {out}/data ...")
-    paths = write_kaggle_dataset(os.path.join(out, "data"), n_train=images, n_test=100, image_size=64)
-    run_dir = os.path.join(out, "small_cnn")
-    if os.path.exists(os.path.join(run_dir, "config.json")):
-        shutil.rmtree(run_dir)  # a demo always starts over
-    config = TrainConfig(
-        backbone="small_cnn", data=paths["train"], run_dir=run_dir, backend=backend, epochs=epochs,
-        batch_size=32, lr=2e-3, weights="none",
-    )
-    result = train_run(config)
-    click.echo(_summary(result, run_dir))
+    \b
+    Re-running the same command resumes: finished members are skipped. A member that fails is
+    retried once at half the batch size, then marked failed, and the study goes on.
+    Example:
+      kbench bench --config benchmarks/seed.toml --data train.zip --test-data test.zip
+    """
+    from kbench.study import load_config
+
+    config = load_config(config_path, data=data, test_data=test_data, answers=answers, backend=backend)
+    _run_and_show(config, out or os.path.join("reports", config.name), progress)
+
+
+def _run_and_show(config, out: str, progress: bool) -> dict:
+    from kbench.report import flat_rows, format_table
+    from kbench.study import run_study
+
+    command = "kbench " + " ".join(sys.argv[1:])
+    results = run_study(config, out, command=command, verbose="auto" if progress else 0,
+                        echo=lambda line: click.echo(line, err=True))
+    flat = flat_rows(results)
+    click.echo("\nTime per training epoch")
+    click.echo(format_table([r for r in flat if r["kind"] == "backbone"],
+                            ["name", "status", "params", "image_size", "epoch_seconds", "train_images_per_second"]))
+    latency_columns = [c for c in flat[0] if c.endswith("_p50_ms")] if flat else []
+    click.echo("\nInference time (p50 ms)")
+    click.echo(format_table(flat, ["name"] + latency_columns))
+    click.echo("\nLog loss")
+    click.echo(format_table(flat, ["name", "kind", "status", "val_log_loss", "val_accuracy"]))
+    submission = results.get("submission")
+    if submission and "test_log_loss" in submission:
+        click.echo(f"\nsubmission ({submission['model']}): test log loss {submission['test_log_loss']:.4f}, "
+                   f"accuracy {submission['test_accuracy']:.3f}")
+    click.echo(f"\nreport: {os.path.join(out, 'report.md')}\nresults: {os.path.join(out, 'results.csv')}, "
+               f"{os.path.join(out, 'results.json')}\nplots: {os.path.join(out, 'logloss_vs_latency.png')}, "
+               f"{os.path.join(out, 'epoch_time.png')}\nONNX files: {os.path.join(out, 'onnx')}/"
+               + (f"\nsubmission: {submission['path']}" if submission else ""))
+    return results
+
+
+@cli.command()
+@click.option("--out", type=click.Path(), default="reports/demo", show_default=True, help="Report folder.")
+@backend_option
+@click.option("--images", type=int, default=600, show_default=True, help="Generated training images.")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming an earlier demo in --out.")
+def demo(out, images, fresh, backend):
+    """Offline demo: the study pipeline (benchmarks/demo.toml) on generated Dogs-vs-Cats-style images.
+
+    Generates train.zip, test.zip and answers.csv in Kaggle's layout, trains, exports, times and
+    ensembles the demo's models from random weights, writes the report and scores the submission.
+    """
+    from kbench.study import load_config
+    from kbench.synthetic import write_kaggle_dataset
+
+    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "demo.toml")
+    if not os.path.isfile(config_path):
+        raise KbenchError(f"the demo config is missing: {config_path} (run kbench from a clone of the repository)")
+    if fresh and os.path.isdir(out):
+        shutil.rmtree(out)
+    data_dir = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(data_dir, "answers.csv")):
+        click.echo(f"writing {images} generated training images (Kaggle layout) to {data_dir}/", err=True)
+        write_kaggle_dataset(data_dir, n_train=images, n_test=120, image_size=64)
+    paths = {"data": "train.zip", "test_data": "test.zip", "answers": "answers.csv"}
+    config = load_config(config_path, backend=backend,
+                         **{key: os.path.abspath(os.path.join(data_dir, name)) for key, name in paths.items()})
+    _run_and_show(config, out, progress=False)
 
 
 def main() -> None:
