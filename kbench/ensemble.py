@@ -157,7 +157,8 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto") -> dict:
     os.makedirs(config.run_dir, exist_ok=True)
     files.write_json(os.path.join(config.run_dir, "config.json"), dataclasses.asdict(config))
     files.write_json(os.path.join(config.run_dir, "split.json"), {**split, "data": os.path.abspath(data)})
-    models = [keras.saving.load_model(os.path.join(m.run_dir, "model.keras"), safe_mode=True) for m in members]
+    models = [keras.saving.load_model(os.path.join(m.run_dir, "model.keras"), compile=False, safe_mode=True)
+              for m in members]
     ensemble, head = build_ensemble(models, members, len(images.classes), config.method)
     binary = len(images.classes) == 2
 

@@ -65,9 +65,11 @@ class KerasCompiled(Runtime):
         self.device = keras_device()
         if keras.backend.backend() == "jax":
             import jax
+            import jax.numpy as jnp
 
-            trainable = [v.value for v in model.trainable_variables]
-            non_trainable = [v.value for v in model.non_trainable_variables]
+            # Copies: keras' own predict donates the variables' buffers, which would invalidate ours.
+            trainable = [jnp.array(v.value) for v in model.trainable_variables]
+            non_trainable = [jnp.array(v.value) for v in model.non_trainable_variables]
 
             @jax.jit
             def forward(trainable, non_trainable, pixels):

@@ -168,7 +168,7 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
             raise
         except Exception as error:
             row["status"] = f"failed: {_one_line(error)}"
-            log.warning("%s failed: %s", entry["name"], row["status"])
+            log.warning("%s %s", entry["name"], row["status"])
         members.append(row)
 
     ensembles = []
@@ -192,7 +192,7 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
             raise
         except Exception as error:
             row["status"] = f"failed: {_one_line(error)}"
-            log.warning("ensemble %s failed: %s", spec["name"], row["status"])
+            log.warning("ensemble %s %s", spec["name"], row["status"])
         ensembles.append(row)
 
     rows = members + ensembles
