@@ -189,7 +189,10 @@ def build_classifier(
     extractor.trainable = not freeze_backbone
     image = extractor.inputs[0]
     units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
-    probability = layers.Dense(units, activation=activation, name="probability")(extractor.outputs[0])
+    # float32 head and loss whatever the compute dtype (mixed precision)
+    probability = layers.Dense(units, activation=activation, name="probability", dtype="float32")(
+        extractor.outputs[0]
+    )
     model = keras.Model(image, probability, name=f"{spec.name}_classifier")
     if weights not in ("none", "imagenet") and weights_kind(weights) == "model":
         _load_model_weights(model, weights)

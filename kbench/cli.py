@@ -97,6 +97,9 @@ def backbones(output_format):
 @click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the head.")
 @click.option("--cache", is_flag=True, default=None, help="Keep decoded images in memory after the first epoch.")
 @click.option("--workers", type=int, help="Image decoding threads.  [default: CPU count, at most 8]")
+@click.option("--devices", help="Data parallel over 'all' local devices or N of them.  [default: one]")
+@click.option("--mixed-precision", type=click.Choice(["bfloat16", "float16"]), is_flag=False, flag_value="bfloat16",
+              default=None, help="Mixed-precision compute on GPUs (float32 head and loss).  [flag alone: bfloat16]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --run-dir (its own config).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(resume, quiet, run_dir, **options):
@@ -360,8 +363,11 @@ def _format_latency(rows: list[dict], output_format: str, machine: dict) -> str:
 @click.option("--answers", type=click.Path(), help="id,label CSV to score the submission (overrides the config).")
 @backend_option
 @click.option("--out", type=click.Path(), help="Report folder.  [default: reports/NAME]")
+@click.option("--devices", help="Train each member data-parallel over 'all' devices or N.")
+@click.option("--mixed-precision", type=click.Choice(["bfloat16", "float16"]), is_flag=False, flag_value="bfloat16",
+              default=None, help="Mixed-precision training on GPUs.")
 @click.option("--progress/--quiet", default=False, help="Keras progress bars while training.")
-def bench(config_path, data, test_data, answers, out, progress, backend):
+def bench(config_path, data, test_data, answers, out, progress, devices, mixed_precision, backend):
     """Run the whole comparison study: train, export, time, ensemble, predict, report.
 
     \b
@@ -373,6 +379,7 @@ def bench(config_path, data, test_data, answers, out, progress, backend):
     from kbench.study import load_config
 
     config = load_config(config_path, data=data, test_data=test_data, answers=answers, backend=backend)
+    config.train.update({k: v for k, v in (("devices", devices), ("mixed_precision", mixed_precision)) if v})
     _run_and_show(config, out or os.path.join("reports", config.name), progress)
 
 

@@ -26,7 +26,7 @@ else:  # pragma: no cover
 log = logging.getLogger("kbench")
 
 TRAIN_KEYS = ("epochs", "batch_size", "image_size", "lr", "weights", "augment", "val_split", "seed", "cache",
-              "freeze_backbone", "workers")
+              "freeze_backbone", "workers", "devices", "mixed_precision")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from kbench import files, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import use_backend
 from kbench.data import ImageLoader, ImageSet, find_images, split_indices
+from kbench.devices import training_devices
 from kbench.errors import KbenchError, TrainingInterrupted
 
 log = logging.getLogger("kbench")
@@ -50,6 +51,8 @@ class TrainConfig:
     freeze_backbone: bool = False
     cache: bool = False
     workers: int | None = None  # decoding threads; default: the CPU count (at most 8)
+    devices: str | None = None  # "all" or a number: data parallel over local devices; default one
+    mixed_precision: str | None = None  # "bfloat16" or "float16" compute on accelerators
 
     def resolved(self) -> "TrainConfig":
         spec = get_backbone(self.backbone)
@@ -105,6 +108,14 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
 
     keras.utils.set_random_seed(config.seed)
     binary = len(images.classes) == 2
+    with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
+        return _train_on(devices, config, images, train_idx, val_idx, state, binary, verbose)
+
+
+def _train_on(devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
+    import keras
+
+    run_dir = config.run_dir
     if state:
         model = keras.saving.load_model(os.path.join(run_dir, CHECKPOINT), safe_mode=True)
     else:
@@ -118,7 +129,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     history = state["history"] if state else []
     try:
         with _StopRequest() as stop:
-            _fit(model, config, train_loader, val_loader, binary, history, stop, verbose)
+            _fit(model, config, train_loader, val_loader, binary, history, stop, verbose, len(devices))
         files.save_model(model, os.path.join(run_dir, MODEL))
         result = _evaluate(model, val_loader, binary)
     finally:
@@ -132,9 +143,11 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     record = {
         "backbone": config.backbone,
         "backend": keras.backend.backend(),
-        "devices": [str(d) for d in keras.distribution.list_devices()],
+        "devices": devices,
         "image_size": config.image_size,
         "batch_size": config.batch_size,
+        "global_batch_size": config.batch_size,
+        "mixed_precision": config.mixed_precision,
         "epochs": config.epochs,
         "weights": config.weights,
         "classes": images.classes,
@@ -213,8 +226,9 @@ def _build_and_compile(config: TrainConfig, num_classes: int):
     return model
 
 
-def epoch_batches(loader: ImageLoader, epoch: int, binary: bool):
-    """A keras PyDataset serving ``loader``'s batches of one epoch (labels shaped for the head)."""
+def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int = 1):
+    """A keras PyDataset serving ``loader``'s batches of one epoch (labels shaped for the head).
+    With ``multiple`` devices each batch is cut to a multiple of them, as data parallelism needs."""
     import keras
 
     class EpochBatches(keras.utils.PyDataset):
@@ -226,12 +240,19 @@ def epoch_batches(loader: ImageLoader, epoch: int, binary: bool):
 
         def __getitem__(self, index):
             pixels, labels = loader.batch(epoch, index)
+            if multiple > 1:
+                keep = len(labels) - len(labels) % multiple or len(labels)
+                if len(labels) < multiple:  # a short last batch: repeat images to fill one row
+                    repeat = np.resize(np.arange(len(labels)), multiple)
+                    pixels, labels = pixels[repeat], labels[repeat]
+                else:
+                    pixels, labels = pixels[:keep], labels[:keep]
             return pixels, (labels.astype("float32")[:, None] if binary else labels)
 
     return EpochBatches()
 
 
-def _fit(model, config, train_loader, val_loader, binary, history, stop, verbose) -> None:
+def _fit(model, config, train_loader, val_loader, binary, history, stop, verbose, devices: int) -> None:
     """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
     resumed run replays exactly the epochs it missed."""
     import keras
@@ -259,11 +280,11 @@ def _fit(model, config, train_loader, val_loader, binary, history, stop, verbose
 
     clock = EpochClock()
     callbacks = [clock] + ([Progress()] if verbose else [])
-    val_data = epoch_batches(val_loader, 0, binary) if val_loader is not None else None
+    val_data = epoch_batches(val_loader, 0, binary, devices) if val_loader is not None else None
     for epoch in range(len(history), config.epochs):
         if stop.signal is None:
             logs = model.fit(
-                epoch_batches(train_loader, epoch, binary),
+                epoch_batches(train_loader, epoch, binary, devices),
                 validation_data=val_data,
                 initial_epoch=epoch,
                 epochs=epoch + 1,
