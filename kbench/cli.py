@@ -244,16 +244,12 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
     Example:
       kbench predict runs/b0 --data test.zip -o submission.csv --tta flip --clip 0.005
     """
-    from kbench import metrics
-    from kbench.submission import apply_temperature, fit_temperature, predict_test_set, validation_predictions
+    from kbench.submission import calibrate_temperature, predict_test_set
 
     temperature = None
     if calibrate:
-        probabilities, labels = validation_predictions(model, runtime, batch_size)
-        temperature = fit_temperature(probabilities, labels)
-        click.echo(f"calibration: temperature {temperature:.3f}; validation log loss "
-                   f"{metrics.log_loss(labels, probabilities):.4f} -> "
-                   f"{metrics.log_loss(labels, apply_temperature(probabilities, temperature)):.4f}")
+        temperature, before, after = calibrate_temperature(model, runtime, batch_size)
+        click.echo(f"calibration: temperature {temperature:.3f}; validation log loss {before:.4f} -> {after:.4f}")
     from kbench.data import find_images
 
     with click.progressbar(length=len(find_images(data, labelled=False)), label="predicting", file=sys.stderr) as bar:
@@ -395,8 +391,10 @@ def _run_and_show(config, out: str, progress: bool) -> dict:
     click.echo(format_table([r for r in flat if r["kind"] == "backbone"],
                             ["name", "status", "params", "image_size", "epoch_seconds", "train_images_per_second"]))
     latency_columns = [c for c in flat[0] if c.endswith("_p50_ms")] if flat else []
-    click.echo("\nInference time (p50 ms)")
-    click.echo(format_table(flat, ["name"] + latency_columns))
+    click.echo("\nInference time (p50 ms; bN = batch size N)")
+    short = [{"name": r["name"], **{c.replace("_p50_ms", "").replace("_b", " b"): r.get(c) for c in latency_columns}}
+             for r in flat]
+    click.echo(format_table(short))
     click.echo("\nLog loss")
     click.echo(format_table(flat, ["name", "kind", "status", "val_log_loss", "val_accuracy"]))
     submission = results.get("submission")

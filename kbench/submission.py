@@ -172,6 +172,14 @@ def validation_predictions(model: str, runtime: str, batch_size: int = 32) -> tu
     return np.concatenate(outputs), np.concatenate(labels)
 
 
+def calibrate_temperature(model: str, runtime: str = "keras", batch_size: int = 32) -> tuple[float, float, float]:
+    """(temperature, validation log loss before, after) fitted on a run folder's validation split."""
+    probabilities, labels = validation_predictions(model, runtime, batch_size)
+    temperature = fit_temperature(probabilities, labels)
+    return (temperature, metrics.log_loss(labels, probabilities),
+            metrics.log_loss(labels, apply_temperature(probabilities, temperature)))
+
+
 def _read_csv(path: str, what: str) -> tuple[list[str], list[dict]]:
     if not os.path.isfile(path):
         raise KbenchError(f"{what} not found: {path}")

@@ -120,3 +120,12 @@ def test_scorer_rejects_invalid_submissions(tmp_path, header, rows, message):
         score_submission(submission, answers)
     done = run_cli("score", submission, "--answers", answers)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_predict_command_calibrates_on_the_validation_split(run, test_folder, tmp_path):
+    done = run_cli("predict", run, "--data", test_folder, "-o", str(tmp_path / "s.csv"), "--calibrate",
+                   "--backend", BACKEND)
+    assert done.returncode == 0, done.stderr
+    assert "calibration: temperature" in done.stdout and "validation log loss" in done.stdout
+    assert "12 of 13 images predicted, 1 unreadable" in done.stdout
+    assert len(read(tmp_path / "s.csv")) == 13
