@@ -155,20 +155,10 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
     members, done = [], {}
     for index, entry in enumerate(config.backbones, 1):
         run_dir = os.path.join(runs_dir, entry["name"])
-        echo(f"[{index}/{len(config.backbones)}] {entry['name']}: training")
+        echo(f"[{index}/{len(config.backbones)}] {entry['name']}: training, exporting, timing")
         row = {"name": entry["name"], "kind": "backbone", "backbone": entry["backbone"]}
-        try:
-            row.update(_train_member(config, entry, run_dir, verbose))
-            echo(f"[{index}/{len(config.backbones)}] {entry['name']}: exporting and timing")
-            row["onnx"] = _export(run_dir, onnx_dir)
-            row["latency"] = _latency_rows(run_dir, onnx_dir, latency_settings)
-            row["status"] = "ok"
+        if _measure(row, lambda: _train_member(config, entry, run_dir, verbose), run_dir, onnx_dir, latency_settings):
             done[entry["name"]] = run_dir
-        except (TrainingInterrupted, KeyboardInterrupt):
-            raise
-        except Exception as error:
-            row["status"] = f"failed: {_one_line(error)}"
-            log.warning("%s %s", entry["name"], row["status"])
         members.append(row)
 
     ensembles = []
@@ -177,22 +167,16 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
         missing = [m for m in spec["members"] if m not in done]
         if missing:
             row["status"] = f"failed: member(s) {', '.join(missing)} failed"
-            ensembles.append(row)
-            continue
-        echo(f"ensemble {spec['name']}: {spec.get('method', 'stack')} of {len(spec['members'])}")
-        try:
-            row.update(_ensemble(config, spec, [done[m] for m in spec["members"]], ensembles_dir, verbose))
-            row["backbone"] = "+".join(spec["members"])  # metrics.json says "ensemble"
+        else:
+            echo(f"ensemble {spec['name']}: {spec.get('method', 'stack')} of {len(spec['members'])}")
             model_dir = os.path.join(ensembles_dir, spec["name"])
-            row["onnx"] = _export(model_dir, onnx_dir)
-            row["latency"] = _latency_rows(model_dir, onnx_dir, latency_settings)
-            row["status"] = "ok"
-            done[spec["name"]] = model_dir
-        except (TrainingInterrupted, KeyboardInterrupt):
-            raise
-        except Exception as error:
-            row["status"] = f"failed: {_one_line(error)}"
-            log.warning("ensemble %s %s", spec["name"], row["status"])
+            member_dirs = [done[m] for m in spec["members"]]
+
+            def fit(spec=spec, member_dirs=member_dirs):  # metrics.json's "backbone" is "ensemble"
+                return {**_ensemble(config, spec, member_dirs, ensembles_dir, verbose), "backbone": row["backbone"]}
+
+            if _measure(row, fit, model_dir, onnx_dir, latency_settings):
+                done[spec["name"]] = model_dir
         ensembles.append(row)
 
     rows = members + ensembles
@@ -208,6 +192,23 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
     results["machine"] = machine_info(latency_settings.get("threads"))
     write_report(results, out_dir)
     return results
+
+
+def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency_settings: dict) -> bool:
+    """Fit (or reuse) one model, export and time it, into ``row``. A failure marks the row with its
+    reason instead of stopping the study; returns whether the model finished."""
+    try:
+        row.update(fit())
+        row["onnx"] = _export(model_dir, onnx_dir)
+        row["latency"] = _latency_rows(model_dir, onnx_dir, latency_settings)
+        row["status"] = "ok"
+        return True
+    except (TrainingInterrupted, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        row["status"] = f"failed: {_one_line(error)}"
+        log.warning("%s %s", row["name"], row["status"])
+        return False
 
 
 def _ensemble(config: StudyConfig, spec: dict, member_dirs: list[str], ensembles_dir: str, verbose) -> dict:
