@@ -316,7 +316,9 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
                 bar.update(1)
     except KeyboardInterrupt:
         interrupted = True
-    text = _format_latency(rows, output_format, machine_info(threads))
+    from kbench.report import latency_text
+
+    text = latency_text(rows, output_format, machine_info(threads))
     if output:
         from kbench.files import write_text
 
@@ -327,29 +329,6 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
     if interrupted:
         click.echo("kbench: interrupted; the rows above are those finished", err=True)
         sys.exit(130)
-
-
-def _format_latency(rows: list[dict], output_format: str, machine: dict) -> str:
-    from kbench.latency import COLUMNS
-    from kbench.report import format_table
-
-    if output_format == "json":
-        return json.dumps(rows, indent=2)
-    if output_format == "csv":
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue().rstrip("\n")
-    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
-    header = (f"machine: {machine['cpu']}, {machine['cores']} cores; GPU: {machine['gpu']}; "
-              f"ONNX Runtime threads: {machine['threads']}; {versions}")
-    shown = [c for c in COLUMNS if c not in ("runs", "warmup", "detail")]
-    style = "markdown" if output_format == "markdown" else "ascii"
-    return header + "\n\n" + format_table(rows, shown, style=style)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 
@@ -37,6 +38,29 @@ def format_table(rows: list[dict], columns: list[str] | None = None, style: str 
         return "| " + " | ".join(value.ljust(width) for value, width in zip(values, widths)) + " |"
 
     return "\n".join([rule, line(columns), rule, *(line(values) for values in cells), rule])
+
+
+def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:
+    """Latency rows as JSON (a list of rows), CSV, or a table / markdown headed by the machine."""
+    from kbench.latency import COLUMNS
+
+    if output_format == "json":
+        return json.dumps(rows, indent=2)
+    if output_format == "csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
+    header = (f"machine: {machine['cpu']}, {machine['cores']} cores; GPU: {machine['gpu']}; "
+              f"ONNX Runtime threads: {machine['threads']}; {versions}")
+    shown = [c for c in COLUMNS if c not in ("runs", "warmup", "detail")]
+    style = "markdown" if output_format == "markdown" else "ascii"
+    return header + "\n\n" + format_table(rows, shown, style=style)
 
 
 def _steady_epoch_seconds(row: dict) -> float | None:
