@@ -308,20 +308,22 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
 
     config = LatencyConfig(list(models), [r.strip() for r in runtimes.split(",") if r.strip()], batch_sizes, runs,
                            warmup, threads, weights)
+    from kbench.files import write_text
+    from kbench.report import latency_text
+
+    machine = machine_info(threads)
     rows, interrupted = [], False
     try:
         with click.progressbar(length=plan(config), label="timing", file=sys.stderr) as bar:
             for row in iter_latency(config):
                 rows.append(row)
                 bar.update(1)
+                if output:  # keep what is finished even if the process is killed (out of memory, ...)
+                    write_text(output, latency_text(rows, output_format, machine))
     except KeyboardInterrupt:
         interrupted = True
-    from kbench.report import latency_text
-
-    text = latency_text(rows, output_format, machine_info(threads))
+    text = latency_text(rows, output_format, machine)
     if output:
-        from kbench.files import write_text
-
         write_text(output, text)
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:

@@ -7,6 +7,7 @@ the model's size, statistics over the individual timings.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import tempfile
@@ -154,6 +155,10 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                     yield {**base, "device": runtime.device, "batch_size": batch, **stats,
                            "images_per_second": 1000 * batch / stats["p50_ms"], "status": "ok",
                            "detail": runtime.detail}
+                del runtime
+            del keras_model
+            gc.collect()
+            keras.backend.clear_session()  # free the compiled graphs before the next model
 
 
 def machine_info(threads: int | None = None) -> dict:
