@@ -152,7 +152,7 @@ def main() -> None:
         "cached_pipeline_steps_per_second": warm,
         "cached_pipeline_step_cost_percent": 100 * (memory / warm - 1),
     }
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     for key, value in result.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
     if args.output:

@@ -137,6 +137,16 @@ def find_images(path: str, labelled: bool = True) -> ImageSet:
     return ImageSet(path, keys, labels, classes, layout, skipped)
 
 
+def indices_of(images: ImageSet, keys: list[str]) -> np.ndarray:
+    """Positions of ``keys`` (recorded file names) in ``images``; KbenchError if the data lost any."""
+    position = {key: i for i, key in enumerate(images.keys)}
+    missing = [key for key in keys if key not in position]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise KbenchError(f"{images.root} no longer holds {missing[0]}{more}, which the run used")
+    return np.array([position[key] for key in keys], dtype=np.int64)
+
+
 def split_indices(labels: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded hold-out: (train indices, validation indices), each sorted."""
     if not 0 <= val_split < 1:

@@ -19,7 +19,7 @@ import numpy as np
 
 from kbench import files, metrics
 from kbench.backend import use_backend
-from kbench.data import ImageLoader, find_images
+from kbench.data import ImageLoader, find_images, indices_of
 from kbench.errors import KbenchError
 
 METHODS = ("stack", "mean")
@@ -143,12 +143,7 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto") -> dict:
     images = find_images(data)
     if images.classes != split["classes"]:
         raise KbenchError(f"{data} has classes {images.classes}; the members were trained on {split['classes']}")
-    position = {key: i for i, key in enumerate(images.keys)}
-    try:
-        train_idx = np.array([position[k] for k in split["train"]], dtype=np.int64)
-        val_idx = np.array([position[k] for k in split["val"]], dtype=np.int64)
-    except KeyError as missing:
-        raise KbenchError(f"{data} doesn't hold {missing}, which the members trained on") from None
+    train_idx, val_idx = indices_of(images, split["train"]), indices_of(images, split["val"])
 
     use_backend(config.backend)
     import keras
@@ -187,13 +182,10 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto") -> dict:
 
     files.save_model(ensemble, os.path.join(config.run_dir, "model.keras"))
     size = max(m.image_size for m in members)
-    loader = ImageLoader(images, val_idx, size, config.batch_size, workers=config.workers)
-    try:
-        from kbench.train import predict
+    from kbench.train import predict
 
-        probabilities, val_labels = predict(ensemble, loader)
-    finally:
-        loader.close()
+    loader = ImageLoader(images, val_idx, size, config.batch_size, workers=config.workers)
+    probabilities, val_labels = predict(ensemble.predict_on_batch, loader)
     record = {
         "backbone": "ensemble",
         "method": config.method,

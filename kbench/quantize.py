@@ -16,6 +16,7 @@ import numpy as np
 from kbench import files, metrics
 from kbench.data import ImageLoader, find_images
 from kbench.errors import KbenchError
+from kbench.train import load_split, predict
 
 
 def _calibration_images(calibration_data: str | None, run_dir: str | None, count: int, seed: int):
@@ -24,28 +25,11 @@ def _calibration_images(calibration_data: str | None, run_dir: str | None, count
         images = find_images(calibration_data, labelled=False)
         indices = np.arange(len(images))
     elif run_dir and os.path.isfile(os.path.join(run_dir, "split.json")):
-        images, indices = _split_part(run_dir, "train")
+        images, indices = load_split(run_dir, "train")
     else:
         raise KbenchError("--quantize int8 needs --calibration-data PATH (or MODEL as a run folder)")
     rng = np.random.default_rng(seed)
     return images, np.sort(rng.permutation(indices)[:count])
-
-
-def _split_part(run_dir: str, part: str):
-    split = files.read_json(os.path.join(run_dir, "split.json"))
-    images = find_images(split["data"])
-    position = {key: i for i, key in enumerate(images.keys)}
-    indices = np.array([position[key] for key in split[part] if key in position], dtype=np.int64)
-    return images, indices
-
-
-def predict_onnx(session, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
-    name = session.get_inputs()[0].name
-    outputs, labels = [], []
-    for pixels, batch_labels in loader:
-        outputs.append(session.run(None, {name: pixels})[0])
-        labels.append(batch_labels)
-    return np.concatenate(outputs), np.concatenate(labels)
 
 
 def median_latency_ms(session, image_size: tuple[int, int], runs: int = 30) -> float:
@@ -112,11 +96,10 @@ def quantize_int8(
     }
     record["speedup"] = record["float_ms"] / record["int8_ms"]
     if run_dir and os.path.isfile(os.path.join(run_dir, "split.json")):
-        val_images, val_indices = _split_part(run_dir, "val")
+        val_images, val_indices = load_split(run_dir, "val")
         for name, current in (("float", session), ("int8", int8_session)):
             loader = ImageLoader(val_images, val_indices, height, batch_size=32)
-            probabilities, labels = predict_onnx(current, loader)
-            loader.close()
+            probabilities, labels = predict(lambda x, s=current: s.run(None, {spec.name: x})[0], loader)
             record[f"{name}_val_log_loss"] = metrics.log_loss(labels, probabilities)
             record[f"{name}_val_accuracy"] = metrics.accuracy(labels, probabilities)
     return record

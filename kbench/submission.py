@@ -153,23 +153,14 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def validation_predictions(model: str, runtime: str, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of a run folder's validation split."""
-    split_path = os.path.join(model, "split.json") if os.path.isdir(model) else ""
-    if not os.path.isfile(split_path):
+    from kbench.train import load_split, predict
+
+    if not os.path.isdir(model):
         raise KbenchError("--calibrate needs MODEL to be a run or ensemble folder (its validation split)")
-    split = files.read_json(split_path)
-    images = find_images(split["data"])
-    position = {key: i for i, key in enumerate(images.keys)}
-    indices = np.array([position[k] for k in split["val"] if k in position], dtype=np.int64)
+    images, indices = load_split(model, "val")
     predictor = _Predictor(model, runtime)
-    loader = ImageLoader(images, indices, predictor.image_size, batch_size)
-    outputs, labels = [], []
-    try:
-        for pixels, batch_labels in loader:
-            outputs.append(_as_matrix(predictor(pixels)))
-            labels.append(batch_labels)
-    finally:
-        loader.close()
-    return np.concatenate(outputs), np.concatenate(labels)
+    probabilities, labels = predict(predictor, ImageLoader(images, indices, predictor.image_size, batch_size))
+    return _as_matrix(probabilities), labels
 
 
 def calibrate_temperature(model: str, runtime: str = "keras", batch_size: int = 32) -> tuple[float, float, float]:

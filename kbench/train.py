@@ -22,7 +22,7 @@ import numpy as np
 from kbench import files, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import use_backend
-from kbench.data import ImageLoader, ImageSet, find_images, split_indices
+from kbench.data import ImageLoader, ImageSet, find_images, indices_of, split_indices
 from kbench.devices import training_devices
 from kbench.errors import KbenchError, TrainingInterrupted
 
@@ -189,12 +189,7 @@ def _check_run_folder(run_dir: str, resume: bool) -> dict | None:
 def _split(images: ImageSet, config: TrainConfig, resume_from: str | None) -> tuple[np.ndarray, np.ndarray]:
     if resume_from:
         saved = files.read_json(os.path.join(resume_from, SPLIT))
-        position = {key: i for i, key in enumerate(images.keys)}
-        try:
-            return (np.array([position[k] for k in saved["train"]], dtype=np.int64),
-                    np.array([position[k] for k in saved["val"]], dtype=np.int64))
-        except KeyError as missing:
-            raise KbenchError(f"{config.data} no longer holds {missing}, which this run trained on") from None
+        return indices_of(images, saved["train"]), indices_of(images, saved["val"])
     train_idx, val_idx = split_indices(images.labels, config.val_split, config.seed)
     if len(train_idx) == 0:
         raise KbenchError("no training images left after the validation split")
@@ -311,19 +306,33 @@ def _save_checkpoint(model, run_dir: str, history: list[dict]) -> None:
     files.write_json(os.path.join(run_dir, CHECKPOINT_STATE), {"epochs_done": len(history), "history": history})
 
 
-def predict(model, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, labels) over ``loader`` in order; unreadable images are left out of both."""
+def predict(predict_batch, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of ``predict_batch(pixels)`` over ``loader`` in order (e.g.
+    ``model.predict_on_batch`` or an ONNX Runtime session); unreadable images are left out of both."""
     probabilities, labels = [], []
-    for pixels, batch_labels in loader:
-        probabilities.append(np.asarray(model.predict_on_batch(pixels)))
-        labels.append(batch_labels)
+    try:
+        for pixels, batch_labels in loader:
+            probabilities.append(np.asarray(predict_batch(pixels)))
+            labels.append(batch_labels)
+    finally:
+        loader.close()
     return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def load_split(run_dir: str, part: str) -> tuple[ImageSet, np.ndarray]:
+    """The images and indices of a run folder's ``train`` or ``val`` part (split.json)."""
+    path = os.path.join(run_dir, SPLIT)
+    if not os.path.isfile(path):
+        raise KbenchError(f"{run_dir} has no {SPLIT} (is it a kbench run or ensemble folder?)")
+    split = files.read_json(path)
+    images = find_images(split["data"])
+    return images, indices_of(images, split[part])
 
 
 def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
     if val_loader is None:
         return {"val_log_loss": None, "val_accuracy": None}
-    probabilities, labels = predict(model, val_loader)
+    probabilities, labels = predict(model.predict_on_batch, val_loader)
     return {
         "val_log_loss": metrics.log_loss(labels, probabilities),
         "val_accuracy": metrics.accuracy(labels, probabilities),

@@ -1,5 +1,4 @@
 import logging
-import os
 import shutil
 import zipfile
 

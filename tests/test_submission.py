@@ -54,7 +54,6 @@ def test_flip_tta_and_clipping(run, test_folder, tmp_path):
     tta = np.array([float(r["label"]) for r in read(tmp_path / "tta.csv")])
     assert tta.min() >= 0.2 and tta.max() <= 0.8
     model = keras.saving.load_model(os.path.join(run, "model.keras"))
-    import cv2
 
     from kbench.data import decode_image, resize
 
