@@ -21,7 +21,7 @@ import numpy as np
 
 from kbench import files, metrics
 from kbench.backbones import get_backbone, weights_kind
-from kbench.backend import use_backend
+from kbench.backend import default_notice, use_backend
 from kbench.data import ImageLoader, ImageSet, find_images, indices_of, split_indices
 from kbench.devices import training_devices
 from kbench.errors import KbenchError, TrainingInterrupted
@@ -94,6 +94,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     Raises KbenchError for bad input (before any model is built) and TrainingInterrupted after
     saving a checkpoint when SIGINT/SIGTERM arrives.
     """
+    if notice := default_notice(config.backend):  # once, when the machine picked the backend
+        log.info(notice)
     config = config.resolved()
     run_dir = config.run_dir
     state = _check_run_folder(run_dir, resume)
