@@ -23,6 +23,7 @@ from kbench.errors import KbenchError
 
 log = logging.getLogger("kbench")
 
+LAYOUTS = ("auto", "kaggle", "folders")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Decoding and resizing run on our own threads; OpenCV's internal ones would only compete with them.
 cv2.setNumThreads(1)
@@ -100,7 +101,7 @@ def _list_files(path: str) -> list[tuple[str, int]]:
     raise KbenchError(f"{path} is neither a folder nor a zip file")
 
 
-def find_images(path: str, labelled: bool = True) -> ImageSet:
+def find_images(path: str, labelled: bool = True, layout: str = "auto") -> ImageSet:
     """Find the images under ``path`` (folder or zip) and their labels.
 
     With ``labelled=False`` (a test set) every image is kept and labels are -1. Raises KbenchError for
@@ -336,3 +337,18 @@ class ImageLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def predict(predict_batch, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of ``predict_batch(pixels)`` over ``loader`` in order (e.g.
+    ``model.predict_on_batch`` or an ONNX Runtime session); unreadable images are left out of both."""
+    probabilities, labels = [], []
+    try:
+        for pixels, batch_labels in loader:
+            probabilities.append(np.asarray(predict_batch(pixels)))
+            labels.append(batch_labels)
+    finally:
+        loader.close()
+    if not probabilities:
+        raise KbenchError("no images to predict")
+    return np.concatenate(probabilities), np.concatenate(labels)

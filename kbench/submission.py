@@ -9,12 +9,36 @@ import csv
 import io
 import math
 import os
+import sys
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from kbench import files, metrics
+from kbench.config import option, positive
 from kbench.data import ImageLoader, find_images
 from kbench.errors import KbenchError
+
+TTA_MODES = ("none", "flip")
+
+
+@dataclass
+class SubmissionConfig:
+    """How a study predicts its test set (the ``[submission]`` table; ``kbench predict``'s options)."""
+
+    tta: str = option("none", "flip: average with the horizontally flipped image.", choices=TTA_MODES)
+    clip: float | None = option(None, "Clip probabilities to [EPS, 1 - EPS].")
+    batch_size: int = option(32, "Images per batch.")
+
+    def check(self) -> "SubmissionConfig":
+        if self.tta not in TTA_MODES:
+            raise KbenchError(f"unknown --tta {self.tta!r}; choose {' or '.join(TTA_MODES)}")
+        if self.clip is not None and not 0 <= self.clip < 0.5:
+            raise KbenchError(f"--clip must be in [0, 0.5); got {self.clip}")
+        positive(self.batch_size, "--batch-size", whole=True)
+        return self
+
 
 def image_id(key: str) -> str:
     """``test/123.jpg`` -> ``123``."""
@@ -42,17 +66,14 @@ class _Predictor:
     def _load_onnx(self, model: str) -> None:
         import json
 
-        import onnxruntime
+        from kbench.runtimes import onnx_session
 
         path = model
-        if not model.endswith(".onnx"):  # a Keras model asked to run on ONNX Runtime: export it first
-            from kbench.export import default_output, export_onnx, run_metadata
+        if not model.endswith(".onnx"):  # a Keras model asked to run on ONNX Runtime: its checked export
+            from kbench.export import onnx_for
 
-            path = default_output(model)
-            export_onnx(model, path, metadata=run_metadata(model))
-        if not os.path.isfile(path):
-            raise KbenchError(f"model not found: {path}")
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+            path = onnx_for(model)["path"]
+        session = onnx_session(path, ["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         self.image_size = int(session.get_inputs()[0].shape[1])
         properties = session.get_modelmeta().custom_metadata_map
@@ -153,11 +174,14 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def validation_predictions(model: str, runtime: str, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of a run folder's validation split."""
-    from kbench.train import load_split, predict
+    from kbench.data import predict
+    from kbench.runs import Run
 
     if not os.path.isdir(model):
         raise KbenchError("--calibrate needs MODEL to be a run or ensemble folder (its validation split)")
-    images, indices = load_split(model, "val")
+    images, indices = Run(model).images("val")
+    if len(indices) == 0:
+        raise KbenchError(f"--calibrate needs validation images; {model} was trained with --val-split 0")
     predictor = _Predictor(model, runtime)
     probabilities, labels = predict(predictor, ImageLoader(images, indices, predictor.image_size, batch_size))
     return _as_matrix(probabilities), labels
@@ -212,3 +236,21 @@ def score_submission(submission: str, answers: str) -> dict:
     predictions = np.array(labels)
     return {"rows": len(rows), "log_loss": metrics.log_loss(truth_labels, predictions),
             "accuracy": metrics.accuracy(truth_labels, predictions)}
+
+
+def predict_command(model: str, data: str, output: str, settings: SubmissionConfig, runtime: str = "keras",
+                    calibrate: bool = False, echo=print) -> dict:
+    """``kbench predict``: optional temperature calibration, then the submission, with a progress bar."""
+    import click
+
+    settings.check()
+    if os.path.isdir(output):
+        raise KbenchError(f"-o {output} is a folder; give the CSV file's name")
+    temperature = None
+    if calibrate:
+        temperature, before, after = calibrate_temperature(model, runtime, settings.batch_size)
+        echo(f"calibration: temperature {temperature:.3f}; validation log loss {before:.4f} -> {after:.4f}")
+    total = len(find_images(data, labelled=False))
+    with click.progressbar(length=total, label="predicting", file=sys.stderr) as bar:
+        return predict_test_set(model, data, output, settings.tta, settings.clip, settings.batch_size, runtime,
+                                temperature, progress=bar.update)
