@@ -196,7 +196,7 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
     - class folders: every image directly inside ``<class>/`` at one depth under one folder
       (``root/cat/x.jpg``, or ``train/cat/x.jpg`` in a zip); a folder that holds ``<label>.<n>`` files
       of two labels isn't taken for one class.
-    A forced layout (``kaggle``, ``folders``) checks only its own rule. Hidden files and folders and
+    A forced layout (``kaggle``, ``folders``) checks its own rule and the two classes, no more. Hidden files and folders and
     ``__MACOSX`` are ignored; a zip entry naming a path outside the archive refuses the zip. A
     labelled set needs two classes, and (auto, more than UNIQUE_LABEL_CHECK_FROM images) no more
     distinct labels than half its images: mostly unique labels are names, not classes. Empty files
@@ -231,8 +231,7 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
             "files like cat.1.jpg / dog.1.jpg or use one folder per class"
         )
     if layout == "auto" and len(keys) > UNIQUE_LABEL_CHECK_FROM and len(classes) > len(keys) / 2:
-        example = ", ".join(f"{key}" for key in keys[:2])
-        raise KbenchError(f"{path}: {len(classes)} distinct labels among {len(keys)} images (e.g. {example}): "
+        raise KbenchError(f"{path}: {len(classes)} distinct labels among {len(keys)} images (e.g. {', '.join(keys[:2])}): "
                           f"labels this unique are names, not classes; {EXPECTED}; {FORCE}")
     index = {name: i for i, name in enumerate(classes)}
     sizes = [size for _, size in files]
