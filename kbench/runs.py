@@ -58,9 +58,9 @@ class Run:
         """A finished run or ensemble folder; KbenchError saying what is missing otherwise."""
         run = cls(path)
         if not os.path.exists(path):
-            raise KbenchError(f"not found: {path}")
+            raise KbenchError(f"{path} is not a finished kbench run (not found)")
         if not os.path.isdir(path):
-            raise KbenchError(f"{path} is not a run folder")
+            raise KbenchError(f"{path} is not a finished kbench run (a file, not a run folder)")
         for needed in (MODEL, CONFIG, SPLIT, METRICS):
             if not os.path.isfile(run.file(needed)):
                 raise KbenchError(f"{path} is not a finished kbench run (no {needed})")
