@@ -48,7 +48,7 @@ def model_file(model: str) -> str:
             raise KbenchError(f"{model} holds no {os.path.basename(path)} (is it a finished kbench run?)")
         return path
     if not os.path.isfile(model):
-        raise KbenchError(f"not found: {model}")
+        raise KbenchError(f"model not found: {model}")
     if not model.endswith(".keras"):
         raise KbenchError(f"{model} is not a Keras model (expected a run folder or a .keras file)")
     return model

@@ -194,15 +194,15 @@ class Run:
                 if self.kind != kind:
                     raise KbenchError(f"{self.path} holds an interrupted {self.kind} run, not a {kind} run")
                 return state
-            if self.finished:
+            if self.exists(METRICS):
                 raise KbenchError(f"{self.path} has already finished training; nothing to resume")
             raise KbenchError(f"{self.path} holds no checkpoint to resume from")
         finished, interrupted = self.exists(METRICS), self.exists(CHECKPOINT_STATE)
         if (finished or interrupted) and not overwrite:
-            what = self.kind if os.path.isfile(self.file(CONFIG)) else "kbench"
+            what = f" ({self.kind})" if os.path.isfile(self.file(CONFIG)) else ""
             state = "a finished" if finished else "an interrupted"
-            advice = "" if finished else " (continue it with --resume)"
-            raise KbenchError(f"{self.path} already holds {state} {what} run{advice}; choose another "
+            advice = ", continue it with --resume" if interrupted and not finished else ""
+            raise KbenchError(f"{self.path} already holds {state} run{what}{advice}; choose another "
                               "--run-dir, or pass --overwrite to replace it")
         if overwrite:
             self.clear()

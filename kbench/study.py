@@ -384,7 +384,7 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
             echo(f"ensemble {entry.name}: {entry.config.method} of {len(entry.members)}")
             model_dir = os.path.join(ensembles_dir, entry.name)
             ensemble_config = dataclasses.replace(entry.config, members=[done[m] for m in entry.members],
-                                                  run_dir=model_dir)
+                                                  run_dir=model_dir, backend=config.backend)
 
             def fit(ensemble_config=ensemble_config):
                 return {**_ensemble(ensemble_config, verbose), "backbone": row["backbone"]}

@@ -107,7 +107,7 @@ class TrainConfig:
         record = dict(run.config)
         if record.pop("kind", "backbone") != "backbone":
             raise KbenchError(f"{run_dir} is an ensemble, not a training run")
-        return from_dict(cls, record, f"{run.file('config.json')}")
+        return from_dict(cls, record, f"{run.path} (its recorded config)")
 
 
 def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:

@@ -83,3 +83,19 @@ def test_ensemble_numbers_and_run_dir_equal_to_a_member_are_refused(tmp_path):
         done = run_cli("ensemble", "--members", "a,b", "--run-dir", str(tmp_path / "e"), *args, "--backend", BACKEND)
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle_data, tmp_path):
+    run_dir = str(tmp_path / "run")
+    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24",
+                   "--epochs", "1", "--val-split", "0", "--run-dir", run_dir, "--quiet", "--backend", BACKEND)
+    assert done.returncode == 0 and "no validation split" in done.stdout, done.stderr
+    onnx = str(tmp_path / "m.onnx")
+    done = run_cli("export", "onnx", run_dir, "-o", onnx, "--quantize", "int8", "--backend", BACKEND)
+    assert done.returncode == 0, done.stderr
+    assert "calibrated on" in done.stdout and "no validation split to compare" in done.stdout
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx", "run"]
+    done = run_cli("predict", run_dir, "--data", kaggle_data["test"], "--calibrate", "-o", str(tmp_path / "s.csv"),
+                   "--backend", BACKEND)
+    assert done.returncode == 2 and "--calibrate needs validation images" in done.stderr
+    assert not (tmp_path / "s.csv").exists()

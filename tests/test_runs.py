@@ -40,7 +40,7 @@ def test_prepare_refuses_finished_and_interrupted_runs_unless_told(tmp_path):
     files.write_json(run.file(CONFIG), {"kind": "ensemble"})
     files.write_json(run.file(METRICS), {"kind": "ensemble"})
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    with pytest.raises(KbenchError, match="already holds a finished ensemble run.*--overwrite"):
+    with pytest.raises(KbenchError, match=r"already holds a finished run \(ensemble\).*--overwrite"):
         run.prepare("backbone")
     with pytest.raises(KbenchError, match="already finished training"):
         run.prepare("backbone", resume=True)
