@@ -17,6 +17,8 @@ from kbench.errors import KbenchError
 #   "none": the keras.applications model rescales and normalises inside (EfficientNet)
 #   "unit": x / 255 (small_cnn)
 PREPROCESSING = ("tf", "none", "unit")
+# The classifier's last layer. Ensembles take each member's features from this layer's input.
+HEAD_LAYER = "probability"
 
 
 @dataclass(frozen=True)
@@ -190,13 +192,25 @@ def build_classifier(
     image = extractor.inputs[0]
     units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
     # float32 head and loss whatever the compute dtype (mixed precision)
-    probability = layers.Dense(units, activation=activation, name="probability", dtype="float32")(
+    probability = layers.Dense(units, activation=activation, name=HEAD_LAYER, dtype="float32")(
         extractor.outputs[0]
     )
     model = keras.Model(image, probability, name=f"{spec.name}_classifier")
     if weights not in ("none", "imagenet") and weights_kind(weights) == "model":
         _load_model_weights(model, weights)
     return model
+
+
+def feature_model(classifier):
+    """The part of a kbench classifier (or member of an ensemble) that yields pooled features: the
+    model up to its ``HEAD_LAYER``'s input."""
+    import keras
+
+    try:
+        head = classifier.get_layer(HEAD_LAYER)
+    except ValueError:
+        raise KbenchError(f"{classifier.name} has no {HEAD_LAYER!r} layer; is it a kbench classifier?") from None
+    return keras.Model(classifier.inputs, head.input, name=f"{classifier.name}_features")
 
 
 def _load_model_weights(model, path: str) -> None:

@@ -1,18 +1,20 @@
 """Finding, splitting, decoding and batching images (OpenCV, a thread pool, no keras).
 
-Two layouts, each as a folder or a zip read in place:
+Two layouts, each as a folder or a zip read in place, recognised exactly (see find_images):
 - Kaggle: ``train/cat.0.jpg``, ``train/dog.0.jpg``: the label is the file name before the first dot;
 - class folders: ``root/<class>/<any name>.jpg``.
-Classes are sorted by name, so for cats and dogs class 1 is "dog" and a binary model's output is P(dog).
+Anything else is refused rather than guessed. Classes are sorted by name, so for cats and dogs class 1
+is "dog" and a binary model's output is P(dog).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import zipfile
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,7 +37,8 @@ class BadImage(ValueError):
 @dataclass
 class ImageSet:
     """Image files found under ``root``. ``keys`` are paths relative to the folder or zip members;
-    ``labels[i]`` indexes ``classes`` (-1 when the set is unlabelled)."""
+    ``labels[i]`` indexes ``classes`` (-1 when the set is unlabelled). ``skipped``: image files left
+    out of ``keys`` (empty files of a labelled set)."""
 
     root: str
     keys: list[str]
@@ -69,72 +72,177 @@ class ImageReader:
         return archive.read(key)
 
 
-def _is_image_name(name: str) -> bool:
-    base = os.path.basename(name)
+LAYOUTS = ("auto", "kaggle", "folders")
+# A Kaggle training name: a label starting with a letter, a number, an extension (cat.0.jpg, Dog.12.JPG).
+KAGGLE_NAME = re.compile(r"([^\W\d_][\w-]*)\.(\d+)\.[^.]+")
+# Below this many images a labelled set isn't tested for mostly-unique labels (tiny sets are legitimate).
+UNIQUE_LABEL_CHECK_FROM = 10
+EXPECTED = "expected <folder>/<label>.<n>.jpg (Kaggle: train/cat.0.jpg) or one folder per class (<class>/<name>.jpg)"
+FORCE = "pass --layout kaggle|folders to force one"
+
+
+def _parts(key: str) -> list[str]:
+    return [part for part in key.split("/") if part not in ("", ".")]
+
+
+def _is_image_name(key: str) -> bool:
+    """An image by its extension, outside hidden files and folders and macOS' ``__MACOSX``."""
+    parts = _parts(key)
     return (
-        base.lower().endswith(IMAGE_EXTENSIONS)
-        and not base.startswith(".")
-        and "__MACOSX" not in name.split("/")
+        bool(parts)
+        and parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+        and not any(part.startswith(".") or part == "__MACOSX" for part in parts)
     )
 
 
+def _unsafe_zip_name(name: str) -> bool:
+    """Absolute paths, drive letters and ``..`` components: names that point outside the archive."""
+    normal = name.replace("\\", "/")
+    return normal.startswith("/") or re.match(r"[A-Za-z]:", normal) is not None or ".." in normal.split("/")
+
+
 def _list_files(path: str) -> list[tuple[str, int]]:
-    """(key, size in bytes) of every image file under a folder or in a zip."""
+    """(key, size in bytes) of every image file under a folder or in a zip, sorted by key."""
     if os.path.isdir(path):
         found = []
         for folder, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
             for name in files:
                 full = os.path.join(folder, name)
                 key = os.path.relpath(full, path).replace(os.sep, "/")
                 if _is_image_name(key):
                     found.append((key, os.path.getsize(full)))
-        return found
+        return sorted(found)
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return [
-                (info.filename, info.file_size)
-                for info in archive.infolist()
-                if not info.is_dir() and _is_image_name(info.filename)
-            ]
+        try:
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.infolist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise KbenchError(f"{path}: unreadable zip file ({error})") from None
+        seen = set()
+        for info in entries:
+            if _unsafe_zip_name(info.filename):
+                raise KbenchError(f"{path}: unsafe entry {info.filename!r} (absolute or outside the archive); "
+                                  "refusing the zip")
+            if info.filename in seen and not info.is_dir():
+                raise KbenchError(f"{path}: the zip holds two entries named {info.filename}")
+            seen.add(info.filename)
+        return sorted((info.filename, info.file_size) for info in entries
+                      if not info.is_dir() and _is_image_name(info.filename))
     raise KbenchError(f"{path} is neither a folder nor a zip file")
 
 
-def find_images(path: str, labelled: bool = True) -> ImageSet:
+def _folder_name(parts: list[str]) -> str:
+    return "/".join(parts) + "/" if parts else "the top level"
+
+
+def _kaggle_names(path: str, keys: list[str], parts: list[list[str]], forced: bool) -> list[str]:
+    """Labels of a Kaggle layout: every image in one folder, every name ``<label>.<n>.<ext>``."""
+    folder = parts[0][:-1]
+    for key, key_parts in zip(keys, parts):
+        if key_parts[:-1] != folder:
+            raise KbenchError(f"{path}: {key} is not in {_folder_name(folder)} with {keys[0]}; the Kaggle layout "
+                              "keeps every image in one folder")
+    bad = [key for key, key_parts in zip(keys, parts) if not KAGGLE_NAME.fullmatch(key_parts[-1])]
+    if bad and forced:
+        raise KbenchError(f"{path}: {bad[0]} is not named <label>.<n>.<ext> as the Kaggle layout needs "
+                          f"(e.g. cat.0.jpg){_and_more(bad)}")
+    if bad:
+        raise KbenchError(f"{path}: {len(keys)} images in one folder ({_folder_name(folder)}), {len(bad)} of them "
+                          f"with no <label>.<n> name (e.g. {parts[keys.index(bad[0])][-1]}): {EXPECTED}")
+    return [KAGGLE_NAME.fullmatch(key_parts[-1]).group(1).lower() for key_parts in parts]
+
+
+def _class_folder_names(path: str, keys: list[str], parts: list[list[str]], forced: bool) -> list[str]:
+    """Labels of class folders: every image directly inside ``<container>/<class>/``, one container."""
+    hint = "" if forced else f"; {EXPECTED}"
+    depth = Counter(len(key_parts) for key_parts in parts).most_common(1)[0][0]
+    typical = next(i for i, key_parts in enumerate(parts) if len(key_parts) == depth)
+    for key, key_parts in zip(keys, parts):
+        if len(key_parts) != depth:
+            raise KbenchError(f"{path}: images at different depths ({keys[typical]} and {key}); class folders "
+                              f"need every image directly in <class>/, no subfolders{hint}")
+    for key, key_parts in zip(keys, parts):
+        if len(key_parts) < 2:
+            raise KbenchError(f"{path}: {key} is not inside a class folder; class folders need every image "
+                              f"directly in <class>/{hint}")
+        if key_parts[:-2] != parts[typical][:-2]:
+            raise KbenchError(f"{path}: class folders under different parents ({keys[typical]} and {key}); class "
+                              f"folders need every image directly in <class>/ inside one folder{hint}")
+    if not forced:
+        # a folder of cat.N.jpg and dog.N.jpg is a Kaggle folder beside something else, not one class
+        by_folder: dict[str, set] = {}
+        for key_parts in parts:
+            match = KAGGLE_NAME.fullmatch(key_parts[-1])
+            by_folder.setdefault(key_parts[-2], set()).add(match.group(1).lower() if match else None)
+        for folder, labels in sorted(by_folder.items()):
+            if None not in labels and len(labels) >= 2:
+                named = ", ".join(f"{label}.N" for label in sorted(labels)[:3])
+                raise KbenchError(f"{path}: folder {folder}/ holds images named for different labels ({named}), "
+                                  f"so it is not one class; {EXPECTED}; {FORCE}")
+    return [key_parts[-2] for key_parts in parts]
+
+
+def _and_more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def find_images(path: str, labelled: bool = True, layout: str = "auto") -> ImageSet:
     """Find the images under ``path`` (folder or zip) and their labels.
 
-    With ``labelled=False`` (a test set) every image is kept and labels are -1. Raises KbenchError for
-    a missing path, no images, or a labelled set with fewer than two classes.
+    ``layout`` is one of LAYOUTS. ``auto`` recognises exactly two layouts and refuses anything else:
+    - Kaggle: every image in one folder and named ``<label>.<n>.<ext>`` (``train/cat.0.jpg``); the
+      label, lower-cased, is the part before the first dot;
+    - class folders: every image directly inside ``<class>/`` at one depth under one folder
+      (``root/cat/x.jpg``, or ``train/cat/x.jpg`` in a zip); a folder that holds ``<label>.<n>`` files
+      of two labels isn't taken for one class.
+    A forced layout (``kaggle``, ``folders``) checks its own rule and the two classes, no more. Hidden files and folders and
+    ``__MACOSX`` are ignored; a zip entry naming a path outside the archive refuses the zip. A
+    labelled set needs two classes, and (auto, more than UNIQUE_LABEL_CHECK_FROM images) no more
+    distinct labels than half its images: mostly unique labels are names, not classes. Empty files
+    are left out (``skipped``) of a labelled set.
+
+    With ``labelled=False`` (a test set) every image is kept, empty files included, and labels are -1.
+    Every refusal is a one-line KbenchError that says what was found and what is accepted.
     """
+    if layout not in LAYOUTS:
+        raise KbenchError(f"unknown layout {layout!r}; choose {', '.join(LAYOUTS)}")
     if not os.path.exists(path):
         raise KbenchError(f"data not found: {path}")
     files = _list_files(path)
-    skipped = [key for key, size in files if size == 0]
-    for key in skipped:
-        log.warning("skipped empty image file %s", key)
-    keys = sorted(key for key, size in files if size > 0)
-    if not keys:
+    if not files:
         raise KbenchError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}; expected train/cat.N.jpg "
             "files (Kaggle layout) or one folder per class"
         )
+    keys = [key for key, _ in files]
     if not labelled:
-        return ImageSet(path, keys, np.full(len(keys), -1), [], "unlabelled", skipped)
+        return ImageSet(path, keys, np.full(len(keys), -1, dtype=np.int64), [], "unlabelled")
 
-    parents = {os.path.dirname(key) for key in keys}
-    if len(parents) >= 2:
-        layout, names = "class-folders", [os.path.basename(os.path.dirname(key)) for key in keys]
+    parts = [_parts(key) for key in keys]
+    if layout == "kaggle" or (layout == "auto" and len({tuple(p[:-1]) for p in parts}) == 1):
+        kind, names = "kaggle", _kaggle_names(path, keys, parts, forced=layout == "kaggle")
     else:
-        layout, names = "kaggle", [os.path.basename(key).split(".")[0].lower() for key in keys]
+        kind, names = "class-folders", _class_folder_names(path, keys, parts, forced=layout == "folders")
     classes = sorted(set(names))
     if len(classes) < 2:
         raise KbenchError(
             f"{path} holds a single class ({classes[0]!r}); a classifier needs at least two: name "
             "files like cat.1.jpg / dog.1.jpg or use one folder per class"
         )
+    if layout == "auto" and len(keys) > UNIQUE_LABEL_CHECK_FROM and len(classes) > len(keys) / 2:
+        raise KbenchError(f"{path}: {len(classes)} distinct labels among {len(keys)} images (e.g. {', '.join(keys[:2])}): "
+                          f"labels this unique are names, not classes; {EXPECTED}; {FORCE}")
     index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([index[name] for name in names], dtype=np.int64)
-    return ImageSet(path, keys, labels, classes, layout, skipped)
+    sizes = [size for _, size in files]
+    skipped = [key for key, size in zip(keys, sizes) if size == 0]
+    for key in skipped:
+        log.warning("skipped empty image file %s", key)
+    kept = [i for i, size in enumerate(sizes) if size > 0]
+    if not kept:
+        raise KbenchError(f"{path}: all {len(keys)} image files are empty")
+    labels = np.array([index[names[i]] for i in kept], dtype=np.int64)
+    return ImageSet(path, [keys[i] for i in kept], labels, classes, kind, skipped)
 
 
 def indices_of(images: ImageSet, keys: list[str]) -> np.ndarray:
@@ -336,3 +444,18 @@ class ImageLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def predict(predict_batch, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of ``predict_batch(pixels)`` over ``loader`` in order (e.g.
+    ``model.predict_on_batch`` or an ONNX Runtime session); unreadable images are left out of both."""
+    probabilities, labels = [], []
+    try:
+        for pixels, batch_labels in loader:
+            probabilities.append(np.asarray(predict_batch(pixels)))
+            labels.append(batch_labels)
+    finally:
+        loader.close()
+    if not probabilities:
+        raise KbenchError("no images to predict")
+    return np.concatenate(probabilities), np.concatenate(labels)

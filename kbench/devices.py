@@ -90,3 +90,19 @@ def training_devices(devices: str | int | None, batch_size: int, mixed_precision
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
+
+
+def check_devices(devices: str | int | None, batch_size: int, mixed_precision: str | None) -> None:
+    """The checks ``training_devices`` makes, without setting anything up: for validating a study
+    before its first member trains."""
+    import keras
+
+    available = [str(d) for d in keras.distribution.list_devices()]
+    count = count_devices(devices, len(available))
+    if mixed_precision:
+        if mixed_precision not in MIXED_POLICIES:
+            raise KbenchError(f"--mixed-precision must be {' or '.join(MIXED_POLICIES)}")
+        if all(d.lower().startswith("cpu") for d in available[:count]):
+            raise KbenchError("--mixed-precision needs a GPU or TPU; on a CPU it only slows training down")
+    if count > 1 and batch_size % count:
+        raise KbenchError(f"--batch-size {batch_size} must be a multiple of the {count} devices (the global batch)")

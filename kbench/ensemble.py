@@ -18,9 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbench import files, metrics
+from kbench.backbones import HEAD_LAYER, feature_model
 from kbench.backend import use_backend
-from kbench.data import ImageLoader, find_images, indices_of
+from kbench.config import option, positive
+from kbench.data import LAYOUTS, ImageLoader, find_images, indices_of, predict
 from kbench.errors import KbenchError
+from kbench.runs import Run, data_fingerprint
 
 METHODS = ("stack", "mean")
 
@@ -28,25 +31,44 @@ METHODS = ("stack", "mean")
 @dataclass
 class EnsembleConfig:
     members: list[str]  # run folders
-    run_dir: str
-    data: str | None = None  # default: the members' own data
+    run_dir: str = option(help="Folder for the ensemble.", path=True)
+    data: str | None = option(None, "The members' data.", shown_default="the path their runs recorded", path=True)
     backend: str | None = None
-    method: str = "stack"
-    epochs: int = 10  # head epochs, as in the reference study
-    batch_size: int = 32
-    lr: float = 1e-3
-    tta_passes: int = 0  # augmented passes of the training split added to the head's training features
-    seed: int = 0
+    method: str = option("stack", "stack: the study's head (Dense 32-8-1) on cached features; mean: average of "
+                         "probabilities.", choices=METHODS)
+    epochs: int = option(10, "Head epochs (stack), as in the reference study.")
+    batch_size: int = option(32, "Images per batch.")
+    lr: float = option(1e-3, "Head learning rate (Adam).")
+    tta_passes: int = option(0, "Augmented passes of the training split added to the head's features.")
+    seed: int = option(0, "Seed for the head and the augmented passes.")
     workers: int | None = None
+    layout: str = option("auto", "How labels are read from the data (see README).", choices=LAYOUTS)
+
+    def check(self) -> "EnsembleConfig":
+        if self.method not in METHODS:
+            raise KbenchError(f"unknown method {self.method!r}; choose {' or '.join(METHODS)}")
+        positive(self.epochs, "--epochs", whole=True)
+        positive(self.batch_size, "--batch-size", whole=True)
+        positive(self.lr, "--lr")
+        if self.workers is not None:
+            positive(self.workers, "--workers", whole=True)
+        for name in ("tta_passes", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0; got {value}")
+        if self.layout not in LAYOUTS:
+            raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        return self
 
 
 @dataclass
 class Member:
-    run_dir: str
+    run: Run
     name: str
     backbone: str
     image_size: int
     val_log_loss: float | None
+    model_hash: str
 
 
 def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
@@ -54,13 +76,12 @@ def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
     if len(config.members) < 2:
         raise KbenchError("an ensemble needs at least two --members run folders")
     members, split = [], None
+    target = os.path.realpath(config.run_dir)
     for run_dir in config.members:
-        for needed in ("model.keras", "config.json", "split.json", "metrics.json"):
-            if not os.path.isfile(os.path.join(run_dir, needed)):
-                raise KbenchError(f"member {run_dir} is not a finished kbench run (no {needed})")
-        run_config = files.read_json(os.path.join(run_dir, "config.json"))
-        run_metrics = files.read_json(os.path.join(run_dir, "metrics.json"))
-        run_split = files.read_json(os.path.join(run_dir, "split.json"))
+        if os.path.realpath(run_dir) == target:
+            raise KbenchError(f"--run-dir {config.run_dir} is one of the members; write the ensemble elsewhere")
+        run = Run.open(run_dir)
+        run_config, run_metrics, run_split = run.config, run.metrics, run.split
         if split is None:
             split = run_split
         for key, what in (("classes", "classes"), ("data", "data"), ("train", "split"), ("val", "split")):
@@ -69,11 +90,13 @@ def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
                     f"members {config.members[0]} and {run_dir} were trained on different {what}; "
                     "ensemble members must share data and split (same --data, --val-split and --seed)"
                 )
-        name = os.path.basename(os.path.normpath(run_dir))
-        members.append(Member(run_dir, name, run_config["backbone"], run_config["image_size"],
-                              run_metrics.get("val_log_loss")))
+        backbone = "+".join(run.labels().get("backbones", [])) or run_config.get("backbone", "?")
+        members.append(Member(run, run.name, backbone, int(run_metrics["image_size"]),
+                              run_metrics.get("val_log_loss"), run.model_hash()))
     if len({m.name for m in members}) < len(members):
         raise KbenchError("member run folders must have different names")
+    if len({m.model_hash for m in members}) < len(members):
+        raise KbenchError("two members are the same model (identical model.keras)")
     if not split["val"]:
         raise KbenchError("the members have no validation split to score the ensemble on (train with --val-split > 0)")
     return members, split
@@ -93,17 +116,18 @@ def build_ensemble(member_models: list, members: list[Member], num_classes: int,
         x = image if member.image_size == size else layers.Resizing(
             member.image_size, member.image_size, name=f"resize_{member.name}")(image)
         if method == "stack":
-            model = keras.Model(model.inputs, model.get_layer("probability").input, name=f"{member.name}_features")
+            model = feature_model(model)
+            model.name = f"{member.name}_features"
         else:
             model.name = f"{member.name}_model"
         branches.append(model(x))
     if method == "mean":
-        return keras.Model(image, layers.Average(name="probability")(branches), name="ensemble_mean"), None
+        return keras.Model(image, layers.Average(name=HEAD_LAYER)(branches), name="ensemble_mean"), None
     width = sum(int(branch.shape[-1]) for branch in branches)
     units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
     head_layers = [layers.Dense(32, activation="relu", name="head_dense_32"),
                    layers.Dense(8, activation="relu", name="head_dense_8"),
-                   layers.Dense(units, activation=activation, name="probability")]
+                   layers.Dense(units, activation=activation, name=HEAD_LAYER)]
     features = keras.Input((width,), name="features")
     x = features
     for layer in head_layers:
@@ -113,12 +137,19 @@ def build_ensemble(member_models: list, members: list[Member], num_classes: int,
     return keras.Model(image, output, name="ensemble_stack"), head
 
 
-def _member_features(extractor, images, indices, image_size, config, cache_path, augment, epoch):
-    """Pooled features of one member over ``indices`` (cached as .npy); rows aligned with labels."""
+def _member_features(extractor, member: Member, images, indices, config, cache_path, augment, epoch):
+    """Pooled features of one member over ``indices``, cached as .npz under a key made of the member
+    model's content hash, the data and the pass: a cache made from another model (a member retrained
+    in place) or other images is never reused."""
+    key = f"{member.model_hash}:{data_fingerprint(images)}:{len(indices)}:{config.seed}:{augment}:{epoch}"
     if os.path.isfile(cache_path):
-        cached = np.load(cache_path)
-        return cached["features"], cached["labels"]
-    loader = ImageLoader(images, indices, image_size, config.batch_size, augment=augment, seed=config.seed,
+        try:
+            with np.load(cache_path) as cached:
+                if str(cached["key"]) == key:
+                    return cached["features"], cached["labels"]
+        except Exception:  # a cache from an older kbench or cut short: compute it again
+            pass
+    loader = ImageLoader(images, indices, member.image_size, config.batch_size, augment=augment, seed=config.seed,
                          workers=config.workers)
     features, labels = [], []
     try:
@@ -130,44 +161,49 @@ def _member_features(extractor, images, indices, image_size, config, cache_path,
         loader.close()
     features, labels = np.concatenate(features), np.concatenate(labels)
     with files.atomic_path(cache_path, suffix=".npz") as temporary:
-        np.savez(temporary, features=features, labels=labels)
+        np.savez(temporary, features=features, labels=labels, key=np.array(key))
     return features, labels
 
 
-def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto") -> dict:
+def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto", overwrite: bool = False) -> dict:
     """Build, fit (``stack``) and score an ensemble; write its folder; return metrics.json's record."""
-    if config.method not in METHODS:
-        raise KbenchError(f"unknown method {config.method!r}; choose {' or '.join(METHODS)}")
+    config.check()
     members, split = check_members(config)
     data = config.data or split["data"]
-    images = find_images(data)
+    layout = config.layout if config.layout != "auto" else {"kaggle": "kaggle", "class-folders": "folders"}.get(
+        split.get("layout"), "auto")
+    images = find_images(data, layout=layout)
     if images.classes != split["classes"]:
         raise KbenchError(f"{data} has classes {images.classes}; the members were trained on {split['classes']}")
     train_idx, val_idx = indices_of(images, split["train"]), indices_of(images, split["val"])
 
-    use_backend(config.backend)
+    config.backend = use_backend(config.backend)
+    run = Run(config.run_dir)
+    with run.lock():
+        run.prepare("ensemble", overwrite=overwrite)
+        return _train_locked(run, config, members, split, images, data, train_idx, val_idx, verbose)
+
+
+def _train_locked(run: Run, config, members, split, images, data, train_idx, val_idx, verbose) -> dict:
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    os.makedirs(config.run_dir, exist_ok=True)
-    files.write_json(os.path.join(config.run_dir, "config.json"), dataclasses.asdict(config))
-    files.write_json(os.path.join(config.run_dir, "split.json"), {**split, "data": os.path.abspath(data)})
-    models = [keras.saving.load_model(os.path.join(m.run_dir, "model.keras"), compile=False, safe_mode=True)
-              for m in members]
+    run.write_config({"kind": "ensemble", **dataclasses.asdict(config),
+                      "member_hashes": {m.name: m.model_hash for m in members}})
+    run.write_split({**split, "data": os.path.abspath(data), "fingerprint": data_fingerprint(images)})
+    models = [keras.saving.load_model(m.run.model_path, compile=False, safe_mode=True) for m in members]
     ensemble, head = build_ensemble(models, members, len(images.classes), config.method)
     binary = len(images.classes) == 2
 
     feature_seconds = head_seconds = 0.0
     if head is not None:
         start = time.perf_counter()
-        cache = os.path.join(config.run_dir, "features")
         passes = [(False, 0)] + [(True, k + 1) for k in range(config.tta_passes)]
         train_parts = []
         for augment, epoch in passes:
-            columns = [_member_features(
-                keras.Model(model.inputs, model.get_layer("probability").input), images, train_idx, m.image_size,
-                config, os.path.join(cache, f"{m.name}-train-{epoch}.npz"), augment, epoch)
-                for m, model in zip(members, models)]
+            columns = [_member_features(feature_model(model), m, images, train_idx, config,
+                                        run.feature_path(m.name, "train", epoch), augment, epoch)
+                       for m, model in zip(members, models)]
             train_parts.append(_aligned(columns))
         features = np.concatenate([f for f, _ in train_parts])
         labels = np.concatenate([y for _, y in train_parts])
@@ -180,21 +216,20 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto") -> dict:
         head.fit(features, targets, batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=verbose)
         head_seconds = time.perf_counter() - start
 
-    files.save_model(ensemble, os.path.join(config.run_dir, "model.keras"))
+    run.save_model(ensemble)
     size = max(m.image_size for m in members)
-    from kbench.train import predict
-
     loader = ImageLoader(images, val_idx, size, config.batch_size, workers=config.workers)
     probabilities, val_labels = predict(ensemble.predict_on_batch, loader)
     record = {
-        "backbone": "ensemble",
+        "kind": "ensemble",
         "method": config.method,
+        "backbones": [m.backbone for m in members],
         "backend": keras.backend.backend(),
         "classes": images.classes,
         "image_size": size,
         "params": int(ensemble.count_params()),
-        "members": [{"run_dir": m.run_dir, "backbone": m.backbone, "image_size": m.image_size,
-                     "val_log_loss": m.val_log_loss} for m in members],
+        "members": [{"run_dir": m.run.path, "backbone": m.backbone, "image_size": m.image_size,
+                     "val_log_loss": m.val_log_loss, "model_hash": m.model_hash} for m in members],
         "epochs": config.epochs if head is not None else 0,
         "tta_passes": config.tta_passes,
         "feature_seconds": feature_seconds,
@@ -203,7 +238,7 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto") -> dict:
         "val_log_loss": metrics.log_loss(val_labels, probabilities),
         "val_accuracy": metrics.accuracy(val_labels, probabilities),
     }
-    files.write_json(os.path.join(config.run_dir, "metrics.json"), record)
+    run.write_metrics(record)
     return record
 
 

@@ -19,28 +19,33 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from kbench import __version__, files
 from kbench.errors import KbenchError
+from kbench.runs import Run, file_hash
 
 OPSETS = range(13, 19)  # what tf2onnx 1.17 converts to
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 3)
+PARITY_SEED = 0  # the same random pixels every time, so that recorded parity figures repeat
+DEFAULT_EXPORT_DIR = "exports"
+ROUTE_VERSION = 1  # bump when the exported graph changes for the same model: old files are then re-made
 
 
 def model_file(model: str) -> str:
-    """The ``.keras`` file behind MODEL: a run or ensemble folder's ``model.keras``, or the file."""
+    """The ``.keras`` file behind MODEL: a run or ensemble folder's model, or the file itself."""
     if os.path.isdir(model):
-        path = os.path.join(model, "model.keras")
+        path = Run(model).model_path
         if not os.path.isfile(path):
-            raise KbenchError(f"{model} holds no model.keras (is it a finished kbench run?)")
+            raise KbenchError(f"{model} holds no {os.path.basename(path)} (is it a finished kbench run?)")
         return path
     if not os.path.isfile(model):
         raise KbenchError(f"model not found: {model}")
@@ -50,17 +55,8 @@ def model_file(model: str) -> str:
 
 
 def run_metadata(model: str) -> dict:
-    """What a run or ensemble folder says about its model: classes and backbone(s)."""
-    path = os.path.join(model, "metrics.json") if os.path.isdir(model) else None
-    if not path or not os.path.isfile(path):
-        return {}
-    record = files.read_json(path)
-    found = {"classes": record.get("classes")}
-    if "members" in record:
-        found["backbones"] = [member.get("backbone") for member in record["members"]]
-    elif "backbone" in record:
-        found["backbones"] = [record["backbone"]]
-    return {key: value for key, value in found.items() if value}
+    """What a run or ensemble folder says about its model (classes, backbones); {} for a file."""
+    return Run(model).labels() if os.path.isdir(model) else {}
 
 
 def load_model(path: str):
@@ -69,13 +65,64 @@ def load_model(path: str):
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
-        raise KbenchError(f"{path} could not be loaded as a Keras model: {str(error).splitlines()[0]}") from None
+        raise KbenchError(f"{path} could not be loaded as a Keras model: {_first_line(error)}") from None
 
 
-def default_output(model: str) -> str:
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def default_output(model: str, export_dir: str = DEFAULT_EXPORT_DIR) -> str:
+    """``exports/NAME.onnx`` for a run folder NAME or a file NAME.keras."""
     folder = model.rstrip("/")
     name = os.path.basename(folder) if os.path.isdir(folder) else os.path.splitext(os.path.basename(folder))[0]
-    return os.path.join("exports", f"{name}.onnx")
+    return os.path.join(export_dir, f"{name}.onnx")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a model is exported; with the model's bytes, the key under which its ONNX file is reused."""
+
+    opset: int = DEFAULT_OPSET
+    batch_size: int | None = None  # None: a dynamic batch dimension
+
+    def check(self) -> "ExportOptions":
+        if self.opset not in OPSETS:
+            raise KbenchError(f"opset {self.opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
+            raise KbenchError(f"--batch-size must be 'dynamic' or a positive number; got {self.batch_size}")
+        return self
+
+
+def export_key(source: str, options: ExportOptions) -> str:
+    """The identity of an export: the model file's content, the options and the exporter's version."""
+    batch = options.batch_size or "dynamic"
+    return f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}-kbench{__version__}"
+
+
+def onnx_for(model: str, output: str | None = None, options: ExportOptions | None = None,
+             export_dir: str = DEFAULT_EXPORT_DIR) -> dict:
+    """The checked ONNX file of MODEL (run or ensemble folder, ``.keras`` file): the one rule every
+    caller uses. A file already at ``output`` is reused only when its metadata says it was made from
+    the same model bytes with the same options; otherwise MODEL is exported (and checked) again.
+    Returns the export record, with ``reused`` true when nothing was exported.
+
+    >>> onnx_for("runs/b0")["path"]  # doctest: +SKIP
+    'exports/b0.onnx'
+    """
+    options = (options or ExportOptions()).check()
+    source = model_file(model)
+    output = output or default_output(model, export_dir)
+    if os.path.isdir(output):
+        raise KbenchError(f"{output} is a folder; give the ONNX file's name (-o exports/model.onnx)")
+    key = export_key(source, options)
+    if os.path.isfile(output) and read_metadata(output).get("kbench_export_key") == key:
+        return {"path": output, "reused": True, "opset": options.opset, "batch_size": options.batch_size or "dynamic",
+                "megabytes": os.path.getsize(output) / 2**20}
+    metadata = {**run_metadata(model), "kbench_export_key": key}
+    record = export_onnx(source, output, opset=options.opset, batch_size=options.batch_size, metadata=metadata)
+    return {**record, "reused": False}
 
 
 def describe_inputs(model) -> tuple[str, tuple[int, int, int]]:
@@ -106,17 +153,16 @@ def export_onnx(
     import keras
     import onnx
 
-    if opset not in OPSETS:
-        raise KbenchError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
-    if batch_size is not None and batch_size < 1:
-        raise KbenchError(f"--batch-size must be 'dynamic' or a positive number; got {batch_size}")
+    ExportOptions(opset, batch_size).check()
+    if os.path.isdir(output):
+        raise KbenchError(f"{output} is a folder; give the ONNX file's name (-o exports/model.onnx)")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kbench-export-") as scratch:
+    with files.scratch_folder("export") as scratch:
         if isinstance(model, str):
             source = model_file(model)
             model = load_model(source)
         else:
-            source = os.path.join(scratch, "model.keras")
+            source = os.path.join(scratch, "in-memory.keras")
             model.save(source)
         describe_inputs(model)
         backend = keras.backend.backend()
@@ -153,7 +199,7 @@ def check_parity(model, onnx_bytes: bytes, batch_sizes, tolerance: float = PARIT
 
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     _, (height, width, channels) = describe_inputs(model)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(PARITY_SEED)
     worst = 0.0
     for batch in batch_sizes:
         pixels = rng.uniform(0, 255, (batch, height, width, channels)).astype(np.float32)
@@ -219,10 +265,21 @@ def _rename(graph, names: dict[str, str]) -> None:
 def _convert_in_tensorflow_process(source: str, output: str, opset: int, batch_size: int | None) -> None:
     command = [sys.executable, "-m", "kbench.export", source, output, str(opset), str(batch_size or 0)]
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, preexec_fn=_die_with_parent)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise KbenchError(f"ONNX conversion failed: {lines[-1] if lines else 'no message'}")
+
+
+def _die_with_parent() -> None:
+    """In the conversion subprocess: the kernel kills it when kbench dies (even on kill -9), so a
+    killed study leaves no orphaned conversion behind (Linux; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _set_metadata(onnx_model, model, backend: str, extra: dict) -> None:
@@ -248,9 +305,13 @@ def _set_metadata(onnx_model, model, backend: str, extra: dict) -> None:
 
 
 def read_metadata(path: str) -> dict:
+    """An ONNX file's metadata; {} for a file that isn't a readable ONNX model."""
     import onnx
 
-    return {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
+    try:
+        return {prop.key: prop.value for prop in onnx.load(path, load_external_data=False).metadata_props}
+    except Exception:  # truncated, empty or not ONNX: nothing to reuse
+        return {}
 
 
 def _main(argv: list[str]) -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import tempfile
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from kbench import metrics
+from kbench import files, metrics
+from kbench.config import option, positive
 from kbench.errors import KbenchError
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
 
@@ -28,13 +29,30 @@ COLUMNS = ["model", "runtime", "backend", "device", "batch_size", "runs", "warmu
 @dataclass
 class LatencyConfig:
     models: list[str]
-    runtimes: list[str] = field(default_factory=lambda: ["keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda"])
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    runs: int = 100
-    warmup: int = 10
-    threads: int | None = None
-    weights: str = "none"  # for registry names
+    runtimes: list[str] = option(list(RUNTIMES), "Comma-separated runtimes to time.", flag="runtime")
+    batch_sizes: list[int] = option([1, 8, 32], "Comma-separated batch sizes.", flag="batch_size")
+    runs: int = option(100, "Timed runs per row, each timed on its own.")
+    warmup: int = option(10, "Untimed runs first.")
+    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="ONNX Runtime's choice")
+    weights: str = option("none", "For backbone names: imagenet or none.", choices=("none", "imagenet"))
     export_dir: str = "exports"
+
+    def check(self) -> "LatencyConfig":
+        for name in self.runtimes:
+            if name not in RUNTIMES:
+                raise KbenchError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+        if not self.runtimes:
+            raise KbenchError("--runtime names no runtime")
+        positive(self.runs, "--runs", whole=True)
+        for batch in self.batch_sizes:
+            positive(batch, "--batch-size", whole=True)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise KbenchError(f"--warmup must be a whole number >= 0; got {self.warmup}")
+        if self.threads is not None:
+            positive(self.threads, "--threads", whole=True)
+        if self.weights not in ("none", "imagenet"):
+            raise KbenchError(f"--weights must be imagenet or none; got {self.weights!r}")
+        return self
 
 
 @dataclass
@@ -44,6 +62,7 @@ class ModelSource:
     onnx_path: str | None
     image_size: tuple[int, int]
     members: int = 1
+    given: str = ""  # what the user named: a run folder's ONNX file gets its metadata
 
 
 def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
@@ -52,19 +71,17 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     from kbench.export import describe_inputs, load_model, model_file, run_metadata
 
     if model.endswith(".onnx"):
-        if not os.path.isfile(model):
-            raise KbenchError(f"model not found: {model}")
-        import onnxruntime
+        from kbench.runtimes import onnx_session
 
-        shape = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+        shape = onnx_session(model, ["CPUExecutionProvider"]).get_inputs()[0].shape
         return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])))
-    if os.path.exists(model):
+    if os.path.exists(model) or model.endswith(".keras") or os.sep in model:
         path = model_file(model)
         _, (height, width, _) = describe_inputs(load_model(path))
         members = len(run_metadata(model).get("backbones", [])) or 1
         name = os.path.basename(model.rstrip("/"))
         name = name if os.path.isdir(model) else os.path.splitext(name)[0]
-        return ModelSource(name, path, None, (height, width), members)
+        return ModelSource(name, path, None, (height, width), members, model)
     from kbench.backbones import build_classifier, get_backbone
 
     spec = get_backbone(model)  # KbenchError listing the names if it is none of the above
@@ -74,16 +91,14 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
 
 
 def onnx_file(source: ModelSource, export_dir: str) -> str:
-    """The ONNX export of a Keras model: reused when newer than the model, else exported (checked)."""
+    """The ONNX export of a Keras model, by kbench.export's one reuse rule."""
     if source.onnx_path:
         return source.onnx_path
-    from kbench.export import export_onnx
+    from kbench.export import onnx_for
 
-    path = os.path.join(export_dir, f"{source.name}.onnx")
-    if not (os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(source.keras_path)):
-        export_onnx(source.keras_path, path)
-    source.onnx_path = path
-    return path
+    model = source.given if source.given and os.path.isdir(source.given) else source.keras_path
+    source.onnx_path = onnx_for(model, os.path.join(export_dir, f"{source.name}.onnx"))["path"]
+    return source.onnx_path
 
 
 def sample_pixels(batch_size: int, image_size: tuple[int, int]) -> np.ndarray:
@@ -117,13 +132,9 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
     """Yield one row per (model, runtime, batch size); rows of runtimes that can't run say why."""
     import keras
 
-    for name in config.runtimes:
-        if name not in RUNTIMES:
-            raise KbenchError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
-    if config.runs < 1 or config.warmup < 0 or any(b < 1 for b in config.batch_sizes):
-        raise KbenchError("--runs and --batch-size must be positive and --warmup not negative")
+    config.check()
     backend = keras.backend.backend()
-    with tempfile.TemporaryDirectory(prefix="kbench-latency-") as scratch:
+    with files.scratch_folder("latency") as scratch:
         for model in config.models:
             source = resolve_model(model, config.weights, scratch)
             keras_model = None
@@ -159,6 +170,35 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
             del keras_model
             gc.collect()
             keras.backend.clear_session()  # free the compiled graphs before the next model
+
+
+def measure(config: LatencyConfig, output: str | None = None, output_format: str = "table",
+            progress: bool = True) -> tuple[list[dict], bool]:
+    """Time every row with a progress bar on stderr; with ``output``, rewrite that file after each
+    row, so finished rows survive a kill (out of memory, ...). Returns (rows, interrupted): Ctrl-C
+    stops the loop and keeps the rows finished so far."""
+    import click
+
+    from kbench.report import latency_text
+
+    config.check()
+    if output and os.path.isdir(output):
+        raise KbenchError(f"-o {output} is a folder; give a file name")
+    machine = machine_info(config.threads)
+    rows, interrupted = [], False
+    try:
+        with click.progressbar(length=plan(config), label="timing", file=sys.stderr,
+                               hidden=not progress) as bar:
+            for row in iter_latency(config):
+                rows.append(row)
+                bar.update(1)
+                if output:
+                    files.write_text(output, latency_text(rows, output_format, machine))
+    except KeyboardInterrupt:
+        interrupted = True
+    if output:
+        files.write_text(output, latency_text(rows, output_format, machine))
+    return rows, interrupted
 
 
 def machine_info(threads: int | None = None) -> dict:

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
 from kbench import files, metrics
-from kbench.data import ImageLoader, find_images
+from kbench.data import ImageLoader, find_images, predict
 from kbench.errors import KbenchError
-from kbench.train import load_split, predict
+from kbench.runs import SPLIT, Run
+from kbench.runtimes import onnx_session
+
+
+def int8_path(float_path: str) -> str:
+    """Where the int8 copy of ``model.onnx`` goes: ``model.int8.onnx`` beside it."""
+    return os.path.splitext(float_path)[0] + ".int8.onnx"
 
 
 def _calibration_images(calibration_data: str | None, run_dir: str | None, count: int, seed: int):
@@ -24,8 +29,8 @@ def _calibration_images(calibration_data: str | None, run_dir: str | None, count
     if calibration_data:
         images = find_images(calibration_data, labelled=False)
         indices = np.arange(len(images))
-    elif run_dir and os.path.isfile(os.path.join(run_dir, "split.json")):
-        images, indices = load_split(run_dir, "train")
+    elif run_dir and Run(run_dir).exists(SPLIT):
+        images, indices = Run(run_dir).images("train")
     else:
         raise KbenchError("--quantize int8 needs --calibration-data PATH (or MODEL as a run folder)")
     rng = np.random.default_rng(seed)
@@ -58,7 +63,7 @@ def quantize_int8(
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    session = onnxruntime.InferenceSession(float_path, providers=["CPUExecutionProvider"])
+    session = onnx_session(float_path, ["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
     height, width = int(spec.shape[1]), int(spec.shape[2])
     if height != width:
@@ -75,7 +80,7 @@ def quantize_int8(
             return None if batch is None else {spec.name: batch[0]}
 
     reader = Reader()
-    with tempfile.TemporaryDirectory(prefix="kbench-int8-") as scratch:
+    with files.scratch_folder("int8") as scratch:
         quantized = os.path.join(scratch, "model.int8.onnx")
         prepared = os.path.join(scratch, "model.prepared.onnx")
         quant_pre_process(float_path, prepared)  # shape inference and graph clean-up, as ORT advises
@@ -95,8 +100,8 @@ def quantize_int8(
         "int8_ms": median_latency_ms(int8_session, (height, width)),
     }
     record["speedup"] = record["float_ms"] / record["int8_ms"]
-    if run_dir and os.path.isfile(os.path.join(run_dir, "split.json")):
-        val_images, val_indices = load_split(run_dir, "val")
+    val_images, val_indices = Run(run_dir).images("val") if run_dir and Run(run_dir).exists(SPLIT) else (None, [])
+    if len(val_indices):  # a run trained with --val-split 0 has nothing to score on
         for name, current in (("float", session), ("int8", int8_session)):
             loader = ImageLoader(val_images, val_indices, height, batch_size=32)
             probabilities, labels = predict(lambda x, s=current: s.run(None, {spec.name: x})[0], loader)

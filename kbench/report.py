@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import statistics
@@ -65,7 +66,8 @@ def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:
 
 def _steady_epoch_seconds(row: dict) -> float | None:
     seconds = row.get("epoch_seconds") or []
-    steady = seconds[1:] or seconds  # the first epoch includes compilation
+    compiled = row.get("epochs_with_compilation", [1])  # those epochs include compilation
+    steady = [s for epoch, s in enumerate(seconds, 1) if epoch not in compiled] or seconds
     return statistics.median(steady) if steady else None
 
 
@@ -192,7 +194,9 @@ def markdown_report(results: dict, flat: list[dict]) -> str:
     if comparison:
         parts += ["## ONNX Runtime against Keras (batch 1)", "", format_table(comparison, style="markdown"), ""]
     submission = results.get("submission")
-    if submission:
+    if submission and submission.get("status", "ok") != "ok":
+        parts += ["## Submission", "", f"From {submission['model']}: {submission['status']}.", ""]
+    elif submission:
         score = (f"; test log loss {submission['test_log_loss']:.4f}, accuracy {submission['test_accuracy']:.3f}"
                  if "test_log_loss" in submission else "")
         parts += ["## Submission", "", f"`{submission['path']}` from {submission['model']}: "
@@ -212,3 +216,90 @@ def write_report(results: dict, out_dir: str) -> dict:
     write_text(paths["report"], markdown_report(results, flat))
     paths["plots"] = write_plots(flat, out_dir)
     return paths
+
+
+# -- what the commands print -----------------------------------------------------------------------
+
+def backbone_text(specs: list, pattern: str | None = None, output_format: str = "table") -> str:
+    """The registry as a table or JSON; ``pattern`` filters names with shell wildcards
+    (``'efficientnet_b*'``)."""
+    rows = [spec.to_dict() for spec in specs if not pattern or fnmatch.fnmatchcase(spec.name, pattern)]
+    if output_format == "json":
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return f"no backbone matches {pattern!r}"
+    return format_table(rows, ["name", "image_size", "params", "feature_dim", "preprocessing", "pretrained"])
+
+
+def train_summary(result: dict, run_dir: str) -> str:
+    from kbench.runs import MODEL
+
+    seconds = result["epoch_seconds"]
+    quality = (f"val log loss {result['val_log_loss']:.4f}, accuracy {result['val_accuracy']:.3f}"
+               if result["val_log_loss"] is not None else "no validation split")
+    return (f"{result['backbone']} ({result['backend']}): {quality}; {len(seconds)} epochs, "
+            f"last {seconds[-1]:.1f} s ({result['train_images_per_second']:.0f} images/s) "
+            f"-> {os.path.join(run_dir, MODEL)}")
+
+
+def ensemble_summary(result: dict, run_dir: str) -> str:
+    from kbench.runs import MODEL
+
+    parts = ", ".join(f"{m['backbone']} {m['val_log_loss']:.4f}" for m in result["members"]
+                      if m["val_log_loss"] is not None)
+    return (f"ensemble ({result['method']}): val log loss {result['val_log_loss']:.4f}, accuracy "
+            f"{result['val_accuracy']:.3f} (members: {parts}); features {result['feature_seconds']:.1f} s, "
+            f"head {result['head_seconds']:.1f} s -> {os.path.join(run_dir, MODEL)}")
+
+
+def export_summary(result: dict) -> str:
+    if result.get("reused"):
+        return (f"{result['path']} is up to date ({result['megabytes']:.1f} MB, opset {result['opset']}, batch "
+                f"{result['batch_size']}): made from this model with these options, checked when it was written")
+    return (f"wrote {result['path']} ({result['megabytes']:.1f} MB, opset {result['opset']}, batch "
+            f"{result['batch_size']}) in {result['export_seconds']:.1f} s; ONNX Runtime vs Keras ({result['backend']}): "
+            f"largest relative difference {result['max_relative_difference']:.1e}")
+
+
+def quantize_summary(record: dict) -> str:
+    lines = [f"wrote {record['int8_path']} (calibrated on {record['calibration_images']} images); batch-1 latency "
+             f"{record['float_ms']:.2f} ms -> {record['int8_ms']:.2f} ms ({record['speedup']:.2f}x)"]
+    if "int8_val_log_loss" in record:
+        lines.append(f"validation log loss {record['float_val_log_loss']:.4f} -> {record['int8_val_log_loss']:.4f}, "
+                     f"accuracy {record['float_val_accuracy']:.3f} -> {record['int8_val_accuracy']:.3f}")
+    else:
+        lines.append("no validation split to compare float and int8 accuracy on")
+    return "\n".join(lines)
+
+
+def predict_summary(result: dict) -> str:
+    return (f"wrote {result['path']}: {result['predicted']} of {result['images']} images predicted, "
+            f"{result['skipped']} unreadable (given the uniform probability)")
+
+
+def study_summary(results: dict, out: str) -> str:
+    """What ``kbench bench`` and ``kbench demo`` print: the three tables, the submission, the files."""
+    flat = flat_rows(results)
+    parts = ["", "Time per training epoch",
+             format_table([r for r in flat if r["kind"] == "backbone"],
+                          ["name", "status", "params", "image_size", "epoch_seconds", "train_images_per_second"])]
+    latency_columns = [c for c in flat[0] if c.endswith("_p50_ms")] if flat else []
+    short = [{"name": r["name"], **{c.replace("_p50_ms", "").replace("_b", " b"): r.get(c) for c in latency_columns}}
+             for r in flat]
+    parts += ["", "Inference time (p50 ms; bN = batch size N)", format_table(short), "", "Log loss",
+              format_table(flat, ["name", "kind", "status", "val_log_loss", "val_accuracy"])]
+    submission = results.get("submission")
+    if submission and "test_log_loss" in submission:
+        parts += ["", f"submission ({submission['model']}): test log loss {submission['test_log_loss']:.4f}, "
+                      f"accuracy {submission['test_accuracy']:.3f}"]
+    elif submission and submission.get("status", "ok") != "ok":
+        parts += ["", f"submission ({submission['model']}): {submission['status']}"]
+    parts += ["", f"report: {os.path.join(out, 'report.md')}",
+              f"results: {os.path.join(out, 'results.csv')}, {os.path.join(out, 'results.json')}",
+              f"plots: {os.path.join(out, 'logloss_vs_latency.png')}, {os.path.join(out, 'epoch_time.png')}",
+              f"ONNX files: {os.path.join(out, 'onnx')}/"]
+    if submission and submission.get("path"):
+        parts.append(f"submission: {submission['path']}")
+    if results.get("failed"):
+        parts.append(f"{results['failed']} stage(s) failed: see the status column")
+    return "\n".join(parts)

@@ -12,7 +12,25 @@ import time
 
 import numpy as np
 
+from kbench.errors import KbenchError
+
 RUNTIMES = ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
+
+
+def onnx_session(path: str, providers: list[str], options=None):
+    """An ONNX Runtime session over ``path``; KbenchError in one line for a missing, empty or
+    corrupt file (ONNX Runtime's own message is a page of C++ context)."""
+    import onnxruntime
+
+    if not os.path.isfile(path):
+        raise KbenchError(f"not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise KbenchError(f"{path} is empty; export it again (kbench export onnx)")
+    try:
+        return onnxruntime.InferenceSession(path, options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise KbenchError(f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}") from None
 
 
 class Unavailable(Exception):
@@ -134,7 +152,7 @@ class OnnxRuntimeCPU(Runtime):
     def prepare(self, model, image_size):
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(model, self.options(), providers=[self.provider])
+        self.session = onnx_session(model, [self.provider], self.options())
         self.input_name = self.session.get_inputs()[0].name
         self.detail = f"intra-op threads {self.threads or 'default'}" + (", parallel mode" if self.parallel else "")
 
@@ -156,7 +174,7 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
         if self.provider not in onnxruntime.get_available_providers():
             raise Unavailable("this onnxruntime has no CUDA provider (install onnxruntime-gpu on a CUDA machine)")
         try:
-            self.session = onnxruntime.InferenceSession(model, self.options(), providers=[self.provider])
+            self.session = onnx_session(model, [self.provider], self.options())
         except Exception as error:
             raise Unavailable(f"CUDA session failed: {str(error).splitlines()[0]}") from None
         if self.session.get_providers()[0] != self.provider:

@@ -1,9 +1,8 @@
 """Fit one backbone on image files; time its epochs; evaluate it; write the run folder.
 
-A run folder holds ``config.json`` (every resolved option: the run can be repeated from it),
-``split.json`` (the train / validation files, reused by ensembles and reports), ``history.csv``,
-``metrics.json`` and ``model.keras``. While training it also holds ``checkpoint.keras`` and
-``checkpoint.json``, written after every epoch and on Ctrl-C / SIGTERM, which ``resume=True`` continues.
+The folder's files and lock belong to ``kbench.runs``. ``config.json`` holds every resolved option
+(the run can be repeated from it, and ``--resume`` compares new options with it); a checkpoint is
+written after every epoch and on Ctrl-C / SIGTERM, which ``resume=True`` continues.
 """
 
 from __future__ import annotations
@@ -19,76 +18,118 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import files, metrics
+from kbench import metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
-from kbench.data import ImageLoader, ImageSet, find_images, indices_of, split_indices
-from kbench.devices import training_devices
+from kbench.config import from_dict, option, positive
+from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
+from kbench.devices import count_devices, training_devices
 from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.runs import CHECKPOINT, Run, data_fingerprint
 
 log = logging.getLogger("kbench")
 
-CONFIG, SPLIT, HISTORY, METRICS, MODEL = "config.json", "split.json", "history.csv", "metrics.json", "model.keras"
-CHECKPOINT, CHECKPOINT_STATE = "checkpoint.keras", "checkpoint.json"
+MAX_IMAGE_SIZE = 1024  # pixels per side; the largest native size is 600 (EfficientNet-B7)
+# What may differ between a run's config and a resumed run's: the length of the run.
+RESUMABLE_CHANGES = ("epochs",)
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. ``None`` fields are resolved by ``resolved()``."""
 
-    backbone: str
-    data: str
-    run_dir: str
-    backend: str | None = None  # KERAS_BACKEND, else jax
-    epochs: int = 10
-    batch_size: int = 32
-    image_size: int | None = None  # the backbone's native size
-    lr: float = 1e-4  # Adam, as in the reference study
-    weights: str | None = None  # imagenet for pretrained backbones, none for small_cnn
-    augment: bool = True
-    val_split: float = 0.1
-    seed: int = 0
-    freeze_backbone: bool = False
-    cache: bool = False
-    workers: int | None = None  # decoding threads; default: the CPU count (at most 8)
-    devices: str | None = None  # "all" or a number: data parallel over local devices; default one
-    mixed_precision: str | None = None  # "bfloat16" or "float16" compute on accelerators
+    backbone: str = option(help="Registered backbone name (see `kbench backbones`).")
+    data: str = option(help="Kaggle train folder or train.zip, or one folder per class.", path=True)
+    run_dir: str = option(help="Folder for the model, metrics and history.", path=True)
+    backend: str | None = None  # --backend, else KERAS_BACKEND, else kbench.backend's default
+    epochs: int = option(10, "Training epochs.")
+    batch_size: int = option(32, "Images per step.")
+    image_size: int | None = option(None, "Pixels per side.", shown_default="the backbone's native size")
+    lr: float = option(1e-4, "Adam learning rate (the reference study's).")
+    weights: str | None = option(None, "imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).",
+                                 shown_default="imagenet; none for small_cnn")
+    augment: bool = option(True, "The reference study's flips and crops.")
+    val_split: float = option(0.1, "Stratified hold-out fraction.")
+    seed: int = option(0, "Seed for the split, shuffling, augmentation and weights.")
+    freeze_backbone: bool = option(False, "Train only the head.")
+    cache: bool = option(False, "Keep decoded images in memory after the first epoch.")
+    workers: int | None = option(None, "Image decoding threads.", shown_default="CPU count, at most 8")
+    devices: str | None = option(None, "Data parallel over 'all' local devices or N of them.", shown_default="one")
+    mixed_precision: str | None = option(None, "Mixed-precision compute on GPUs (float32 head and loss).",
+                                         choices=("bfloat16", "float16"), flag_value="bfloat16")
+    layout: str = option("auto", "How labels are read from the data (see README).", choices=("auto", "kaggle",
+                                                                                             "folders"))
+
+    def check(self) -> "TrainConfig":
+        """KbenchError in one line for any value that can't work, before anything is read or built."""
+        for name in ("epochs", "batch_size"):
+            positive(getattr(self, name), f"--{name.replace('_', '-')}", whole=True)
+        positive(self.lr, "--lr")
+        if self.image_size is not None:
+            positive(self.image_size, "--image-size", whole=True)
+            if self.image_size > MAX_IMAGE_SIZE:
+                raise KbenchError(f"--image-size {self.image_size} is more than {MAX_IMAGE_SIZE} pixels per side, "
+                                  "larger than any backbone is trained at")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise KbenchError(f"--seed must be a whole number >= 0; got {self.seed}")
+        if self.workers is not None:
+            positive(self.workers, "--workers", whole=True)
+        if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
+            raise KbenchError(f"--val-split must be in [0, 1); got {self.val_split}")
+        if self.layout not in LAYOUTS:
+            raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.devices is not None:
+            count_devices(self.devices, available=10**6)  # its form; the count is checked on the devices
+        return self
 
     def resolved(self) -> "TrainConfig":
+        self.check()
         spec = get_backbone(self.backbone)
         config = dataclasses.replace(
             self,
             image_size=self.image_size or spec.image_size,
             weights=self.weights or ("imagenet" if spec.pretrained else "none"),
             data=os.path.abspath(self.data),
-            backend=self.backend or os.environ.get("KERAS_BACKEND") or "jax",
+            backend=use_backend(self.backend),
         )
-        if config.epochs < 1:
-            raise KbenchError(f"--epochs must be at least 1; got {config.epochs}")
-        if config.lr <= 0:
-            raise KbenchError(f"--lr must be positive; got {config.lr}")
         if config.image_size < spec.min_image_size:
             raise KbenchError(f"{spec.name} needs --image-size of at least {spec.min_image_size}")
         weights_kind(config.weights)  # a missing weights file fails before any data is read
         return config
 
+    def record(self) -> dict:
+        """What config.json holds."""
+        return {"kind": "backbone", **dataclasses.asdict(self)}
+
     @classmethod
     def load(cls, run_dir: str) -> "TrainConfig":
-        path = os.path.join(run_dir, CONFIG)
-        if not os.path.isfile(path):
-            raise KbenchError(f"{run_dir} is not a kbench run folder (no {CONFIG})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in files.read_json(path).items() if k in known})
+        run = Run(run_dir)
+        record = dict(run.config)
+        if record.pop("kind", "backbone") != "backbone":
+            raise KbenchError(f"{run_dir} is an ensemble, not a training run")
+        return from_dict(cls, record, f"{run.path} (its recorded config)")
 
 
-def resume_config(run_dir: str, epochs: int | None = None) -> TrainConfig:
-    """The config of an interrupted run, optionally with a new total number of epochs."""
+def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
+    """The config of an interrupted run. ``given`` options must agree with it (a run can't resume
+    with a different learning rate or data); only its length (``epochs``) may change."""
     config = TrainConfig.load(run_dir)
     config.run_dir = run_dir
-    return dataclasses.replace(config, epochs=epochs) if epochs else config
+    changes = {}
+    for key, value in (given or {}).items():
+        if key == "data":
+            value = os.path.abspath(value)
+        recorded = getattr(config, key)
+        if key in RESUMABLE_CHANGES:
+            changes[key] = value
+        elif value != recorded and not (key == "backend" and value == use_backend(recorded)):
+            option = "--" + key.replace("_", "-")
+            raise KbenchError(f"--resume continues {run_dir} with its own settings; {option} {value} differs from "
+                              f"the recorded {recorded} and would be ignored: drop it, or train a new --run-dir")
+    return dataclasses.replace(config, **changes) if changes else config
 
 
-def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> dict:
+def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto", overwrite: bool = False) -> dict:
     """Train ``config.backbone`` on ``config.data``; returns the metrics written to metrics.json.
 
     Raises KbenchError for bad input (before any model is built) and TrainingInterrupted after
@@ -97,29 +138,30 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
     config = config.resolved()
-    run_dir = config.run_dir
-    state = _check_run_folder(run_dir, resume)
-    images = find_images(config.data)
-    train_idx, val_idx = _split(images, config, run_dir if resume else None)
-    os.makedirs(run_dir, exist_ok=True)
-    files.write_json(os.path.join(run_dir, CONFIG), dataclasses.asdict(config))
-    files.write_json(os.path.join(run_dir, SPLIT), _split_record(images, config, train_idx, val_idx))
-
-    use_backend(config.backend)  # before keras is imported
-    import keras
-
-    keras.utils.set_random_seed(config.seed)
+    run = Run(config.run_dir)
+    images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
-    with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
-        return _train_on(devices, config, images, train_idx, val_idx, state, binary, verbose)
+    with run.lock():
+        state = run.prepare("backbone", overwrite=overwrite, resume=resume)
+        train_idx, val_idx = _split(images, config, run if resume else None)
+        run.write_config(config.record())
+        run.write_split(_split_record(images, config, train_idx, val_idx))
+        import keras
+
+        keras.utils.set_random_seed(config.seed)
+        with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
+            return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
 
 
-def _train_on(devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
+def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
     import keras
 
-    run_dir = config.run_dir
     if state:
-        model = keras.saving.load_model(os.path.join(run_dir, CHECKPOINT), safe_mode=True)
+        try:
+            model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
+        except Exception as error:
+            raise KbenchError(f"the checkpoint in {run.path} can't be loaded ({_first_line(error)}); "
+                              "remove the folder and train again") from None
     else:
         model = _build_and_compile(config, len(images.classes))
 
@@ -129,10 +171,12 @@ def _train_on(devices, config, images, train_idx, val_idx, state, binary, verbos
     )
     val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options) if len(val_idx) else None
     history = state["history"] if state else []
+    compiled = list(state.get("epochs_with_compilation", [1])) if state else []
+    compiled.append(len(history) + 1)  # this process compiles in its first epoch
     try:
         with _StopRequest() as stop:
-            _fit(model, config, train_loader, val_loader, binary, history, stop, verbose, len(devices))
-        files.save_model(model, os.path.join(run_dir, MODEL))
+            _fit(model, run, config, train_loader, val_loader, binary, history, stop, verbose, len(devices), compiled)
+        run.save_model(model)
         result = _evaluate(model, val_loader, binary)
     finally:
         train_loader.close()
@@ -141,8 +185,10 @@ def _train_on(devices, config, images, train_idx, val_idx, state, binary, verbos
 
     skipped = images.skipped + [images.keys[i] for i in sorted({**train_loader.bad, **(val_loader.bad if val_loader else {})})]
     epoch_seconds = [row["epoch_seconds"] for row in history]
-    steady = epoch_seconds[1:] or epoch_seconds  # the first epoch includes compilation
+    compiled = sorted(set(e for e in compiled if e <= len(history)))
+    steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
     record = {
+        "kind": "backbone",
         "backbone": config.backbone,
         "backend": keras.backend.backend(),
         "devices": devices,
@@ -158,39 +204,30 @@ def _train_on(devices, config, images, train_idx, val_idx, state, binary, verbos
         "train_images": int(len(train_idx)),
         "val_images": int(len(val_idx)),
         "epoch_seconds": epoch_seconds,
+        "epochs_with_compilation": compiled,
         "train_images_per_second": len(train_idx) / statistics.median(steady),
         **result,
         "skipped_images": skipped,
         "keras_version": keras.__version__,
     }
-    files.write_json(os.path.join(run_dir, METRICS), record)
-    for name in (CHECKPOINT, CHECKPOINT_STATE):
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.remove(os.path.join(run_dir, name))
+    run.write_metrics(record)
+    run.clear_checkpoint()
     if skipped:
         log.warning("%d image file(s) were skipped as unreadable", len(skipped))
     return record
 
 
-def _check_run_folder(run_dir: str, resume: bool) -> dict | None:
-    """The checkpoint state to resume from, or None for a fresh run; refuses to overwrite."""
-    finished = os.path.exists(os.path.join(run_dir, METRICS))
-    checkpoint = os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE))
-    if resume:
-        if checkpoint:
-            return files.read_json(os.path.join(run_dir, CHECKPOINT_STATE))
-        if finished:
-            raise KbenchError(f"{run_dir} has already finished training; nothing to resume")
-        raise KbenchError(f"{run_dir} holds no checkpoint to resume from")
-    if finished or checkpoint:
-        what = "a finished run" if finished else "an interrupted run (continue it with --resume)"
-        raise KbenchError(f"{run_dir} already holds {what}; choose another --run-dir or remove it")
-    return None
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
-def _split(images: ImageSet, config: TrainConfig, resume_from: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tuple[np.ndarray, np.ndarray]:
     if resume_from:
-        saved = files.read_json(os.path.join(resume_from, SPLIT))
+        saved = resume_from.split
+        if saved.get("fingerprint") not in (None, data_fingerprint(images)):
+            raise KbenchError(f"{config.data} no longer holds the images {resume_from.path} was trained on; "
+                              "resume needs the same data")
         return indices_of(images, saved["train"]), indices_of(images, saved["val"])
     train_idx, val_idx = split_indices(images.labels, config.val_split, config.seed)
     if len(train_idx) == 0:
@@ -203,6 +240,7 @@ def _split_record(images: ImageSet, config: TrainConfig, train_idx, val_idx) -> 
         "data": config.data,
         "layout": images.layout,
         "classes": images.classes,
+        "fingerprint": data_fingerprint(images),
         "val_split": config.val_split,
         "seed": config.seed,
         "train": [images.keys[i] for i in train_idx],
@@ -249,7 +287,8 @@ def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int =
     return EpochBatches()
 
 
-def _fit(model, config, train_loader, val_loader, binary, history, stop, verbose, devices: int) -> None:
+def _fit(model, run: Run, config, train_loader, val_loader, binary, history, stop, verbose, devices: int,
+         compiled: list[int]) -> None:
     """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
     resumed run replays exactly the epochs it missed."""
     import keras
@@ -269,6 +308,10 @@ def _fit(model, config, train_loader, val_loader, binary, history, stop, verbose
         def on_train_batch_end(self, batch, logs=None):
             if stop.signal is not None:
                 self.model.stop_training = True
+            loss = (logs or {}).get("loss")
+            if loss is not None and not np.isfinite(float(loss)):
+                raise KbenchError(f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}, "
+                                  f"batch {batch + 1}; lower --lr (now {config.lr})")
 
     class Progress(keras.callbacks.ProgbarLogger):
         def set_params(self, params):
@@ -285,50 +328,25 @@ def _fit(model, config, train_loader, val_loader, binary, history, stop, verbose
                 validation_data=val_data,
                 initial_epoch=epoch,
                 epochs=epoch + 1,
+                shuffle=False,  # the loader orders each epoch by (seed, epoch); keras' own shuffle uses
+                # Python's global random state, which a resumed process has consumed differently
                 callbacks=callbacks,
                 verbose=verbose,
             ).history
+        state = {"epochs_done": len(history), "history": history, "epochs_with_compilation": compiled}
         if stop.signal is not None:  # the interrupted epoch is redone on resume
-            _save_checkpoint(model, config.run_dir, history)
+            run.save_checkpoint(model, state)
             raise TrainingInterrupted(
-                f"interrupted in epoch {epoch + 1}/{config.epochs}; checkpoint saved in {config.run_dir}; "
-                f"continue with: kbench train --run-dir {config.run_dir} --resume",
+                f"interrupted in epoch {epoch + 1}/{config.epochs}; checkpoint saved in {run.path}; "
+                f"continue with: kbench train --run-dir {run.path} --resume",
                 stop.signal,
             )
         row = {"epoch": epoch + 1, "epoch_seconds": clock.seconds}
         row.update({name: float(values[-1]) for name, values in logs.items()})
         history.append(row)
-        files.write_csv(os.path.join(config.run_dir, HISTORY), history)
+        run.write_history(history)
         if epoch + 1 < config.epochs:
-            _save_checkpoint(model, config.run_dir, history)
-
-
-def _save_checkpoint(model, run_dir: str, history: list[dict]) -> None:
-    files.save_model(model, os.path.join(run_dir, CHECKPOINT))
-    files.write_json(os.path.join(run_dir, CHECKPOINT_STATE), {"epochs_done": len(history), "history": history})
-
-
-def predict(predict_batch, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, labels) of ``predict_batch(pixels)`` over ``loader`` in order (e.g.
-    ``model.predict_on_batch`` or an ONNX Runtime session); unreadable images are left out of both."""
-    probabilities, labels = [], []
-    try:
-        for pixels, batch_labels in loader:
-            probabilities.append(np.asarray(predict_batch(pixels)))
-            labels.append(batch_labels)
-    finally:
-        loader.close()
-    return np.concatenate(probabilities), np.concatenate(labels)
-
-
-def load_split(run_dir: str, part: str) -> tuple[ImageSet, np.ndarray]:
-    """The images and indices of a run folder's ``train`` or ``val`` part (split.json)."""
-    path = os.path.join(run_dir, SPLIT)
-    if not os.path.isfile(path):
-        raise KbenchError(f"{run_dir} has no {SPLIT} (is it a kbench run or ensemble folder?)")
-    split = files.read_json(path)
-    images = find_images(split["data"])
-    return images, indices_of(images, split[part])
+            run.save_checkpoint(model, {**state, "epochs_done": len(history)})
 
 
 def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:

@@ -1,4 +1,6 @@
 import logging
+import os
+import re
 import shutil
 import zipfile
 
@@ -6,12 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from kbench.data import BadImage, ImageLoader, augment, decode_image, find_images, split_indices
+from conftest import run_cli
+from kbench.data import LAYOUTS, BadImage, ImageLoader, augment, decode_image, find_images, split_indices
 from kbench.errors import KbenchError
 from kbench.synthetic import encode_jpeg, make_image
 
 
-def test_kaggle_zip_is_read_in_place(kaggle_data, tmp_path):
+def test_kaggle_zip_is_read_in_place(kaggle_data):
+    folder = os.path.dirname(kaggle_data["train"])
+    before = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
     images = find_images(kaggle_data["train"])
     assert images.layout == "kaggle"
     assert images.classes == ["cat", "dog"]  # sorted: class 1 is dog, so a binary output is P(dog)
@@ -19,7 +24,12 @@ def test_kaggle_zip_is_read_in_place(kaggle_data, tmp_path):
     assert all(key.startswith("train/") for key in images.keys)
     assert set(images.labels.tolist()) == {0, 1}
     assert [images.classes[label] for label in images.labels[:4]] == [k.split("/")[1].split(".")[0] for k in images.keys[:4]]
-    assert list(tmp_path.iterdir()) == []  # nothing extracted
+    loader = ImageLoader(images, np.arange(8), 32, 8)
+    pixels, labels = loader.batch(0, 0)
+    loader.close()
+    assert pixels.shape == (8, 32, 32, 3) and labels.tolist() == images.labels[:8].tolist()
+    # read from the zip itself: nothing extracted beside it, the zip untouched
+    assert {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)} == before
 
 
 def test_kaggle_folder_and_class_folders(kaggle_data, class_folders, tmp_path):
@@ -118,10 +128,134 @@ def test_loader_skips_unreadable_files_with_a_warning(tmp_path, caplog):
     (tmp_path / "cat.92.jpg").write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="kbench"):
         images = find_images(str(tmp_path))
-        assert images.skipped == ["cat.92.jpg"]
+        assert images.skipped == ["cat.92.jpg"] and "cat.92.jpg" not in images.keys
         loader = ImageLoader(images, np.arange(len(images)), 16, 4)
         seen = sum(len(labels) for _, labels in loader)
         loader.close()
     assert seen == 12
     assert sorted(images.keys[i] for i in loader.bad) == ["cat.91.jpg", "dog.90.jpg"]
     assert "dog.90.jpg" in caplog.text and "cat.92.jpg" in caplog.text
+
+
+JPEG = encode_jpeg(make_image(0, 16, np.random.default_rng(0)))
+KAGGLE = [f"{label}.{n}.jpg" for label in ("cat", "dog") for n in range(6)]
+
+
+def write_tree(root, names, data=JPEG):
+    """Files named ``names`` (relative, '/'-separated) under ``root``; a .zip root becomes a zip."""
+    root = str(root)
+    if root.endswith(".zip"):
+        with zipfile.ZipFile(root, "w") as archive:
+            for name in names:
+                archive.writestr(name, data)
+        return root
+    for name in names:
+        path = os.path.join(root, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+    return root
+
+
+@pytest.mark.parametrize("names, message", [
+    ([f"{n}.jpg" for n in range(1, 40)],  # a test set given as training data
+     r"39 images in one folder \(the top level\), 39 of them with no <label>.<n> name \(e.g. 1.jpg\): expected"),
+    ([f"cats/{n}.jpg" for n in range(20)], r"20 images in one folder \(cats/\), 20 of them with no <label>"),
+    (KAGGLE + ["extra/dog.100.jpg"], r"images at different depths \(cat.0.jpg and extra/dog.100.jpg\)"),
+    (["x.jpg"] + [f"{c}/{n}.jpg" for c in ("cats", "dogs") for n in range(3)],
+     r"images at different depths \(cats/0.jpg and x.jpg\)"),
+    ([f"cats/{where}/{n}.jpg" for where in ("indoor", "outdoor") for n in range(3)] + ["dogs/0.jpg"],
+     r"images at different depths \(cats/indoor/0.jpg and dogs/0.jpg\)"),
+    ([f"a/cats/{n}.jpg" for n in range(3)] + [f"b/dogs/{n}.jpg" for n in range(3)],
+     r"class folders under different parents \(a/cats/0.jpg and b/dogs/0.jpg\)"),
+    ([f"{c} {n}.jpg" for c in ("Dog", "Cat") for n in range(11)], r"22 of them with no <label>.<n> name \(e.g. Cat 0.jpg\)"),
+    ([f"{n}/x.jpg" for n in range(12)], r"12 distinct labels among 12 images .*names, not classes.*--layout kaggle\|folders"),
+    ([f"{c}.{n}.jpg" for c in "abcdefghijkl" for n in range(1)], r"12 distinct labels among 12 images"),
+    ([f"cat.{n}.jpg" for n in range(3)], r"holds a single class \('cat'\)"),
+    ([f"dogs/{breed}.{n}.jpg" for breed in ("beagle", "poodle") for n in range(3)] + ["cats/0.jpg"],
+     r"folder dogs/ holds images named for different labels \(beagle.N, poodle.N\), so it is not one class"),
+])
+def test_anything_but_the_two_layouts_is_refused_in_one_line(tmp_path, names, message):
+    root = write_tree(tmp_path / "data", names)
+    with pytest.raises(KbenchError, match=message) as refused:
+        find_images(root)
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(root)
+
+
+def test_zip_with_a_kaggle_folder_beside_another_folder_is_refused(tmp_path):
+    root = write_tree(tmp_path / "data.zip", [f"train/{name}" for name in KAGGLE] + ["extra/dog.100.jpg"])
+    with pytest.raises(KbenchError, match=r"folder train/ holds images named for different labels \(cat.N, dog.N\)"):
+        find_images(root)
+    forced = find_images(root, layout="folders")  # the user says the folders are the classes
+    assert forced.classes == ["extra", "train"] and np.bincount(forced.labels).tolist() == [1, 12]
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "train/../../evil.jpg", "C:\\evil.jpg",
+                                  "..\\evil.jpg", "C:/evil.jpg"])
+def test_unsafe_zip_names_refuse_the_zip(tmp_path, name):
+    root = write_tree(tmp_path / "data.zip", [f"train/{n}" for n in KAGGLE] + [name])
+    for labelled in (True, False):
+        with pytest.raises(KbenchError, match=f"unsafe entry {re.escape(repr(name))}"):
+            find_images(root, labelled=labelled)
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_hidden_files_and_macos_folders_are_ignored(tmp_path, zipped):
+    names = ([f"train/{n}" for n in KAGGLE] + ["train/.ipynb_checkpoints/cat.0-checkpoint.jpg", "train/.dog.7.jpg",
+             ".hidden/cat.9.jpg"] + [f"__MACOSX/train/._{n}" for n in KAGGLE])
+    root = write_tree(tmp_path / ("data.zip" if zipped else "data"), names)
+    images = find_images(root)
+    assert images.layout == "kaggle" and images.classes == ["cat", "dog"]
+    assert images.keys == sorted(f"train/{n}" for n in KAGGLE)
+    assert find_images(root, labelled=False).keys == images.keys
+
+
+def test_class_folders_in_a_zip_and_kaggle_labels_lower_cased(tmp_path):
+    zipped = find_images(write_tree(tmp_path / "f.zip", [f"train/{c}/{n}.png" for c in ("dog", "Cat") for n in range(3)]))
+    assert zipped.layout == "class-folders" and zipped.classes == ["Cat", "dog"]
+    assert [zipped.classes[i] for i in zipped.labels] == [key.split("/")[1] for key in zipped.keys]
+    kaggle = find_images(write_tree(tmp_path / "k", ["Dog.1.JPG", "dog.2.jpg", "CAT.1.png", "cat.3.jpeg"]))
+    assert kaggle.layout == "kaggle" and kaggle.classes == ["cat", "dog"] and kaggle.labels.tolist() == [0, 1, 0, 1]
+
+
+def test_a_forced_layout_checks_its_own_rule(tmp_path):
+    assert LAYOUTS == ("auto", "kaggle", "folders")
+    breeds = write_tree(tmp_path / "breeds", [f"dogs/{b}.{n}.jpg" for b in ("beagle", "poodle") for n in range(3)]
+                        + [f"cats/{n}.jpg" for n in range(3)])
+    assert find_images(breeds, layout="folders").classes == ["cats", "dogs"]
+    with pytest.raises(KbenchError, match=r"cats/0.jpg is not in dogs/ with|dogs/beagle.0.jpg is not in cats/ with"):
+        find_images(breeds, layout="kaggle")
+    kaggle = write_tree(tmp_path / "kaggle", KAGGLE + ["dog 7.jpg"])
+    with pytest.raises(KbenchError, match=r"kaggle: dog 7.jpg is not named <label>.<n>.<ext> as the Kaggle layout needs"):
+        find_images(kaggle, layout="kaggle")
+    with pytest.raises(KbenchError, match=r"cat.0.jpg is not inside a class folder"):
+        find_images(kaggle, layout="folders")
+    nested = write_tree(tmp_path / "nested", ["cats/0.jpg", "dogs/0.jpg", "dogs/puppies/1.jpg"])
+    with pytest.raises(KbenchError, match=r"images at different depths \(cats/0.jpg and dogs/puppies/1.jpg\)"):
+        find_images(nested, layout="folders")
+    unique = write_tree(tmp_path / "unique", [f"{n}/x.jpg" for n in range(12)])
+    assert len(find_images(unique, layout="folders").classes) == 12  # forced: the user knows
+    with pytest.raises(KbenchError, match=r"unknown layout 'flat'; choose auto, kaggle, folders"):
+        find_images(unique, layout="flat")
+
+
+def test_empty_files_are_skipped_for_training_but_kept_in_test_sets(tmp_path):
+    root = write_tree(tmp_path / "test", [f"{n}.jpg" for n in range(1, 6)])
+    (tmp_path / "test" / "7.jpg").write_bytes(b"")
+    unlabelled = find_images(root, labelled=False)
+    assert unlabelled.keys == ["1.jpg", "2.jpg", "3.jpg", "4.jpg", "5.jpg", "7.jpg"] and unlabelled.skipped == []
+    assert unlabelled.labels.tolist() == [-1] * 6
+    write_tree(tmp_path / "train", KAGGLE)
+    (tmp_path / "train" / "dog.99.jpg").write_bytes(b"")
+    labelled = find_images(str(tmp_path / "train"))
+    assert labelled.skipped == ["dog.99.jpg"] and len(labelled) == 12
+
+
+def test_train_refuses_a_test_set_through_the_cli(tmp_path):
+    root = write_tree(tmp_path / "test", [f"{n}.jpg" for n in range(1, 30)])
+    done = run_cli("train", "--backbone", "small_cnn", "--data", root, "--run-dir", str(tmp_path / "run"),
+                   "--weights", "none", "--epochs", "1")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kbench: error: ") and "29 images in one folder" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 import csv
 import math
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -22,13 +23,14 @@ def run(kaggle_data, tmp_path_factory):
 
 @pytest.fixture()
 def test_folder(tmp_path):
-    """ids 1..12 as files, out of order on disk, plus one unreadable file (id 13)."""
+    """ids 1..12 as files, out of order on disk, plus an unreadable file (id 13) and an empty one (14)."""
     folder = tmp_path / "test"
     folder.mkdir()
     rng = np.random.default_rng(3)
     for image_id in (10, 2, 9, 1, 11, 3, 4, 5, 6, 7, 8, 12):
         (folder / f"{image_id}.jpg").write_bytes(encode_jpeg(make_image(image_id % 2, 40, rng)))
     (folder / "13.jpg").write_bytes(b"broken")
+    (folder / "14.jpg").write_bytes(b"")
     return str(folder)
 
 
@@ -40,9 +42,10 @@ def test_submission_has_every_id_sorted_numerically(run, test_folder, tmp_path):
     result = predict_test_set(run, test_folder, str(tmp_path / "sub.csv"))
     rows = read(tmp_path / "sub.csv")
     assert list(rows[0]) == ["id", "label"]
-    assert [row["id"] for row in rows] == [str(i) for i in range(1, 14)]  # 10 after 9
+    assert [row["id"] for row in rows] == [str(i) for i in range(1, 15)]  # 10 after 9
     assert all(0 <= float(row["label"]) <= 1 for row in rows)
-    assert rows[-1]["label"] == "0.500000" and result["skipped"] == 1 and result["predicted"] == 12
+    assert [row["label"] for row in rows[-2:]] == ["0.500000", "0.500000"]  # unreadable, empty: uniform
+    assert result["skipped"] == 2 and result["predicted"] == 12 and result["images"] == 14
 
 
 def test_flip_tta_and_clipping(run, test_folder, tmp_path):
@@ -111,6 +114,11 @@ def test_scorer_matches_hand_computed_log_loss(tmp_path):
     (["id", "label"], [(1, 0.5), (3, 0.5), (10, 0.5)], "lacks ids present in the answers: 2"),
     (["id", "label"], [(1, "nan"), (2, 0.5), (10, 0.5)], "id 1: label is NaN"),
     (["id", "label"], [(1, 1.5), (2, 0.5), (10, 0.5)], "outside [0, 1]"),
+    (["id", "label"], [(1, "inf"), (2, 0.5), (10, 0.5)], "id 1: label inf is outside [0, 1]"),
+    (["id", "label"], [(1, "-inf"), (2, 0.5), (10, 0.5)], "id 1: label -inf is outside [0, 1]"),
+    (["id", "label"], [(1, 0.5), ("01", 0.5), (10, 0.5)], "repeats ids: 1 = 01"),
+    (["id", "label"], [(1, "dog"), (2, 0.5), (10, 0.5)], "id 1: label 'dog' is not a number"),
+    (["id", "label"], [(1, ""), (2, 0.5), (10, 0.5)], "id 1: label '' is not a number"),
 ])
 def test_scorer_rejects_invalid_submissions(tmp_path, header, rows, message):
     answers = write_csv(tmp_path / "answers.csv", ["id", "label"], [(1, 1), (2, 0), (10, 1)])
@@ -126,5 +134,109 @@ def test_predict_command_calibrates_on_the_validation_split(run, test_folder, tm
                    "--backend", BACKEND)
     assert done.returncode == 0, done.stderr
     assert "calibration: temperature" in done.stdout and "validation log loss" in done.stdout
-    assert "12 of 13 images predicted, 1 unreadable" in done.stdout
-    assert len(read(tmp_path / "s.csv")) == 13
+    assert "12 of 14 images predicted, 2 unreadable" in done.stdout
+    assert len(read(tmp_path / "s.csv")) == 14
+
+
+def write_text(path, text, encoding="utf-8"):
+    with open(path, "w", newline="", encoding=encoding) as handle:
+        handle.write(text)
+    return str(path)
+
+
+def test_scorer_accepts_what_the_grader_accepts(tmp_path):
+    # a BOM on both files, ids written 01, whitespace around names and values, CRLF line ends
+    answers = write_text(tmp_path / "answers.csv", "id, label\r\n01,1\r\n2 , 0\r\n10,1.0\r\n", "utf-8-sig")
+    submission = write_text(tmp_path / "s.csv", "\ufeffid,label\n 10 , 0.6\n1,0.9\n002,0.2\n\n")
+    result = score_submission(submission, answers)
+    assert result["rows"] == 3
+    assert result["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.6)) / 3)
+    done = run_cli("score", submission, "--answers", answers)
+    assert done.returncode == 0 and "accuracy 1.0000 (3 rows)" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,label\n1,1\n2,0.7\n", r"answers .*: id 2: label '0.7' is not 0 or 1"),
+    ("id,label\n1,1\n2,dog\n", r"answers .*: id 2: label 'dog' is not 0 or 1"),
+    ("id,label\n1,1\n2,nan\n", r"answers .*: id 2: label 'nan' is not 0 or 1"),
+    ("id,label\n1,1\n2,\n", r"answers .*: id 2: label '' is not 0 or 1"),
+    ("id,label\n", r"answers .* has no rows"),
+    ("", r"answers .* has no 'id' column \(columns: none\)"),
+    ("id,prob\n1,1\n2,0\n", r"answers .* has no 'label' column \(columns: id, prob\)"),
+    ("image,label\n1,1\n2,0\n", r"answers .* has no 'id' column \(columns: image, label\)"),
+    ("id,label\n1,1\n01,0\n", r"answers .* repeats id 01"),
+    ("id,label\n1,1\n,0\n", r"answers .*: a row has an empty id"),
+    (b"id,label\n1,1\n2,0 \xe9t\xe9\n", r"answers .* is not UTF-8 text \(line 3\)"),
+])
+def test_scorer_refuses_malformed_answers(tmp_path, text, message):
+    answers = tmp_path / "answers.csv"
+    answers.write_bytes(text if isinstance(text, bytes) else text.encode())
+    submission = write_csv(tmp_path / "s.csv", ["id", "label"], [(1, 0.6), (2, 0.4)])
+    with pytest.raises(KbenchError, match=message):
+        score_submission(submission, str(answers))
+
+
+def test_scorer_refuses_a_submission_that_is_not_utf8_through_the_cli(tmp_path):
+    answers = write_csv(tmp_path / "answers.csv", ["id", "label"], [(1, 1), (2, 0)])
+    submission = tmp_path / "s.csv"
+    submission.write_bytes("id,label\n1,0.6\n2,0.4 ½\n".encode("utf-16"))
+    with pytest.raises(KbenchError, match=r"submission .* is not UTF-8 text \(line 1\)"):
+        score_submission(str(submission), answers)
+    done = run_cli("score", str(submission), "--answers", answers)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("kbench: error: submission ")
+    bad_answers = write_text(tmp_path / "bad.csv", "id,label\n1,1\n2,0.7\n")
+    done = run_cli("score", write_csv(tmp_path / "ok.csv", ["id", "label"], [(1, 0.6), (2, 0.4)]), "--answers", bad_answers)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines == [f"kbench: error: answers {bad_answers}: id 2: label '0.7' is not 0 or 1"]
+
+
+@pytest.mark.parametrize("names, message", [
+    (["1.jpg", "1.png", "2.jpg"], r"1.jpg and 1.png have the same id '1'"),
+    (["007.jpg", "7.jpg", "8.jpg"], r"007.jpg and 7.jpg have the same id '7'"),
+    (["test/7.jpg", "test/07.jpg"], r"test/07.jpg and test/7.jpg have the same id '7'"),
+    (["a/2.jpg", "b/2.jpg", "b/3.jpg"], r"a/2.jpg and b/2.jpg have the same id '2'"),
+    (["cats/1.jpg", "cats/2.jpg", "dogs/3.jpg"], r"test images in 2 folders \(cats/, dogs/\); a test set is one folder"),
+    (["1.jpg", "extra/2.jpg"], r"test images in 2 folders \(\./, extra/\)"),
+])
+def test_clashing_ids_are_refused_before_the_model_is_loaded(tmp_path, names, message):
+    data = tmp_path / "data"
+    for name in names:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(encode_jpeg(make_image(0, 16, np.random.default_rng(0))))
+    output = tmp_path / "submission.csv"
+    # the model doesn't exist: only a check made before loading it can give this message
+    with pytest.raises(KbenchError, match=message):
+        predict_test_set(str(tmp_path / "missing.keras"), str(data), str(output))
+    assert not output.exists()
+
+
+def test_predict_command_refuses_duplicate_ids_in_one_line(tmp_path):
+    data = tmp_path / "test.zip"
+    with zipfile.ZipFile(data, "w") as archive:
+        for name in ("test/1.jpg", "test/2.jpg", "test/2.jpeg"):
+            archive.writestr(name, encode_jpeg(make_image(0, 16, np.random.default_rng(0))))
+    output = tmp_path / "submission.csv"
+    done = run_cli("predict", str(tmp_path / "missing.keras"), "--data", str(data), "-o", str(output))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    # the last line (the CLI may print its progress label first): one line that names the clash
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kbench: error: {data}: test/2.jpeg and test/2.jpg have the same id '2'; a submission needs one row per id")
+    assert not output.exists() and sorted(os.listdir(tmp_path)) == ["test.zip"]
+
+
+def test_a_zero_byte_test_image_gets_a_row_and_the_submission_scores(kaggle_data, tmp_path):
+    """Kaggle's layout with one empty test image: every id is written, and `score` accepts the file."""
+    from kbench.backbones import build_classifier, get_backbone
+
+    model = build_classifier(get_backbone("small_cnn"), 2, 32, "none")
+    model.save(str(tmp_path / "model.keras"))
+    data = tmp_path / "test.zip"
+    with zipfile.ZipFile(kaggle_data["test"]) as source, zipfile.ZipFile(data, "w") as archive:
+        for name in source.namelist():
+            archive.writestr(name, b"" if name == "test/7.jpg" else source.read(name))
+    result = predict_test_set(str(tmp_path / "model.keras"), str(data), str(tmp_path / "s.csv"))
+    rows = read(tmp_path / "s.csv")
+    assert [row["id"] for row in rows] == [str(i) for i in range(1, 31)]
+    assert rows[6]["label"] == "0.500000" and result["skipped"] == 1 and result["predicted"] == 29
+    assert score_submission(str(tmp_path / "s.csv"), kaggle_data["answers"])["rows"] == 30

@@ -133,3 +133,126 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 or done.stderr.count("kbench: error") == 1
     assert not (tmp_path / "run").exists()  # nothing built, nothing written
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "nan"], "--lr must be a positive number; got nan"),
+        (["--lr", "inf"], "--lr must be a positive number; got inf"),
+        (["--lr", "0"], "--lr must be a positive number; got 0"),
+        (["--seed", "-1"], "--seed must be a whole number >= 0"),
+        (["--workers", "0"], "--workers must be a positive whole number"),
+        (["--image-size", "0"], "--image-size must be a positive whole number"),
+        (["--image-size", "5000"], "more than 1024 pixels per side"),
+        (["--epochs", "0"], "--epochs must be a positive whole number"),
+        (["--val-split", "1"], "--val-split must be in [0, 1)"),
+        (["--devices", "two"], "--devices must be 'all' or a positive number"),
+    ],
+)
+def test_impossible_numbers_are_refused_before_any_work(args, message, kaggle_data, tmp_path):
+    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--run-dir",
+                   str(tmp_path / "run"), "--backend", BACKEND, *args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24,
+                         epochs=3, lr=2e-3).resolved()
+    (run_dir / "config.json").write_text(json.dumps(config.record()))
+    from kbench.train import resume_config
+
+    assert resume_config(str(run_dir), {"epochs": 5, "lr": 2e-3}).epochs == 5  # same value: fine
+    with pytest.raises(KbenchError, match="--lr 0.01 differs from the recorded 0.002 and would be ignored"):
+        resume_config(str(run_dir), {"lr": 0.01})
+    with pytest.raises(KbenchError, match="--batch-size 8 differs"):
+        resume_config(str(run_dir), {"batch_size": 8})
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(kaggle_data, tmp_path, monkeypatch):
+    """Interrupted at an epoch boundary and resumed, a run's losses are bit for bit the
+    uninterrupted run's: the optimizer state is in the checkpoint and every epoch's data order is a
+    function of (seed, epoch), not of a process's random state."""
+    from kbench.errors import TrainingInterrupted
+    from kbench.runs import Run
+    from kbench.train import resume_config
+
+    def config(name):
+        return TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(tmp_path / name), epochs=3,
+                           batch_size=24, image_size=24, lr=2e-3, val_split=0.2)
+
+    whole = train(config("whole"), verbose=0)
+    save = Run.save_checkpoint
+
+    def stop_after_first_epoch(self, model, state):
+        save(self, model, state)
+        if state["epochs_done"] == 1:
+            raise TrainingInterrupted("stopped", signal.SIGTERM)
+
+    monkeypatch.setattr(Run, "save_checkpoint", stop_after_first_epoch)
+    with pytest.raises(TrainingInterrupted):
+        train(config("cut"), verbose=0)
+    monkeypatch.setattr(Run, "save_checkpoint", save)
+    resumed = train(resume_config(str(tmp_path / "cut")), resume=True, verbose=0)
+    history = [list(csv.DictReader(open(tmp_path / name / "history.csv"))) for name in ("whole", "cut")]
+    assert [row["val_loss"] for row in history[0]] == [row["val_loss"] for row in history[1]]
+    assert resumed["val_log_loss"] == whole["val_log_loss"]
+    assert resumed["epochs_with_compilation"] == [1, 2]  # the resumed process compiled in epoch 2
+    assert whole["epochs_with_compilation"] == [1]
+
+
+def test_diverging_loss_stops_with_one_line(kaggle_data, tmp_path):
+    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24",
+                   "--epochs", "2", "--lr", "1e30", "--run-dir", str(tmp_path / "run"), "--quiet", "--backend", BACKEND)
+    assert done.returncode == 2, done.stderr
+    assert "training diverged" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_second_process_on_the_same_run_dir_exits_2_at_once(kaggle_data, tmp_path):
+    run_dir = str(tmp_path / "run")
+    command = [sys.executable, os.path.join(REPO, "cli.py"), "train", "--backbone", "small_cnn", "--data",
+               kaggle_data["train"], "--image-size", "24", "--epochs", "40", "--run-dir", run_dir, "--quiet",
+               "--backend", BACKEND]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(os.path.join(run_dir, "config.json")) and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--run-dir", run_dir,
+                         "--backend", BACKEND)
+        assert second.returncode == 2 and "in use by another kbench process" in second.stderr, second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_corrupt_checkpoint_is_one_line(kaggle_data, tmp_path, monkeypatch):
+    from kbench.errors import TrainingInterrupted
+    from kbench.runs import Run
+
+    def stop(self, model, state):
+        raise TrainingInterrupted("stopped", signal.SIGTERM)
+
+    run_dir = tmp_path / "run"
+    original = Run.save_checkpoint
+
+    def save_then_stop(self, model, state):
+        original(self, model, state)
+        stop(self, model, state)
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_stop)
+    with pytest.raises(TrainingInterrupted):
+        train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24,
+                          epochs=3), verbose=0)
+    monkeypatch.undo()
+    (run_dir / "checkpoint.keras").write_bytes(b"not a zip")
+    done = run_cli("train", "--run-dir", str(run_dir), "--resume", "--backend", BACKEND)
+    assert done.returncode == 2 and "can't be loaded" in done.stderr and "Traceback" not in done.stderr
+    (run_dir / "checkpoint.json").write_text("{broken")
+    done = run_cli("train", "--run-dir", str(run_dir), "--resume", "--backend", BACKEND)
+    assert done.returncode == 2 and "checkpoint.json is corrupt" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,101 @@
+"""What a user sees when an input is wrong: one line, exit 2 (or 1 for an unexpected error, with
+the traceback only under --debug), and nothing half-written."""
+
+import os
+
+import pytest
+
+from conftest import BACKEND, run_cli
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    from kbench.backbones import build_classifier, get_backbone
+
+    path = str(tmp_path_factory.mktemp("model") / "cnn.keras")
+    build_classifier(get_backbone("small_cnn"), 2, 32, "none").save(path)
+    return path
+
+
+def test_latency_of_a_missing_file_says_not_found(tmp_path):
+    done = run_cli("latency", str(tmp_path / "nope.keras"), "--backend", BACKEND)
+    assert done.returncode == 2 and "not found" in done.stderr and "unknown backbone" not in done.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a protobuf"])
+def test_corrupt_or_empty_onnx_is_one_line(content, kaggle_data, tmp_path):
+    model = tmp_path / "broken.onnx"
+    model.write_bytes(content)
+    for args in (["latency", str(model), "--runtime", "onnxruntime-cpu", "--runs", "1"],
+                 ["predict", str(model), "--data", kaggle_data["test"], "-o", str(tmp_path / "s.csv")]):
+        done = run_cli(*args, "--backend", BACKEND)
+        assert done.returncode == 2, done.stderr
+        assert str(model) in done.stderr and "Traceback" not in done.stderr
+        assert done.stderr.count("\n") == 1 or done.stderr.strip().splitlines()[-1].startswith("kbench: error")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_output_naming_a_folder_is_refused_before_work(model_file, kaggle_data, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for args in (["export", "onnx", model_file, "-o", str(folder)],
+                 ["predict", model_file, "--data", kaggle_data["test"], "-o", str(folder)],
+                 ["latency", model_file, "--runtime", "keras-predict", "--runs", "1", "-o", str(folder)]):
+        done = run_cli(*args, "--backend", BACKEND)
+        assert done.returncode == 2 and "is a folder" in done.stderr, (args, done.stderr)
+    assert os.listdir(folder) == []
+
+
+def test_export_reuses_a_file_made_from_the_same_model_and_redoes_a_changed_one(model_file, tmp_path):
+    from kbench.backbones import build_classifier, get_backbone
+
+    output = str(tmp_path / "m.onnx")
+    first = run_cli("export", "onnx", model_file, "-o", output, "--backend", BACKEND)
+    assert first.returncode == 0 and "wrote" in first.stdout, first.stderr
+    again = run_cli("export", "onnx", model_file, "-o", output, "--backend", BACKEND)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    other = run_cli("export", "onnx", model_file, "-o", output, "--opset", "15", "--backend", BACKEND)
+    assert "wrote" in other.stdout  # other options: exported again
+    build_classifier(get_backbone("small_cnn"), 2, 32, "none").save(model_file)  # a new model, same name
+    changed = run_cli("export", "onnx", model_file, "-o", output, "--opset", "15", "--backend", BACKEND)
+    assert changed.returncode == 0 and "wrote" in changed.stdout
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    # A bug kbench doesn't foresee, planted through sitecustomize in the child process only.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import kbench.report\n"
+        "def broken(*args, **kwargs):\n    raise RuntimeError('planted bug')\n"
+        "kbench.report.backbone_text = broken\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    quiet = run_cli("backbones", env=env)
+    assert quiet.returncode == 1
+    assert quiet.stderr.strip() == ("kbench: error: unexpected RuntimeError: planted bug "
+                                    "(run with --debug for the traceback)")
+    for loud in (run_cli("--debug", "backbones", env=env), run_cli("backbones", env={**env, "KBENCH_DEBUG": "1"})):
+        assert loud.returncode == 1 and "Traceback" in loud.stderr and "planted bug" in loud.stderr
+
+
+def test_ensemble_numbers_and_run_dir_equal_to_a_member_are_refused(tmp_path):
+    for args, message in ((["--epochs", "0"], "--epochs must be a positive whole number"),
+                          (["--lr", "-1"], "--lr must be a positive number"),
+                          (["--tta-passes", "-2"], "--tta-passes must be a whole number >= 0")):
+        done = run_cli("ensemble", "--members", "a,b", "--run-dir", str(tmp_path / "e"), *args, "--backend", BACKEND)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle_data, tmp_path):
+    run_dir = str(tmp_path / "run")
+    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24",
+                   "--epochs", "1", "--val-split", "0", "--run-dir", run_dir, "--quiet", "--backend", BACKEND)
+    assert done.returncode == 0 and "no validation split" in done.stdout, done.stderr
+    onnx = str(tmp_path / "m.onnx")
+    done = run_cli("export", "onnx", run_dir, "-o", onnx, "--quantize", "int8", "--backend", BACKEND)
+    assert done.returncode == 0, done.stderr
+    assert "calibrated on" in done.stdout and "no validation split to compare" in done.stdout
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx", "run"]
+    done = run_cli("predict", run_dir, "--data", kaggle_data["test"], "--calibrate", "-o", str(tmp_path / "s.csv"),
+                   "--backend", BACKEND)
+    assert done.returncode == 2 and "--calibrate needs validation images" in done.stderr
+    assert not (tmp_path / "s.csv").exists()

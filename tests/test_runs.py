@@ -1,0 +1,118 @@
+"""The run folder's owner: its lock, what it refuses to overwrite, its typed reads, and that no
+other module spells its file names."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from kbench import files
+from kbench.errors import KbenchError
+from kbench.runs import CONFIG, METRICS, OWNED, Run, folder_lock
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kbench.runs import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(KbenchError, match=rf"in use by another kbench process \(pid {holder.pid}\)"):
+            with folder_lock(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock with the process
+        holder.wait()
+    with folder_lock(str(tmp_path)):
+        assert os.path.isfile(tmp_path / ".kbench.lock")
+    assert not os.path.exists(tmp_path / ".kbench.lock")  # held only while in use
+
+
+def test_prepare_refuses_finished_and_interrupted_runs_unless_told(tmp_path):
+    run = Run(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    assert run.prepare("backbone") is None  # an empty folder is fine
+    files.write_json(run.file(CONFIG), {"kind": "ensemble"})
+    files.write_json(run.file(METRICS), {"kind": "ensemble"})
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(KbenchError, match=r"already holds a finished run \(ensemble\).*--overwrite"):
+        run.prepare("backbone")
+    with pytest.raises(KbenchError, match="already finished training"):
+        run.prepare("backbone", resume=True)
+    run.prepare("backbone", overwrite=True)
+    assert sorted(os.listdir(run.path)) == ["notes.txt"]  # only kbench's own files are removed
+
+
+def test_run_dir_that_is_a_file_or_unwritable_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KbenchError, match="is a file, not a folder"):
+        with Run(str(tmp_path / "file")).lock():
+            pass
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(KbenchError, match="not writable"):
+            with Run(str(locked)).lock():
+                pass
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_under_the_lock(tmp_path):
+    (tmp_path / ".model.keras.abc.tmp.keras").write_bytes(b"half")
+    (tmp_path / "keep.txt").write_text("x")
+    with Run(str(tmp_path)).lock():
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+def test_corrupt_records_are_one_line_errors(tmp_path):
+    run = Run(str(tmp_path))
+    (tmp_path / CONFIG).write_text("{not json")
+    with pytest.raises(KbenchError, match="config.json is corrupt"):
+        run.config
+    with pytest.raises(KbenchError, match="not a finished kbench run"):
+        Run.open(str(tmp_path))
+    with pytest.raises(KbenchError, match="not found"):
+        Run.open(str(tmp_path / "nope"))
+
+
+def test_json_never_holds_bare_nan(tmp_path):
+    import numpy as np
+
+    files.write_json(str(tmp_path / "m.json"), {"loss": float("nan"), "rows": [np.float32("inf"), 1.5]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "rows": [None, 1.5]}
+
+
+def test_only_the_owner_spells_the_run_folder_file_names():
+    """A grep, as the design asks: run-folder file names appear as literals in kbench/runs.py only."""
+    names = [name for name in OWNED if name not in ("features",)]
+    offenders = []
+    for module in sorted(os.listdir(os.path.join(REPO, "kbench"))):
+        if not module.endswith(".py") or module == "runs.py":
+            continue
+        text = open(os.path.join(REPO, "kbench", module), encoding="utf-8").read()
+        for name in names:
+            if re.search(rf"[\"']{re.escape(name)}[\"']", text):
+                offenders.append(f"{module}: {name}")
+    assert offenders == []
+
+
+def test_scratch_folders_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"kbench-export-pid{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "model.keras").write_text("x")
+    with files.scratch_folder("test") as folder:
+        assert os.path.isdir(folder) and f"pid{os.getpid()}" in folder
+        assert not stale.exists()
+    assert not os.path.exists(folder)
