@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_backends.py [--backbones mobilenet_v2,efficientnet_b0,resnet50]
         [--sizes 96,224] [--steps 3] [--max-step-seconds 20] [--settings tensorflow,jax]
-        [--out benchmarks/cpu_backends.json]
+        [--json benchmarks/results/cpu_backends.json]
 
 One training step = ``train_on_batch`` on a batch of 16 random pixels (in memory), Adam, every layer
 trainable, one sigmoid unit. Each setting runs in its own process (Keras fixes the backend, XLA reads
@@ -10,7 +10,8 @@ trainable, one sigmoid unit. Each setting runs in its own process (Keras fixes t
 compiles) and then ``--steps`` timed steps, of which the median is kept. Sizes run smallest first;
 a larger size is skipped when the smaller one's step, scaled by the pixel count, predicts more than
 ``--max-step-seconds``, and timing stops after one step that takes longer. Writes the raw rows as
-JSON and prints a markdown table with each setting's step time relative to TensorFlow's.
+JSON and prints a markdown table with each setting's step time relative to TensorFlow's. Tiny mode,
+for tests: --backbones small_cnn --sizes 32 --steps 1 --settings tensorflow.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks import record  # noqa: E402
 
 # What each setting puts in the worker's environment. The jax-* ones are the XLA CPU flags of this
 # jaxlib (0.10.2) that could plausibly speed up convolutions; none beat the default (benchmarks/README.md).
@@ -139,7 +142,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="mobilenet_v2,efficientnet_b0,resnet50")
     parser.add_argument("--sizes", default="96,224")
@@ -148,27 +151,25 @@ def main() -> None:
     parser.add_argument("--max-step-seconds", type=float, default=20.0)
     parser.add_argument("--settings", default=DEFAULT_SETTINGS,
                         help=f"comma-separated: {', '.join(SETTINGS)}, or NAME=XLA_FLAGS for JAX with other flags")
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "cpu_backends.json"))
+    record.add_json_option(parser, "cpu_backends")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args)
-        return
-
-    from kbench.latency import machine_info
+        return None
+    began = record.Record(__file__, argv)
 
     rows = []
     for setting in args.settings.split(","):
         name, _, flags = setting.partition("=")
         environment = SETTINGS[name] if name in SETTINGS else {"KERAS_BACKEND": "jax", "XLA_FLAGS": flags}
         rows += run_setting(name, environment, args)
-    with open(args.out, "w") as handle:
-        json.dump({"machine": machine_info(), "settings": SETTINGS, "rows": rows},
-                  handle, indent=1)
-    print(markdown(rows))
+    table = markdown(rows)
+    print(table)
     for row in rows:
         if "skipped" in row or "error" in row:
             print(f"- {row['setting']} {row['backbone']} {row['image_size']} px: {row.get('skipped') or row['error']}")
+    return began.write(args.json, rows, table, settings=SETTINGS)
 
 
 if __name__ == "__main__":

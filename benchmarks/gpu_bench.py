@@ -1,9 +1,11 @@
 """GPU benchmark for kbench, in one call: training images/s (in-memory and through the pipeline, with
 and without mixed precision) and inference latency (Keras compiled against ONNX Runtime) for the
-study's backbones. Prints a markdown table (with the device's name) to append to benchmarks/README.md.
+study's backbones. Prints a markdown table (with the device's name) to append to benchmarks/README.md,
+and writes its rows as JSON.
 
     python benchmarks/gpu_bench.py [--backbones mobilenet_v2,efficientnet_b0] [--image-size 224]
         [--batch-size 64] [--steps 20] [--onnx-dir exports] [--budget-seconds 420] [-o table.md]
+        [--json benchmarks/results/gpu_bench.json]
 
 Runs under the JAX backend (the GPU machine has JAX with CUDA and no TensorFlow). ONNX files can't be
 made there (tf2onnx needs TensorFlow): export them beforehand with `kbench export onnx` and pass
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+from benchmarks import record  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
 
 COLUMNS = ["backbone", "measure", "mixed_precision", "batch_size", "value", "unit", "status"]
@@ -116,10 +119,12 @@ def main(argv=None) -> str:
     parser.add_argument("--pipeline-images", type=int, default=1024)
     parser.add_argument("--onnx-dir", default=None)
     parser.add_argument("--budget-seconds", type=float, default=420, help="stop starting new backbones after this")
-    parser.add_argument("-o", "--output")
+    parser.add_argument("-o", "--output", help="also write the markdown table here")
+    record.add_json_option(parser, "gpu_bench")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be positive")
+    began = record.Record(__file__, argv)
     use_backend("jax")
     import keras
 
@@ -153,7 +158,8 @@ def main(argv=None) -> str:
                                  "unit": "images/s", "status": "ok"})
             rows.extend(latency_rows(backbone, args.image_size, args.onnx_dir, args.latency_runs))
         loader.close()
-    header = (f"Device: {device_name()}; keras {keras.__version__}; image size {args.image_size}; "
+    device = device_name()
+    header = (f"Device: {device}; keras {keras.__version__}; image size {args.image_size}; "
               f"{time.perf_counter() - started:.0f} s")
     table = write_table(rows, header)
     print(table)
@@ -161,6 +167,7 @@ def main(argv=None) -> str:
         from kbench.files import write_text
 
         write_text(args.output, table + "\n")
+    began.write(args.json, rows, table, device=device, image_size=args.image_size)
     return table
 
 

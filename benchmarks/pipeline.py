@@ -5,17 +5,18 @@ Two measurements, in one run on one machine:
    reference study's (read, decode, resize, augment, one image after another);
 2. training steps/s of a backbone fed by the loader against the same steps fed from an in-memory array.
 
-    python benchmarks/pipeline.py [--backbone mobilenet_v2] [--images 512] [--steps 12] [-o result.json]
+    python benchmarks/pipeline.py [--backbone mobilenet_v2] [--images 512] [--steps 6]
+        [--json benchmarks/results/pipeline.json]
 
 Images are generated JPEGs of about Kaggle's size (400 x 350 px), in a zip, so nothing is downloaded.
+Prints a markdown table (measure, value, unit, target) and writes its rows as JSON. Tiny mode, for
+tests: --backbone small_cnn --images 32 --image-size 32 --batch-size 8 --steps 1 --repeats 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import record  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
 from kbench.data import ImageLoader, augment, decode_image, find_images, resize  # noqa: E402
 from kbench.synthetic import CLASSES, encode_jpeg, make_image  # noqa: E402
@@ -52,14 +54,15 @@ def single_threaded(images, indices, image_size: int, seed: int) -> float:
     return len(indices) / (time.perf_counter() - start)
 
 
-def threaded(images, indices, image_size: int, batch_size: int, seed: int, workers: int | None) -> float:
+def threaded(images, indices, image_size: int, batch_size: int, seed: int, workers: int | None) -> tuple:
+    """(images/s, the loader's worker threads)."""
     loader = ImageLoader(images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed,
                          workers=workers)
     start = time.perf_counter()
     count = sum(len(loader.batch(0, b)[1]) for b in range(len(loader)))
     seconds = time.perf_counter() - start
     loader.close()
-    return count / seconds
+    return count / seconds, loader.workers
 
 
 def training_steps(images, indices, backbone: str, image_size: int, batch_size: int, steps: int, seed: int):
@@ -108,7 +111,33 @@ def training_steps(images, indices, backbone: str, image_size: int, batch_size: 
     return statistics.median(memory), statistics.median(fed), statistics.median(warm)
 
 
-def main() -> None:
+TARGET_SPEEDUP = 1.8  # the pipeline issue's targets
+TARGET_STEP_COST_PERCENT = 5.0
+COLUMNS = ["measure", "value", "unit", "target"]
+
+
+def result_rows(result: dict, workers: int | None) -> list[dict]:
+    """The table's rows, from the measured figures."""
+    speedup, cost = result["pipeline_speedup"], result["pipeline_step_cost_percent"]
+    return [
+        {"measure": "single-threaded loop (the reference study's way)",
+         "value": result["single_thread_images_per_second"], "unit": "images/s"},
+        {"measure": f"kbench ImageLoader ({workers or 'default'} workers)",
+         "value": result["pipeline_images_per_second"], "unit": "images/s"},
+        {"measure": "speed-up", "value": speedup, "unit": "x",
+         "target": f">= {TARGET_SPEEDUP} ({'met' if speedup >= TARGET_SPEEDUP else 'missed'})"},
+        {"measure": "training steps/s, in-memory array", "value": result["memory_steps_per_second"], "unit": "steps/s"},
+        {"measure": "training steps/s, fed by the pipeline", "value": result["pipeline_steps_per_second"],
+         "unit": "steps/s"},
+        {"measure": "cost of the pipeline to the step", "value": cost, "unit": "%",
+         "target": f"< {TARGET_STEP_COST_PERCENT:g} ({'met' if cost < TARGET_STEP_COST_PERCENT else 'missed'})"},
+        {"measure": "training steps/s, pipeline with --cache warm",
+         "value": result["cached_pipeline_steps_per_second"], "unit": "steps/s"},
+        {"measure": "cost with --cache warm", "value": result["cached_pipeline_step_cost_percent"], "unit": "%"},
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--backend", default=None)
@@ -118,8 +147,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="training steps per timed block")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("-o", "--output", help="write the result as JSON here")
-    args = parser.parse_args()
+    record.add_json_option(parser, "pipeline")
+    args = parser.parse_args(argv)
+    began = record.Record(__file__, argv)
     backend = use_backend(args.backend)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -128,36 +158,34 @@ def main() -> None:
         images = find_images(path)
         indices = np.arange(len(images))
         single = statistics.median(single_threaded(images, indices, args.image_size, s) for s in range(args.repeats))
-        pooled = statistics.median(
-            threaded(images, indices, args.image_size, args.batch_size, s, args.workers) for s in range(args.repeats)
-        )
+        timed = [threaded(images, indices, args.image_size, args.batch_size, s, args.workers)
+                 for s in range(args.repeats)]
+        pooled, workers = statistics.median(rate for rate, _ in timed), timed[0][1]
         memory, fed, warm = training_steps(images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0)
 
-    import keras
+    from kbench.report import format_table
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "backend": backend,
-        "keras": keras.__version__,
         "images": args.images,
         "image_size": args.image_size,
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "steps_per_block": args.steps,
+        "workers": workers,
         "single_thread_images_per_second": single,
         "pipeline_images_per_second": pooled,
         "pipeline_speedup": pooled / single,
-        "backbone": args.backbone,
-        "batch_size": args.batch_size,
         "memory_steps_per_second": memory,
         "pipeline_steps_per_second": fed,
         "pipeline_step_cost_percent": 100 * (memory / fed - 1),
         "cached_pipeline_steps_per_second": warm,
         "cached_pipeline_step_cost_percent": 100 * (memory / warm - 1),
     }
-    print("| measure | value |\n|---|---|")
-    for key, value in result.items():
-        print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(result, handle, indent=2)
+    rows = result_rows(result, workers)
+    table = format_table(rows, COLUMNS, style="markdown")
+    print(table)
+    return began.write(args.json, rows, table, result=result)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 
 import pytest
@@ -18,8 +19,12 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_its_table(tmp_path):
     script = load_script()
     output = tmp_path / "gpu.md"
     table = script.main(["--backbones", "small_cnn", "--image-size", "32", "--batch-size", "8", "--steps", "2",
-                         "--latency-runs", "3", "--pipeline-images", "32", "-o", str(output)])
+                         "--latency-runs", "3", "--pipeline-images", "32", "-o", str(output),
+                         "--json", str(tmp_path / "gpu_bench.json")])
     assert output.read_text().strip() == table.strip()
+    record = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert record["table"] == table and record["command"].startswith("python benchmarks/gpu_bench.py --backbones")
+    assert len(record["rows"]) == len(table.splitlines()) - 4  # header line, blank, column names, rule
     lines = table.splitlines()
     assert lines[0].startswith("Device: cpu")
     assert "| small_cnn | train images/s (in-memory) | float32 | 8 |" in table

@@ -1,0 +1,70 @@
+"""What every benchmark script keeps beside the table it prints: the raw rows as JSON, with the exact
+command, the machine and its load, written atomically (``kbench.files.write_json``).
+
+    parser = argparse.ArgumentParser()
+    record.add_json_option(parser, "pipeline")  # --json PATH, default benchmarks/results/pipeline.json
+    args = parser.parse_args(argv)
+    began = record.Record(__file__, argv)       # before measuring: the start time and load
+    ...
+    began.write(args.json, rows, table)         # after: rows + the markdown table printed
+
+benchmarks/README.md quotes ``command`` and the JSON's path under each table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+
+
+def default_json(script: str) -> str:
+    return os.path.join(RESULTS_DIR, f"{script}.json")
+
+
+def add_json_option(parser, script: str) -> None:
+    parser.add_argument("--json", default=default_json(script), metavar="PATH",
+                        help=f"write the raw results here as JSON (default: benchmarks/results/{script}.json)")
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class Record:
+    """The command line and the machine's state when a benchmark started; ``write`` adds the rows."""
+
+    def __init__(self, script_file: str, argv: list[str] | None = None):
+        argv = sys.argv[1:] if argv is None else list(argv)
+        script = os.path.relpath(os.path.abspath(script_file), REPO)
+        self.command = "python " + shlex.join([script, *argv])
+        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.load_at_start = _load()
+        self._clock = time.perf_counter()
+
+    def write(self, path: str, rows: list[dict], table: str, **extra) -> dict:
+        """Write {command, started, seconds, machine, load averages, **extra, rows, table} to ``path``."""
+        from kbench.files import write_json
+        from kbench.latency import machine_info
+
+        record = {
+            "command": self.command,
+            "started": self.started,
+            "seconds": round(time.perf_counter() - self._clock, 1),
+            "machine": machine_info(),
+            "load_average_at_start": self.load_at_start,  # 1, 5, 15 minutes: other work on the machine
+            "load_average_at_end": _load(),
+            **extra,
+            "rows": rows,
+            "table": table,
+        }
+        write_json(path, record)
+        return record

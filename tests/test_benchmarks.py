@@ -1,0 +1,91 @@
+"""The benchmark scripts in tiny mode: each prints its markdown table and writes the same rows as JSON
+(--json), with the command that produced them, as benchmarks/README.md quotes them."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import BACKEND, REPO
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name, argv, tmp_path, capsys):
+    """Run NAME's main(ARGV --json FILE); returns (the JSON record, stdout, the table's body lines)."""
+    path = tmp_path / f"{name}.json"
+    returned = load_script(name).main([*argv, "--json", str(path)])
+    printed = capsys.readouterr().out
+    record = json.loads(path.read_text())
+    assert returned == record
+    assert record["command"] == "python " + " ".join([f"benchmarks/{name}.py", *argv, "--json", str(path)])
+    assert record["machine"]["cores"] == os.cpu_count()
+    assert record["table"] in printed  # the table printed is the one kept
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left
+    first_table = record["table"].split("\n\n")[0].splitlines()
+    assert first_table[1].startswith("|---")
+    return record, printed, first_table[2:]
+
+
+def test_pipeline_rows_match_its_table(tmp_path, capsys):
+    record, _, body = run_script("pipeline", ["--backbone", "small_cnn", "--images", "32", "--image-size", "32",
+                                              "--batch-size", "8", "--steps", "1", "--repeats", "1"], tmp_path, capsys)
+    rows = record["rows"]
+    assert len(rows) == len(body) == 8
+    for row, line in zip(rows, body):
+        assert line.startswith(f"| {row['measure']} |")
+        assert row["value"] > 0 or row["unit"] == "%"  # a cost may be negative (noise)
+    result = record["result"]
+    assert result["backend"] == BACKEND and result["images"] == 32
+    assert rows[2]["value"] == pytest.approx(result["pipeline_images_per_second"]
+                                             / result["single_thread_images_per_second"])
+
+
+def test_export_all_rows_match_its_table_and_its_parity_figure_repeats(tmp_path, capsys):
+    argv = ["--backbones", "small_cnn"]
+    first, _, body = run_script("export_all", argv, tmp_path, capsys)
+    (row,) = first["rows"]
+    line = (f"| small_cnn | 64 | {row['build_seconds']:.1f} | {row['export_seconds']:.1f} "
+            f"| {row['megabytes']:.1f} | {row['max_relative_difference']:.1e} |")
+    assert body == [line]
+    assert row["backend"] == BACKEND and 0 <= row["max_relative_difference"] <= 1e-4
+    # seeded weights and seeded parity pixels (kbench.export.PARITY_SEED): the same figure every run
+    (tmp_path / "again").mkdir()
+    again, _, _ = run_script("export_all", argv, tmp_path / "again", capsys)
+    assert again["rows"][0]["max_relative_difference"] == row["max_relative_difference"]
+
+
+def test_latency_check_rows_and_ratios(tmp_path, capsys):
+    record, printed, body = run_script("latency_check", ["--backbone", "small_cnn", "--runs", "3", "--warmup", "1"],
+                                       tmp_path, capsys)
+    runtimes = [row["runtime"] for row in record["rows"]]
+    assert runtimes == ["keras-predict", "keras-compiled", "onnxruntime-cpu", "bare session.run loop"]
+    assert len(body) == 4 and all(f"| small_cnn | {name} |" in line for name, line in zip(runtimes, body))
+    assert all(row["runs"] == 3 and row["p50_ms"] > 0 for row in record["rows"])
+    p50 = {row["runtime"]: row["p50_ms"] for row in record["rows"]}
+    assert record["checks"][0]["ratio"] == pytest.approx(p50["onnxruntime-cpu"] / p50["bare session.run loop"])
+    assert "| kbench onnxruntime-cpu p50 / bare session.run p50 |" in printed
+
+
+def test_ensemble_head_trains_the_demo_members_and_keeps_its_rows(tmp_path, capsys):
+    record, printed, body = run_script("ensemble_head", ["--images", "40", "--member-epochs", "1",
+                                                         "--head-epochs", "1,2"], tmp_path, capsys)
+    assert [row["head_epochs"] for row in record["rows"]] == [1, 2]
+    assert [line.split(" | ")[0] for line in body] == ["| 1", "| 2"]
+    assert [m["name"] for m in record["members"]] == ["small_cnn", "small_cnn_40"]  # the demo's stacked pair
+    assert record["wall_ratio"] == pytest.approx(record["rows"][1]["wall_seconds"] / record["rows"][0]["wall_seconds"])
+    assert f"{record['wall_ratio']:.2f}x" in printed
+
+
+def test_cpu_backends_rows_match_its_table(tmp_path, capsys):
+    record, _, body = run_script("cpu_backends", ["--backbones", "small_cnn", "--sizes", "32", "--steps", "1",
+                                                  "--settings", BACKEND], tmp_path, capsys)
+    (row,) = record["rows"]
+    assert row["setting"] == BACKEND and row["backend"] == BACKEND and len(row["step_ms"]) == 1
+    assert body == [f"| small_cnn | 32 | {row['median_ms']:,.0f} |"]
