@@ -386,8 +386,8 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
             ensemble_config = dataclasses.replace(entry.config, members=[done[m] for m in entry.members],
                                                   run_dir=model_dir, backend=config.backend)
 
-            def fit(ensemble_config=ensemble_config):
-                return {**_ensemble(ensemble_config, verbose), "backbone": row["backbone"]}
+            def fit(ensemble_config=ensemble_config, backbone=row["backbone"]):
+                return {**_ensemble(ensemble_config, verbose), "backbone": backbone}
 
             if _measure(row, fit, model_dir, onnx_dir, config.latency):
                 done[entry.name] = model_dir

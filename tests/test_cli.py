@@ -2,6 +2,10 @@
 the traceback only under --debug), and nothing half-written."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -99,3 +103,29 @@ def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle
                    "--backend", BACKEND)
     assert done.returncode == 2 and "--calibrate needs validation images" in done.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
+    """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9."""
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys; from kbench.export import _die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "preexec_fn=_die_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); child.wait()")])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")

@@ -30,7 +30,7 @@ def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_pa
                    check=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    script = ("from kbench.study import load_config; c = load_config('demo', data=__import__('sys').argv[1]); "
+    script = ("from kbench.study import load_config; c = load_config('demo', data=__import__('sys').argv[1], test_data='', answers=''); "
               "import kbench; print(kbench.__file__); print(c.name, [m.name for m in c.backbones])")
     done = subprocess.run([sys.executable, "-c", script, str(elsewhere)], cwd=elsewhere, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)

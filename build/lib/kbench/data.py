@@ -1,0 +1,461 @@
+"""Finding, splitting, decoding and batching images (OpenCV, a thread pool, no keras).
+
+Two layouts, each as a folder or a zip read in place, recognised exactly (see find_images):
+- Kaggle: ``train/cat.0.jpg``, ``train/dog.0.jpg``: the label is the file name before the first dot;
+- class folders: ``root/<class>/<any name>.jpg``.
+Anything else is refused rather than guessed. Classes are sorted by name, so for cats and dogs class 1
+is "dog" and a binary model's output is P(dog).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import zipfile
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from kbench.errors import KbenchError
+
+log = logging.getLogger("kbench")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Decoding and resizing run on our own threads; OpenCV's internal ones would only compete with them.
+cv2.setNumThreads(1)
+
+
+class BadImage(ValueError):
+    """An image file that can't be decoded (empty, truncated, not an image)."""
+
+
+@dataclass
+class ImageSet:
+    """Image files found under ``root``. ``keys`` are paths relative to the folder or zip members;
+    ``labels[i]`` indexes ``classes`` (-1 when the set is unlabelled). ``skipped``: image files left
+    out of ``keys`` (empty files of a labelled set)."""
+
+    root: str
+    keys: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    layout: str  # "kaggle", "class-folders" or "unlabelled"
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def reader(self) -> "ImageReader":
+        return ImageReader(self.root)
+
+
+class ImageReader:
+    """Reads raw bytes by key from a folder or a zip; each thread keeps its own zip handle."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._zip = os.path.isfile(root)
+        self._local = threading.local()
+
+    def read(self, key: str) -> bytes:
+        if not self._zip:
+            with open(os.path.join(self.root, key), "rb") as handle:
+                return handle.read()
+        archive = getattr(self._local, "archive", None)
+        if archive is None:
+            archive = self._local.archive = zipfile.ZipFile(self.root)
+        return archive.read(key)
+
+
+LAYOUTS = ("auto", "kaggle", "folders")
+# A Kaggle training name: a label starting with a letter, a number, an extension (cat.0.jpg, Dog.12.JPG).
+KAGGLE_NAME = re.compile(r"([^\W\d_][\w-]*)\.(\d+)\.[^.]+")
+# Below this many images a labelled set isn't tested for mostly-unique labels (tiny sets are legitimate).
+UNIQUE_LABEL_CHECK_FROM = 10
+EXPECTED = "expected <folder>/<label>.<n>.jpg (Kaggle: train/cat.0.jpg) or one folder per class (<class>/<name>.jpg)"
+FORCE = "pass --layout kaggle|folders to force one"
+
+
+def _parts(key: str) -> list[str]:
+    return [part for part in key.split("/") if part not in ("", ".")]
+
+
+def _is_image_name(key: str) -> bool:
+    """An image by its extension, outside hidden files and folders and macOS' ``__MACOSX``."""
+    parts = _parts(key)
+    return (
+        bool(parts)
+        and parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+        and not any(part.startswith(".") or part == "__MACOSX" for part in parts)
+    )
+
+
+def _unsafe_zip_name(name: str) -> bool:
+    """Absolute paths, drive letters and ``..`` components: names that point outside the archive."""
+    normal = name.replace("\\", "/")
+    return normal.startswith("/") or re.match(r"[A-Za-z]:", normal) is not None or ".." in normal.split("/")
+
+
+def _list_files(path: str) -> list[tuple[str, int]]:
+    """(key, size in bytes) of every image file under a folder or in a zip, sorted by key."""
+    if os.path.isdir(path):
+        found = []
+        for folder, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+            for name in files:
+                full = os.path.join(folder, name)
+                key = os.path.relpath(full, path).replace(os.sep, "/")
+                if _is_image_name(key):
+                    found.append((key, os.path.getsize(full)))
+        return sorted(found)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.infolist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise KbenchError(f"{path}: unreadable zip file ({error})") from None
+        seen = set()
+        for info in entries:
+            if _unsafe_zip_name(info.filename):
+                raise KbenchError(f"{path}: unsafe entry {info.filename!r} (absolute or outside the archive); "
+                                  "refusing the zip")
+            if info.filename in seen and not info.is_dir():
+                raise KbenchError(f"{path}: the zip holds two entries named {info.filename}")
+            seen.add(info.filename)
+        return sorted((info.filename, info.file_size) for info in entries
+                      if not info.is_dir() and _is_image_name(info.filename))
+    raise KbenchError(f"{path} is neither a folder nor a zip file")
+
+
+def _folder_name(parts: list[str]) -> str:
+    return "/".join(parts) + "/" if parts else "the top level"
+
+
+def _kaggle_names(path: str, keys: list[str], parts: list[list[str]], forced: bool) -> list[str]:
+    """Labels of a Kaggle layout: every image in one folder, every name ``<label>.<n>.<ext>``."""
+    folder = parts[0][:-1]
+    for key, key_parts in zip(keys, parts):
+        if key_parts[:-1] != folder:
+            raise KbenchError(f"{path}: {key} is not in {_folder_name(folder)} with {keys[0]}; the Kaggle layout "
+                              "keeps every image in one folder")
+    bad = [key for key, key_parts in zip(keys, parts) if not KAGGLE_NAME.fullmatch(key_parts[-1])]
+    if bad and forced:
+        raise KbenchError(f"{path}: {bad[0]} is not named <label>.<n>.<ext> as the Kaggle layout needs "
+                          f"(e.g. cat.0.jpg){_and_more(bad)}")
+    if bad:
+        raise KbenchError(f"{path}: {len(keys)} images in one folder ({_folder_name(folder)}), {len(bad)} of them "
+                          f"with no <label>.<n> name (e.g. {parts[keys.index(bad[0])][-1]}): {EXPECTED}")
+    return [KAGGLE_NAME.fullmatch(key_parts[-1]).group(1).lower() for key_parts in parts]
+
+
+def _class_folder_names(path: str, keys: list[str], parts: list[list[str]], forced: bool) -> list[str]:
+    """Labels of class folders: every image directly inside ``<container>/<class>/``, one container."""
+    hint = "" if forced else f"; {EXPECTED}"
+    depth = Counter(len(key_parts) for key_parts in parts).most_common(1)[0][0]
+    typical = next(i for i, key_parts in enumerate(parts) if len(key_parts) == depth)
+    for key, key_parts in zip(keys, parts):
+        if len(key_parts) != depth:
+            raise KbenchError(f"{path}: images at different depths ({keys[typical]} and {key}); class folders "
+                              f"need every image directly in <class>/, no subfolders{hint}")
+    for key, key_parts in zip(keys, parts):
+        if len(key_parts) < 2:
+            raise KbenchError(f"{path}: {key} is not inside a class folder; class folders need every image "
+                              f"directly in <class>/{hint}")
+        if key_parts[:-2] != parts[typical][:-2]:
+            raise KbenchError(f"{path}: class folders under different parents ({keys[typical]} and {key}); class "
+                              f"folders need every image directly in <class>/ inside one folder{hint}")
+    if not forced:
+        # a folder of cat.N.jpg and dog.N.jpg is a Kaggle folder beside something else, not one class
+        by_folder: dict[str, set] = {}
+        for key_parts in parts:
+            match = KAGGLE_NAME.fullmatch(key_parts[-1])
+            by_folder.setdefault(key_parts[-2], set()).add(match.group(1).lower() if match else None)
+        for folder, labels in sorted(by_folder.items()):
+            if None not in labels and len(labels) >= 2:
+                named = ", ".join(f"{label}.N" for label in sorted(labels)[:3])
+                raise KbenchError(f"{path}: folder {folder}/ holds images named for different labels ({named}), "
+                                  f"so it is not one class; {EXPECTED}; {FORCE}")
+    return [key_parts[-2] for key_parts in parts]
+
+
+def _and_more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def find_images(path: str, labelled: bool = True, layout: str = "auto") -> ImageSet:
+    """Find the images under ``path`` (folder or zip) and their labels.
+
+    ``layout`` is one of LAYOUTS. ``auto`` recognises exactly two layouts and refuses anything else:
+    - Kaggle: every image in one folder and named ``<label>.<n>.<ext>`` (``train/cat.0.jpg``); the
+      label, lower-cased, is the part before the first dot;
+    - class folders: every image directly inside ``<class>/`` at one depth under one folder
+      (``root/cat/x.jpg``, or ``train/cat/x.jpg`` in a zip); a folder that holds ``<label>.<n>`` files
+      of two labels isn't taken for one class.
+    A forced layout (``kaggle``, ``folders``) checks its own rule and the two classes, no more. Hidden files and folders and
+    ``__MACOSX`` are ignored; a zip entry naming a path outside the archive refuses the zip. A
+    labelled set needs two classes, and (auto, more than UNIQUE_LABEL_CHECK_FROM images) no more
+    distinct labels than half its images: mostly unique labels are names, not classes. Empty files
+    are left out (``skipped``) of a labelled set.
+
+    With ``labelled=False`` (a test set) every image is kept, empty files included, and labels are -1.
+    Every refusal is a one-line KbenchError that says what was found and what is accepted.
+    """
+    if layout not in LAYOUTS:
+        raise KbenchError(f"unknown layout {layout!r}; choose {', '.join(LAYOUTS)}")
+    if not os.path.exists(path):
+        raise KbenchError(f"data not found: {path}")
+    files = _list_files(path)
+    if not files:
+        raise KbenchError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}; expected train/cat.N.jpg "
+            "files (Kaggle layout) or one folder per class"
+        )
+    keys = [key for key, _ in files]
+    if not labelled:
+        return ImageSet(path, keys, np.full(len(keys), -1, dtype=np.int64), [], "unlabelled")
+
+    parts = [_parts(key) for key in keys]
+    if layout == "kaggle" or (layout == "auto" and len({tuple(p[:-1]) for p in parts}) == 1):
+        kind, names = "kaggle", _kaggle_names(path, keys, parts, forced=layout == "kaggle")
+    else:
+        kind, names = "class-folders", _class_folder_names(path, keys, parts, forced=layout == "folders")
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise KbenchError(
+            f"{path} holds a single class ({classes[0]!r}); a classifier needs at least two: name "
+            "files like cat.1.jpg / dog.1.jpg or use one folder per class"
+        )
+    if layout == "auto" and len(keys) > UNIQUE_LABEL_CHECK_FROM and len(classes) > len(keys) / 2:
+        raise KbenchError(f"{path}: {len(classes)} distinct labels among {len(keys)} images (e.g. {', '.join(keys[:2])}): "
+                          f"labels this unique are names, not classes; {EXPECTED}; {FORCE}")
+    index = {name: i for i, name in enumerate(classes)}
+    sizes = [size for _, size in files]
+    skipped = [key for key, size in zip(keys, sizes) if size == 0]
+    for key in skipped:
+        log.warning("skipped empty image file %s", key)
+    kept = [i for i, size in enumerate(sizes) if size > 0]
+    if not kept:
+        raise KbenchError(f"{path}: all {len(keys)} image files are empty")
+    labels = np.array([index[names[i]] for i in kept], dtype=np.int64)
+    return ImageSet(path, [keys[i] for i in kept], labels, classes, kind, skipped)
+
+
+def indices_of(images: ImageSet, keys: list[str]) -> np.ndarray:
+    """Positions of ``keys`` (recorded file names) in ``images``; KbenchError if the data lost any."""
+    position = {key: i for i, key in enumerate(images.keys)}
+    missing = [key for key in keys if key not in position]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise KbenchError(f"{images.root} no longer holds {missing[0]}{more}, which the run used")
+    return np.array([position[key] for key in keys], dtype=np.int64)
+
+
+def split_indices(labels: np.ndarray, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded hold-out: (train indices, validation indices), each sorted."""
+    if not 0 <= val_split < 1:
+        raise KbenchError(f"--val-split must be in [0, 1); got {val_split}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = int(round(len(members) * val_split))
+        if val_split > 0 and len(members) > 1:
+            count = min(max(count, 1), len(members) - 1)
+        val.extend(members[:count])
+        train.extend(members[count:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Bytes of an image file -> RGB uint8 array (H, W, 3). Grayscale, alpha and 16-bit images are
+    converted; anything undecodable or truncated raises BadImage."""
+    if not data:
+        raise BadImage("empty file")
+    # libjpeg fills a truncated JPEG with grey and only warns; its end-of-image marker tells.
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+        raise BadImage("truncated JPEG")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise BadImage("not a decodable image")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize(image: np.ndarray, image_size: int) -> np.ndarray:
+    if image.shape[0] == image_size and image.shape[1] == image_size:
+        return image
+    shrinking = image.shape[0] > image_size or image.shape[1] > image_size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (image_size, image_size), interpolation=interpolation)
+
+
+FLIP_PROBABILITY = 0.25
+CROP_PROBABILITY = 0.5
+CROP_FRACTION = 7 / 8  # 196 of 224 px, as in the reference study
+
+
+def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The reference study's augmentation on a square image: horizontal flip with p = 0.25; with
+    p = 0.5 one of five crops (four corners or the centre, 7/8 of each side) resized back."""
+    if rng.random() < FLIP_PROBABILITY:
+        image = image[:, ::-1]
+    if rng.random() < CROP_PROBABILITY:
+        size = image.shape[0]
+        crop = int(round(size * CROP_FRACTION))
+        offset = size - crop
+        top, left = [(0, 0), (0, offset), (offset, 0), (offset, offset), (offset // 2, offset // 2)][
+            rng.integers(5)
+        ]
+        image = cv2.resize(
+            np.ascontiguousarray(image[top : top + crop, left : left + crop]),
+            (size, size),
+            interpolation=cv2.INTER_LINEAR,
+        )
+    return np.ascontiguousarray(image)
+
+
+class ImageLoader:
+    """Batches of (pixels float32 NHWC 0..255, labels) decoded by a thread pool with prefetch.
+
+    Batch ``i`` of epoch ``e`` is a pure function of (seed, e, i): the shuffle order and every image's
+    augmentation come from seeded generators, so results don't depend on thread timing. A file that
+    fails to decode is dropped from its batch with a warning and left out of later epochs.
+    ``cache=True`` keeps decoded, resized images in memory so later epochs skip decoding.
+    """
+
+    def __init__(
+        self,
+        images: ImageSet,
+        indices: np.ndarray,
+        image_size: int,
+        batch_size: int,
+        augment: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        cache: bool = False,
+        workers: int | None = None,
+        prefetch: int = 4,
+    ):
+        if batch_size < 1:
+            raise KbenchError(f"batch size must be positive; got {batch_size}")
+        self.images = images
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.augment = augment
+        self.shuffle = shuffle
+        self.seed = seed
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.prefetch = max(1, prefetch)
+        self.bad: dict[int, str] = {}
+        self._reader = images.reader()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque = deque()  # (epoch, batch index, futures) in request order
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.indices
+        return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+
+    def load(self, index: int, epoch: int) -> np.ndarray | None:
+        """One image, resized (and augmented when enabled); None if it can't be decoded."""
+        if index in self.bad:
+            return None
+        image = self.cache.get(index) if self.cache is not None else None
+        if image is None:
+            key = self.images.keys[index]
+            try:
+                image = resize(decode_image(self._reader.read(key)), self.image_size)
+            except (BadImage, OSError, zipfile.BadZipFile, cv2.error) as error:
+                with self._lock:
+                    if index not in self.bad:
+                        self.bad[index] = str(error)
+                        log.warning("skipped unreadable image %s (%s)", key, error)
+                return None
+            if self.cache is not None:
+                self.cache[index] = image
+        if self.augment:
+            image = augment(image, np.random.default_rng([self.seed, epoch, index]))
+        return image
+
+    def _submit(self, epoch: int, batch: int) -> list:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kbench-decode")
+        members = self.order(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size]
+        return [(index, self._pool.submit(self.load, index, epoch)) for index in members]
+
+    def batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``batch`` of ``epoch`` as (pixels, labels); queues the next ``prefetch`` batches."""
+        pixels, labels, _ = self.batch_items(epoch, batch)
+        return pixels, labels
+
+    def batch_items(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pixels, labels, image indices) of one batch: the indices say which images were kept."""
+        while self._pending and (self._pending[0][0], self._pending[0][1]) != (epoch, batch):
+            self._pending.popleft()  # out-of-order request: drop stale prefetches
+        if not self._pending:
+            self._pending.append((epoch, batch, self._submit(epoch, batch)))
+        queued = {(e, b) for e, b, _ in self._pending}
+        for ahead in range(batch + 1, min(batch + 1 + self.prefetch, len(self))):
+            if (epoch, ahead) not in queued:
+                self._pending.append((epoch, ahead, self._submit(epoch, ahead)))
+        _, _, futures = self._pending.popleft()
+        pixels, kept = [], []
+        for index, future in futures:
+            image = future.result()
+            if image is not None:
+                pixels.append(image)
+                kept.append(index)
+        if not pixels:  # every file of this batch was bad: borrow one good image
+            for index in self.indices:
+                image = self.load(int(index), epoch)
+                if image is not None:
+                    pixels, kept = [image], [index]
+                    break
+            else:
+                raise KbenchError(f"none of the images in {self.images.root} could be decoded")
+        kept = np.asarray(kept, dtype=np.int64)
+        return np.stack(pixels).astype(np.float32), self.images.labels[kept], kept
+
+    def __iter__(self):
+        """One pass in order (epoch 0): for prediction and evaluation."""
+        for batch in range(len(self)):
+            yield self.batch(0, batch)
+
+    def close(self) -> None:
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def predict(predict_batch, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of ``predict_batch(pixels)`` over ``loader`` in order (e.g.
+    ``model.predict_on_batch`` or an ONNX Runtime session); unreadable images are left out of both."""
+    probabilities, labels = [], []
+    try:
+        for pixels, batch_labels in loader:
+            probabilities.append(np.asarray(predict_batch(pixels)))
+            labels.append(batch_labels)
+    finally:
+        loader.close()
+    if not probabilities:
+        raise KbenchError("no images to predict")
+    return np.concatenate(probabilities), np.concatenate(labels)

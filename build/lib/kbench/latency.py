@@ -1,0 +1,231 @@
+"""The timing loop over models x runtimes x batch sizes; flat rows out.
+
+Method (timm's benchmark harness, nanoGPT's bench.py): warm-up runs outside the timings, every run
+timed on its own with the device synchronised inside the timed region, inputs of real image pixels at
+the model's size, statistics over the individual timings.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from kbench import files, metrics
+from kbench.config import option, positive
+from kbench.errors import KbenchError
+from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
+
+COLUMNS = ["model", "runtime", "backend", "device", "batch_size", "runs", "warmup", "min_ms", "p50_ms", "p90_ms",
+           "p99_ms", "mean_ms", "std_ms", "images_per_second", "status", "detail"]
+
+
+@dataclass
+class LatencyConfig:
+    models: list[str]
+    runtimes: list[str] = option(list(RUNTIMES), "Comma-separated runtimes to time.", flag="runtime")
+    batch_sizes: list[int] = option([1, 8, 32], "Comma-separated batch sizes.", flag="batch_size")
+    runs: int = option(100, "Timed runs per row, each timed on its own.")
+    warmup: int = option(10, "Untimed runs first.")
+    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="ONNX Runtime's choice")
+    weights: str = option("none", "For backbone names: imagenet or none.", choices=("none", "imagenet"))
+    export_dir: str = "exports"
+
+    def check(self) -> "LatencyConfig":
+        for name in self.runtimes:
+            if name not in RUNTIMES:
+                raise KbenchError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+        if not self.runtimes:
+            raise KbenchError("--runtime names no runtime")
+        positive(self.runs, "--runs", whole=True)
+        for batch in self.batch_sizes:
+            positive(batch, "--batch-size", whole=True)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise KbenchError(f"--warmup must be a whole number >= 0; got {self.warmup}")
+        if self.threads is not None:
+            positive(self.threads, "--threads", whole=True)
+        if self.weights not in ("none", "imagenet"):
+            raise KbenchError(f"--weights must be imagenet or none; got {self.weights!r}")
+        return self
+
+
+@dataclass
+class ModelSource:
+    name: str
+    keras_path: str | None
+    onnx_path: str | None
+    image_size: tuple[int, int]
+    members: int = 1
+    given: str = ""  # what the user named: a run folder's ONNX file gets its metadata
+
+
+def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
+    """MODEL: a run/ensemble folder, a ``.keras`` file, an ``.onnx`` file, or a registry name (the
+    backbone at its native size with a fresh two-class head)."""
+    from kbench.export import describe_inputs, load_model, model_file, run_metadata
+
+    if model.endswith(".onnx"):
+        from kbench.runtimes import onnx_session
+
+        shape = onnx_session(model, ["CPUExecutionProvider"]).get_inputs()[0].shape
+        return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])))
+    if os.path.exists(model) or model.endswith(".keras") or os.sep in model:
+        path = model_file(model)
+        _, (height, width, _) = describe_inputs(load_model(path))
+        members = len(run_metadata(model).get("backbones", [])) or 1
+        name = os.path.basename(model.rstrip("/"))
+        name = name if os.path.isdir(model) else os.path.splitext(name)[0]
+        return ModelSource(name, path, None, (height, width), members, model)
+    from kbench.backbones import build_classifier, get_backbone
+
+    spec = get_backbone(model)  # KbenchError listing the names if it is none of the above
+    path = os.path.join(scratch, f"{spec.name}.keras")
+    build_classifier(spec, 2, spec.image_size, weights).save(path)
+    return ModelSource(spec.name, path, None, (spec.image_size, spec.image_size))
+
+
+def onnx_file(source: ModelSource, export_dir: str) -> str:
+    """The ONNX export of a Keras model, by kbench.export's one reuse rule."""
+    if source.onnx_path:
+        return source.onnx_path
+    from kbench.export import onnx_for
+
+    model = source.given if source.given and os.path.isdir(source.given) else source.keras_path
+    source.onnx_path = onnx_for(model, os.path.join(export_dir, f"{source.name}.onnx"))["path"]
+    return source.onnx_path
+
+
+def sample_pixels(batch_size: int, image_size: tuple[int, int]) -> np.ndarray:
+    """Image-like pixels (generated photographs' statistics, not zeros) at the model's size."""
+    import cv2
+
+    from kbench.synthetic import make_image
+
+    rng = np.random.default_rng(0)
+    images = [cv2.resize(make_image(i % 2, 64, rng), image_size[::-1]) for i in range(batch_size)]
+    return np.stack(images).astype(np.float32)
+
+
+def time_runs(run, pixels: np.ndarray, runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``run(pixels)`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run(pixels)
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(pixels)
+        timings.append((time.perf_counter() - start) * 1000)
+    return timings
+
+
+def plan(config: LatencyConfig) -> int:
+    return len(config.models) * len(config.runtimes) * len(config.batch_sizes)
+
+
+def iter_latency(config: LatencyConfig) -> Iterator[dict]:
+    """Yield one row per (model, runtime, batch size); rows of runtimes that can't run say why."""
+    import keras
+
+    config.check()
+    backend = keras.backend.backend()
+    with files.scratch_folder("latency") as scratch:
+        for model in config.models:
+            source = resolve_model(model, config.weights, scratch)
+            keras_model = None
+            names = list(config.runtimes)
+            if source.members > 1 and "onnxruntime-cpu" in names:
+                names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
+            for runtime_name in names:
+                runtime = make_runtime(runtime_name, config.threads)
+                base = {"model": source.name, "runtime": runtime.name, "backend": backend if runtime.needs == "keras"
+                        else "onnxruntime", "runs": config.runs, "warmup": config.warmup}
+                try:
+                    if runtime.needs == "keras":
+                        if source.keras_path is None:
+                            raise Unavailable("MODEL is an ONNX file")
+                        if keras_model is None:
+                            from kbench.export import load_model
+
+                            keras_model = load_model(source.keras_path)
+                        runtime.prepare(keras_model, source.image_size)
+                    else:
+                        runtime.prepare(onnx_file(source, config.export_dir), source.image_size)
+                except Unavailable as reason:
+                    for batch in config.batch_sizes:
+                        yield {**base, "device": runtime.device, "batch_size": batch, "status": f"unavailable: {reason}"}
+                    continue
+                for batch in config.batch_sizes:
+                    timings = time_runs(runtime.run, sample_pixels(batch, source.image_size), config.runs, config.warmup)
+                    stats = metrics.latency_stats(timings)
+                    yield {**base, "device": runtime.device, "batch_size": batch, **stats,
+                           "images_per_second": 1000 * batch / stats["p50_ms"], "status": "ok",
+                           "detail": runtime.detail}
+                del runtime
+            del keras_model
+            gc.collect()
+            keras.backend.clear_session()  # free the compiled graphs before the next model
+
+
+def measure(config: LatencyConfig, output: str | None = None, output_format: str = "table",
+            progress: bool = True) -> tuple[list[dict], bool]:
+    """Time every row with a progress bar on stderr; with ``output``, rewrite that file after each
+    row, so finished rows survive a kill (out of memory, ...). Returns (rows, interrupted): Ctrl-C
+    stops the loop and keeps the rows finished so far."""
+    import click
+
+    from kbench.report import latency_text
+
+    config.check()
+    if output and os.path.isdir(output):
+        raise KbenchError(f"-o {output} is a folder; give a file name")
+    machine = machine_info(config.threads)
+    rows, interrupted = [], False
+    try:
+        with click.progressbar(length=plan(config), label="timing", file=sys.stderr,
+                               hidden=not progress) as bar:
+            for row in iter_latency(config):
+                rows.append(row)
+                bar.update(1)
+                if output:
+                    files.write_text(output, latency_text(rows, output_format, machine))
+    except KeyboardInterrupt:
+        interrupted = True
+    if output:
+        files.write_text(output, latency_text(rows, output_format, machine))
+    return rows, interrupted
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """What the numbers were measured on: CPU model, cores, GPU, library versions, thread settings."""
+    import importlib.metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = "none"
+    try:
+        import subprocess
+
+        found = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=10)
+        if found.returncode == 0 and found.stdout.strip():
+            gpu = found.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    versions = {}
+    for package in ("keras", "jax", "tensorflow", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "versions": versions,
+            "threads": threads or "default", "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}

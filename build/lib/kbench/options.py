@@ -1,0 +1,134 @@
+"""The plumbing of ``kbench.cli``: click options built from the config dataclasses (flag, type,
+choices, help and default all come from the field), errors turned into exit codes, and the
+process set-up every command shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import types
+import typing
+
+import click
+
+from kbench.config import default, options_of
+from kbench.errors import KbenchError, TrainingInterrupted
+
+
+class Group(click.Group):
+    """Errors as one line: KbenchError exits 2, an interrupted run 130/143, an unexpected exception
+    1 (``--debug`` or KBENCH_DEBUG=1 shows its traceback instead)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TrainingInterrupted as stopped:
+            click.echo(f"kbench: {stopped}", err=True)
+            ctx.exit(128 + stopped.signal_number)
+        except KbenchError as error:
+            click.echo(f"kbench: error: {error}", err=True)
+            ctx.exit(2)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as error:
+            if debug():
+                raise
+            message = (str(error).strip().splitlines() or [""])[0][:300]
+            click.echo(f"kbench: error: unexpected {type(error).__name__}: {message} "
+                       "(run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+def debug() -> bool:
+    return os.environ.get("KBENCH_DEBUG", "") not in ("", "0")
+
+
+def _terminate(signal_number, frame):
+    # SIGTERM unwinds like Ctrl-C, so temporary folders and locks are released on the way out.
+    raise KeyboardInterrupt
+
+
+def _set_backend(ctx, param, value):
+    from kbench.backend import use_backend
+
+    try:
+        return use_backend(value)
+    except KbenchError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _options(*decorators):
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+    return apply
+
+
+def _int_list(ctx, param, value):
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("use comma-separated whole numbers, e.g. 1,8,32") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter("use comma-separated positive whole numbers, e.g. 1,8,32")
+    return numbers
+
+
+def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
+    """Click options built from a config dataclass's fields: the flag, type, choices, help and
+    default all come from the field (``kbench.config.option``). ``defaults=False`` leaves unset
+    options None, so that a command can tell what was given (``train --resume``)."""
+    fields, hints = options_of(cls), typing.get_type_hints(cls)
+    decorators = []
+    for name in names:
+        meta = fields[name]
+        flag = "--" + meta.get("flag", name).replace("_", "-")
+        kind = hints[name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option is X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        value = default(cls, name, missing=None)
+        shown = meta.get("shown_default", "on" if value is True else value)
+        shown = ",".join(map(str, shown)) if isinstance(shown, list) else shown
+        text = meta["help"] + (f"  [default: {shown}]" if shown is not None and shown is not False else "")
+        options = {"help": text, "required": name in required, "default": value if defaults else None}
+        if kind is bool:
+            flag, options["default"] = (f"{flag}/--no-{flag[2:]}" if value else flag), (value if defaults else None)
+            options["is_flag"] = True
+        elif typing.get_origin(kind) is list:
+            options["default"] = ",".join(map(str, value))
+            options["callback"] = _int_list if typing.get_args(kind) == (int,) else (
+                lambda ctx, param, text: [part.strip() for part in text.split(",") if part.strip()])
+        elif "choices" in meta:
+            options["type"] = click.Choice(list(meta["choices"]))
+            if "flag_value" in meta:
+                options.update(is_flag=False, flag_value=meta["flag_value"])
+                options["help"] += f"  [flag alone: {meta['flag_value']}]"
+        else:
+            options["type"] = click.Path() if meta.get("path") else kind
+        decorators.append(click.option(flag, name, **options))
+    return _options(*decorators)
+
+
+backend_option = click.option("--backend", type=click.Choice(["jax", "tensorflow"]), default=None, is_eager=True,
+                              callback=_set_backend, help="Keras backend (default: $KERAS_BACKEND, else jax).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a finished run in the folder.")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+
+
+def set_up_process(debug_flag: bool = False) -> None:
+    """--debug, SIGTERM unwinding like Ctrl-C, and kbench's log lines on stderr."""
+    if debug_flag:
+        os.environ["KBENCH_DEBUG"] = "1"
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kbench: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("kbench")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

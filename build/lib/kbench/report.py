@@ -1,0 +1,305 @@
+"""Rows (lists of flat dicts) -> ASCII and markdown tables; study results -> report.md, CSV/JSON, PNG plots."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import statistics
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None, style: str = "ascii") -> str:
+    """Render rows as an ASCII grid (the reference study's style) or a markdown table.
+
+    >>> print(format_table([{"model": "a", "ms": 1.5}], style="markdown"))
+    | model | ms |
+    |---|---|
+    | a | 1.5 |
+    """
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    if style == "markdown":
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(line) + " |" for line in cells]
+        return "\n".join(lines)
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    rule = "+" + "+".join("-" * (width + 2) for width in widths) + "+"
+
+    def line(values):
+        return "| " + " | ".join(value.ljust(width) for value, width in zip(values, widths)) + " |"
+
+    return "\n".join([rule, line(columns), rule, *(line(values) for values in cells), rule])
+
+
+def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:
+    """Latency rows as JSON (a list of rows), CSV, or a table / markdown headed by the machine."""
+    from kbench.latency import COLUMNS
+
+    if output_format == "json":
+        return json.dumps(rows, indent=2)
+    if output_format == "csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
+    header = (f"machine: {machine['cpu']}, {machine['cores']} cores; GPU: {machine['gpu']}; "
+              f"ONNX Runtime threads: {machine['threads']}; {versions}")
+    shown = [c for c in COLUMNS if c not in ("runs", "warmup", "detail")]
+    style = "markdown" if output_format == "markdown" else "ascii"
+    return header + "\n\n" + format_table(rows, shown, style=style)
+
+
+def _steady_epoch_seconds(row: dict) -> float | None:
+    seconds = row.get("epoch_seconds") or []
+    compiled = row.get("epochs_with_compilation", [1])  # those epochs include compilation
+    steady = [s for epoch, s in enumerate(seconds, 1) if epoch not in compiled] or seconds
+    return statistics.median(steady) if steady else None
+
+
+def flat_rows(results: dict) -> list[dict]:
+    """One flat row per model: training, quality and each runtime's median latency."""
+    flat = []
+    for row in results["rows"]:
+        item = {
+            "name": row["name"], "kind": row["kind"], "backbone": row.get("backbone"), "status": row["status"],
+            "params": row.get("params"), "image_size": row.get("image_size"), "epochs": row.get("epochs"),
+            "batch_size": row.get("batch_size"), "epoch_seconds": _steady_epoch_seconds(row),
+            "train_images_per_second": row.get("train_images_per_second"),
+            "feature_seconds": row.get("feature_seconds"), "head_seconds": row.get("head_seconds"),
+            "val_log_loss": row.get("val_log_loss"), "val_accuracy": row.get("val_accuracy"),
+        }
+        for timing in row.get("latency", []):
+            key = f"{timing['runtime']}_b{timing['batch_size']}_p50_ms"
+            item[key] = timing.get("p50_ms") if timing["status"] == "ok" else None
+        flat.append(item)
+    return flat
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better for both).
+
+    >>> pareto_front([(1, 5), (2, 3), (3, 4), (4, 1)])
+    [0, 1, 3]
+    """
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((a <= x and b <= y) and (a < x or b < y) for j, (a, b) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def _latency_key(flat: list[dict]) -> str | None:
+    """The runtime column that the quality/latency trade-off is plotted against."""
+    for runtime in ("onnxruntime-cuda", "onnxruntime-cpu", "keras-compiled", "keras-predict"):
+        key = f"{runtime}_b1_p50_ms"
+        if any(row.get(key) is not None for row in flat):
+            return key
+    return None
+
+
+def write_plots(flat: list[dict], out_dir: str) -> list[str]:
+    """PNG plots: log loss against latency with the Pareto front, and time per epoch per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kbench.files import atomic_path
+
+    written = []
+    key = _latency_key(flat)
+    scored = [row for row in flat if key and row.get(key) is not None and row.get("val_log_loss") is not None]
+    if scored:
+        points = [(row[key], row["val_log_loss"]) for row in scored]
+        front = pareto_front(points)
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for index, (row, (x, y)) in enumerate(zip(scored, points)):
+            marker = "s" if row["kind"] == "ensemble" else "o"
+            axes.scatter(x, y, marker=marker, s=60, color="tab:red" if index in front else "tab:blue", zorder=3)
+            axes.annotate(row["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ordered = sorted(points[i] for i in front)
+        axes.plot([p[0] for p in ordered], [p[1] for p in ordered], "--", color="tab:red", label="Pareto front")
+        axes.set_xlabel(f"latency, {key.replace('_p50_ms', '').replace('_b1', ' batch 1')} p50 (ms)")
+        axes.set_ylabel("validation log loss")
+        axes.set_title("Quality against serving cost (lower left is better)")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        path = os.path.join(out_dir, "logloss_vs_latency.png")
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    trained = [row for row in flat if row["kind"] == "backbone" and row.get("epoch_seconds")]
+    if trained:
+        figure, axes = plt.subplots(figsize=(7, 0.5 * len(trained) + 1.5))
+        axes.barh([row["name"] for row in trained], [row["epoch_seconds"] for row in trained], color="tab:blue")
+        axes.set_xlabel("seconds per training epoch (median of steady epochs)")
+        axes.invert_yaxis()
+        axes.grid(axis="x", alpha=0.3)
+        path = os.path.join(out_dir, "epoch_time.png")
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def markdown_report(results: dict, flat: list[dict]) -> str:
+    """report.md: the reference study's three tables (time per epoch, inference time, log loss),
+    then ensembles, ONNX Runtime against Keras, the submission, the machine and the command."""
+    machine = results.get("machine", {})
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+    backbones = [row for row in flat if row["kind"] == "backbone"]
+    ensembles = [row for row in flat if row["kind"] == "ensemble"]
+    parts = [f"# kbench study: {results['name']}", "",
+             f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, GPU: {machine.get('gpu', '?')}; "
+             f"backend {results['backend']}; {versions}.", "", f"Command: `{results.get('command', '')}`", ""]
+    parts += ["## Time per training epoch", "",
+              format_table(backbones, ["name", "backbone", "status", "params", "image_size", "batch_size", "epochs",
+                                       "epoch_seconds", "train_images_per_second"], style="markdown"), ""]
+    timing_rows = [{"model": row["name"], **{k: v for k, v in t.items() if k in (
+        "runtime", "device", "batch_size", "p50_ms", "p90_ms", "images_per_second", "status")}}
+        for row in results["rows"] for t in row.get("latency", [])]
+    parts += ["## Inference time", "", "Median (p50) and p90 of individually timed runs after warm-up.", "",
+              format_table(timing_rows, ["model", "runtime", "device", "batch_size", "p50_ms", "p90_ms",
+                                         "images_per_second", "status"], style="markdown") if timing_rows else "-", ""]
+    parts += ["## Log loss", "",
+              format_table(sorted(flat, key=lambda r: (r["val_log_loss"] is None, r["val_log_loss"] or 0)),
+                           ["name", "kind", "status", "val_log_loss", "val_accuracy"], style="markdown"), ""]
+    if ensembles:
+        parts += ["## Ensembles", "",
+                  format_table(ensembles, ["name", "backbone", "status", "val_log_loss", "val_accuracy",
+                                           "feature_seconds", "head_seconds"], style="markdown"), ""]
+    comparison = []
+    for row in flat:
+        keras_ms, onnx_ms = row.get("keras-compiled_b1_p50_ms"), row.get("onnxruntime-cpu_b1_p50_ms")
+        if keras_ms and onnx_ms:
+            comparison.append({"name": row["name"], "keras-compiled p50 ms": keras_ms,
+                               "onnxruntime-cpu p50 ms": onnx_ms, "speed-up": keras_ms / onnx_ms})
+    if comparison:
+        parts += ["## ONNX Runtime against Keras (batch 1)", "", format_table(comparison, style="markdown"), ""]
+    submission = results.get("submission")
+    if submission and submission.get("status", "ok") != "ok":
+        parts += ["## Submission", "", f"From {submission['model']}: {submission['status']}.", ""]
+    elif submission:
+        score = (f"; test log loss {submission['test_log_loss']:.4f}, accuracy {submission['test_accuracy']:.3f}"
+                 if "test_log_loss" in submission else "")
+        parts += ["## Submission", "", f"`{submission['path']}` from {submission['model']}: "
+                  f"{submission['predicted']} of {submission['images']} test images{score}.", ""]
+    return "\n".join(parts)
+
+
+def write_report(results: dict, out_dir: str) -> dict:
+    """results.json, results.csv, report.md and the PNG plots into ``out_dir``; returns their paths."""
+    from kbench.files import write_csv, write_json, write_text
+
+    flat = flat_rows(results)
+    paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
+             "report": os.path.join(out_dir, "report.md")}
+    write_json(paths["json"], results)
+    write_csv(paths["csv"], flat)
+    write_text(paths["report"], markdown_report(results, flat))
+    paths["plots"] = write_plots(flat, out_dir)
+    return paths
+
+
+# -- what the commands print -----------------------------------------------------------------------
+
+def backbone_text(specs: list, pattern: str | None = None, output_format: str = "table") -> str:
+    """The registry as a table or JSON; ``pattern`` filters names with shell wildcards
+    (``'efficientnet_b*'``)."""
+    rows = [spec.to_dict() for spec in specs if not pattern or fnmatch.fnmatchcase(spec.name, pattern)]
+    if output_format == "json":
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return f"no backbone matches {pattern!r}"
+    return format_table(rows, ["name", "image_size", "params", "feature_dim", "preprocessing", "pretrained"])
+
+
+def train_summary(result: dict, run_dir: str) -> str:
+    from kbench.runs import MODEL
+
+    seconds = result["epoch_seconds"]
+    quality = (f"val log loss {result['val_log_loss']:.4f}, accuracy {result['val_accuracy']:.3f}"
+               if result["val_log_loss"] is not None else "no validation split")
+    return (f"{result['backbone']} ({result['backend']}): {quality}; {len(seconds)} epochs, "
+            f"last {seconds[-1]:.1f} s ({result['train_images_per_second']:.0f} images/s) "
+            f"-> {os.path.join(run_dir, MODEL)}")
+
+
+def ensemble_summary(result: dict, run_dir: str) -> str:
+    from kbench.runs import MODEL
+
+    parts = ", ".join(f"{m['backbone']} {m['val_log_loss']:.4f}" for m in result["members"]
+                      if m["val_log_loss"] is not None)
+    return (f"ensemble ({result['method']}): val log loss {result['val_log_loss']:.4f}, accuracy "
+            f"{result['val_accuracy']:.3f} (members: {parts}); features {result['feature_seconds']:.1f} s, "
+            f"head {result['head_seconds']:.1f} s -> {os.path.join(run_dir, MODEL)}")
+
+
+def export_summary(result: dict) -> str:
+    if result.get("reused"):
+        return (f"{result['path']} is up to date ({result['megabytes']:.1f} MB, opset {result['opset']}, batch "
+                f"{result['batch_size']}): made from this model with these options, checked when it was written")
+    return (f"wrote {result['path']} ({result['megabytes']:.1f} MB, opset {result['opset']}, batch "
+            f"{result['batch_size']}) in {result['export_seconds']:.1f} s; ONNX Runtime vs Keras ({result['backend']}): "
+            f"largest relative difference {result['max_relative_difference']:.1e}")
+
+
+def quantize_summary(record: dict) -> str:
+    lines = [f"wrote {record['int8_path']} (calibrated on {record['calibration_images']} images); batch-1 latency "
+             f"{record['float_ms']:.2f} ms -> {record['int8_ms']:.2f} ms ({record['speedup']:.2f}x)"]
+    if "int8_val_log_loss" in record:
+        lines.append(f"validation log loss {record['float_val_log_loss']:.4f} -> {record['int8_val_log_loss']:.4f}, "
+                     f"accuracy {record['float_val_accuracy']:.3f} -> {record['int8_val_accuracy']:.3f}")
+    else:
+        lines.append("no validation split to compare float and int8 accuracy on")
+    return "\n".join(lines)
+
+
+def predict_summary(result: dict) -> str:
+    return (f"wrote {result['path']}: {result['predicted']} of {result['images']} images predicted, "
+            f"{result['skipped']} unreadable (given the uniform probability)")
+
+
+def study_summary(results: dict, out: str) -> str:
+    """What ``kbench bench`` and ``kbench demo`` print: the three tables, the submission, the files."""
+    flat = flat_rows(results)
+    parts = ["", "Time per training epoch",
+             format_table([r for r in flat if r["kind"] == "backbone"],
+                          ["name", "status", "params", "image_size", "epoch_seconds", "train_images_per_second"])]
+    latency_columns = [c for c in flat[0] if c.endswith("_p50_ms")] if flat else []
+    short = [{"name": r["name"], **{c.replace("_p50_ms", "").replace("_b", " b"): r.get(c) for c in latency_columns}}
+             for r in flat]
+    parts += ["", "Inference time (p50 ms; bN = batch size N)", format_table(short), "", "Log loss",
+              format_table(flat, ["name", "kind", "status", "val_log_loss", "val_accuracy"])]
+    submission = results.get("submission")
+    if submission and "test_log_loss" in submission:
+        parts += ["", f"submission ({submission['model']}): test log loss {submission['test_log_loss']:.4f}, "
+                      f"accuracy {submission['test_accuracy']:.3f}"]
+    elif submission and submission.get("status", "ok") != "ok":
+        parts += ["", f"submission ({submission['model']}): {submission['status']}"]
+    parts += ["", f"report: {os.path.join(out, 'report.md')}",
+              f"results: {os.path.join(out, 'results.csv')}, {os.path.join(out, 'results.json')}",
+              f"plots: {os.path.join(out, 'logloss_vs_latency.png')}, {os.path.join(out, 'epoch_time.png')}",
+              f"ONNX files: {os.path.join(out, 'onnx')}/"]
+    if submission and submission.get("path"):
+        parts.append(f"submission: {submission['path']}")
+    if results.get("failed"):
+        parts.append(f"{results['failed']} stage(s) failed: see the status column")
+    return "\n".join(parts)

@@ -1,0 +1,214 @@
+"""One small class per inference runtime, behind one interface: ``prepare`` (load, compile),
+``run(pixels)`` (one batch, synchronised: it returns only when the result exists on the host or the
+device has finished), and ``device`` / ``detail`` for the row.
+
+A runtime that can't run here raises ``Unavailable`` with the reason; it never falls back quietly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from kbench.errors import KbenchError
+
+RUNTIMES = ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
+
+
+def onnx_session(path: str, providers: list[str], options=None):
+    """An ONNX Runtime session over ``path``; KbenchError in one line for a missing, empty or
+    corrupt file (ONNX Runtime's own message is a page of C++ context)."""
+    import onnxruntime
+
+    if not os.path.isfile(path):
+        raise KbenchError(f"not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise KbenchError(f"{path} is empty; export it again (kbench export onnx)")
+    try:
+        return onnxruntime.InferenceSession(path, options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise KbenchError(f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}") from None
+
+
+class Unavailable(Exception):
+    """This runtime can't serve the model on this machine; the message says why."""
+
+
+class Runtime:
+    name = ""
+    needs = "keras"  # "keras" (a Keras model) or "onnx" (an ONNX file)
+    device = "cpu"
+    detail = ""
+
+    def prepare(self, model, image_size: tuple[int, int]) -> None:
+        raise NotImplementedError
+
+    def run(self, pixels: np.ndarray):
+        raise NotImplementedError
+
+
+def keras_device() -> str:
+    import keras
+
+    devices = keras.distribution.list_devices()
+    accelerators = [d for d in devices if not str(d).lower().startswith("cpu")]
+    return str(accelerators[0] if accelerators else devices[0])
+
+
+class KerasPredict(Runtime):
+    """``model.predict`` on the batch, as the reference study timed it (its overhead included)."""
+
+    name = "keras-predict"
+
+    def prepare(self, model, image_size):
+        self.model, self.device = model, keras_device()
+
+    def run(self, pixels):
+        return self.model.predict(pixels, verbose=0)
+
+
+class KerasCompiled(Runtime):
+    """The fastest way Keras serves the model on this backend: under JAX a ``jax.jit`` over
+    ``stateless_call`` with the variables passed in; under TensorFlow a ``tf.function``, with or
+    without XLA, whichever measures faster here on the first batch size prepared."""
+
+    name = "keras-compiled"
+
+    def prepare(self, model, image_size):
+        import keras
+
+        self.device = keras_device()
+        if keras.backend.backend() == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            # Copies: keras' own predict donates the variables' buffers, which would invalidate ours.
+            trainable = [jnp.array(v.value) for v in model.trainable_variables]
+            non_trainable = [jnp.array(v.value) for v in model.non_trainable_variables]
+
+            @jax.jit
+            def forward(trainable, non_trainable, pixels):
+                return model.stateless_call(trainable, non_trainable, pixels, training=False)[0]
+
+            self._run = lambda pixels: forward(trainable, non_trainable, pixels).block_until_ready()
+            self.detail = "jax.jit(stateless_call)"
+            return
+        import tensorflow as tf
+
+        candidates = {
+            "tf.function": tf.function(lambda x: model(x, training=False), jit_compile=False),
+            "tf.function+XLA": tf.function(lambda x: model(x, training=False), jit_compile=True),
+        }
+        self._candidates = candidates
+        self._run = None
+
+    def choose(self, pixels) -> None:
+        """TF: time each candidate on this input (after tracing) and keep the faster one."""
+        timings = {}
+        for label, function in self._candidates.items():
+            function(pixels).numpy()  # trace and compile
+            start = time.perf_counter()
+            for _ in range(3):
+                function(pixels).numpy()
+            timings[label] = time.perf_counter() - start
+        best = min(timings, key=timings.get)
+        function = self._candidates[best]
+        self._run = lambda x: function(x).numpy()
+        others = ", ".join(f"{label} {1000 * s / 3:.1f} ms" for label, s in timings.items())
+        self.detail = f"{best} (chosen by measuring: {others})"
+
+    def run(self, pixels):
+        if self._run is None:
+            self.choose(pixels)
+        return self._run(pixels)
+
+
+class OnnxRuntimeCPU(Runtime):
+    """An InferenceSession with full graph optimisation and ``threads`` intra-op threads."""
+
+    name = "onnxruntime-cpu"
+    needs = "onnx"
+    provider = "CPUExecutionProvider"
+
+    def __init__(self, threads: int | None = None, parallel: bool = False):
+        self.threads, self.parallel = threads, parallel
+        if parallel:
+            self.name = self.name + "-parallel"
+
+    def options(self):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.parallel:  # independent branches (ensemble members) run concurrently
+            options.execution_mode = onnxruntime.ExecutionMode.ORT_PARALLEL
+        return options
+
+    def prepare(self, model, image_size):
+        import onnxruntime
+
+        self.session = onnx_session(model, [self.provider], self.options())
+        self.input_name = self.session.get_inputs()[0].name
+        self.detail = f"intra-op threads {self.threads or 'default'}" + (", parallel mode" if self.parallel else "")
+
+    def run(self, pixels):
+        return self.session.run(None, {self.input_name: pixels})
+
+
+class OnnxRuntimeCUDA(OnnxRuntimeCPU):
+    """CUDAExecutionProvider with IO binding: the input is copied to the GPU before the timer starts
+    and outputs stay there, so host-device copies aren't counted as compute."""
+
+    name = "onnxruntime-cuda"
+    provider = "CUDAExecutionProvider"
+    device = "cuda"
+
+    def prepare(self, model, image_size):
+        import onnxruntime
+
+        if self.provider not in onnxruntime.get_available_providers():
+            raise Unavailable("this onnxruntime has no CUDA provider (install onnxruntime-gpu on a CUDA machine)")
+        try:
+            self.session = onnx_session(model, [self.provider], self.options())
+        except Exception as error:
+            raise Unavailable(f"CUDA session failed: {str(error).splitlines()[0]}") from None
+        if self.session.get_providers()[0] != self.provider:
+            raise Unavailable("CUDA provider could not be initialised (missing CUDA/cuDNN libraries?)")
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}"
+        self.detail = "IO binding"
+        self._bound = None
+
+    def run(self, pixels):
+        import onnxruntime
+
+        if self._bound is None or self._bound[0] is not pixels:
+            binding = self.session.io_binding()
+            value = onnxruntime.OrtValue.ortvalue_from_numpy(pixels, "cuda", 0)
+            binding.bind_ortvalue_input(self.input_name, value)
+            for output in self.session.get_outputs():
+                binding.bind_output(output.name, "cuda")
+            self._bound = (pixels, binding, value)
+        binding = self._bound[1]
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+
+def make_runtime(name: str, threads: int | None = None) -> Runtime:
+    if name == "keras-predict":
+        return KerasPredict()
+    if name == "keras-compiled":
+        return KerasCompiled()
+    if name == "onnxruntime-cpu":
+        return OnnxRuntimeCPU(threads)
+    if name == "onnxruntime-cpu-parallel":
+        return OnnxRuntimeCPU(threads, parallel=True)
+    if name == "onnxruntime-cuda":
+        return OnnxRuntimeCUDA(threads)
+    raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")

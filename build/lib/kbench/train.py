@@ -1,0 +1,385 @@
+"""Fit one backbone on image files; time its epochs; evaluate it; write the run folder.
+
+The folder's files and lock belong to ``kbench.runs``. ``config.json`` holds every resolved option
+(the run can be repeated from it, and ``--resume`` compares new options with it); a checkpoint is
+written after every epoch and on Ctrl-C / SIGTERM, which ``resume=True`` continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from kbench import metrics
+from kbench.backbones import get_backbone, weights_kind
+from kbench.backend import use_backend
+from kbench.config import from_dict, option, positive
+from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
+from kbench.devices import count_devices, training_devices
+from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.runs import CHECKPOINT, Run, data_fingerprint
+
+log = logging.getLogger("kbench")
+
+MAX_IMAGE_SIZE = 1024  # pixels per side; the largest native size is 600 (EfficientNet-B7)
+# What may differ between a run's config and a resumed run's: the length of the run.
+RESUMABLE_CHANGES = ("epochs",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. ``None`` fields are resolved by ``resolved()``."""
+
+    backbone: str = option(help="Registered backbone name (see `kbench backbones`).")
+    data: str = option(help="Kaggle train folder or train.zip, or one folder per class.", path=True)
+    run_dir: str = option(help="Folder for the model, metrics and history.", path=True)
+    backend: str | None = None  # --backend, else KERAS_BACKEND, else kbench.backend's default
+    epochs: int = option(10, "Training epochs.")
+    batch_size: int = option(32, "Images per step.")
+    image_size: int | None = option(None, "Pixels per side.", shown_default="the backbone's native size")
+    lr: float = option(1e-4, "Adam learning rate (the reference study's).")
+    weights: str | None = option(None, "imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).",
+                                 shown_default="imagenet; none for small_cnn")
+    augment: bool = option(True, "The reference study's flips and crops.")
+    val_split: float = option(0.1, "Stratified hold-out fraction.")
+    seed: int = option(0, "Seed for the split, shuffling, augmentation and weights.")
+    freeze_backbone: bool = option(False, "Train only the head.")
+    cache: bool = option(False, "Keep decoded images in memory after the first epoch.")
+    workers: int | None = option(None, "Image decoding threads.", shown_default="CPU count, at most 8")
+    devices: str | None = option(None, "Data parallel over 'all' local devices or N of them.", shown_default="one")
+    mixed_precision: str | None = option(None, "Mixed-precision compute on GPUs (float32 head and loss).",
+                                         choices=("bfloat16", "float16"), flag_value="bfloat16")
+    layout: str = option("auto", "How labels are read from the data (see README).", choices=("auto", "kaggle",
+                                                                                             "folders"))
+
+    def check(self) -> "TrainConfig":
+        """KbenchError in one line for any value that can't work, before anything is read or built."""
+        for name in ("epochs", "batch_size"):
+            positive(getattr(self, name), f"--{name.replace('_', '-')}", whole=True)
+        positive(self.lr, "--lr")
+        if self.image_size is not None:
+            positive(self.image_size, "--image-size", whole=True)
+            if self.image_size > MAX_IMAGE_SIZE:
+                raise KbenchError(f"--image-size {self.image_size} is more than {MAX_IMAGE_SIZE} pixels per side, "
+                                  "larger than any backbone is trained at")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise KbenchError(f"--seed must be a whole number >= 0; got {self.seed}")
+        if self.workers is not None:
+            positive(self.workers, "--workers", whole=True)
+        if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
+            raise KbenchError(f"--val-split must be in [0, 1); got {self.val_split}")
+        if self.layout not in LAYOUTS:
+            raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.devices is not None:
+            count_devices(self.devices, available=10**6)  # its form; the count is checked on the devices
+        return self
+
+    def resolved(self) -> "TrainConfig":
+        self.check()
+        spec = get_backbone(self.backbone)
+        config = dataclasses.replace(
+            self,
+            image_size=self.image_size or spec.image_size,
+            weights=self.weights or ("imagenet" if spec.pretrained else "none"),
+            data=os.path.abspath(self.data),
+            backend=use_backend(self.backend),
+        )
+        if config.image_size < spec.min_image_size:
+            raise KbenchError(f"{spec.name} needs --image-size of at least {spec.min_image_size}")
+        weights_kind(config.weights)  # a missing weights file fails before any data is read
+        return config
+
+    def record(self) -> dict:
+        """What config.json holds."""
+        return {"kind": "backbone", **dataclasses.asdict(self)}
+
+    @classmethod
+    def load(cls, run_dir: str) -> "TrainConfig":
+        run = Run(run_dir)
+        record = dict(run.config)
+        if record.pop("kind", "backbone") != "backbone":
+            raise KbenchError(f"{run_dir} is an ensemble, not a training run")
+        return from_dict(cls, record, f"{run.path} (its recorded config)")
+
+
+def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
+    """The config of an interrupted run. ``given`` options must agree with it (a run can't resume
+    with a different learning rate or data); only its length (``epochs``) may change."""
+    config = TrainConfig.load(run_dir)
+    config.run_dir = run_dir
+    changes = {}
+    for key, value in (given or {}).items():
+        if key == "data":
+            value = os.path.abspath(value)
+        recorded = getattr(config, key)
+        if key in RESUMABLE_CHANGES:
+            changes[key] = value
+        elif value != recorded and not (key == "backend" and value == use_backend(recorded)):
+            option = "--" + key.replace("_", "-")
+            raise KbenchError(f"--resume continues {run_dir} with its own settings; {option} {value} differs from "
+                              f"the recorded {recorded} and would be ignored: drop it, or train a new --run-dir")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto", overwrite: bool = False) -> dict:
+    """Train ``config.backbone`` on ``config.data``; returns the metrics written to metrics.json.
+
+    Raises KbenchError for bad input (before any model is built) and TrainingInterrupted after
+    saving a checkpoint when SIGINT/SIGTERM arrives.
+    """
+    config = config.resolved()
+    run = Run(config.run_dir)
+    images = find_images(config.data, layout=config.layout)
+    binary = len(images.classes) == 2
+    with run.lock():
+        state = run.prepare("backbone", overwrite=overwrite, resume=resume)
+        train_idx, val_idx = _split(images, config, run if resume else None)
+        run.write_config(config.record())
+        run.write_split(_split_record(images, config, train_idx, val_idx))
+        import keras
+
+        keras.utils.set_random_seed(config.seed)
+        with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
+            return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
+
+
+def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
+    import keras
+
+    if state:
+        try:
+            model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
+        except Exception as error:
+            raise KbenchError(f"the checkpoint in {run.path} can't be loaded ({_first_line(error)}); "
+                              "remove the folder and train again") from None
+    else:
+        model = _build_and_compile(config, len(images.classes))
+
+    loader_options = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers)
+    train_loader = ImageLoader(
+        images, train_idx, augment=config.augment, shuffle=True, seed=config.seed, cache=config.cache, **loader_options
+    )
+    val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options) if len(val_idx) else None
+    history = state["history"] if state else []
+    compiled = list(state.get("epochs_with_compilation", [1])) if state else []
+    compiled.append(len(history) + 1)  # this process compiles in its first epoch
+    try:
+        with _StopRequest() as stop:
+            _fit(model, run, config, train_loader, val_loader, binary, history, stop, verbose, len(devices), compiled)
+        run.save_model(model)
+        result = _evaluate(model, val_loader, binary)
+    finally:
+        train_loader.close()
+        if val_loader is not None:
+            val_loader.close()
+
+    skipped = images.skipped + [images.keys[i] for i in sorted({**train_loader.bad, **(val_loader.bad if val_loader else {})})]
+    epoch_seconds = [row["epoch_seconds"] for row in history]
+    compiled = sorted(set(e for e in compiled if e <= len(history)))
+    steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
+    record = {
+        "kind": "backbone",
+        "backbone": config.backbone,
+        "backend": keras.backend.backend(),
+        "devices": devices,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "global_batch_size": config.batch_size,
+        "mixed_precision": config.mixed_precision,
+        "epochs": config.epochs,
+        "weights": config.weights,
+        "classes": images.classes,
+        "params": int(model.count_params()),
+        "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "epoch_seconds": epoch_seconds,
+        "epochs_with_compilation": compiled,
+        "train_images_per_second": len(train_idx) / statistics.median(steady),
+        **result,
+        "skipped_images": skipped,
+        "keras_version": keras.__version__,
+    }
+    run.write_metrics(record)
+    run.clear_checkpoint()
+    if skipped:
+        log.warning("%d image file(s) were skipped as unreadable", len(skipped))
+    return record
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tuple[np.ndarray, np.ndarray]:
+    if resume_from:
+        saved = resume_from.split
+        if saved.get("fingerprint") not in (None, data_fingerprint(images)):
+            raise KbenchError(f"{config.data} no longer holds the images {resume_from.path} was trained on; "
+                              "resume needs the same data")
+        return indices_of(images, saved["train"]), indices_of(images, saved["val"])
+    train_idx, val_idx = split_indices(images.labels, config.val_split, config.seed)
+    if len(train_idx) == 0:
+        raise KbenchError("no training images left after the validation split")
+    return train_idx, val_idx
+
+
+def _split_record(images: ImageSet, config: TrainConfig, train_idx, val_idx) -> dict:
+    return {
+        "data": config.data,
+        "layout": images.layout,
+        "classes": images.classes,
+        "fingerprint": data_fingerprint(images),
+        "val_split": config.val_split,
+        "seed": config.seed,
+        "train": [images.keys[i] for i in train_idx],
+        "val": [images.keys[i] for i in val_idx],
+    }
+
+
+def _build_and_compile(config: TrainConfig, num_classes: int):
+    import keras
+
+    from kbench.backbones import build_classifier
+
+    model = build_classifier(
+        get_backbone(config.backbone), num_classes, config.image_size, config.weights, config.freeze_backbone
+    )
+    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+    model.compile(optimizer=keras.optimizers.Adam(config.lr), loss=loss, metrics=["accuracy"])
+    return model
+
+
+def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int = 1):
+    """A keras PyDataset serving ``loader``'s batches of one epoch (labels shaped for the head).
+    With ``multiple`` devices each batch is cut to a multiple of them, as data parallelism needs."""
+    import keras
+
+    class EpochBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)  # the loader has its own threads
+
+        def __len__(self):
+            return len(loader)
+
+        def __getitem__(self, index):
+            pixels, labels = loader.batch(epoch, index)
+            if multiple > 1:
+                keep = len(labels) - len(labels) % multiple or len(labels)
+                if len(labels) < multiple:  # a short last batch: repeat images to fill one row
+                    repeat = np.resize(np.arange(len(labels)), multiple)
+                    pixels, labels = pixels[repeat], labels[repeat]
+                else:
+                    pixels, labels = pixels[:keep], labels[:keep]
+            return pixels, (labels.astype("float32")[:, None] if binary else labels)
+
+    return EpochBatches()
+
+
+def _fit(model, run: Run, config, train_loader, val_loader, binary, history, stop, verbose, devices: int,
+         compiled: list[int]) -> None:
+    """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
+    resumed run replays exactly the epochs it missed."""
+    import keras
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.seconds = time.perf_counter(), None
+
+        def on_test_begin(self, logs=None):  # validation inside fit: not part of the epoch time
+            if self.seconds is None:
+                self.seconds = time.perf_counter() - self.start
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.seconds is None:
+                self.seconds = time.perf_counter() - self.start
+
+        def on_train_batch_end(self, batch, logs=None):
+            if stop.signal is not None:
+                self.model.stop_training = True
+            loss = (logs or {}).get("loss")
+            if loss is not None and not np.isfinite(float(loss)):
+                raise KbenchError(f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}, "
+                                  f"batch {batch + 1}; lower --lr (now {config.lr})")
+
+    class Progress(keras.callbacks.ProgbarLogger):
+        def set_params(self, params):
+            super().set_params(params)
+            self.epochs = config.epochs  # one fit per epoch: show the run's total, not 1
+
+    clock = EpochClock()
+    callbacks = [clock] + ([Progress()] if verbose else [])
+    val_data = epoch_batches(val_loader, 0, binary, devices) if val_loader is not None else None
+    for epoch in range(len(history), config.epochs):
+        if stop.signal is None:
+            logs = model.fit(
+                epoch_batches(train_loader, epoch, binary, devices),
+                validation_data=val_data,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                shuffle=False,  # the loader orders each epoch by (seed, epoch); keras' own shuffle uses
+                # Python's global random state, which a resumed process has consumed differently
+                callbacks=callbacks,
+                verbose=verbose,
+            ).history
+        state = {"epochs_done": len(history), "history": history, "epochs_with_compilation": compiled}
+        if stop.signal is not None:  # the interrupted epoch is redone on resume
+            run.save_checkpoint(model, state)
+            raise TrainingInterrupted(
+                f"interrupted in epoch {epoch + 1}/{config.epochs}; checkpoint saved in {run.path}; "
+                f"continue with: kbench train --run-dir {run.path} --resume",
+                stop.signal,
+            )
+        row = {"epoch": epoch + 1, "epoch_seconds": clock.seconds}
+        row.update({name: float(values[-1]) for name, values in logs.items()})
+        history.append(row)
+        run.write_history(history)
+        if epoch + 1 < config.epochs:
+            run.save_checkpoint(model, {**state, "epochs_done": len(history)})
+
+
+def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
+    if val_loader is None:
+        return {"val_log_loss": None, "val_accuracy": None}
+    probabilities, labels = predict(model.predict_on_batch, val_loader)
+    return {
+        "val_log_loss": metrics.log_loss(labels, probabilities),
+        "val_accuracy": metrics.accuracy(labels, probabilities),
+    }
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current batch; a second
+    SIGINT aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signal_number, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal_number
+        log.warning("stopping after this batch to save a checkpoint (Ctrl-C again aborts without one)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        return False
