@@ -114,7 +114,7 @@ def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
 
 
 backend_option = click.option("--backend", type=click.Choice(["jax", "tensorflow"]), default=None, is_eager=True,
-                              callback=_set_backend, help="Keras backend (default: $KERAS_BACKEND, else jax).")
+                              callback=_set_backend, help="Keras backend (default: $KERAS_BACKEND, else jax with a GPU, tensorflow without).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a finished run in the folder.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 
