@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kbench import metrics
+from kbench import doctor, metrics
 from kbench.errors import KbenchError
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
 
@@ -123,6 +123,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
     if config.runs < 1 or config.warmup < 0 or any(b < 1 for b in config.batch_sizes):
         raise KbenchError("--runs and --batch-size must be positive and --warmup not negative")
     backend = keras.backend.backend()
+    doctor.warn_if_gpu_unseen(backend)
     with tempfile.TemporaryDirectory(prefix="kbench-latency-") as scratch:
         for model in config.models:
             source = resolve_model(model, config.weights, scratch)

@@ -15,7 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from kbench import files
+from kbench import doctor, files
 from kbench.errors import KbenchError, TrainingInterrupted
 
 if sys.version_info >= (3, 11):
@@ -147,6 +147,7 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
     from kbench.backend import use_backend
 
     config.backend = use_backend(config.backend)
+    doctor.warn_if_gpu_unseen(config.backend)
     runs_dir, ensembles_dir, onnx_dir = (os.path.join(out_dir, name) for name in ("runs", "ensembles", "onnx"))
     for folder in (runs_dir, ensembles_dir, onnx_dir):
         os.makedirs(folder, exist_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import files, metrics
+from kbench import doctor, files, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import use_backend
 from kbench.data import ImageLoader, ImageSet, find_images, indices_of, split_indices
@@ -104,6 +104,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     files.write_json(os.path.join(run_dir, SPLIT), _split_record(images, config, train_idx, val_idx))
 
     use_backend(config.backend)  # before keras is imported
+    doctor.warn_if_gpu_unseen(config.backend)
     import keras
 
     keras.utils.set_random_seed(config.seed)
