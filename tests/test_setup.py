@@ -56,7 +56,8 @@ def test_cuda_0_installs_the_cpu_set_and_removes_the_cuda_set(checkout):
     assert "touch .venv/.installed-cpu" in done.stdout
 
 
-@pytest.mark.parametrize("listed, flavour", [("GPU 0: NVIDIA H200 (UUID: GPU-1)\n", "cuda"), ("", "cpu"), (None, "cpu")])
+@pytest.mark.parametrize("listed, flavour",
+                         [("GPU 0: NVIDIA H200 (UUID: GPU-1)\n", "cuda"), ("", "cpu"), (None, "cpu")])
 def test_the_choice_follows_nvidia_smi(checkout, listed, flavour):
     done = make_install(checkout, nvidia_smi=listed)
     assert done.returncode == 0, done.stderr
