@@ -269,6 +269,17 @@ def demo(out, images, fresh, backend):
     _show_study(results, out)
 
 
+@cli.command()
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def doctor(output_format):
+    """What kbench can use here: versions, the GPUs nvidia-smi lists, the devices JAX, TensorFlow
+    and ONNX Runtime see (each asked in a subprocess), and a warning with the fix for an unused GPU."""
+    from kbench.doctor import diagnose, format_doctor
+
+    report = diagnose()
+    click.echo(json.dumps(report, indent=2) if output_format == "json" else format_doctor(report))
+
+
 def main() -> None:
     try:
         cli(prog_name="kbench")

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kbench import files, metrics
+from kbench import doctor, files, metrics
 from kbench.config import option, positive
 from kbench.errors import KbenchError
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
@@ -134,6 +134,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
 
     config.check()
     backend = keras.backend.backend()
+    doctor.warn_if_gpu_unseen(backend)
     with files.scratch_folder("latency") as scratch:
         for model in config.models:
             source = resolve_model(model, config.weights, scratch)

@@ -22,7 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from kbench import files
+from kbench import doctor, files
 from kbench.config import check_keys, field_names, from_dict
 from kbench.ensemble import EnsembleConfig
 from kbench.errors import KbenchError, TrainingInterrupted
@@ -351,6 +351,7 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
     from kbench.data import find_images
 
     config.backend = use_backend(config.backend)
+    doctor.warn_if_gpu_unseen(config.backend)
     prepare_out(config, out_dir, overwrite)
     images = find_images(config.data, layout=config.layout)  # the layout is checked before any training
     fingerprint = data_fingerprint(images)

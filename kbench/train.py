@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import metrics
+from kbench import doctor, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
@@ -138,6 +138,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
     config = config.resolved()
+    doctor.warn_if_gpu_unseen(config.backend)
     run = Run(config.run_dir)
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2

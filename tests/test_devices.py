@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import BACKEND, run_cli
+from conftest import BACKEND, CPU_ONLY, accelerator, run_cli
 from kbench.devices import count_devices
 from kbench.errors import KbenchError
 
@@ -23,13 +23,22 @@ def train_args(kaggle_data, run_dir, *extra):
 
 
 def test_mixed_precision_is_refused_on_a_cpu(kaggle_data, tmp_path):
-    done = run_cli(*train_args(kaggle_data, str(tmp_path / "run"), "--mixed-precision"))
+    done = run_cli(*train_args(kaggle_data, str(tmp_path / "run"), "--mixed-precision"), env=CPU_ONLY)
     assert done.returncode == 2 and "--mixed-precision needs a GPU" in done.stderr
+
+
+@pytest.mark.skipif(not accelerator(), reason="mixed precision trains only on a GPU or TPU")
+def test_mixed_precision_trains_on_a_gpu(kaggle_data, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli(*train_args(kaggle_data, str(run_dir), "--mixed-precision"))
+    assert done.returncode == 0, done.stderr
+    metrics = json.load(open(run_dir / "metrics.json"))
+    assert metrics["mixed_precision"] == "bfloat16" and not metrics["devices"][0].lower().startswith("cpu")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="virtual host devices: XLA_FLAGS is JAX's")
 def test_two_virtual_devices_follow_the_one_device_loss_curve(kaggle_data, tmp_path):
-    environment = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    environment = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}  # even beside a GPU
     curves = {}
     for devices in ("1", "2"):
         run_dir = str(tmp_path / f"d{devices}")

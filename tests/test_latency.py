@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import BACKEND, run_cli
+from conftest import BACKEND, onnxruntime_cuda, run_cli
 from kbench.backbones import build_classifier, get_backbone
 from kbench.latency import COLUMNS, LatencyConfig, iter_latency, time_runs
 from kbench.metrics import latency_stats
@@ -31,16 +31,18 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def test_rows_for_every_runtime_with_cuda_unavailable_here(tiny_model, tmp_path):
+def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path):
     config = LatencyConfig([tiny_model], batch_sizes=[1, 2], runs=3, warmup=1, export_dir=str(tmp_path))
     rows = list(iter_latency(config))
     assert [(r["runtime"], r["batch_size"]) for r in rows] == [
         (runtime, batch) for runtime in ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
         for batch in (1, 2)]
     for row in rows:
-        if row["runtime"] == "onnxruntime-cuda":
+        if row["runtime"] == "onnxruntime-cuda" and not onnxruntime_cuda():
             assert row["status"].startswith("unavailable: ") and "p50_ms" not in row  # never a quiet CPU run
             continue
+        if row["runtime"] == "onnxruntime-cuda":
+            assert row["device"].startswith("cuda")
         assert row["status"] == "ok" and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
     assert {r["backend"] for r in rows if r["runtime"].startswith("keras")} == {BACKEND}
