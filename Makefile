@@ -17,10 +17,12 @@ OTHER_SET := onnxruntime-gpu
 else
 $(error CUDA must be 1 (the CUDA builds) or 0 (the CPU builds), not '$(CUDA)')
 endif
+# The base set brings the CPU onnxruntime; the CUDA set swaps it for this, alone (see pyproject.toml).
+ORT_GPU := 'onnxruntime-gpu[cuda,cudnn,symbolic]'
 # One stamp per set, so that switching between them re-installs.
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install demo test test-jax test-tensorflow test-heavy bench-pipeline bench-gpu clean
+.PHONY: install demo lint test test-jax test-tensorflow test-heavy bench-pipeline bench-gpu clean
 
 install: $(STAMP)
 
@@ -38,15 +40,22 @@ $(STAMP): pyproject.toml constraints.txt
 	    $(if $(filter cpu,$(FLAVOUR)),jax-cuda12-plugin jax-cuda12-pjrt $$($(PY) -m pip freeze | grep -o '^nvidia-[a-z0-9-]*-cu12')); \
 	fi
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,$(FLAVOUR)]'
+	$(if $(filter cuda,$(FLAVOUR)),$(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu && \
+	  $(PY) -m pip install --quiet -c constraints.txt $(ORT_GPU))
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/kbench demo
 
-# The suite runs once per backend.
-test: test-jax test-tensorflow
+# Lint and format check, the docstring examples, then the suite once per backend.
+test: lint test-jax test-tensorflow
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-jax: install
+	KERAS_BACKEND=jax $(PY) -m pytest -q --doctest-modules kbench
 	KERAS_BACKEND=jax $(PY) -m pytest -q tests
 
 test-tensorflow: install

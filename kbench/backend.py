@@ -42,7 +42,7 @@ def gpu_found() -> bool:
 def default_backend() -> tuple[str, str]:
     """This machine's default backend and why, ignoring ``KERAS_BACKEND``.
 
-    >>> default_backend()  # on a machine without a GPU
+    >>> default_backend()  # on a machine without a GPU  # doctest: +SKIP
     ('tensorflow', 'no GPU found; JAX trains 2-20x slower than TensorFlow on CPUs; --backend jax to override')
     """
     if gpu_found():
@@ -109,7 +109,7 @@ def default_notice(name: str | None = None) -> str | None:
     first time only. Otherwise None. (The CLI selects the backend before a command runs and passes
     the result on, so a ``name`` equal to the default chosen earlier still counts as the default.)
 
-    >>> default_notice()  # on a machine without a GPU, KERAS_BACKEND unset
+    >>> default_notice()  # on a machine without a GPU, KERAS_BACKEND unset  # doctest: +SKIP
     'backend tensorflow (no GPU found; JAX trains 2-20x slower than TensorFlow on CPUs; --backend jax to override)'
     """
     chosen = use_backend(name)
