@@ -47,8 +47,9 @@ def default_backend() -> tuple[str, str]:
     """
     if gpu_found():
         return GPU_BACKEND, "a GPU was found; --backend tensorflow to override"
-    return CPU_BACKEND, (f"no GPU found; JAX trains {CPU_SLOWDOWN} slower than TensorFlow on CPUs; "
-                         "--backend jax to override")
+    return CPU_BACKEND, (
+        f"no GPU found; JAX trains {CPU_SLOWDOWN} slower than TensorFlow on CPUs; --backend jax to override"
+    )
 
 
 def choose_backend(name: str | None = None) -> tuple[str, str]:
@@ -91,8 +92,7 @@ def use_backend(name: str | None = None) -> str:
         current = keras.backend.backend()
         if current != chosen:
             raise KbenchError(
-                f"keras is already loaded with the {current} backend in this process; "
-                f"run a new process to use {chosen}"
+                f"keras is already loaded with the {current} backend in this process; run a new process to use {chosen}"
             )
     if by_default:
         _default_choice.setdefault("name", chosen)

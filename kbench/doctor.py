@@ -27,8 +27,20 @@ FIX = "run `make install CUDA=1`"
 # JAX's documented minimum for its CUDA 12 wheels; TensorFlow 2.21 and onnxruntime-gpu 1.26 are
 # CUDA 12 builds too (see pyproject.toml).
 MIN_DRIVER = (525, 60, 13)
-PACKAGES = ("kbench", "keras", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "tensorflow", "onnx",
-            "tf2onnx", "onnxruntime", "onnxruntime-gpu", "numpy")
+PACKAGES = (
+    "kbench",
+    "keras",
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "tensorflow",
+    "onnx",
+    "tf2onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+)
 PROBE_SECONDS = 120
 
 _warned = False
@@ -64,8 +76,9 @@ def gpu_details() -> list[dict]:
     for line in (output or "").splitlines():
         parts = [part.strip() for part in line.split(",")]
         if len(parts) == 3:
-            gpus.append({"name": parts[0], "memory_mib": int(parts[1]) if parts[1].isdigit() else parts[1],
-                         "driver": parts[2]})
+            gpus.append(
+                {"name": parts[0], "memory_mib": int(parts[1]) if parts[1].isdigit() else parts[1], "driver": parts[2]}
+            )
     return gpus
 
 
@@ -83,8 +96,10 @@ def probe_jax() -> dict:
     import jax
 
     devices = jax.devices()
-    result = {"version": jax.__version__, "devices": [{"id": f"{d.platform}:{d.id}", "kind": d.device_kind}
-                                                       for d in devices]}
+    result = {
+        "version": jax.__version__,
+        "devices": [{"id": f"{d.platform}:{d.id}", "kind": d.device_kind} for d in devices],
+    }
     if all(d.platform == "cpu" for d in devices):
         try:
             jax.devices("gpu")
@@ -130,16 +145,19 @@ def probe_onnxruntime(session: bool = True) -> dict:
 
 
 def cuda_session_status() -> str:
-    """"ok" if ONNX Runtime runs a one-node graph on its CUDA provider, else "failed: why"."""
+    """ "ok" if ONNX Runtime runs a one-node graph on its CUDA provider, else "failed: why"."""
     import onnxruntime
     from onnx import TensorProto, helper
 
     from kbench.runtimes import preload_cuda_libraries
 
     missing = preload_cuda_libraries()
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
@@ -155,8 +173,7 @@ PROBES = {"jax": probe_jax, "tensorflow": probe_tensorflow, "onnxruntime": probe
 
 def _probe_command(name: str) -> list[str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys; sys.path.insert(0, {root!r}); from kbench.doctor import _print_probe; "
-            f"_print_probe({name!r})")
+    code = f"import sys; sys.path.insert(0, {root!r}); from kbench.doctor import _print_probe; _print_probe({name!r})"
     return [sys.executable, "-c", code]
 
 
@@ -175,8 +192,12 @@ def _print_probe(name: str) -> None:
 def run_probes(names=tuple(PROBES), timeout: float = PROBE_SECONDS) -> dict:
     """Each probe in its own subprocess, all at once; a probe that fails or hangs gets {"error": ...}."""
     environment = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    running = {name: subprocess.Popen(_probe_command(name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=environment) for name in names}
+    running = {
+        name: subprocess.Popen(
+            _probe_command(name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+        )
+        for name in names
+    }
     results, deadline = {}, time.monotonic() + timeout
     for name, process in running.items():
         try:
@@ -216,8 +237,13 @@ def gpus_hidden(backend: str | None = None) -> bool:
     return backend == "jax" and bool(platforms) and "cuda" not in platforms and "gpu" not in platforms
 
 
-def gpu_warnings(gpus: list[str], jax: dict | None = None, tensorflow: dict | None = None,
-                 onnxruntime: dict | None = None, drivers: list[str] = ()) -> list[str]:
+def gpu_warnings(
+    gpus: list[str],
+    jax: dict | None = None,
+    tensorflow: dict | None = None,
+    onnxruntime: dict | None = None,
+    drivers: list[str] = (),
+) -> list[str]:
     """One warning with its fix for each problem: a GPU that ``nvidia-smi`` lists (``gpus``: names)
     and a backend or ONNX Runtime doesn't see, an old driver, ONNX Runtime missing or installed
     twice. Probe results as ``probe_jax`` etc. return them; None: not asked.
@@ -228,20 +254,26 @@ def gpu_warnings(gpus: list[str], jax: dict | None = None, tensorflow: dict | No
     warnings = []
     packages = (onnxruntime or {}).get("packages", [])
     if onnxruntime is not None and onnxruntime.get("error", "").startswith("not installed"):
-        warnings.append("ONNX Runtime is not installed: run `make install` (or pip install 'kbench[cpu]', "
-                        "'kbench[cuda]' on a GPU machine)")
+        warnings.append(
+            "ONNX Runtime is not installed: run `make install` (or pip install 'kbench[cpu]', "
+            "'kbench[cuda]' on a GPU machine)"
+        )
     elif onnxruntime is not None and "error" in onnxruntime:
         warnings.append(f"ONNX Runtime did not start: {onnxruntime['error']}")
     if len(packages) > 1:
-        warnings.append("both onnxruntime and onnxruntime-gpu are installed and share one module: run `make "
-                        "install` (it removes both and installs one)")
+        warnings.append(
+            "both onnxruntime and onnxruntime-gpu are installed and share one module: run `make "
+            "install` (it removes both and installs one)"
+        )
     if not gpus:
         return warnings
     listed = gpus[0] if len(set(gpus)) == 1 and len(gpus) == 1 else f"{len(gpus)} GPUs ({', '.join(sorted(set(gpus)))})"
     old = [driver for driver in drivers if _driver_too_old(driver)]
     if old:
-        warnings.append(f"the NVIDIA driver {old[0]} is older than the CUDA 12 builds need "
-                        f"({'.'.join(map(str, MIN_DRIVER))} or newer): update the driver")
+        warnings.append(
+            f"the NVIDIA driver {old[0]} is older than the CUDA 12 builds need "
+            f"({'.'.join(map(str, MIN_DRIVER))} or newer): update the driver"
+        )
     for name, probe in (("JAX", jax), ("TensorFlow", tensorflow)):
         if probe is None:
             continue
@@ -252,11 +284,14 @@ def gpu_warnings(gpus: list[str], jax: dict | None = None, tensorflow: dict | No
             warnings.append(f"nvidia-smi lists {listed} but {name} sees only CPU{note}: {FIX}")
     if onnxruntime is not None and "error" not in onnxruntime:
         if "CUDAExecutionProvider" not in onnxruntime.get("providers", []):
-            warnings.append(f"nvidia-smi lists {listed} but ONNX Runtime has no CUDA provider (the CPU package "
-                            f"is installed): {FIX}")
+            warnings.append(
+                f"nvidia-smi lists {listed} but ONNX Runtime has no CUDA provider (the CPU package is installed): {FIX}"
+            )
         elif onnxruntime.get("cuda", "ok") != "ok":
-            warnings.append(f"nvidia-smi lists {listed} but ONNX Runtime's CUDA provider did not start "
-                            f"({onnxruntime['cuda']}): {FIX} (CUDA 12 and cuDNN 9 libraries)")
+            warnings.append(
+                f"nvidia-smi lists {listed} but ONNX Runtime's CUDA provider did not start "
+                f"({onnxruntime['cuda']}): {FIX} (CUDA 12 and cuDNN 9 libraries)"
+            )
     return warnings
 
 
@@ -266,10 +301,16 @@ def diagnose(timeout: float = PROBE_SECONDS) -> dict:
     gpus = gpu_details()
     probes = run_probes(timeout=timeout)
     hidden = gpus_hidden()
-    warnings = gpu_warnings([] if hidden else [gpu["name"] for gpu in gpus], drivers=[g["driver"] for g in gpus],
-                            **probes)
-    return {"versions": versions(), "gpus": gpus, **probes, "cuda_visible_devices":
-            os.environ.get("CUDA_VISIBLE_DEVICES"), "warnings": warnings}
+    warnings = gpu_warnings(
+        [] if hidden else [gpu["name"] for gpu in gpus], drivers=[g["driver"] for g in gpus], **probes
+    )
+    return {
+        "versions": versions(),
+        "gpus": gpus,
+        **probes,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "warnings": warnings,
+    }
 
 
 def format_doctor(report: dict) -> str:
@@ -277,15 +318,19 @@ def format_doctor(report: dict) -> str:
     found = report["versions"]
     lines = ["versions: " + ", ".join(f"{name} {version}" for name, version in found.items())]
     gpus = report["gpus"]
-    lines.append("GPUs (nvidia-smi): " + ("; ".join(f"{g['name']}, {g['memory_mib']} MiB, driver {g['driver']}"
-                                                     for g in gpus) if gpus else "none"))
+    lines.append(
+        "GPUs (nvidia-smi): "
+        + ("; ".join(f"{g['name']}, {g['memory_mib']} MiB, driver {g['driver']}" for g in gpus) if gpus else "none")
+    )
     for key, label in (("jax", "JAX"), ("tensorflow", "TensorFlow")):
         probe = report.get(key, {})
         if "error" in probe:
             lines.append(f"{label}: {probe['error']}")
             continue
-        devices = ", ".join(d["id"] + (f" ({d['kind']})" if d.get("kind") and d["kind"] != "cpu" else "")
-                            for d in probe.get("devices", []))
+        devices = ", ".join(
+            d["id"] + (f" ({d['kind']})" if d.get("kind") and d["kind"] != "cpu" else "")
+            for d in probe.get("devices", [])
+        )
         extra = f" (built for CUDA {probe['cuda_build']})" if probe.get("cuda_build") else ""
         extra += f"; {probe['note']}" if probe.get("note") and gpus else ""  # why no GPU, where one is listed
         lines.append(f"{label} sees: {devices}{extra}")
@@ -294,8 +339,10 @@ def format_doctor(report: dict) -> str:
         lines.append(f"ONNX Runtime: {runtime['error']}")
     else:
         cuda = f"; CUDA session: {runtime['cuda']}" if "cuda" in runtime else ""
-        lines.append(f"ONNX Runtime ({', '.join(runtime.get('packages', [])) or '?'}) providers: "
-                     f"{', '.join(runtime.get('providers', []))}{cuda}")
+        lines.append(
+            f"ONNX Runtime ({', '.join(runtime.get('packages', [])) or '?'}) providers: "
+            f"{', '.join(runtime.get('providers', []))}{cuda}"
+        )
     if report.get("cuda_visible_devices") is not None:
         lines.append(f"CUDA_VISIBLE_DEVICES={report['cuda_visible_devices']}")
     lines += [f"warning: {warning}" for warning in report["warnings"]] or ["no warnings"]

@@ -32,7 +32,9 @@ def onnx_session(path: str, providers: list[str], options=None):
         return onnxruntime.InferenceSession(path, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
         lines = [line for line in str(error).splitlines() if line.strip()]
-        raise KbenchError(f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}") from None
+        raise KbenchError(
+            f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}"
+        ) from None
 
 
 class Unavailable(Exception):
@@ -152,7 +154,6 @@ class OnnxRuntimeCPU(Runtime):
         return options
 
     def prepare(self, model, image_size):
-        import onnxruntime
 
         self.session = onnx_session(model, [self.provider], self.options())
         self.input_name = self.session.get_inputs()[0].name
@@ -181,8 +182,10 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
         except Exception as error:
             raise Unavailable(f"CUDA session failed: {str(error).splitlines()[0]}") from None
         if self.session.get_providers()[0] != self.provider:
-            raise Unavailable("CUDA provider could not be initialised (no GPU, or missing CUDA 12/cuDNN 9 libraries"
-                              + (f": {missing})" if missing else ")"))
+            raise Unavailable(
+                "CUDA provider could not be initialised (no GPU, or missing CUDA 12/cuDNN 9 libraries"
+                + (f": {missing})" if missing else ")")
+            )
         self.input_name = self.session.get_inputs()[0].name
         self.device = f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}"
         self.detail = "IO binding"

@@ -12,8 +12,12 @@ import pytest
 # processes share the GPU (this one and each `run_cli`), so none may take most of its memory up
 # front; and float32 results are compared across backends and ONNX Runtime to 1e-5..1e-4, which
 # TF32 matmuls and convolutions (JAX's and TensorFlow's default on Ampere and newer GPUs) would miss.
-for _name, _value in {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-                      "JAX_DEFAULT_MATMUL_PRECISION": "highest", "NVIDIA_TF32_OVERRIDE": "0"}.items():
+for _name, _value in {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+    "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    "NVIDIA_TF32_OVERRIDE": "0",
+}.items():
     os.environ.setdefault(_name, _value)
 
 from kbench.backend import use_backend  # noqa: E402
@@ -50,12 +54,19 @@ def kaggle_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def class_folders(tmp_path_factory):
     """Three classes of PNGs in one folder per class."""
-    return write_class_folders(str(tmp_path_factory.mktemp("folders")), per_class=8, image_size=24,
-                               classes=("ant", "bee", "cow"))
+    return write_class_folders(
+        str(tmp_path_factory.mktemp("folders")), per_class=8, image_size=24, classes=("ant", "bee", "cow")
+    )
 
 
 def run_cli(*args, env=None, timeout=300, cwd=None):
     """Run `python cli.py ARGS` in a fresh process; returns the CompletedProcess."""
     environment = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args], capture_output=True,
-                          text=True, env=environment, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "cli.py"), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        cwd=cwd,
+    )

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from conftest import BACKEND, CPU_ONLY, accelerator, run_cli
 from kbench.devices import count_devices
 from kbench.errors import KbenchError
+
+from conftest import BACKEND, CPU_ONLY, accelerator, run_cli
 
 
 def test_device_counts():
@@ -18,8 +19,27 @@ def test_device_counts():
 
 
 def train_args(kaggle_data, run_dir, *extra):
-    return ("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24", "--epochs", "3",
-            "--batch-size", "16", "--lr", "2e-3", "--run-dir", run_dir, "--quiet", "--backend", BACKEND, *extra)
+    return (
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "2e-3",
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        "--backend",
+        BACKEND,
+        *extra,
+    )
 
 
 def test_mixed_precision_is_refused_on_a_cpu(kaggle_data, tmp_path):
@@ -50,6 +70,7 @@ def test_two_virtual_devices_follow_the_one_device_loss_curve(kaggle_data, tmp_p
     # Reduction order differs between one and two devices; measured: 2.8e-3 relative by epoch 3
     # (each epoch's batch order is the loader's own since fit stopped reshuffling it).
     assert curves["1"] == pytest.approx(curves["2"], rel=5e-3), curves
-    odd = run_cli(*train_args(kaggle_data, str(tmp_path / "odd"), "--devices", "2", "--batch-size", "15"),
-                  env=environment)
+    odd = run_cli(
+        *train_args(kaggle_data, str(tmp_path / "odd"), "--devices", "2", "--batch-size", "15"), env=environment
+    )
     assert odd.returncode == 2 and "multiple of the 2 devices" in odd.stderr

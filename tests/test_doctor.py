@@ -3,15 +3,19 @@ import logging
 
 import pytest
 
-from conftest import run_cli
 from kbench import doctor
+
+from conftest import run_cli
 
 H200 = "GPU 0: NVIDIA H200 (UUID: GPU-5d1c1e1e-0000-0000-0000-000000000000)\n"
 CPU_ONLY = {"devices": [{"id": "cpu:0", "kind": "cpu"}]}
 ON_GPU = {"devices": [{"id": "cpu:0"}, {"id": "gpu:0", "kind": "NVIDIA H200"}]}
 ORT_CPU = {"packages": ["onnxruntime"], "providers": ["CPUExecutionProvider"]}
-ORT_GPU = {"packages": ["onnxruntime-gpu"], "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-           "cuda": "ok"}
+ORT_GPU = {
+    "packages": ["onnxruntime-gpu"],
+    "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cuda": "ok",
+}
 
 
 def test_doctor_command_reports_what_each_library_sees():
@@ -31,7 +35,8 @@ def test_doctor_command_reports_what_each_library_sees():
 
 def test_warnings_name_the_gpu_and_the_fix():
     assert doctor.gpu_warnings(["NVIDIA H200"], jax=CPU_ONLY) == [
-        "nvidia-smi lists NVIDIA H200 but JAX sees only CPU: run `make install CUDA=1`"]
+        "nvidia-smi lists NVIDIA H200 but JAX sees only CPU: run `make install CUDA=1`"
+    ]
     assert doctor.gpu_warnings(["NVIDIA H200"], jax=ON_GPU, tensorflow=ON_GPU, onnxruntime=ORT_GPU) == []
     assert doctor.gpu_warnings([], jax=CPU_ONLY, tensorflow=CPU_ONLY, onnxruntime=ORT_CPU) == []  # a CPU machine
     [ort] = doctor.gpu_warnings(["NVIDIA H200"], jax=ON_GPU, onnxruntime=ORT_CPU)
@@ -44,14 +49,17 @@ def test_warnings_name_the_gpu_and_the_fix():
     assert "driver 470.82.01 is older" in old
     assert "not installed" in doctor.gpu_warnings([], onnxruntime={"error": "not installed (No module named x)"})[0]
     assert doctor.gpu_warnings([], onnxruntime={"error": "ImportError: libstdc++"}) == [
-        "ONNX Runtime did not start: ImportError: libstdc++"]
+        "ONNX Runtime did not start: ImportError: libstdc++"
+    ]
     both = {**ORT_GPU, "packages": ["onnxruntime", "onnxruntime-gpu"]}
     assert "share one module" in doctor.gpu_warnings([], onnxruntime=both)[0]
 
 
 def test_nvidia_smi_output_is_parsed(monkeypatch):
-    answers = {"-L": H200 + "GPU 1: NVIDIA H200 (UUID: GPU-2)\n",
-               "--query-gpu=name,memory.total,driver_version": "NVIDIA H200, 143771, 570.124.06\n"}
+    answers = {
+        "-L": H200 + "GPU 1: NVIDIA H200 (UUID: GPU-2)\n",
+        "--query-gpu=name,memory.total,driver_version": "NVIDIA H200, 143771, 570.124.06\n",
+    }
     monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: answers[command[1]])
     assert doctor.list_gpus() == ["NVIDIA H200", "NVIDIA H200"]
     assert doctor.gpu_details() == [{"name": "NVIDIA H200", "memory_mib": 143771, "driver": "570.124.06"}]
@@ -74,8 +82,9 @@ def test_gpu_warning_costs_one_nvidia_smi_call_without_a_gpu(monkeypatch, probes
     assert doctor.gpu_warning("jax") is None and calls == [["nvidia-smi", "-L"]]
 
 
-@pytest.mark.parametrize("hidden", [{"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"},
-                                    {"JAX_PLATFORMS": "cpu"}])
+@pytest.mark.parametrize(
+    "hidden", [{"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}, {"JAX_PLATFORMS": "cpu"}]
+)
 def test_no_warning_when_the_user_hid_the_gpu(monkeypatch, probes_must_not_run, hidden):
     monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: H200)
     for name, value in hidden.items():
@@ -96,7 +105,8 @@ def test_gpu_warning_with_a_gpu_listed_checks_the_backend_and_onnxruntime(monkey
     label = {"jax": "JAX", "tensorflow": "TensorFlow"}[backend]
     assert doctor.gpu_warning(backend) == (
         f"nvidia-smi lists NVIDIA H200 but {label} sees only CPU: run `make install CUDA=1`; nvidia-smi lists "
-        "NVIDIA H200 but ONNX Runtime has no CUDA provider (the CPU package is installed): run `make install CUDA=1`")
+        "NVIDIA H200 but ONNX Runtime has no CUDA provider (the CPU package is installed): run `make install CUDA=1`"
+    )
     seen[backend] = ON_GPU
     monkeypatch.setattr(doctor, "probe_onnxruntime", lambda session=True: ORT_GPU)
     assert doctor.gpu_warning(backend) is None

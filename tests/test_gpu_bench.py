@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
 from kbench.doctor import list_gpus
+
+from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
 
 
 def load_script():
@@ -17,9 +18,26 @@ def load_script():
 
 def test_gpu_script_runs_tiny_and_writes_markdown_and_json(tmp_path):
     """The whole script at tiny sizes (the suite's backend trains and times the latency)."""
-    table = load_script().main(["--backbones", "small_cnn", "--image-size", "32", "--batch-sizes", "8", "--steps", "3",
-                                "--latency-runs", "3", "--pipeline-images", "32", "--backends", BACKEND,
-                                "--output-dir", str(tmp_path)])
+    table = load_script().main(
+        [
+            "--backbones",
+            "small_cnn",
+            "--image-size",
+            "32",
+            "--batch-sizes",
+            "8",
+            "--steps",
+            "3",
+            "--latency-runs",
+            "3",
+            "--pipeline-images",
+            "32",
+            "--backends",
+            BACKEND,
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert (tmp_path / "gpu.md").read_text().strip() == table.strip()
     result = json.loads((tmp_path / "gpu.json").read_text())
     gpus = list_gpus()
@@ -32,8 +50,9 @@ def test_gpu_script_runs_tiny_and_writes_markdown_and_json(tmp_path):
             continue
         assert row["status"] == "ok" and row["backend"] == BACKEND and row["batch_size"] == 8, row
         assert row["in_memory_images_per_second"] > 0 and row["pipeline_images_per_second"] > 0
-        assert row["pipeline_share"] == pytest.approx(row["pipeline_images_per_second"]
-                                                      / row["in_memory_images_per_second"])
+        assert row["pipeline_share"] == pytest.approx(
+            row["pipeline_images_per_second"] / row["in_memory_images_per_second"]
+        )
     latency = {(row["runtime"], row["batch_size"]): row for row in result["latency"]}
     assert set(latency) == {(runtime, batch) for runtime in ("keras-compiled", "onnxruntime-cuda") for batch in (1, 32)}
     assert all(latency["keras-compiled", batch]["p50_ms"] > 0 for batch in (1, 32))
@@ -45,7 +64,11 @@ def test_gpu_script_runs_tiny_and_writes_markdown_and_json(tmp_path):
 
 def test_gpu_script_rejects_bad_arguments(capsys):
     script = load_script()
-    for bad in (["--steps", "0"], ["--batch-sizes", "0"], ["--pipeline-images", "10", "--batch-sizes", "8"],
-                ["--precisions", "int8"]):
+    for bad in (
+        ["--steps", "0"],
+        ["--batch-sizes", "0"],
+        ["--pipeline-images", "10", "--batch-sizes", "8"],
+        ["--precisions", "int8"],
+    ):
         with pytest.raises(SystemExit):
             script.main(bad)

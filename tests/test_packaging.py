@@ -13,8 +13,12 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(folder), REPO], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder), REPO],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode != 0 and "No module named" in done.stderr:
         pytest.skip(f"can't build a wheel here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr
@@ -26,14 +30,26 @@ def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_pa
     names = zipfile.ZipFile(wheel).namelist()
     assert "kbench/studies/demo.toml" in names and "kbench/studies/seed.toml" in names
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        timeout=300,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    script = ("from kbench.study import load_config; c = load_config('demo', data=__import__('sys').argv[1], test_data='', answers=''); "
-              "import kbench; print(kbench.__file__); print(c.name, [m.name for m in c.backbones])")
-    done = subprocess.run([sys.executable, "-c", script, str(elsewhere)], cwd=elsewhere, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)
+    script = (
+        "import sys; from kbench.study import load_config; "
+        "c = load_config('demo', data=sys.argv[1], test_data='', answers=''); "
+        "import kbench; print(kbench.__file__); print(c.name, [m.name for m in c.backbones])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(elsewhere)],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     location, study = done.stdout.strip().splitlines()
     assert location.startswith(str(site))  # the installed copy, not the clone

@@ -34,8 +34,9 @@ def make_install(checkout, *args, nvidia_smi=None):
     fake.chmod(0o755)
     environment = {key: value for key, value in os.environ.items() if key != "CUDA"}
     environment["PATH"] = f"{checkout / 'bin'}:/usr/bin:/bin"
-    return subprocess.run(["make", "-n", "install", *args], cwd=checkout, capture_output=True, text=True,
-                          env=environment)
+    return subprocess.run(
+        ["make", "-n", "install", *args], cwd=checkout, capture_output=True, text=True, env=environment
+    )
 
 
 def test_cuda_1_installs_the_cuda_set_and_removes_the_cpu_onnxruntime(checkout):
@@ -59,8 +60,9 @@ def test_cuda_0_installs_the_cpu_set_and_removes_the_cuda_set(checkout):
     assert "touch .venv/.installed-cpu" in done.stdout
 
 
-@pytest.mark.parametrize("listed, flavour",
-                         [("GPU 0: NVIDIA H200 (UUID: GPU-1)\n", "cuda"), ("", "cpu"), (None, "cpu")])
+@pytest.mark.parametrize(
+    "listed, flavour", [("GPU 0: NVIDIA H200 (UUID: GPU-1)\n", "cuda"), ("", "cpu"), (None, "cpu")]
+)
 def test_the_choice_follows_nvidia_smi(checkout, listed, flavour):
     done = make_install(checkout, nvidia_smi=listed)
     assert done.returncode == 0, done.stderr
@@ -82,9 +84,12 @@ def test_a_bad_choice_is_refused(checkout):
 def test_the_extras_hold_one_onnxruntime_each_and_constraints_pin_them():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
         project = tomllib.load(handle)["project"]
-    names = {extra: [requirement.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
-                     for requirement in requirements]
-             for extra, requirements in project["optional-dependencies"].items()}
+    names = {
+        extra: [
+            requirement.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip() for requirement in requirements
+        ]
+        for extra, requirements in project["optional-dependencies"].items()
+    }
     base = [requirement.split(">")[0].split("[")[0] for requirement in project["dependencies"]]
     # the CPU ONNX Runtime is a base dependency (a plain `pip install kbench` runs end to end); the CUDA
     # extra adds onnxruntime-gpu, which `make install CUDA=1` leaves alone in place of it
