@@ -86,7 +86,9 @@ def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
     for name in names:
         meta = fields[name]
         flag = "--" + meta.get("flag", name).replace("_", "-")
-        kind = next((t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
+        kind = hints[name]
+        if type(None) in typing.get_args(kind):  # Optional[X] -> X; list[int] stays a list
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
         value = default(cls, name, missing=None)
         shown = meta.get("shown_default", "on" if value is True else value)
         shown = ",".join(map(str, shown)) if isinstance(shown, list) else shown
