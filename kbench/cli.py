@@ -26,13 +26,15 @@ from kbench.train import TrainConfig as _T
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kbench")
 @click.option("--debug", "debug_flag", is_flag=True, help="Show the full traceback of an unexpected error (or KBENCH_DEBUG=1).")
-def cli(debug_flag):
+@click.option("-v", "--verbose", "verbose_flag", is_flag=True,
+              help="Show other libraries' start-up lines and warnings too (or KBENCH_VERBOSE=1).")
+def cli(debug_flag, verbose_flag):
     """Which pretrained backbone or ensemble should you fine-tune, and what does each cost to train
     and to serve? kbench measures it on your own images.
 
     Exit status: 0 done; 1 some stage failed (a study still writes its report); 2 bad input,
     refused before any work; 130/143 interrupted."""
-    set_up_process(debug_flag)
+    set_up_process(debug_flag, verbose_flag)
 
 
 @cli.command()

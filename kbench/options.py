@@ -118,10 +118,14 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a fin
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 
 
-def set_up_process(debug_flag: bool = False) -> None:
-    """--debug, SIGTERM unwinding like Ctrl-C, and kbench's log lines on stderr."""
+def set_up_process(debug_flag: bool = False, verbose_flag: bool = False) -> None:
+    """--debug, --verbose (else other libraries' start-up lines are kept off stderr), SIGTERM
+    unwinding like Ctrl-C, and kbench's log lines on stderr."""
+    from kbench.quiet import set_up
+
     if debug_flag:
         os.environ["KBENCH_DEBUG"] = "1"
+    set_up(verbose_flag)  # before --backend is read: kbench.backend's defaults must not win
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     handler = logging.StreamHandler(sys.stderr)
