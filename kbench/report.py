@@ -86,8 +86,16 @@ def flat_rows(results: dict) -> list[dict]:
         for timing in row.get("latency", []):
             key = f"{timing['runtime']}_b{timing['batch_size']}_p50_ms"
             item[key] = timing.get("p50_ms") if timing["status"] == "ok" else None
+        item["folder"] = row.get("folder")  # the model's run folder, relative to the report's
         flat.append(item)
     return flat
+
+
+def latency_wide(flat: list[dict]) -> list[dict]:
+    """One row per model, one column per runtime and batch size (``onnxruntime-cpu b1``): p50 ms."""
+    columns = list(dict.fromkeys(c for row in flat for c in row if c.endswith("_p50_ms")))
+    return [{"name": row["name"], **{c.replace("_p50_ms", "").replace("_b", " b"): row.get(c) for c in columns}}
+            for row in flat]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -110,6 +118,17 @@ def _latency_key(flat: list[dict]) -> str | None:
         if any(row.get(key) is not None for row in flat):
             return key
     return None
+
+
+def pareto_members(flat: list[dict]) -> tuple[str | None, list[dict], list[int]]:
+    """(latency column, the models scored on it and on validation log loss, indices of the front)."""
+    key = _latency_key(flat)
+    scored = [row for row in flat if key and row.get(key) is not None and row.get("val_log_loss") is not None]
+    return key, scored, pareto_front([(row[key], row["val_log_loss"]) for row in scored])
+
+
+def _latency_label(key: str) -> str:
+    return key.replace("_p50_ms", "").replace("_b1", " batch 1")
 
 
 def _pyplot():
@@ -210,21 +229,33 @@ def write_curves(history_rows: list[dict], path: str, title: str = "") -> str | 
     return _save(figure, path)
 
 
+LOGLOSS_PLOT, EPOCH_PLOT, VAL_LOSS_PLOT = "logloss_vs_latency.png", "epoch_time.png", "val_loss_by_epoch.png"
+PLOTS = (LOGLOSS_PLOT, EPOCH_PLOT, VAL_LOSS_PLOT)
+RESULTS_JSON, RESULTS_CSV, REPORT_MD, LATENCY_CSV = "results.json", "results.csv", "report.md", "latency.csv"
+
+
+def _histories(flat: list[dict], out_dir: str) -> dict[str, list[dict]]:
+    """Each trained model's history.csv (ensembles have none), by name."""
+    from kbench.runs import Run
+
+    found = {}
+    for row in flat:
+        if row["kind"] == "backbone" and row.get("folder"):
+            history = Run(os.path.join(out_dir, row["folder"])).history
+            if any(isinstance(h.get("val_loss"), float) for h in history):
+                found[row["name"]] = history
+    return found
+
+
 def write_plots(flat: list[dict], out_dir: str) -> list[str]:
-    """PNG plots: log loss against latency with the Pareto front, and time per epoch per backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kbench.files import atomic_path
-
+    """PNG plots: log loss against latency with the Pareto front, time per epoch per backbone, and
+    every trained model's validation log loss per epoch. A plot with nothing to show is not written
+    (and an older one of that name removed)."""
+    plt = _pyplot()
     written = []
-    key = _latency_key(flat)
-    scored = [row for row in flat if key and row.get(key) is not None and row.get("val_log_loss") is not None]
+    key, scored, front = pareto_members(flat)
     if scored:
         points = [(row[key], row["val_log_loss"]) for row in scored]
-        front = pareto_front(points)
         figure, axes = plt.subplots(figsize=(7, 4.5))
         for index, (row, (x, y)) in enumerate(zip(scored, points)):
             marker = "s" if row["kind"] == "ensemble" else "o"
@@ -232,16 +263,12 @@ def write_plots(flat: list[dict], out_dir: str) -> list[str]:
             axes.annotate(row["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ordered = sorted(points[i] for i in front)
         axes.plot([p[0] for p in ordered], [p[1] for p in ordered], "--", color="tab:red", label="Pareto front")
-        axes.set_xlabel(f"latency, {key.replace('_p50_ms', '').replace('_b1', ' batch 1')} p50 (ms)")
+        axes.set_xlabel(f"latency, {_latency_label(key)} p50 (ms)")
         axes.set_ylabel("validation log loss")
         axes.set_title("Quality against serving cost (lower left is better)")
         axes.grid(alpha=0.3)
         axes.legend()
-        path = os.path.join(out_dir, "logloss_vs_latency.png")
-        with atomic_path(path, suffix=".png") as temporary:
-            figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(figure, os.path.join(out_dir, LOGLOSS_PLOT)))
     trained = [row for row in flat if row["kind"] == "backbone" and row.get("epoch_seconds")]
     if trained:
         figure, axes = plt.subplots(figsize=(7, 0.5 * len(trained) + 1.5))
@@ -249,45 +276,139 @@ def write_plots(flat: list[dict], out_dir: str) -> list[str]:
         axes.set_xlabel("seconds per training epoch (median of steady epochs)")
         axes.invert_yaxis()
         axes.grid(axis="x", alpha=0.3)
-        path = os.path.join(out_dir, "epoch_time.png")
-        with atomic_path(path, suffix=".png") as temporary:
-            figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(figure, os.path.join(out_dir, EPOCH_PLOT)))
+    histories = _histories(flat, out_dir)
+    if histories:
+        from matplotlib.ticker import MaxNLocator
+
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for name, history in histories.items():
+            axes.plot(_series(history, "epoch"), _series(history, "val_loss"), marker="o", markersize=3, label=name)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel("validation log loss (Keras val_loss)")
+        axes.set_title("Validation log loss per epoch (lower is better)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        written.append(_save(figure, os.path.join(out_dir, VAL_LOSS_PLOT)))
+    for name in PLOTS:
+        path = os.path.join(out_dir, name)
+        if path not in written and os.path.isfile(path):
+            os.remove(path)
     return written
 
 
-def markdown_report(results: dict, flat: list[dict]) -> str:
-    """report.md: the reference study's three tables (time per epoch, inference time, log loss),
-    then ensembles, ONNX Runtime against Keras, the submission, the machine and the command."""
-    machine = results.get("machine", {})
-    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
-    backbones = [row for row in flat if row["kind"] == "backbone"]
-    ensembles = [row for row in flat if row["kind"] == "ensemble"]
-    parts = [f"# kbench study: {results['name']}", "",
-             f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, GPU: {machine.get('gpu', '?')}; "
-             f"backend {results['backend']}; {versions}.", "", f"Command: `{results.get('command', '')}`", ""]
+def _linked(flat: list[dict], out_dir: str | None) -> list[dict]:
+    """Rows whose name links to the model's run folder (relative to report.md), when it exists."""
+    from urllib.parse import quote
+
+    linked = []
+    for row in flat:
+        folder = row.get("folder")
+        if folder and out_dir is not None and os.path.isdir(os.path.join(out_dir, folder)):
+            row = {**row, "name": f"[{row['name']}]({quote(folder.replace(os.sep, '/'))}/)"}
+        linked.append(row)
+    return linked
+
+
+def _file_links(row: dict, out_dir: str | None) -> str:
+    """Links to what a run folder holds that a reader opens: its curves, history, metrics, config."""
+    from urllib.parse import quote
+
+    from kbench.runs import CONFIG, CURVES, HISTORY, METRICS
+
+    folder = row.get("folder")
+    if not folder or out_dir is None:
+        return "-"
+    names = [name for name in (CURVES, HISTORY, METRICS, CONFIG) if os.path.isfile(os.path.join(out_dir, folder, name))]
+    return " · ".join(f"[{os.path.splitext(name)[0]}]({quote(folder.replace(os.sep, '/'))}/{name})"
+                      for name in names) or "-"
+
+
+def _status_notes(results: dict) -> list[str]:
+    """Why cells of the wide table are empty: each runtime's non-ok status, once, with its models."""
+    notes: dict[tuple[str, str], list[str]] = {}
+    for row in results["rows"]:
+        for timing in row.get("latency", []):
+            if timing.get("status", "ok") != "ok":
+                models = notes.setdefault((timing["runtime"], timing["status"]), [])
+                if row["name"] not in models:
+                    models.append(row["name"])
+    lines = [f"- {runtime} ({', '.join(models)}): {status}" for (runtime, status), models in notes.items()]
+    untimed = [row["name"] for row in results["rows"] if not row.get("latency")]
+    if untimed:
+        lines.append(f"- {', '.join(untimed)}: not timed")
+    return lines
+
+
+def pareto_text(flat: list[dict]) -> str | None:
+    """The Pareto front in words: ``On the front: a, b (...)``; None without timed, scored models."""
+    key, scored, front = pareto_members(flat)
+    if not scored:
+        return None
+    names = [scored[i]["name"] for i in sorted(front, key=lambda i: scored[i][key])]
+    return (f"On the front: {', '.join(names)} (no other model has both a lower validation log loss and a "
+            f"lower {_latency_label(key)} p50 latency; fastest first).")
+
+
+def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None) -> str:
+    """report.md: the reference study's three tables (time per epoch, inference time as one row per
+    model, log loss), the plots with the Pareto front named, then ensembles, ONNX Runtime against
+    Keras, the submission, the machine and the command. With ``out_dir`` (where report.md goes),
+    model names link to their run folders."""
+    machine = results.get("machine")
+    linked = _linked(flat, out_dir)
+    backbones = [row for row in linked if row["kind"] == "backbone"]
+    ensembles = [row for row in linked if row["kind"] == "ensemble"]
+    title = "comparison" if results.get("kind") == "comparison" else "study"
+    parts = [f"# kbench {title}: {results['name']}", ""]
+    if machine:
+        versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+        parts += [f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, GPU: "
+                  f"{machine.get('gpu', '?')}; backend {results['backend']}; {versions}.", ""]
+    else:
+        parts += [f"Backend(s): {results.get('backend') or '?'}. Each number is from where its run was trained "
+                  "and timed (its metrics.json and latency.json).", ""]
+    parts += [f"Command: `{results.get('command', '')}`", ""]
+    plots = {name: out_dir is not None and os.path.isfile(os.path.join(out_dir, name)) for name in PLOTS}
     parts += ["## Time per training epoch", "",
               format_table(backbones, ["name", "backbone", "status", "params", "image_size", "batch_size", "epochs",
                                        "epoch_seconds", "train_images_per_second"], style="markdown"), ""]
-    timing_rows = [{"model": row["name"], **{k: v for k, v in t.items() if k in (
-        "runtime", "device", "batch_size", "p50_ms", "p90_ms", "images_per_second", "status")}}
-        for row in results["rows"] for t in row.get("latency", [])]
-    parts += ["## Inference time", "", "Median (p50) and p90 of individually timed runs after warm-up.", "",
-              format_table(timing_rows, ["model", "runtime", "device", "batch_size", "p50_ms", "p90_ms",
-                                         "images_per_second", "status"], style="markdown") if timing_rows else "-", ""]
+    if plots[EPOCH_PLOT]:
+        parts += [f"![seconds per training epoch]({EPOCH_PLOT})", ""]
+    wide = latency_wide(linked)
+    parts += ["## Inference time", "",
+              "p50 ms (median of individually timed runs after warm-up); bN = batch size N.", ""]
+    if any(len(row) > 1 for row in wide):
+        notes = _status_notes(results)
+        parts += [format_table(wide, style="markdown"), ""]
+        parts += (["Empty cells:", "", *notes, ""] if notes else [])
+        parts += [f"Every timing (p50, p90, images/s, status), one row per model, runtime and batch size: "
+                  f"[{LATENCY_CSV}]({LATENCY_CSV}).", ""]
+    else:
+        parts += ["No model was timed.", ""]
+    by_loss = sorted(linked, key=lambda r: (r["val_log_loss"] is None, r["val_log_loss"] or 0))
     parts += ["## Log loss", "",
-              format_table(sorted(flat, key=lambda r: (r["val_log_loss"] is None, r["val_log_loss"] or 0)),
-                           ["name", "kind", "status", "val_log_loss", "val_accuracy"], style="markdown"), ""]
+              format_table([{**row, "files": _file_links(row, out_dir)} for row in by_loss],
+                           ["name", "kind", "status", "val_log_loss", "val_accuracy", "files"], style="markdown"), ""]
+    front = pareto_text(flat)
+    if front:
+        parts += ["## Quality against serving cost", "", front, ""]
+        if plots[LOGLOSS_PLOT]:
+            parts += [f"![validation log loss against latency]({LOGLOSS_PLOT})", ""]
+    if plots[VAL_LOSS_PLOT]:
+        parts += ["## Training curves", "", "Validation log loss per epoch of every trained model; each run's "
+                  "own curves (loss, accuracy, learning rate) are its curves.png, linked above.", "",
+                  f"![validation log loss per epoch]({VAL_LOSS_PLOT})", ""]
     if ensembles:
         parts += ["## Ensembles", "",
                   format_table(ensembles, ["name", "backbone", "status", "val_log_loss", "val_accuracy",
                                            "feature_seconds", "head_seconds"], style="markdown"), ""]
     comparison = []
-    for row in flat:
+    for row, shown in zip(flat, linked):
         keras_ms, onnx_ms = row.get("keras-compiled_b1_p50_ms"), row.get("onnxruntime-cpu_b1_p50_ms")
         if keras_ms and onnx_ms:
-            comparison.append({"name": row["name"], "keras-compiled p50 ms": keras_ms,
+            comparison.append({"name": shown["name"], "keras-compiled p50 ms": keras_ms,
                                "onnxruntime-cpu p50 ms": onnx_ms, "speed-up": keras_ms / onnx_ms})
     if comparison:
         parts += ["## ONNX Runtime against Keras (batch 1)", "", format_table(comparison, style="markdown"), ""]
@@ -303,16 +424,20 @@ def markdown_report(results: dict, flat: list[dict]) -> str:
 
 
 def write_report(results: dict, out_dir: str) -> dict:
-    """results.json, results.csv, report.md and the PNG plots into ``out_dir``; returns their paths."""
+    """results.json, results.csv (one row per model), latency.csv (one row per timing), the PNG plots
+    and report.md into ``out_dir``; returns their paths."""
     from kbench.files import write_csv, write_json, write_text
+    from kbench.latency import COLUMNS
 
     flat = flat_rows(results)
-    paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv"),
-             "report": os.path.join(out_dir, "report.md")}
+    paths = {"json": os.path.join(out_dir, RESULTS_JSON), "csv": os.path.join(out_dir, RESULTS_CSV),
+             "latency": os.path.join(out_dir, LATENCY_CSV), "report": os.path.join(out_dir, REPORT_MD)}
     write_json(paths["json"], results)
     write_csv(paths["csv"], flat)
-    write_text(paths["report"], markdown_report(results, flat))
-    paths["plots"] = write_plots(flat, out_dir)
+    timings = [{**timing, "model": row["name"]} for row in results["rows"] for timing in row.get("latency", [])]
+    write_csv(paths["latency"], timings, COLUMNS)
+    paths["plots"] = write_plots(flat, out_dir)  # before report.md, which shows the ones written
+    write_text(paths["report"], markdown_report(results, flat, out_dir))
     return paths
 
 
@@ -376,26 +501,29 @@ def predict_summary(result: dict) -> str:
 
 
 def study_summary(results: dict, out: str) -> str:
-    """What ``kbench bench`` and ``kbench demo`` print: the three tables, the submission, the files."""
+    """What ``kbench bench``, ``kbench demo`` and ``kbench compare`` print: the three tables, the
+    Pareto front, the submission, the files."""
     flat = flat_rows(results)
     parts = ["", "Time per training epoch",
              format_table([r for r in flat if r["kind"] == "backbone"],
                           ["name", "status", "params", "image_size", "epoch_seconds", "train_images_per_second"])]
-    latency_columns = [c for c in flat[0] if c.endswith("_p50_ms")] if flat else []
-    short = [{"name": r["name"], **{c.replace("_p50_ms", "").replace("_b", " b"): r.get(c) for c in latency_columns}}
-             for r in flat]
-    parts += ["", "Inference time (p50 ms; bN = batch size N)", format_table(short), "", "Log loss",
+    parts += ["", "Inference time (p50 ms; bN = batch size N)", format_table(latency_wide(flat)), "", "Log loss",
               format_table(flat, ["name", "kind", "status", "val_log_loss", "val_accuracy"])]
+    front = pareto_text(flat)
+    if front:
+        parts += ["", front]
     submission = results.get("submission")
     if submission and "test_log_loss" in submission:
         parts += ["", f"submission ({submission['model']}): test log loss {submission['test_log_loss']:.4f}, "
                       f"accuracy {submission['test_accuracy']:.3f}"]
     elif submission and submission.get("status", "ok") != "ok":
         parts += ["", f"submission ({submission['model']}): {submission['status']}"]
-    parts += ["", f"report: {os.path.join(out, 'report.md')}",
-              f"results: {os.path.join(out, 'results.csv')}, {os.path.join(out, 'results.json')}",
-              f"plots: {os.path.join(out, 'logloss_vs_latency.png')}, {os.path.join(out, 'epoch_time.png')}",
-              f"ONNX files: {os.path.join(out, 'onnx')}/"]
+    plots = [os.path.join(out, name) for name in PLOTS if os.path.isfile(os.path.join(out, name))]
+    parts += ["", f"report: {os.path.join(out, REPORT_MD)}",
+              f"results: {', '.join(os.path.join(out, name) for name in (RESULTS_CSV, LATENCY_CSV, RESULTS_JSON))}",
+              f"plots: {', '.join(plots) or 'none'}"]
+    if results.get("kind") != "comparison":
+        parts.append(f"ONNX files: {os.path.join(out, 'onnx')}/")
     if submission and submission.get("path"):
         parts.append(f"submission: {submission['path']}")
     if results.get("failed"):
