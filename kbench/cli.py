@@ -15,6 +15,7 @@ import traceback
 import click
 
 from kbench import __version__
+from kbench.compare import DEFAULT_OUT as _COMPARE_OUT, compare_runs
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
@@ -26,8 +27,7 @@ from kbench.train import TrainConfig as _T
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kbench")
 @click.option("--debug", "debug_flag", is_flag=True, help="Show the full traceback of an unexpected error (or KBENCH_DEBUG=1).")
-@click.option("-v", "--verbose", "verbose_flag", is_flag=True,
-              help="Show other libraries' start-up lines and warnings too (or KBENCH_VERBOSE=1).")
+@click.option("-v", "--verbose", "verbose_flag", is_flag=True, help="Show other libraries' start-up lines too (or KBENCH_VERBOSE=1).")
 def cli(debug_flag, verbose_flag):
     """Which pretrained backbone or ensemble should you fine-tune, and what does each cost to train
     and to serve? kbench measures it on your own images.
@@ -67,8 +67,7 @@ def train(resume, quiet, run_dir, overwrite, **options):
     Ctrl-C saves a checkpoint; `--resume` continues it.
     """
     from kbench.report import train_summary
-    from kbench.train import TrainConfig, resume_config
-    from kbench.train import train as train_run
+    from kbench.train import TrainConfig, resume_config, train as train_run
 
     given = {name: value for name, value in options.items() if value is not None}
     if resume:
@@ -269,6 +268,14 @@ def demo(out, images, fresh, backend):
     results, out = run_demo(out, images, fresh, backend, echo=lambda line: click.echo(line, err=True),
                             command="kbench " + " ".join(sys.argv[1:]))
     _show_study(results, out)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), default=_COMPARE_OUT, show_default=True, help="Report folder.")
+def compare(runs, out):
+    """Compare finished runs and ensembles trained outside a study: a study's tables and plots."""
+    _show_study(compare_runs(list(runs), out, command="kbench " + " ".join(sys.argv[1:])), out)
 
 
 def main() -> None:
