@@ -344,7 +344,8 @@ def _fit(model, run: Run, config, train_loader, val_loader, binary, history, sto
         row.update({name: float(values[-1]) for name, values in logs.items()})
         history.append(row)
         run.write_history(history)
-        write_curves(history, run.file(CURVES), f"{config.backbone}: {run.name}")  # redrawn with each checkpoint
+        title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
+        write_curves(history, run.file(CURVES), title)  # redrawn with each checkpoint, so it is never stale
         if epoch + 1 < config.epochs:
             run.save_checkpoint(model, {**state, "epochs_done": len(history)})
 
