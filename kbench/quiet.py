@@ -3,7 +3,7 @@
 What is silenced, and how:
 
 - TensorFlow's C++ log lines once its logging is set up (``E0000 ... failed call to cuInit``):
-  ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow loads (a user's own setting wins).
+  ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow loads (under ``-v`` a user's own level applies).
 - The lines TensorFlow's shared libraries write *while they load*, before absl's logging is
   initialised ("WARNING: All log messages before absl::InitializeLog() ...", "oneDNN custom
   operations are on", "Could not find cuda drivers"). Those ignore every environment variable and
@@ -48,9 +48,11 @@ def set_up(verbose_flag: bool = False) -> None:
     if verbose_flag:
         os.environ[VERBOSE_ENV] = "1"
     if verbose():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")  # everything, whatever kbench.backend prefers
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")  # everything, unless the user chose a level
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Set, not defaulted: many shells export TF_CPP_MIN_LOG_LEVEL=2 (kbench.backend's own default too),
+    # which still lets "E0000 ... failed call to cuInit" through. -v brings back the user's level.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in DEPRECATIONS:

@@ -20,19 +20,23 @@ def small_data(tmp_path_factory):
     return write_kaggle_dataset(str(tmp_path_factory.mktemp("quiet")), n_train=40, n_test=4, image_size=24, seed=3)
 
 
+# What many shells export to quieten TensorFlow; it still lets "E0000 ... failed call to cuInit" through.
+SHELL = {"TF_CPP_MIN_LOG_LEVEL": "2", "KBENCH_VERBOSE": ""}
+
+
 def test_train_and_export_write_only_kbench_lines_to_stderr(small_data, tmp_path):
     run_dir = str(tmp_path / "run")
     trained = run_cli("train", "--backend", BACKEND, "--backbone", "small_cnn", "--data", small_data["train"],
-                      "--image-size", "24", "--epochs", "1", "--run-dir", run_dir, "--quiet")
+                      "--image-size", "24", "--epochs", "1", "--run-dir", run_dir, "--quiet", env=SHELL)
     assert trained.returncode == 0, trained.stderr
     assert _foreign_lines(trained.stderr) == []
     # Under JAX the conversion runs in a TensorFlow subprocess; under TensorFlow in this process.
     model = os.path.join(run_dir, "model.keras")
-    exported = run_cli("export", "onnx", model, "-o", str(tmp_path / "m.onnx"), "--backend", BACKEND)
+    exported = run_cli("export", "onnx", model, "-o", str(tmp_path / "m.onnx"), "--backend", BACKEND, env=SHELL)
     assert exported.returncode == 0 and "wrote" in exported.stdout, exported.stderr
     assert _foreign_lines(exported.stderr) == []
     # The same export with -v shows TensorFlow's start-up lines: the silence above is kbench's doing.
-    loud = run_cli("-v", "export", "onnx", model, "-o", str(tmp_path / "v.onnx"), "--backend", BACKEND)
+    loud = run_cli("-v", "export", "onnx", model, "-o", str(tmp_path / "v.onnx"), "--backend", BACKEND, env=SHELL)
     assert loud.returncode == 0 and _foreign_lines(loud.stderr), loud.stderr
 
 
