@@ -121,3 +121,9 @@ def quantize_int8(
             record[f"{name}_val_log_loss"] = metrics.log_loss(labels, probabilities)
             record[f"{name}_val_accuracy"] = metrics.accuracy(labels, probabilities)
     return record
+
+
+def quantize_export(float_path: str, model: str, calibration_data: str | None = None) -> dict:
+    """``export onnx --quantize int8``: the int8 copy beside ``float_path``, calibrated on
+    ``calibration_data`` or, when MODEL is a run folder, on its training split."""
+    return quantize_int8(float_path, int8_path(float_path), calibration_data, model if os.path.isdir(model) else None)

@@ -11,6 +11,7 @@ A run folder is what ``kbench train`` (kind ``backbone``) and ``kbench ensemble`
     checkpoint.keras, checkpoint.json   while training, for --resume
     features/        an ensemble's cached member features
     latency.json     a study's timings of this model
+    curves.png       loss, accuracy (and learning rate) per epoch, redrawn after every epoch
 
 Every other module asks this one for those names. Two processes never write one folder at once:
 ``Run.lock()`` takes an exclusive ``flock`` that the second process is refused (exit 2).
@@ -18,6 +19,7 @@ Every other module asks this one for those names. Two processes never write one 
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
@@ -98,6 +100,26 @@ class Run:
     @property
     def split(self) -> dict:
         return self._read(SPLIT)
+
+    @property
+    def history(self) -> list[dict]:
+        """history.csv's rows, numbers as floats (``phase`` and other words as text); [] if none."""
+        if not self.exists(HISTORY):
+            return []
+        with open(self.file(HISTORY), encoding="utf-8", newline="") as handle:
+            return [{key: _number_or_text(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+    @property
+    def latency(self) -> list[dict]:
+        """The timing rows a study recorded in latency.json; [] if none (or unreadable)."""
+        if not self.exists(LATENCY):
+            return []
+        try:
+            saved = files.read_json(self.file(LATENCY))
+        except (ValueError, UnicodeDecodeError):
+            return []
+        rows = saved.get("rows") if isinstance(saved, dict) else saved
+        return [row for row in rows or [] if isinstance(row, dict)]
 
     @property
     def kind(self) -> str:
@@ -295,6 +317,15 @@ def data_fingerprint(images) -> str:
     digest.update("\n".join(images.keys).encode())
     digest.update(np.asarray(images.labels, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _number_or_text(value: str | None):
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _layout_option(recorded: str | None) -> str:

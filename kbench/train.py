@@ -25,7 +25,8 @@ from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
 from kbench.devices import count_devices, training_devices
 from kbench.errors import KbenchError, TrainingInterrupted
-from kbench.runs import CHECKPOINT, Run, data_fingerprint
+from kbench.report import write_curves
+from kbench.runs import CHECKPOINT, CURVES, Run, data_fingerprint
 
 log = logging.getLogger("kbench")
 
@@ -346,6 +347,8 @@ def _fit(model, run: Run, config, train_loader, val_loader, binary, history, sto
         row.update({name: float(values[-1]) for name, values in logs.items()})
         history.append(row)
         run.write_history(history)
+        title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
+        write_curves(history, run.file(CURVES), title)  # redrawn with each checkpoint, so it is never stale
         if epoch + 1 < config.epochs:
             run.save_checkpoint(model, {**state, "epochs_done": len(history)})
 

@@ -34,7 +34,8 @@ def test_small_cnn_learns_the_generated_set(trained_run):
 
 def test_run_folder_records_everything(trained_run, kaggle_data):
     run_dir, result = trained_run
-    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras", "split.json"]
+    assert sorted(os.listdir(run_dir)) == ["config.json", "curves.png", "history.csv", "metrics.json", "model.keras",
+                                          "split.json"]
     saved = json.load(open(os.path.join(run_dir, "metrics.json")))
     for key in ("backbone", "backend", "devices", "image_size", "batch_size", "epochs", "params", "epoch_seconds",
                 "train_images_per_second", "val_log_loss", "val_accuracy"):

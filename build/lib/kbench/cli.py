@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import click
 
@@ -18,8 +17,8 @@ from kbench import __version__
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
-from kbench.options import (Group, backend_option, debug, from_config as _from, overwrite_option, quiet_option,
-                            set_up_process)
+from kbench.options import Group, backend_option, overwrite_option, quiet_option, run, set_up_process
+from kbench.options import from_config as _from
 from kbench.train import TrainConfig as _T
 
 
@@ -109,10 +108,7 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
     from kbench.export import ExportOptions, onnx_for
     from kbench.report import export_summary, quantize_summary
 
-    if batch_size != "dynamic" and not (batch_size.isdigit() and int(batch_size) > 0):
-        raise click.BadParameter("use 'dynamic' or a positive whole number", param_hint="--batch-size")
-    options = ExportOptions(opset, None if batch_size == "dynamic" else int(batch_size))
-    result = onnx_for(model, output, options)
+    result = onnx_for(model, output, ExportOptions.parse(opset, batch_size))
     click.echo(export_summary(result))
     if quantize:
         from kbench.quantize import int8_path, quantize_int8
@@ -269,11 +265,18 @@ def demo(out, images, fresh, backend):
     _show_study(results, out)
 
 
+@cli.command()
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def doctor(output_format):
+    """What kbench can use here: versions, the GPUs nvidia-smi lists, the devices JAX, TensorFlow
+    and ONNX Runtime see (each asked in a subprocess), and a warning with the fix for an unused GPU."""
+    import json
+
+    from kbench.doctor import diagnose, format_doctor
+
+    report = diagnose()
+    click.echo(json.dumps(report, indent=2) if output_format == "json" else format_doctor(report))
+
+
 def main() -> None:
-    try:
-        cli(prog_name="kbench")
-    except KeyboardInterrupt:  # outside a command's own handling (e.g. SIGTERM while loading)
-        click.echo("kbench: interrupted", err=True)
-        if debug():
-            traceback.print_exc()
-        sys.exit(130)
+    run(cli)

@@ -87,6 +87,13 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     batch_size: int | None = None  # None: a dynamic batch dimension
 
+    @classmethod
+    def parse(cls, opset: int, batch_size: str) -> "ExportOptions":
+        """From the command line: ``batch_size`` is 'dynamic' or a whole number."""
+        if batch_size != "dynamic" and not (batch_size.isdigit() and int(batch_size) > 0):
+            raise KbenchError(f"--batch-size must be 'dynamic' or a positive whole number; got {batch_size!r}")
+        return cls(opset, None if batch_size == "dynamic" else int(batch_size)).check()
+
     def check(self) -> "ExportOptions":
         if self.opset not in OPSETS:
             raise KbenchError(f"opset {self.opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")

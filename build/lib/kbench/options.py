@@ -31,7 +31,12 @@ class Group(click.Group):
         except KbenchError as error:
             click.echo(f"kbench: error: {error}", err=True)
             ctx.exit(2)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException, click.Abort):
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _terminate), outside training's own handling
+            click.echo("kbench: interrupted", err=True)
+            if debug():
+                raise
+            ctx.exit(128 + _stopped_by.get("signal", signal.SIGINT))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as error:
             if debug():
@@ -46,8 +51,12 @@ def debug() -> bool:
     return os.environ.get("KBENCH_DEBUG", "") not in ("", "0")
 
 
+_stopped_by: dict = {}
+
+
 def _terminate(signal_number, frame):
     # SIGTERM unwinds like Ctrl-C, so temporary folders and locks are released on the way out.
+    _stopped_by["signal"] = signal_number
     raise KeyboardInterrupt
 
 
@@ -114,7 +123,7 @@ def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
 
 
 backend_option = click.option("--backend", type=click.Choice(["jax", "tensorflow"]), default=None, is_eager=True,
-                              callback=_set_backend, help="Keras backend (default: $KERAS_BACKEND, else jax).")
+                              callback=_set_backend, help="Keras backend (default: $KERAS_BACKEND, else jax with a GPU, tensorflow without).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a finished run in the folder.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 
@@ -132,3 +141,17 @@ def set_up_process(debug_flag: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def run(group: click.Group) -> None:
+    """The console entry point: Ctrl-C or SIGTERM outside a command's own handling (while loading,
+    say) is one line and exit 130, its traceback only with --debug."""
+    import traceback
+
+    try:
+        group(prog_name="kbench")
+    except KeyboardInterrupt:
+        click.echo("kbench: interrupted", err=True)
+        if debug():
+            traceback.print_exc()
+        sys.exit(130)

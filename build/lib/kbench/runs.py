@@ -83,7 +83,9 @@ class Run:
         except FileNotFoundError:
             raise KbenchError(f"{self.path} has no {name} (is it a kbench run folder?)") from None
         except (ValueError, UnicodeDecodeError) as error:
-            raise KbenchError(f"{self.file(name)} is corrupt ({error}); remove the run folder and train again") from None
+            raise KbenchError(
+                f"{self.file(name)} is corrupt ({error}); remove the run folder and train again"
+            ) from None
 
     @property
     def config(self) -> dict:
@@ -202,8 +204,10 @@ class Run:
             what = f" ({self.kind})" if os.path.isfile(self.file(CONFIG)) else ""
             state = "a finished" if finished else "an interrupted"
             advice = ", continue it with --resume" if interrupted and not finished else ""
-            raise KbenchError(f"{self.path} already holds {state} run{what}{advice}; choose another "
-                              "--run-dir, or pass --overwrite to replace it")
+            raise KbenchError(
+                f"{self.path} already holds {state} run{what}{advice}; choose another "
+                "--run-dir, or pass --overwrite to replace it"
+            )
         if overwrite:
             self.clear()
         return None
@@ -250,8 +254,10 @@ def folder_lock(path: str, what: str = "folder"):
             owner = handle.read().strip()
             handle.close()
             if error.errno in (errno.EAGAIN, errno.EACCES):
-                raise KbenchError(f"{path} is in use by another kbench process{f' (pid {owner})' if owner else ''}; "
-                                  f"wait for it to finish or use another {what}") from None
+                raise KbenchError(
+                    f"{path} is in use by another kbench process{f' (pid {owner})' if owner else ''}; "
+                    f"wait for it to finish or use another {what}"
+                ) from None
             raise
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
@@ -294,4 +300,3 @@ def data_fingerprint(images) -> str:
 def _layout_option(recorded: str | None) -> str:
     """split.json's layout name -> the find_images option that reads it the same way."""
     return {"kaggle": "kaggle", "class-folders": "folders"}.get(recorded or "", "auto")
-

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import metrics
+from kbench import doctor, metrics
 from kbench.backbones import get_backbone, weights_kind
-from kbench.backend import use_backend
+from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
 from kbench.devices import count_devices, training_devices
@@ -135,7 +135,10 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     Raises KbenchError for bad input (before any model is built) and TrainingInterrupted after
     saving a checkpoint when SIGINT/SIGTERM arrives.
     """
+    if notice := default_notice(config.backend):  # once, when the machine picked the backend
+        log.info(notice)
     config = config.resolved()
+    doctor.warn_if_gpu_unseen(config.backend)
     run = Run(config.run_dir)
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
