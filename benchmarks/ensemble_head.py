@@ -39,8 +39,11 @@ def main() -> None:
             if label == "warm-up":
                 continue
             walls[epochs] = time.perf_counter() - start
-            print(f"| {epochs} | {walls[epochs]:.1f} | {result['feature_seconds']:.1f} | {result['head_seconds']:.2f} "
-                  f"| {result['val_log_loss']:.4f} | {result['val_accuracy']:.3f} |", flush=True)
+            print(
+                f"| {epochs} | {walls[epochs]:.1f} | {result['feature_seconds']:.1f} | {result['head_seconds']:.2f} "
+                f"| {result['val_log_loss']:.4f} | {result['val_accuracy']:.3f} |",
+                flush=True,
+            )
     print(f"\n20 head epochs / 1 head epoch, wall time: {walls[20] / walls[1]:.2f}x")
     for member in members:
         from kbench.files import read_json

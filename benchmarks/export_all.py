@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kbench.backend import use_backend  # noqa: E402
 from kbench.backbones import REGISTRY, build_classifier, get_backbone  # noqa: E402
+from kbench.backend import use_backend  # noqa: E402
 
 
 def main() -> None:
@@ -47,8 +47,11 @@ def main() -> None:
             result = export_onnx(model, os.path.join(folder, f"{name}.onnx"))
             row = {"backbone": name, "image_size": size, "build_seconds": built, "backend": backend, **result}
             rows.append(row)
-            print(f"| {name} | {size} | {built:.1f} | {result['export_seconds']:.1f} | {result['megabytes']:.1f} "
-                  f"| {result['max_relative_difference']:.1e} |", flush=True)
+            print(
+                f"| {name} | {size} | {built:.1f} | {result['export_seconds']:.1f} | {result['megabytes']:.1f} "
+                f"| {result['max_relative_difference']:.1e} |",
+                flush=True,
+            )
             os.remove(result["path"])
     if args.output:
         with open(args.output, "w") as handle:

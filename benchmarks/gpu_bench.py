@@ -39,10 +39,29 @@ sys.path.insert(0, REPO)
 
 from kbench import doctor  # noqa: E402
 
-TRAIN_COLUMNS = ["backend", "backbone", "precision", "batch_size", "device", "compile_seconds",
-                 "in_memory_images_per_second", "pipeline_images_per_second", "pipeline_share", "status"]
-LATENCY_COLUMNS = ["backbone", "runtime", "backend", "device", "batch_size", "p50_ms", "p90_ms", "images_per_second",
-                   "status"]
+TRAIN_COLUMNS = [
+    "backend",
+    "backbone",
+    "precision",
+    "batch_size",
+    "device",
+    "compile_seconds",
+    "in_memory_images_per_second",
+    "pipeline_images_per_second",
+    "pipeline_share",
+    "status",
+]
+LATENCY_COLUMNS = [
+    "backbone",
+    "runtime",
+    "backend",
+    "device",
+    "batch_size",
+    "p50_ms",
+    "p90_ms",
+    "images_per_second",
+    "status",
+]
 PIPELINE_COLUMNS = ["measure", "threads", "images", "images_per_second", "status"]
 DEFAULT_SHARES = "pipeline=0.04,train-jax=0.46,latency=0.2,train-tensorflow=0.3"
 GRACE_SECONDS = 10  # past its share a worker is stopped; its unfinished measure is reported as skipped
@@ -73,14 +92,22 @@ def pipeline_rows(data: str, image_size: int, batch_size: int) -> list[dict]:
     images = find_images(data)
     rows = []
     for label, workers in (("all host cores", os.cpu_count() or 1), ("kbench default", None)):
-        loader = ImageLoader(images, np.arange(len(images)), image_size, batch_size, augment=True, shuffle=True,
-                             workers=workers)
+        loader = ImageLoader(
+            images, np.arange(len(images)), image_size, batch_size, augment=True, shuffle=True, workers=workers
+        )
         start = time.perf_counter()
         count = sum(len(loader.batch(0, index)[1]) for index in range(len(loader)))
         seconds = time.perf_counter() - start
         loader.close()
-        rows.append({"measure": f"decode, resize, augment ({label})", "threads": loader.workers, "images": count,
-                     "images_per_second": count / seconds, "status": "ok"})
+        rows.append(
+            {
+                "measure": f"decode, resize, augment ({label})",
+                "threads": loader.workers,
+                "images": count,
+                "images_per_second": count / seconds,
+                "status": "ok",
+            }
+        )
     return rows
 
 
@@ -89,8 +116,12 @@ def pipeline_rows(data: str, image_size: int, batch_size: int) -> list[dict]:
 
 def train_plan(args) -> list[tuple[str, str, int]]:
     """(backbone, precision, batch size) in priority order."""
-    return [(backbone, precision, batch) for batch in args.batch_sizes for backbone in args.backbones
-            for precision in args.precisions]
+    return [
+        (backbone, precision, batch)
+        for batch in args.batch_sizes
+        for backbone in args.backbones
+        for precision in args.precisions
+    ]
 
 
 def timed_fit(model, batches, batch_size: int, max_steps: int, max_seconds: float) -> float:
@@ -155,8 +186,14 @@ def measure_training(backbone: str, batch_size: int, args, images) -> dict:
         loader.close()
     from kbench.runtimes import keras_device
 
-    return {"device": keras_device(), "compile_seconds": compile_seconds, "in_memory_images_per_second": in_memory,
-            "pipeline_images_per_second": fed, "pipeline_share": fed / in_memory, "status": "ok"}
+    return {
+        "device": keras_device(),
+        "compile_seconds": compile_seconds,
+        "in_memory_images_per_second": in_memory,
+        "pipeline_images_per_second": fed,
+        "pipeline_share": fed / in_memory,
+        "status": "ok",
+    }
 
 
 def run_train_worker(args) -> None:
@@ -198,8 +235,22 @@ def export_on_cpu(keras_path: str, onnx_path: str) -> str | None:
     """Export with kbench's checked ONNX export in a CPU-only TensorFlow process (the parity check
     then compares float32 on both sides); None if it worked, else why not."""
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "export", "onnx", keras_path, "-o", onnx_path,
-                           "--backend", "tensorflow"], capture_output=True, text=True, env=environment)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "cli.py"),
+            "export",
+            "onnx",
+            keras_path,
+            "-o",
+            onnx_path,
+            "--backend",
+            "tensorflow",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
     if done.returncode == 0:
         return None
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -210,10 +261,10 @@ def run_latency_worker(args) -> None:
     from kbench.backend import use_backend
 
     use_backend(args.backend)
+    import onnxruntime
+
     from kbench.backbones import build_classifier, get_backbone
     from kbench.latency import LatencyConfig, iter_latency
-
-    import onnxruntime
 
     cuda_listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     took = 0.0
@@ -236,18 +287,39 @@ def run_latency_worker(args) -> None:
                 why_not = export_on_cpu(keras_path, os.path.join(scratch, f"{backbone}.onnx"))
                 why_not = f"ONNX export failed: {why_not}" if why_not else None
                 runtimes += [] if why_not else ["onnxruntime-cuda"]
-            config = LatencyConfig([keras_path], runtimes, args.latency_batch_sizes, args.latency_runs,
-                                   args.latency_warmup, export_dir=scratch)
+            config = LatencyConfig(
+                [keras_path],
+                runtimes,
+                args.latency_batch_sizes,
+                args.latency_runs,
+                args.latency_warmup,
+                export_dir=scratch,
+            )
             rows = list(iter_latency(config))
             if cuda_listed and args.onnx_dir and os.path.isfile(carried):
-                rows += list(iter_latency(LatencyConfig([carried], ["onnxruntime-cuda"], args.latency_batch_sizes,
-                                                        args.latency_runs, args.latency_warmup)))
+                rows += list(
+                    iter_latency(
+                        LatencyConfig(
+                            [carried],
+                            ["onnxruntime-cuda"],
+                            args.latency_batch_sizes,
+                            args.latency_runs,
+                            args.latency_warmup,
+                        )
+                    )
+                )
             for row in rows:
                 emit({**base, **{key: row.get(key) for key in LATENCY_COLUMNS if key in row}})
             if why_not:
                 for batch in args.latency_batch_sizes:
-                    emit({**base, "runtime": "onnxruntime-cuda", "batch_size": batch,
-                          "status": f"unavailable: {why_not}"})
+                    emit(
+                        {
+                            **base,
+                            "runtime": "onnxruntime-cuda",
+                            "batch_size": batch,
+                            "status": f"unavailable: {why_not}",
+                        }
+                    )
             took = max(took, time.time() - start)
 
 
@@ -262,8 +334,19 @@ def emit(row: dict) -> None:
 def run_worker(kind: str, backend: str, deadline: float, args, on_row) -> str | None:
     """Run a worker subprocess until it ends or ``deadline`` + grace passes; ``on_row`` gets each row.
     Returns None, or why the worker stopped early."""
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--backend", backend, "--deadline",
-               str(deadline), "--data", args.data, *args.passed]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--backend",
+        backend,
+        "--deadline",
+        str(deadline),
+        "--data",
+        args.data,
+        *args.passed,
+    ]
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     if kind == "latency":  # JAX and ONNX Runtime share the GPU: JAX takes memory as it needs it
         environment["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -310,16 +393,26 @@ def write_report(result: dict, output_dir: str) -> str:
     host = result["machine"]
     card = "; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in host["gpus"])
     versions = ", ".join(f"{name} {version}" for name, version in host["versions"].items())
-    budgets = ", ".join(f"{group} {share * result['budget_seconds']:.0f} s"
-                        for group, share in result["shares"].items())
-    parts = [f"Device: {card or 'CPU only (no GPU listed by nvidia-smi)'}; host {host['cpu']}, {host['cores']} cores",
-             f"{versions}; image size {result['image_size']}; {result['seconds']:.0f} s of a "
-             f"{result['budget_seconds']:.0f} s budget ({budgets})",
-             "", "Training (images/s; pipeline_share = through kbench's pipeline / in-memory)", "",
-             format_table(result["train"], TRAIN_COLUMNS, style="markdown"),
-             "", "Inference latency (ms)", "", format_table(result["latency"], LATENCY_COLUMNS, style="markdown"),
-             "", "Input pipeline (JPEGs in a zip, 400 x 350 px)", "",
-             format_table(result["pipeline"], PIPELINE_COLUMNS, style="markdown")]
+    budgets = ", ".join(
+        f"{group} {share * result['budget_seconds']:.0f} s" for group, share in result["shares"].items()
+    )
+    parts = [
+        f"Device: {card or 'CPU only (no GPU listed by nvidia-smi)'}; host {host['cpu']}, {host['cores']} cores",
+        f"{versions}; image size {result['image_size']}; {result['seconds']:.0f} s of a "
+        f"{result['budget_seconds']:.0f} s budget ({budgets})",
+        "",
+        "Training (images/s; pipeline_share = through kbench's pipeline / in-memory)",
+        "",
+        format_table(result["train"], TRAIN_COLUMNS, style="markdown"),
+        "",
+        "Inference latency (ms)",
+        "",
+        format_table(result["latency"], LATENCY_COLUMNS, style="markdown"),
+        "",
+        "Input pipeline (JPEGs in a zip, 400 x 350 px)",
+        "",
+        format_table(result["pipeline"], PIPELINE_COLUMNS, style="markdown"),
+    ]
     if result["notes"]:
         parts += ["", *(f"- {note}" for note in result["notes"])]
     table = "\n".join(parts) + "\n"
@@ -346,12 +439,22 @@ def main(argv=None) -> str:
     started = time.time()
     end = started + args.budget_seconds
     backends = [b for b in args.backends if b != "tensorflow" or importlib.util.find_spec("tensorflow")]
-    groups = ["pipeline", *([f"train-{backends[0]}", "latency", *(f"train-{b}" for b in backends[1:])] if backends
-                            else [])]
+    groups = [
+        "pipeline",
+        *([f"train-{backends[0]}", "latency", *(f"train-{b}" for b in backends[1:])] if backends else []),
+    ]
     shares = _shares(args.shares, groups)
-    result = {"machine": machine(doctor.gpu_details()), "image_size": args.image_size,
-              "budget_seconds": args.budget_seconds, "shares": shares, "seconds": 0.0, "train": [], "latency": [],
-              "pipeline": [], "notes": []}
+    result = {
+        "machine": machine(doctor.gpu_details()),
+        "image_size": args.image_size,
+        "budget_seconds": args.budget_seconds,
+        "shares": shares,
+        "seconds": 0.0,
+        "train": [],
+        "latency": [],
+        "pipeline": [],
+        "notes": [],
+    }
     if "tensorflow" in args.backends and "tensorflow" not in backends:
         result["notes"].append("TensorFlow is not installed here: no TensorFlow training rows")
 
@@ -377,11 +480,20 @@ def main(argv=None) -> str:
                 stopped = run_worker(kind, backend, deadline, args, keep)
                 result["notes"] += [stopped] if stopped else []
             if group.startswith("train-"):
-                done = {(r["backbone"], r["precision"], r["batch_size"]) for r in result["train"]
-                        if r["backend"] == backend}
-                result["train"] += [{"backend": backend, "backbone": b, "precision": p, "batch_size": n,
-                                     "status": "skipped: its share of the budget ran out while it ran"}
-                                    for b, p, n in train_plan(args) if (b, p, n) not in done]
+                done = {
+                    (r["backbone"], r["precision"], r["batch_size"]) for r in result["train"] if r["backend"] == backend
+                }
+                result["train"] += [
+                    {
+                        "backend": backend,
+                        "backbone": b,
+                        "precision": p,
+                        "batch_size": n,
+                        "status": "skipped: its share of the budget ran out while it ran",
+                    }
+                    for b, p, n in train_plan(args)
+                    if (b, p, n) not in done
+                ]
             save()
     table = save()
     print(table)
@@ -405,8 +517,12 @@ def parse(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=_positive_ints, default=[256, 64], help="training, in priority order")
     parser.add_argument("--precisions", type=_names, default=["bfloat16", "float32"])
-    parser.add_argument("--backends", type=_names, default=["jax", "tensorflow"],
-                        help="training backends; the first also times the latency")
+    parser.add_argument(
+        "--backends",
+        type=_names,
+        default=["jax", "tensorflow"],
+        help="training backends; the first also times the latency",
+    )
     parser.add_argument("--steps", type=int, default=30, help="most timed training steps per feed")
     parser.add_argument("--measure-seconds", type=float, default=6.0, help="most timed seconds per feed")
     parser.add_argument("--pipeline-images", type=int, default=4096, help="JPEGs in the zip (one epoch)")

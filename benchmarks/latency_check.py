@@ -35,8 +35,14 @@ def main() -> None:
     from kbench.report import format_table
 
     with tempfile.TemporaryDirectory() as folder:
-        config = LatencyConfig([args.backbone], ["keras-predict", "keras-compiled", "onnxruntime-cpu"], [1],
-                               args.runs, args.warmup, export_dir=folder)
+        config = LatencyConfig(
+            [args.backbone],
+            ["keras-predict", "keras-compiled", "onnxruntime-cpu"],
+            [1],
+            args.runs,
+            args.warmup,
+            export_dir=folder,
+        )
         rows = list(iter_latency(config))
         onnx_path = os.path.join(folder, f"{args.backbone}.onnx")
         session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -53,15 +59,24 @@ def main() -> None:
     by_runtime = {row["runtime"]: row for row in rows}
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; backend {backend}; {machine['versions']}")
-    print(format_table(rows, ["model", "runtime", "backend", "batch_size", "min_ms", "p50_ms", "p90_ms", "mean_ms",
-                              "detail"], style="markdown"))
+    print(
+        format_table(
+            rows,
+            ["model", "runtime", "backend", "batch_size", "min_ms", "p50_ms", "p90_ms", "mean_ms", "detail"],
+            style="markdown",
+        )
+    )
     bare_p50 = statistics.median(bare)
     print(f"\nbare session.run loop p50: {bare_p50:.2f} ms")
     print(f"kbench onnxruntime-cpu p50 / bare loop p50: {by_runtime['onnxruntime-cpu']['p50_ms'] / bare_p50:.3f}")
-    print(f"keras-predict p50 / keras-compiled p50: "
-          f"{by_runtime['keras-predict']['p50_ms'] / by_runtime['keras-compiled']['p50_ms']:.2f}x")
-    print(f"keras-compiled p50 / onnxruntime-cpu p50: "
-          f"{by_runtime['keras-compiled']['p50_ms'] / by_runtime['onnxruntime-cpu']['p50_ms']:.2f}x")
+    print(
+        f"keras-predict p50 / keras-compiled p50: "
+        f"{by_runtime['keras-predict']['p50_ms'] / by_runtime['keras-compiled']['p50_ms']:.2f}x"
+    )
+    print(
+        f"keras-compiled p50 / onnxruntime-cpu p50: "
+        f"{by_runtime['keras-compiled']['p50_ms'] / by_runtime['onnxruntime-cpu']['p50_ms']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def single_threaded(images, indices, image_size: int, seed: int) -> float:
 
 
 def threaded(images, indices, image_size: int, batch_size: int, seed: int, workers: int | None) -> float:
-    loader = ImageLoader(images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed,
-                         workers=workers)
+    loader = ImageLoader(
+        images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed, workers=workers
+    )
     start = time.perf_counter()
     count = sum(len(loader.batch(0, b)[1]) for b in range(len(loader)))
     seconds = time.perf_counter() - start
@@ -131,7 +132,9 @@ def main() -> None:
         pooled = statistics.median(
             threaded(images, indices, args.image_size, args.batch_size, s, args.workers) for s in range(args.repeats)
         )
-        memory, fed, warm = training_steps(images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0)
+        memory, fed, warm = training_steps(
+            images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0
+        )
 
     import keras
 

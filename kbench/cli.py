@@ -14,30 +14,17 @@ import sys
 import click
 
 from kbench import __version__
-from kbench.compare import DEFAULT_OUT as _COMPARE_OUT
-from kbench.compare import compare_runs
+from kbench import compare as comparison
+from kbench import options as opt
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
 from kbench.latency import LatencyConfig as _L
-from kbench.options import (
-    Group,
-    backend_option,
-    command_line,
-    echo_err,
-    flag,
-    format_option,
-    overwrite_option,
-    quiet_option,
-    run,
-    set_up_process,
-)
-from kbench.options import from_config as _from
 from kbench.submission import SubmissionConfig as _S
 from kbench.train import TrainConfig as _T
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=opt.Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kbench")
-@flag("--debug", "Show the full traceback of an unexpected error (or KBENCH_DEBUG=1).", "debug_flag")
+@opt.flag("--debug", "Show the full traceback of an unexpected error (or KBENCH_DEBUG=1).", "debug_flag")
 @click.option("-v", "--verbose", "verbose_flag", is_flag=True, help="Show other libraries' start-up lines too.")
 def cli(debug_flag, verbose_flag):
     """Which pretrained backbone or ensemble should you fine-tune, and what does each cost to train
@@ -45,12 +32,12 @@ def cli(debug_flag, verbose_flag):
 
     Exit status: 0 done; 1 some stage failed (a study still writes its report); 2 bad input,
     refused before any work; 130/143 interrupted."""
-    set_up_process(debug_flag, verbose_flag)
+    opt.set_up_process(debug_flag, verbose_flag)
 
 
 @cli.command()
 @click.argument("pattern", required=False)
-@format_option("table", "json")
+@opt.format_option("table", "json")
 def backbones(pattern, output_format):
     """List the registered backbones (native size, parameters, feature width)."""
     from kbench.backbones import list_backbones
@@ -60,13 +47,15 @@ def backbones(pattern, output_format):
 
 
 @cli.command()
-@_from(_T, "backbone", "data", defaults=False)
-@backend_option
-@_from(_T, "layout epochs batch_size image_size lr weights augment val_split seed", defaults=False)
-@_from(_T, "run_dir freeze_backbone cache workers devices mixed_precision", defaults=False, required=("run_dir",))
-@flag("--resume", "Continue the interrupted run in --run-dir (its own settings).")
-@overwrite_option
-@quiet_option
+@opt.from_config(_T, "backbone", "data", defaults=False)
+@opt.backend_option
+@opt.from_config(_T, "layout epochs batch_size image_size lr weights augment val_split seed", defaults=False)
+@opt.from_config(
+    _T, "run_dir freeze_backbone cache workers devices mixed_precision", defaults=False, required=("run_dir",)
+)
+@opt.flag("--resume", "Continue the interrupted run in --run-dir (its own settings).")
+@opt.overwrite_option
+@opt.quiet_option
 def train(resume, quiet, run_dir, overwrite, **options):
     """Fine-tune one backbone on a folder or zip of images and write a run folder.
 
@@ -101,7 +90,7 @@ def export():
 @export.command("onnx")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), help="ONNX file to write.  [default: exports/NAME.onnx]")
-@backend_option
+@opt.backend_option
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..18).")
 @click.option("--batch-size", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized copy.")
@@ -128,11 +117,13 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
 
 @cli.command()
 @click.option("--members", required=True, help="Comma-separated run folders trained on the same data and split.")
-@_from(_E, "data")
-@backend_option
-@_from(_E, "layout", "run_dir", "method", "epochs", "batch_size", "lr", "tta_passes", "seed", required=("run_dir",))
-@overwrite_option
-@quiet_option
+@opt.from_config(_E, "data")
+@opt.backend_option
+@opt.from_config(
+    _E, "layout", "run_dir", "method", "epochs", "batch_size", "lr", "tta_passes", "seed", required=("run_dir",)
+)
+@opt.overwrite_option
+@opt.quiet_option
 def ensemble(members, run_dir, quiet, backend, overwrite, **options):
     """Combine trained runs into ONE model with one image input (members frozen).
 
@@ -152,10 +143,10 @@ def ensemble(members, run_dir, quiet, backend, overwrite, **options):
 @click.argument("model", type=click.Path())
 @click.option("--data", type=click.Path(), required=True, help="Test images: a folder or Kaggle's test.zip.")
 @click.option("-o", "--output", type=click.Path(), default="submission.csv", show_default=True)
-@backend_option
-@_from(_S, "tta", "clip", "batch_size")
+@opt.backend_option
+@opt.from_config(_S, "tta", "clip", "batch_size")
 @click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default="keras", show_default=True)
-@flag("--calibrate", "Apply a temperature fitted on the run's validation split.")
+@opt.flag("--calibrate", "Apply a temperature fitted on the run's validation split.")
 def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, backend):
     """Predict a test set into a Kaggle submission (id,label = P(second class)).
 
@@ -184,10 +175,10 @@ def score(submission, answers):
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
-@_from(_L, "runtimes")
-@backend_option
-@_from(_L, "batch_sizes", "runs", "warmup", "threads", "weights")
-@format_option("table", "markdown", "csv", "json")
+@opt.from_config(_L, "runtimes")
+@opt.backend_option
+@opt.from_config(_L, "batch_sizes", "runs", "warmup", "threads", "weights")
+@opt.format_option("table", "markdown", "csv", "json")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here (after every row), not stdout.")
 def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, output_format, output, backend):
     """Time inference of MODELS on Keras and ONNX Runtime (CPU and CUDA).
@@ -226,12 +217,12 @@ def _show_study(results: dict, out: str) -> None:
 @click.option("--data", type=click.Path(), help="Training images (overrides the config).")
 @click.option("--test-data", type=click.Path(), help="Test images for the submission ('' for none).")
 @click.option("--answers", type=click.Path(), help="id,label CSV to score the submission (overrides the config).")
-@backend_option
-@_from(_T, "layout", defaults=False)
+@opt.backend_option
+@opt.from_config(_T, "layout", defaults=False)
 @click.option("--out", type=click.Path(), help="Report folder.  [default: reports/NAME]")
-@_from(_T, "devices", "mixed_precision", defaults=False)
+@opt.from_config(_T, "devices", "mixed_precision", defaults=False)
 @click.option("--progress/--quiet", default=False, help="Keras progress bars while training.")
-@flag("--overwrite", "Start over in an --out folder that holds another study.")
+@opt.flag("--overwrite", "Start over in an --out folder that holds another study.")
 def bench(config_path, out, progress, overwrite, **overrides):
     """Run the whole comparison study: train, export, time, ensemble, predict, report.
 
@@ -246,14 +237,14 @@ def bench(config_path, out, progress, overwrite, **overrides):
 
     config = load_config(config_path, **overrides)
     out = out or os.path.join("reports", config.name)
-    _show_study(run_study(config, out, command_line(), "auto" if progress else 0, echo_err, overwrite), out)
+    _show_study(run_study(config, out, opt.command_line(), "auto" if progress else 0, opt.echo_err, overwrite), out)
 
 
 @cli.command()
 @click.option("--out", type=click.Path(), default="reports/demo", show_default=True, help="Report folder.")
-@backend_option
+@opt.backend_option
 @click.option("--images", type=int, default=600, show_default=True, help="Generated training images.")
-@flag("--fresh", "Start over instead of resuming an earlier demo in --out.")
+@opt.flag("--fresh", "Start over instead of resuming an earlier demo in --out.")
 def demo(out, images, fresh, backend):
     """Offline demo: the study pipeline (kbench's demo study) on generated Dogs-vs-Cats-style images.
 
@@ -262,11 +253,11 @@ def demo(out, images, fresh, backend):
     """
     from kbench.study import run_demo
 
-    _show_study(*run_demo(out, images, fresh, backend, echo=echo_err, command=command_line()))
+    _show_study(*run_demo(out, images, fresh, backend, echo=opt.echo_err, command=opt.command_line()))
 
 
 @cli.command()
-@format_option("table", "json")
+@opt.format_option("table", "json")
 def doctor(output_format):
     """What kbench can use here: versions, the GPUs nvidia-smi lists, the devices JAX, TensorFlow
     and ONNX Runtime see (each asked in a subprocess), and a warning with the fix for an unused GPU."""
@@ -280,11 +271,11 @@ def doctor(output_format):
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", type=click.Path(), default=_COMPARE_OUT, show_default=True, help="Report folder.")
+@click.option("--out", type=click.Path(), default=comparison.DEFAULT_OUT, show_default=True, help="Report folder.")
 def compare(runs, out):
     """Compare finished runs and ensembles trained outside a study: a study's tables and plots."""
-    _show_study(compare_runs(list(runs), out, command=command_line()), out)
+    _show_study(comparison.compare_runs(list(runs), out, command=opt.command_line()), out)
 
 
 def main() -> None:
-    run(cli)
+    opt.run(cli)

@@ -40,9 +40,12 @@ def compare_runs(paths: list[str], out_dir: str = DEFAULT_OUT, command: str = ""
     names = _names(runs)
     rows = [_row(run, name, out_dir) for run, name in zip(runs, names)]
     results = {
-        "kind": KIND, "name": f"{len(rows)} run(s)", "command": command,
+        "kind": KIND,
+        "name": f"{len(rows)} run(s)",
+        "command": command,
         "backend": ", ".join(sorted({row["backend"] for row in rows if row.get("backend")})),
-        "runs": [os.path.abspath(run.path) for run in runs], "rows": rows,
+        "runs": [os.path.abspath(run.path) for run in runs],
+        "rows": rows,
     }
     write_report(results, out_dir)
     return results
@@ -63,8 +66,9 @@ def _check_out(out_dir: str, runs: dict[str, str]) -> None:
         except (ValueError, AttributeError, UnicodeDecodeError):
             kind = None
         if kind != KIND:
-            raise KbenchError(f"--out {out_dir} holds a study's report, which compare would overwrite; "
-                              "choose another --out")
+            raise KbenchError(
+                f"--out {out_dir} holds a study's report, which compare would overwrite; choose another --out"
+            )
 
 
 def _names(runs: list[Run]) -> list[str]:
@@ -80,5 +84,12 @@ def _row(run: Run, name: str, out_dir: str) -> dict:
     backbone = metrics.get("backbone")
     if kind == "ensemble":
         backbone = "+".join(metrics.get("backbones") or [m.get("backbone", "?") for m in metrics.get("members", [])])
-    return {**metrics, "name": name, "kind": kind, "backbone": backbone, "status": "ok",
-            "latency": run.latency, "folder": os.path.relpath(os.path.abspath(run.path), os.path.abspath(out_dir))}
+    return {
+        **metrics,
+        "name": name,
+        "kind": kind,
+        "backbone": backbone,
+        "status": "ok",
+        "latency": run.latency,
+        "folder": os.path.relpath(os.path.abspath(run.path), os.path.abspath(out_dir)),
+    }

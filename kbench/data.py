@@ -212,10 +212,10 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
       (``root/cat/x.jpg``, or ``train/cat/x.jpg`` in a zip); a folder that holds ``<label>.<n>`` files
       of two labels isn't taken for one class.
     A forced layout (``kaggle``, ``folders``) checks its own rule and the two classes, no more.
-    Hidden files and folders and ``__MACOSX`` are ignored; a zip entry naming a path outside the archive refuses the zip. A
-    labelled set needs two classes, and (auto, more than UNIQUE_LABEL_CHECK_FROM images) no more
-    distinct labels than half its images: mostly unique labels are names, not classes. Empty files
-    are left out (``skipped``) of a labelled set.
+    Hidden files and folders and ``__MACOSX`` are ignored; a zip entry naming a path outside the
+    archive refuses the zip. A labelled set needs two classes, and (auto, more than
+    UNIQUE_LABEL_CHECK_FROM images) no more distinct labels than half its images: mostly unique
+    labels are names, not classes. Empty files are left out (``skipped``) of a labelled set.
 
     With ``labelled=False`` (a test set) every image is kept, empty files included, and labels are -1.
     Every refusal is a one-line KbenchError that says what was found and what is accepted.

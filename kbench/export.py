@@ -108,8 +108,9 @@ def export_key(source: str, options: ExportOptions) -> str:
     return f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}-kbench{__version__}"
 
 
-def onnx_for(model: str, output: str | None = None, options: ExportOptions | None = None,
-             export_dir: str = DEFAULT_EXPORT_DIR) -> dict:
+def onnx_for(
+    model: str, output: str | None = None, options: ExportOptions | None = None, export_dir: str = DEFAULT_EXPORT_DIR
+) -> dict:
     """The checked ONNX file of MODEL (run or ensemble folder, ``.keras`` file): the one rule every
     caller uses. A file already at ``output`` is reused only when its metadata says it was made from
     the same model bytes with the same options; otherwise MODEL is exported (and checked) again.
@@ -125,8 +126,13 @@ def onnx_for(model: str, output: str | None = None, options: ExportOptions | Non
         raise KbenchError(f"{output} is a folder; give the ONNX file's name (-o exports/model.onnx)")
     key = export_key(source, options)
     if os.path.isfile(output) and read_metadata(output).get("kbench_export_key") == key:
-        return {"path": output, "reused": True, "opset": options.opset, "batch_size": options.batch_size or "dynamic",
-                "megabytes": os.path.getsize(output) / 2**20}
+        return {
+            "path": output,
+            "reused": True,
+            "opset": options.opset,
+            "batch_size": options.batch_size or "dynamic",
+            "megabytes": os.path.getsize(output) / 2**20,
+        }
     metadata = {**run_metadata(model), "kbench_export_key": key}
     record = export_onnx(source, output, opset=options.opset, batch_size=options.batch_size, metadata=metadata)
     return {**record, "reused": False}

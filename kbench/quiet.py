@@ -66,10 +66,12 @@ def set_up(verbose_flag: bool = False) -> None:
 # It drops what came before DISCARD (the hold ended well); anything else (the import raised, or
 # the process died mid-import) it writes to the real stderr when its input closes.
 DISCARD = b"\n\0kbench: held stderr discarded\0\n"
-_KEEPER = ("import sys\n"
-           f"mark = {DISCARD!r}\n"
-           "data = sys.stdin.buffer.read()\n"
-           "sys.stderr.buffer.write(data.rsplit(mark, 1)[1] if mark in data else data)\n")
+_KEEPER = (
+    "import sys\n"
+    f"mark = {DISCARD!r}\n"
+    "data = sys.stdin.buffer.read()\n"
+    "sys.stderr.buffer.write(data.rsplit(mark, 1)[1] if mark in data else data)\n"
+)
 
 
 @contextmanager
@@ -90,8 +92,9 @@ def held_stderr():
     """
     _flush()
     try:
-        keeper = subprocess.Popen([sys.executable, "-I", "-S", "-c", _KEEPER], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL)
+        keeper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _KEEPER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
     except OSError:
         yield
         return

@@ -211,7 +211,7 @@ def write_curves(history_rows: list[dict], path: str, title: str = "") -> str | 
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 1 + 2.4 * len(panels)), sharex=True, squeeze=False)
     axes = axes[:, 0]
     for ax, (label, lines) in zip(axes, panels):
-        for key, name, values in lines:
+        for _, name, values in lines:
             ax.plot(epochs, values, marker="o", markersize=4, label=name)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -412,8 +412,12 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
     for index, member in enumerate(config.backbones, 1):
         run_dir = os.path.join(runs_dir, member.name)
         echo(f"[{index}/{len(config.backbones)}] {member.name}: training, exporting, timing")
-        row = {"name": member.name, "kind": "backbone", "backbone": member.train.backbone,
-               "folder": os.path.relpath(run_dir, out_dir)}  # for report.md's links
+        row = {
+            "name": member.name,
+            "kind": "backbone",
+            "backbone": member.train.backbone,
+            "folder": os.path.relpath(run_dir, out_dir),
+        }  # for report.md's links
         fit = lambda member=member, run_dir=run_dir: _train_member(member, run_dir, fingerprint, verbose)  # noqa: E731
         if _measure(row, fit, run_dir, onnx_dir, config.latency):
             done[member.name] = run_dir
@@ -421,8 +425,12 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
 
     ensembles = []
     for entry in config.ensembles:
-        row = {"name": entry.name, "kind": "ensemble", "backbone": "+".join(entry.members),
-               "folder": os.path.relpath(os.path.join(ensembles_dir, entry.name), out_dir)}
+        row = {
+            "name": entry.name,
+            "kind": "ensemble",
+            "backbone": "+".join(entry.members),
+            "folder": os.path.relpath(os.path.join(ensembles_dir, entry.name), out_dir),
+        }
         missing = [m for m in entry.members if m not in done]
         if missing:
             row["status"] = f"failed: member(s) {', '.join(missing)} failed"

@@ -26,8 +26,23 @@ SHELL = {"TF_CPP_MIN_LOG_LEVEL": "2", "KBENCH_VERBOSE": ""}
 
 def test_train_and_export_write_only_kbench_lines_to_stderr(small_data, tmp_path):
     run_dir = str(tmp_path / "run")
-    trained = run_cli("train", "--backend", BACKEND, "--backbone", "small_cnn", "--data", small_data["train"],
-                      "--image-size", "24", "--epochs", "1", "--run-dir", run_dir, "--quiet", env=SHELL)
+    trained = run_cli(
+        "train",
+        "--backend",
+        BACKEND,
+        "--backbone",
+        "small_cnn",
+        "--data",
+        small_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "1",
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        env=SHELL,
+    )
     assert trained.returncode == 0, trained.stderr
     assert _foreign_lines(trained.stderr) == []
     # Under JAX the conversion runs in a TensorFlow subprocess; under TensorFlow in this process.
@@ -43,8 +58,13 @@ def test_train_and_export_write_only_kbench_lines_to_stderr(small_data, tmp_path
 def _python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
     """Run ``code`` with a stand-in ``tensorflow`` package (tmp_path/fake) ahead of the real one."""
     path = os.pathsep.join([REPO, str(tmp_path / "fake")])
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": path, "KBENCH_VERBOSE": "", **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": path, "KBENCH_VERBOSE": "", **env},
+    )
 
 
 def _fake_tensorflow(tmp_path, body: str) -> None:
@@ -53,7 +73,9 @@ def _fake_tensorflow(tmp_path, body: str) -> None:
     (package / "__init__.py").write_text("import os\nos.write(2, b'I0000 start-up chatter\\n')\n" + body)
 
 
-IMPORT = "import kbench.quiet, sys; kbench.quiet.set_up(); print('kbench: before', file=sys.stderr)\nimport tensorflow\n"
+IMPORT = (
+    "import kbench.quiet, sys; kbench.quiet.set_up(); print('kbench: before', file=sys.stderr)\nimport tensorflow\n"
+)
 
 
 def test_start_up_chatter_is_held_and_verbose_shows_it(tmp_path):
@@ -73,8 +95,14 @@ def test_a_failed_import_shows_what_was_held_then_the_error(tmp_path):
     lines = done.stderr.splitlines()
     assert lines[:3] == ["kbench: before", "I0000 start-up chatter", "E0000 libcudnn.so.9: cannot open"]
     assert lines[-1] == "ImportError: no cudnn"
-    after = _python(IMPORT.replace("import tensorflow\n", "try:\n    import tensorflow\nexcept ImportError:\n"
-                                   "    pass\nprint('kbench: fd 2 is back', file=sys.stderr)\n"), tmp_path)
+    after = _python(
+        IMPORT.replace(
+            "import tensorflow\n",
+            "try:\n    import tensorflow\nexcept ImportError:\n"
+            "    pass\nprint('kbench: fd 2 is back', file=sys.stderr)\n",
+        ),
+        tmp_path,
+    )
     assert after.stderr.splitlines()[-1] == "kbench: fd 2 is back"
 
 

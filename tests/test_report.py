@@ -9,9 +9,10 @@ import struct
 
 import pytest
 
-from conftest import run_cli
 from kbench.errors import KbenchError
-from kbench.report import markdown_report, flat_rows, study_summary, write_curves, write_report
+from kbench.report import flat_rows, markdown_report, study_summary, write_curves, write_report
+
+from conftest import run_cli
 
 
 def png_size(path) -> tuple[int, int]:
@@ -25,8 +26,14 @@ def png_size(path) -> tuple[int, int]:
 def history(epochs: int, lr: bool = False) -> list[dict]:
     rows = []
     for epoch in range(1, epochs + 1):
-        row = {"epoch": float(epoch), "epoch_seconds": 1.0, "loss": 0.7 / epoch, "accuracy": 0.5 + 0.04 * epoch,
-               "val_loss": 0.75 / epoch ** 0.5, "val_accuracy": 0.5 + 0.03 * epoch}
+        row = {
+            "epoch": float(epoch),
+            "epoch_seconds": 1.0,
+            "loss": 0.7 / epoch,
+            "accuracy": 0.5 + 0.04 * epoch,
+            "val_loss": 0.75 / epoch**0.5,
+            "val_accuracy": 0.5 + 0.03 * epoch,
+        }
         if lr:
             row.update(lr=1e-3 if epoch <= 2 else 1e-4, phase="head" if epoch <= 2 else "fine-tune")
         rows.append(row)
@@ -37,7 +44,7 @@ def test_curves_are_a_png_with_a_learning_rate_panel_when_recorded(tmp_path):
     plain, scheduled = str(tmp_path / "plain.png"), str(tmp_path / "scheduled.png")
     assert write_curves(history(5), plain, "small_cnn: a") == plain
     assert write_curves(history(5, lr=True), scheduled) == scheduled
-    (width, height), (width_lr, height_lr) = png_size(plain), png_size(scheduled)
+    (width, height), (_, height_lr) = png_size(plain), png_size(scheduled)
     assert width > 400 and height > 300
     assert height_lr > height * 1.3  # a third panel: the learning rate
     assert write_curves([], str(tmp_path / "none.png")) is None and not (tmp_path / "none.png").exists()
@@ -45,9 +52,18 @@ def test_curves_are_a_png_with_a_learning_rate_panel_when_recorded(tmp_path):
 
 
 def timing(runtime: str, batch: int, p50, status="ok") -> dict:
-    return {"runtime": runtime, "backend": "jax", "device": "cpu", "batch_size": batch, "runs": 3, "warmup": 1,
-            "p50_ms": p50, "p90_ms": None if p50 is None else p50 * 1.2,
-            "images_per_second": None if p50 is None else 1000 * batch / p50, "status": status}
+    return {
+        "runtime": runtime,
+        "backend": "jax",
+        "device": "cpu",
+        "batch_size": batch,
+        "runs": 3,
+        "warmup": 1,
+        "p50_ms": p50,
+        "p90_ms": None if p50 is None else p50 * 1.2,
+        "images_per_second": None if p50 is None else 1000 * batch / p50,
+        "status": status,
+    }
 
 
 def study_results(tmp_path) -> tuple[dict, str]:
@@ -63,14 +79,35 @@ def study_results(tmp_path) -> tuple[dict, str]:
             writer = csv.DictWriter(handle, list(history(3)[0]))
             writer.writeheader()
             writer.writerows(history(3))
-        latency = [timing(runtime, batch, ms * batch * factor) for runtime, factor in
-                   (("keras-compiled", 3.0), ("onnxruntime-cpu", 1.0)) for batch in (1, 8)]
+        latency = [
+            timing(runtime, batch, ms * batch * factor)
+            for runtime, factor in (("keras-compiled", 3.0), ("onnxruntime-cpu", 1.0))
+            for batch in (1, 8)
+        ]
         latency += [timing("onnxruntime-cuda", batch, None, "unavailable: no CUDA provider") for batch in (1, 8)]
-        rows.append({"name": name, "kind": "backbone", "backbone": "small_cnn", "status": "ok", "params": 10,
-                     "epoch_seconds": [2.0, 1.0, 1.0], "val_log_loss": loss, "val_accuracy": 0.9,
-                     "latency": latency, "folder": os.path.join("runs", name)})
-    rows.append({"name": "broken", "kind": "backbone", "backbone": "small_cnn", "status": "failed: bad weights",
-                 "folder": os.path.join("runs", "broken")})  # never created
+        rows.append(
+            {
+                "name": name,
+                "kind": "backbone",
+                "backbone": "small_cnn",
+                "status": "ok",
+                "params": 10,
+                "epoch_seconds": [2.0, 1.0, 1.0],
+                "val_log_loss": loss,
+                "val_accuracy": 0.9,
+                "latency": latency,
+                "folder": os.path.join("runs", name),
+            }
+        )
+    rows.append(
+        {
+            "name": "broken",
+            "kind": "backbone",
+            "backbone": "small_cnn",
+            "status": "failed: bad weights",
+            "folder": os.path.join("runs", "broken"),
+        }
+    )  # never created
     return {"name": "t", "backend": "jax", "command": "test", "rows": rows}, str(out)
 
 
@@ -84,8 +121,10 @@ def test_report_has_a_wide_timing_table_links_and_the_front_in_words(tmp_path):
     report = open(paths["report"]).read()
     inference = section(report, "Inference time")
     header = [line for line in inference.splitlines() if line.startswith("| name")]
-    assert header == ["| name | keras-compiled b1 | keras-compiled b8 | onnxruntime-cpu b1 | onnxruntime-cpu b8 | "
-                      "onnxruntime-cuda b1 | onnxruntime-cuda b8 |"]
+    assert header == [
+        "| name | keras-compiled b1 | keras-compiled b8 | onnxruntime-cpu b1 | onnxruntime-cpu b8 | "
+        "onnxruntime-cuda b1 | onnxruntime-cuda b8 |"
+    ]
     assert "| [b](runs/b/) | 6 | 48 | 2 | 16 | - | - |" in inference  # one row per model, p50 ms
     assert "| broken | - |" in inference  # no folder: no link
     assert "onnxruntime-cuda (a, b, c): unavailable: no CUDA provider" in inference
@@ -123,8 +162,19 @@ def two_runs(kaggle_data, tmp_path_factory):
     paths = []
     for name, seed in (("first", 0), ("second", 1)):
         run_dir = str(root / name)
-        train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=2, image_size=24,
-                          lr=2e-3, val_split=0.2, seed=seed), verbose=0)
+        train(
+            TrainConfig(
+                backbone="small_cnn",
+                data=kaggle_data["train"],
+                run_dir=run_dir,
+                epochs=2,
+                image_size=24,
+                lr=2e-3,
+                val_split=0.2,
+                seed=seed,
+            ),
+            verbose=0,
+        )
         paths.append(run_dir)
     rows = [timing("onnxruntime-cpu", 1, 0.25), timing("keras-compiled", 1, 0.9)]
     with open(os.path.join(paths[0], "latency.json"), "w") as handle:
@@ -146,8 +196,15 @@ def test_compare_reports_runs_trained_outside_a_study(two_runs, tmp_path):
     out = str(tmp_path / "compare")
     results = compare_runs([first, second], out, command="test")
     assert [row["name"] for row in results["rows"]] == ["first", "second"]
-    assert sorted(os.listdir(out)) == ["epoch_time.png", "latency.csv", "logloss_vs_latency.png", "report.md",
-                                       "results.csv", "results.json", "val_loss_by_epoch.png"]
+    assert sorted(os.listdir(out)) == [
+        "epoch_time.png",
+        "latency.csv",
+        "logloss_vs_latency.png",
+        "report.md",
+        "results.csv",
+        "results.json",
+        "val_loss_by_epoch.png",
+    ]
     report = open(os.path.join(out, "report.md")).read()
     assert report.startswith("# kbench comparison: 2 run(s)")
     link = os.path.relpath(first, out)
@@ -173,11 +230,13 @@ def test_compare_command_prints_the_tables_and_refuses_bad_input(two_runs, tmp_p
     study = tmp_path / "study"
     study.mkdir()
     (study / "results.json").write_text(json.dumps({"name": "seed", "rows": []}))
-    for args, message in (([str(not_a_run)], "is not a finished kbench run (no model.keras)"),
-                          ([first, first + "/"], "is given twice"),
-                          ([first, "--out", os.path.join(first, "report")], "is inside the run folder"),
-                          ([first, "--out", second], "is a run folder"),
-                          ([first, "--out", str(study)], "holds a study's report")):
+    for args, message in (
+        ([str(not_a_run)], "is not a finished kbench run (no model.keras)"),
+        ([first, first + "/"], "is given twice"),
+        ([first, "--out", os.path.join(first, "report")], "is inside the run folder"),
+        ([first, "--out", second], "is a run folder"),
+        ([first, "--out", str(study)], "holds a study's report"),
+    ):
         refused = run_cli("compare", *args)
         assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
         assert refused.stderr.count("\n") == 1

@@ -1,3 +1,0 @@
-from kbench.cli import main
-
-main()
