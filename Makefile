@@ -2,26 +2,60 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-jax test-tensorflow test-heavy bench-pipeline clean
+# The CUDA builds (JAX's CUDA 12 plugin, TensorFlow's CUDA libraries, onnxruntime-gpu) when
+# `nvidia-smi -L` lists a GPU, else the CPU builds; `make install CUDA=1` or `CUDA=0` forces the choice.
+ifndef CUDA
+CUDA := $(if $(shell nvidia-smi -L 2>/dev/null | grep '^GPU'),1,0)
+endif
+ifeq ($(CUDA),1)
+FLAVOUR := cuda
+OTHER_SET := onnxruntime
+else ifeq ($(CUDA),0)
+FLAVOUR := cpu
+OTHER_SET := onnxruntime-gpu
+else
+$(error CUDA must be 1 (the CUDA builds) or 0 (the CPU builds), not '$(CUDA)')
+endif
+# The base set brings the CPU onnxruntime; the CUDA set swaps it for this, alone (see pyproject.toml).
+ORT_GPU := 'onnxruntime-gpu[cuda,cudnn,symbolic]'
+# One stamp per set, so that switching between them re-installs.
+STAMP := $(VENV)/.installed-$(FLAVOUR)
+
+.PHONY: install demo lint test test-jax test-tensorflow test-heavy bench-pipeline bench-gpu clean
 
 install: $(STAMP)
 
-# Re-runs only when the dependencies change; `make install` is idempotent.
+# Re-runs only when the dependencies or the set change; `make install` is idempotent. onnxruntime and
+# onnxruntime-gpu install the same module folder, so removing one breaks the other: when the other
+# set's ONNX Runtime is there, both go (with the CUDA set's JAX plugin and NVIDIA libraries, which
+# would otherwise keep JAX and TensorFlow on the GPU under CUDA=0) and the install puts the chosen
+# one back whole.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
+	if $(PY) -m pip show --quiet $(OTHER_SET) 2>/dev/null; then \
+	  $(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu \
+	    $(if $(filter cpu,$(FLAVOUR)),jax-cuda12-plugin jax-cuda12-pjrt $$($(PY) -m pip freeze | grep -o '^nvidia-[a-z0-9-]*-cu12')); \
+	fi
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,$(FLAVOUR)]'
+	$(if $(filter cuda,$(FLAVOUR)),$(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu && \
+	  $(PY) -m pip install --quiet -c constraints.txt $(ORT_GPU))
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/kbench demo
 
-# The suite runs once per backend.
-test: test-jax test-tensorflow
+# Lint and format check, the docstring examples, then the suite once per backend.
+test: lint test-jax test-tensorflow
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-jax: install
+	KERAS_BACKEND=jax $(PY) -m pytest -q --doctest-modules kbench
 	KERAS_BACKEND=jax $(PY) -m pytest -q tests
 
 test-tensorflow: install
@@ -34,6 +68,10 @@ test-heavy: install
 
 bench-pipeline: install
 	$(PY) benchmarks/pipeline.py
+
+# On a GPU machine: training images/s and latency in one call (benchmarks/README.md).
+bench-gpu: install
+	bash benchmarks/gpu.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -36,8 +36,11 @@ SETTINGS = {
     "jax": {"KERAS_BACKEND": "jax"},
     "jax-fast-math": {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_enable_fast_math=true"},
     "jax-no-ynnpack": {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="},
-    "jax-xnnpack-graph": {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_use_xnnpack=true "
-                          "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"},
+    "jax-xnnpack-graph": {
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_cpu_use_xnnpack=true "
+        "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    },
     "jax-eigen-1-thread": {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
 }
 DEFAULT_SETTINGS = "tensorflow,jax"
@@ -78,8 +81,11 @@ def time_steps(backbone: str, image_size: int, batch_size: int, steps: int, max_
         step_ms.append((time.perf_counter() - start) * 1000)
         if step_ms[-1] > max_step_seconds * 1000:
             break
-    return {"first_step_s": round(first_seconds, 1), "step_ms": [round(ms, 1) for ms in step_ms],
-            "median_ms": round(statistics.median(step_ms), 1)}
+    return {
+        "first_step_s": round(first_seconds, 1),
+        "step_ms": [round(ms, 1) for ms in step_ms],
+        "median_ms": round(statistics.median(step_ms), 1),
+    }
 
 
 def worker(args) -> None:
@@ -90,12 +96,20 @@ def worker(args) -> None:
     for backbone in args.backbones.split(","):
         previous = None  # (size, median ms) of the last size measured
         for size in sorted(int(s) for s in args.sizes.split(",")):
-            row = {"setting": args.worker, "backend": backend, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                   "backbone": backbone, "image_size": size, "batch_size": args.batch_size}
+            row = {
+                "setting": args.worker,
+                "backend": backend,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "backbone": backbone,
+                "image_size": size,
+                "batch_size": args.batch_size,
+            }
             predicted_ms = previous and previous[1] * (size / previous[0]) ** 2
             if predicted_ms and predicted_ms > args.max_step_seconds * 1000:
-                row["skipped"] = (f"a step at {previous[0]} px took {previous[1] / 1000:.1f} s, which predicts "
-                                  f"{predicted_ms / 1000:.0f} s at {size} px (over {args.max_step_seconds:g} s)")
+                row["skipped"] = (
+                    f"a step at {previous[0]} px took {previous[1] / 1000:.1f} s, which predicts "
+                    f"{predicted_ms / 1000:.0f} s at {size} px (over {args.max_step_seconds:g} s)"
+                )
             else:
                 try:
                     row.update(time_steps(backbone, size, args.batch_size, args.steps, args.max_step_seconds))
@@ -106,9 +120,22 @@ def worker(args) -> None:
 
 
 def run_setting(name: str, environment: dict, args) -> list[dict]:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--backbones", args.backbones,
-               "--sizes", args.sizes, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-step-seconds", str(args.max_step_seconds)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        name,
+        "--backbones",
+        args.backbones,
+        "--sizes",
+        args.sizes,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-step-seconds",
+        str(args.max_step_seconds),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **environment}
     if "XLA_FLAGS" not in environment:
         env.pop("XLA_FLAGS", None)
@@ -126,8 +153,10 @@ def markdown(rows: list[dict]) -> str:
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     cases = list(dict.fromkeys((row["backbone"], row["image_size"]) for row in rows))
     by_key = {(row["setting"], row["backbone"], row["image_size"]): row for row in rows}
-    lines = ["| backbone | px | " + " | ".join(f"{s} ms/step" for s in settings) + " |",
-             "|---|---|" + "---|" * len(settings)]
+    lines = [
+        "| backbone | px | " + " | ".join(f"{s} ms/step" for s in settings) + " |",
+        "|---|---|" + "---|" * len(settings),
+    ]
     for backbone, size in cases:
         reference = by_key.get(("tensorflow", backbone, size), {}).get("median_ms")
         cells = []
@@ -149,8 +178,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-step-seconds", type=float, default=20.0)
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS,
-                        help=f"comma-separated: {', '.join(SETTINGS)}, or NAME=XLA_FLAGS for JAX with other flags")
+    parser.add_argument(
+        "--settings",
+        default=DEFAULT_SETTINGS,
+        help=f"comma-separated: {', '.join(SETTINGS)}, or NAME=XLA_FLAGS for JAX with other flags",
+    )
     record.add_json_option(parser, "cpu_backends")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

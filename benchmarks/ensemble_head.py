@@ -42,12 +42,22 @@ def demo_members(folder: str, images: int, member_epochs: int | None, backend: s
     by_name = {member.name: member for member in study.backbones}
     members = []
     for name in stacked.members:
-        config = dataclasses.replace(by_name[name].train, run_dir=os.path.join(folder, "runs", name),
-                                     epochs=member_epochs or by_name[name].train.epochs)
+        config = dataclasses.replace(
+            by_name[name].train,
+            run_dir=os.path.join(folder, "runs", name),
+            epochs=member_epochs or by_name[name].train.epochs,
+        )
         result = train(config, verbose=0)
-        members.append({"name": name, "run_dir": config.run_dir, "epochs": config.epochs,
-                        "image_size": result["image_size"], "val_log_loss": result["val_log_loss"],
-                        "val_accuracy": result["val_accuracy"]})
+        members.append(
+            {
+                "name": name,
+                "run_dir": config.run_dir,
+                "epochs": config.epochs,
+                "image_size": result["image_size"],
+                "val_log_loss": result["val_log_loss"],
+                "val_accuracy": result["val_accuracy"],
+            }
+        )
     return members, stacked.config.epochs
 
 
@@ -57,8 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default=None)
     parser.add_argument("--images", type=int, default=600, help="generated training images, without MEMBERS")
     parser.add_argument("--member-epochs", type=int, default=None, help="default: the demo study's")
-    parser.add_argument("--head-epochs", default=None,
-                        help="comma-separated, first and last compared (default: 1 and the demo ensemble's 20)")
+    parser.add_argument(
+        "--head-epochs",
+        default=None,
+        help="comma-separated, first and last compared (default: 1 and the demo ensemble's 20)",
+    )
     record.add_json_option(parser, "ensemble_head")
     args = parser.parse_args(argv)
     began = record.Record(__file__, argv)
@@ -72,8 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         if args.members:
-            members = [{"name": os.path.basename(path.rstrip("/")), "run_dir": path,
-                        **read_json(os.path.join(path, METRICS))} for path in args.members.split(",")]
+            members = [
+                {"name": os.path.basename(path.rstrip("/")), "run_dir": path, **read_json(os.path.join(path, METRICS))}
+                for path in args.members.split(",")
+            ]
             demo_epochs = 20
         else:
             members, demo_epochs = demo_members(folder, args.images, args.member_epochs, backend)
@@ -85,14 +100,23 @@ def main(argv: list[str] | None = None) -> dict:
             config = EnsembleConfig(paths, os.path.join(folder, "ensembles", label), epochs=head_epochs)
             result = train_ensemble(config, verbose=0)
             if label != "warm-up":
-                rows.append({"head_epochs": head_epochs, "wall_seconds": time.perf_counter() - start,
-                             **{key: result[key] for key in COLUMNS[2:]}})
+                rows.append(
+                    {
+                        "head_epochs": head_epochs,
+                        "wall_seconds": time.perf_counter() - start,
+                        **{key: result[key] for key in COLUMNS[2:]},
+                    }
+                )
     ratio = rows[-1]["wall_seconds"] / rows[0]["wall_seconds"]
-    member_summary = [{key: member.get(key) for key in ("name", "image_size", "epochs", "val_log_loss",
-                                                        "val_accuracy")} for member in members]
+    member_summary = [
+        {key: member.get(key) for key in ("name", "image_size", "epochs", "val_log_loss", "val_accuracy")}
+        for member in members
+    ]
     table = format_table(rows, COLUMNS, style="markdown")
     lines = [f"{rows[-1]['head_epochs']} head epochs / {rows[0]['head_epochs']} head epoch(s), wall time: {ratio:.2f}x"]
-    lines += [f"member {m['name']} ({m['image_size']} px): val log loss {m['val_log_loss']:.4f}" for m in member_summary]
+    lines += [
+        f"member {m['name']} ({m['image_size']} px): val log loss {m['val_log_loss']:.4f}" for m in member_summary
+    ]
     print(f"backend {backend}\n\n{table}\n\n" + "\n".join(lines))
     return began.write(args.json, rows, table, backend=backend, wall_ratio=ratio, members=member_summary)
 

@@ -21,16 +21,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
 from kbench.backbones import REGISTRY, build_classifier, get_backbone  # noqa: E402
+from kbench.backend import use_backend  # noqa: E402
 
-HEADER = ("| backbone | image size | build s | export s (incl. check) | ONNX MB | largest relative difference |\n"
-          "|---|---|---|---|---|---|")
+HEADER = (
+    "| backbone | image size | build s | export s (incl. check) | ONNX MB | largest relative difference |\n"
+    "|---|---|---|---|---|---|"
+)
 
 
 def table_line(row: dict) -> str:
-    return (f"| {row['backbone']} | {row['image_size']} | {row['build_seconds']:.1f} | {row['export_seconds']:.1f} "
-            f"| {row['megabytes']:.1f} | {row['max_relative_difference']:.1e} |")
+    return (
+        f"| {row['backbone']} | {row['image_size']} | {row['build_seconds']:.1f} | {row['export_seconds']:.1f} "
+        f"| {row['megabytes']:.1f} | {row['max_relative_difference']:.1e} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -60,12 +60,23 @@ def checks(by_runtime: dict, backend: str) -> list[dict]:
     # TensorFlow's predict() pays per-call overhead that a compiled call doesn't; JAX's predict is jitted.
     floor = 2.5 if backend == "tensorflow" else 1.0
     return [
-        {"check": "kbench onnxruntime-cpu p50 / bare session.run p50", "ratio": onnx_over_bare,
-         "target": "within 5 %", "met": _yes(abs(onnx_over_bare - 1) <= 0.05)},
-        {"check": "keras-predict p50 / keras-compiled p50", "ratio": predict_over_compiled,
-         "target": f">= {floor:g}x ({backend})", "met": _yes(predict_over_compiled >= floor)},
-        {"check": "keras-compiled p50 / onnxruntime-cpu p50", "ratio": p50("keras-compiled") / p50("onnxruntime-cpu"),
-         "target": "(information)"},
+        {
+            "check": "kbench onnxruntime-cpu p50 / bare session.run p50",
+            "ratio": onnx_over_bare,
+            "target": "within 5 %",
+            "met": _yes(abs(onnx_over_bare - 1) <= 0.05),
+        },
+        {
+            "check": "keras-predict p50 / keras-compiled p50",
+            "ratio": predict_over_compiled,
+            "target": f">= {floor:g}x ({backend})",
+            "met": _yes(predict_over_compiled >= floor),
+        },
+        {
+            "check": "keras-compiled p50 / onnxruntime-cpu p50",
+            "ratio": p50("keras-compiled") / p50("onnxruntime-cpu"),
+            "target": "(information)",
+        },
     ]
 
 
@@ -85,15 +96,32 @@ def main(argv: list[str] | None = None) -> dict:
     from kbench.report import format_table
 
     with tempfile.TemporaryDirectory() as folder:
-        config = LatencyConfig([args.backbone], ["keras-predict", "keras-compiled", "onnxruntime-cpu"], [1],
-                               args.runs, args.warmup, export_dir=folder)
+        config = LatencyConfig(
+            [args.backbone],
+            ["keras-predict", "keras-compiled", "onnxruntime-cpu"],
+            [1],
+            args.runs,
+            args.warmup,
+            export_dir=folder,
+        )
         rows = list(iter_latency(config))
         bare = bare_loop(os.path.join(folder, f"{args.backbone}.onnx"), args.runs, args.warmup)
-    rows.append({"model": args.backbone, "runtime": BARE, "backend": "onnxruntime", "batch_size": 1,
-                 "runs": args.runs, "warmup": args.warmup, **metrics.latency_stats(bare), "status": "ok"})
+    rows.append(
+        {
+            "model": args.backbone,
+            "runtime": BARE,
+            "backend": "onnxruntime",
+            "batch_size": 1,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            **metrics.latency_stats(bare),
+            "status": "ok",
+        }
+    )
     ratios = checks({row["runtime"]: row for row in rows}, backend)
-    table = (format_table(rows, COLUMNS, style="markdown") + "\n\n"
-             + format_table(ratios, CHECK_COLUMNS, style="markdown"))
+    table = (
+        format_table(rows, COLUMNS, style="markdown") + "\n\n" + format_table(ratios, CHECK_COLUMNS, style="markdown")
+    )
     print(f"backend {backend}\n\n{table}")
     return began.write(args.json, rows, table, backend=backend, checks=ratios)
 

@@ -56,8 +56,9 @@ def single_threaded(images, indices, image_size: int, seed: int) -> float:
 
 def threaded(images, indices, image_size: int, batch_size: int, seed: int, workers: int | None) -> tuple:
     """(images/s, the loader's worker threads)."""
-    loader = ImageLoader(images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed,
-                         workers=workers)
+    loader = ImageLoader(
+        images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed, workers=workers
+    )
     start = time.perf_counter()
     count = sum(len(loader.batch(0, b)[1]) for b in range(len(loader)))
     seconds = time.perf_counter() - start
@@ -120,19 +121,39 @@ def result_rows(result: dict, workers: int | None) -> list[dict]:
     """The table's rows, from the measured figures."""
     speedup, cost = result["pipeline_speedup"], result["pipeline_step_cost_percent"]
     return [
-        {"measure": "single-threaded loop (the reference study's way)",
-         "value": result["single_thread_images_per_second"], "unit": "images/s"},
-        {"measure": f"kbench ImageLoader ({workers or 'default'} workers)",
-         "value": result["pipeline_images_per_second"], "unit": "images/s"},
-        {"measure": "speed-up", "value": speedup, "unit": "x",
-         "target": f">= {TARGET_SPEEDUP} ({'met' if speedup >= TARGET_SPEEDUP else 'missed'})"},
+        {
+            "measure": "single-threaded loop (the reference study's way)",
+            "value": result["single_thread_images_per_second"],
+            "unit": "images/s",
+        },
+        {
+            "measure": f"kbench ImageLoader ({workers or 'default'} workers)",
+            "value": result["pipeline_images_per_second"],
+            "unit": "images/s",
+        },
+        {
+            "measure": "speed-up",
+            "value": speedup,
+            "unit": "x",
+            "target": f">= {TARGET_SPEEDUP} ({'met' if speedup >= TARGET_SPEEDUP else 'missed'})",
+        },
         {"measure": "training steps/s, in-memory array", "value": result["memory_steps_per_second"], "unit": "steps/s"},
-        {"measure": "training steps/s, fed by the pipeline", "value": result["pipeline_steps_per_second"],
-         "unit": "steps/s"},
-        {"measure": "cost of the pipeline to the step", "value": cost, "unit": "%",
-         "target": f"< {TARGET_STEP_COST_PERCENT:g} ({'met' if cost < TARGET_STEP_COST_PERCENT else 'missed'})"},
-        {"measure": "training steps/s, pipeline with --cache warm",
-         "value": result["cached_pipeline_steps_per_second"], "unit": "steps/s"},
+        {
+            "measure": "training steps/s, fed by the pipeline",
+            "value": result["pipeline_steps_per_second"],
+            "unit": "steps/s",
+        },
+        {
+            "measure": "cost of the pipeline to the step",
+            "value": cost,
+            "unit": "%",
+            "target": f"< {TARGET_STEP_COST_PERCENT:g} ({'met' if cost < TARGET_STEP_COST_PERCENT else 'missed'})",
+        },
+        {
+            "measure": "training steps/s, pipeline with --cache warm",
+            "value": result["cached_pipeline_steps_per_second"],
+            "unit": "steps/s",
+        },
         {"measure": "cost with --cache warm", "value": result["cached_pipeline_step_cost_percent"], "unit": "%"},
     ]
 
@@ -158,10 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         images = find_images(path)
         indices = np.arange(len(images))
         single = statistics.median(single_threaded(images, indices, args.image_size, s) for s in range(args.repeats))
-        timed = [threaded(images, indices, args.image_size, args.batch_size, s, args.workers)
-                 for s in range(args.repeats)]
+        timed = [
+            threaded(images, indices, args.image_size, args.batch_size, s, args.workers) for s in range(args.repeats)
+        ]
         pooled, workers = statistics.median(rate for rate, _ in timed), timed[0][1]
-        memory, fed, warm = training_steps(images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0)
+        memory, fed, warm = training_steps(
+            images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0
+        )
 
     from kbench.report import format_table
 

@@ -28,8 +28,12 @@ def default_json(script: str) -> str:
 
 
 def add_json_option(parser, script: str) -> None:
-    parser.add_argument("--json", default=default_json(script), metavar="PATH",
-                        help=f"write the raw results here as JSON (default: benchmarks/results/{script}.json)")
+    parser.add_argument(
+        "--json",
+        default=default_json(script),
+        metavar="PATH",
+        help=f"write the raw results here as JSON (default: benchmarks/results/{script}.json)",
+    )
 
 
 def _load() -> list[float] | None:
@@ -39,13 +43,17 @@ def _load() -> list[float] | None:
         return None
 
 
+def command_line(script_file: str, argv: list[str] | None = None) -> str:
+    """The command as typed at the repository's root: ``python benchmarks/NAME.py ARGS``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return "python " + shlex.join([os.path.relpath(os.path.abspath(script_file), REPO), *argv])
+
+
 class Record:
     """The command line and the machine's state when a benchmark started; ``write`` adds the rows."""
 
     def __init__(self, script_file: str, argv: list[str] | None = None):
-        argv = sys.argv[1:] if argv is None else list(argv)
-        script = os.path.relpath(os.path.abspath(script_file), REPO)
-        self.command = "python " + shlex.join([script, *argv])
+        self.command = command_line(script_file, argv)
         self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.load_at_start = _load()
         self._clock = time.perf_counter()

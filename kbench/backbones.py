@@ -74,9 +74,7 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KbenchError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(REGISTRY)}"
-        ) from None
+        raise KbenchError(f"unknown backbone {name!r}; choose one of: {', '.join(REGISTRY)}") from None
 
 
 def weights_kind(weights: str) -> str:
@@ -107,9 +105,7 @@ def build_feature_extractor(spec: BackboneSpec, image_size: int | None = None, w
 
     image_size = image_size or spec.image_size
     if image_size < spec.min_image_size:
-        raise KbenchError(
-            f"{spec.name} needs images of at least {spec.min_image_size} px; got {image_size}"
-        )
+        raise KbenchError(f"{spec.name} needs images of at least {spec.min_image_size} px; got {image_size}")
     image = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
     kind = weights_kind(weights)
     if kind == "model":
@@ -192,9 +188,7 @@ def build_classifier(
     image = extractor.inputs[0]
     units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
     # float32 head and loss whatever the compute dtype (mixed precision)
-    probability = layers.Dense(units, activation=activation, name=HEAD_LAYER, dtype="float32")(
-        extractor.outputs[0]
-    )
+    probability = layers.Dense(units, activation=activation, name=HEAD_LAYER, dtype="float32")(extractor.outputs[0])
     model = keras.Model(image, probability, name=f"{spec.name}_classifier")
     if weights not in ("none", "imagenet") and weights_kind(weights) == "model":
         _load_model_weights(model, weights)

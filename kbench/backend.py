@@ -42,13 +42,14 @@ def gpu_found() -> bool:
 def default_backend() -> tuple[str, str]:
     """This machine's default backend and why, ignoring ``KERAS_BACKEND``.
 
-    >>> default_backend()  # on a machine without a GPU
+    >>> default_backend()  # on a machine without a GPU  # doctest: +SKIP
     ('tensorflow', 'no GPU found; JAX trains 2-20x slower than TensorFlow on CPUs; --backend jax to override')
     """
     if gpu_found():
         return GPU_BACKEND, "a GPU was found; --backend tensorflow to override"
-    return CPU_BACKEND, (f"no GPU found; JAX trains {CPU_SLOWDOWN} slower than TensorFlow on CPUs; "
-                         "--backend jax to override")
+    return CPU_BACKEND, (
+        f"no GPU found; JAX trains {CPU_SLOWDOWN} slower than TensorFlow on CPUs; --backend jax to override"
+    )
 
 
 def choose_backend(name: str | None = None) -> tuple[str, str]:
@@ -91,8 +92,7 @@ def use_backend(name: str | None = None) -> str:
         current = keras.backend.backend()
         if current != chosen:
             raise KbenchError(
-                f"keras is already loaded with the {current} backend in this process; "
-                f"run a new process to use {chosen}"
+                f"keras is already loaded with the {current} backend in this process; run a new process to use {chosen}"
             )
     if by_default:
         _default_choice.setdefault("name", chosen)
@@ -109,7 +109,7 @@ def default_notice(name: str | None = None) -> str | None:
     first time only. Otherwise None. (The CLI selects the backend before a command runs and passes
     the result on, so a ``name`` equal to the default chosen earlier still counts as the default.)
 
-    >>> default_notice()  # on a machine without a GPU, KERAS_BACKEND unset
+    >>> default_notice()  # on a machine without a GPU, KERAS_BACKEND unset  # doctest: +SKIP
     'backend tensorflow (no GPU found; JAX trains 2-20x slower than TensorFlow on CPUs; --backend jax to override)'
     """
     chosen = use_backend(name)

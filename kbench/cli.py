@@ -10,34 +10,34 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import click
 
 from kbench import __version__
+from kbench import compare as comparison
+from kbench import options as opt
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
-from kbench.options import (Group, backend_option, debug, from_config as _from, overwrite_option, quiet_option,
-                            set_up_process)
 from kbench.train import TrainConfig as _T
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=opt.Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kbench")
-@click.option("--debug", "debug_flag", is_flag=True, help="Show the full traceback of an unexpected error (or KBENCH_DEBUG=1).")
-def cli(debug_flag):
+@opt.flag("--debug", "Show the full traceback of an unexpected error (or KBENCH_DEBUG=1).", "debug_flag")
+@click.option("-v", "--verbose", "verbose_flag", is_flag=True, help="Show other libraries' start-up lines too.")
+def cli(debug_flag, verbose_flag):
     """Which pretrained backbone or ensemble should you fine-tune, and what does each cost to train
     and to serve? kbench measures it on your own images.
 
     Exit status: 0 done; 1 some stage failed (a study still writes its report); 2 bad input,
     refused before any work; 130/143 interrupted."""
-    set_up_process(debug_flag)
+    opt.set_up_process(debug_flag, verbose_flag)
 
 
 @cli.command()
 @click.argument("pattern", required=False)
-@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@opt.format_option("table", "json")
 def backbones(pattern, output_format):
     """List the registered backbones (native size, parameters, feature width)."""
     from kbench.backbones import list_backbones
@@ -47,15 +47,15 @@ def backbones(pattern, output_format):
 
 
 @cli.command()
-@_from(_T, "backbone", "data", defaults=False)
-@backend_option
-@_from(_T, "layout", "epochs", "batch_size", "image_size", "lr", "weights", "augment", "val_split", "seed",
-       defaults=False)
-@_from(_T, "run_dir", required=("run_dir",))
-@_from(_T, "freeze_backbone", "cache", "workers", "devices", "mixed_precision", defaults=False)
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in --run-dir (its own settings).")
-@overwrite_option
-@quiet_option
+@opt.from_config(_T, "backbone", "data", defaults=False)
+@opt.backend_option
+@opt.from_config(_T, "layout epochs batch_size image_size lr weights augment val_split seed", defaults=False)
+@opt.from_config(
+    _T, "run_dir freeze_backbone cache workers devices mixed_precision", defaults=False, required=("run_dir",)
+)
+@opt.flag("--resume", "Continue the interrupted run in --run-dir (its own settings).")
+@opt.overwrite_option
+@opt.quiet_option
 def train(resume, quiet, run_dir, overwrite, **options):
     """Fine-tune one backbone on a folder or zip of images and write a run folder.
 
@@ -90,12 +90,11 @@ def export():
 @export.command("onnx")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), help="ONNX file to write.  [default: exports/NAME.onnx]")
-@backend_option
+@opt.backend_option
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..18).")
 @click.option("--batch-size", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized copy.")
-@click.option("--calibration-data", type=click.Path(), help="Images to calibrate int8 on.  [default: the run's "
-              "training split]")
+@click.option("--calibration-data", type=click.Path(), help="Images to calibrate int8 on.  [default: training split]")
 def export_onnx_command(model, output, opset, batch_size, quantize, calibration_data, backend):
     """Export MODEL (a run folder, ensemble folder or .keras file) to ONNX, checked against Keras.
 
@@ -107,28 +106,24 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
       kbench export onnx runs/b0 -o exports/b0.onnx --quantize int8
     """
     from kbench.export import ExportOptions, onnx_for
+    from kbench.quantize import quantize_export
     from kbench.report import export_summary, quantize_summary
 
-    if batch_size != "dynamic" and not (batch_size.isdigit() and int(batch_size) > 0):
-        raise click.BadParameter("use 'dynamic' or a positive whole number", param_hint="--batch-size")
-    options = ExportOptions(opset, None if batch_size == "dynamic" else int(batch_size))
-    result = onnx_for(model, output, options)
+    result = onnx_for(model, output, ExportOptions.parse(opset, batch_size))
     click.echo(export_summary(result))
     if quantize:
-        from kbench.quantize import int8_path, quantize_int8
-
-        record = quantize_int8(result["path"], int8_path(result["path"]), calibration_data,
-                               model if os.path.isdir(model) else None)
-        click.echo(quantize_summary(record))
+        click.echo(quantize_summary(quantize_export(result["path"], model, calibration_data)))
 
 
 @cli.command()
 @click.option("--members", required=True, help="Comma-separated run folders trained on the same data and split.")
-@_from(_E, "data")
-@backend_option
-@_from(_E, "layout", "run_dir", "method", "epochs", "batch_size", "lr", "tta_passes", "seed", required=("run_dir",))
-@overwrite_option
-@quiet_option
+@opt.from_config(_E, "data")
+@opt.backend_option
+@opt.from_config(
+    _E, "layout", "run_dir", "method", "epochs", "batch_size", "lr", "tta_passes", "seed", required=("run_dir",)
+)
+@opt.overwrite_option
+@opt.quiet_option
 def ensemble(members, run_dir, quiet, backend, overwrite, **options):
     """Combine trained runs into ONE model with one image input (members frozen).
 
@@ -148,11 +143,10 @@ def ensemble(members, run_dir, quiet, backend, overwrite, **options):
 @click.argument("model", type=click.Path())
 @click.option("--data", type=click.Path(), required=True, help="Test images: a folder or Kaggle's test.zip.")
 @click.option("-o", "--output", type=click.Path(), default="submission.csv", show_default=True)
-@backend_option
-@_from(_S, "tta", "clip", "batch_size")
-@click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default="keras", show_default=True,
-              help="Keras, or the model's checked ONNX export on ONNX Runtime.")
-@click.option("--calibrate", is_flag=True, help="Apply a temperature fitted on the run's validation split.")
+@opt.backend_option
+@opt.from_config(_S, "tta", "clip", "batch_size")
+@click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default="keras", show_default=True)
+@opt.flag("--calibrate", "Apply a temperature fitted on the run's validation split.")
 def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, backend):
     """Predict a test set into a Kaggle submission (id,label = P(second class)).
 
@@ -164,8 +158,7 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
     from kbench.report import predict_summary
     from kbench.submission import predict_command
 
-    result = predict_command(model, data, output, _S(tta, clip, batch_size), runtime, calibrate,
-                             echo=lambda line: click.echo(line))
+    result = predict_command(model, data, output, _S(tta, clip, batch_size), runtime, calibrate, echo=click.echo)
     click.echo(predict_summary(result))
 
 
@@ -174,20 +167,18 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
 @click.option("--answers", type=click.Path(), required=True, help="CSV with id,label (1 for the second class).")
 def score(submission, answers):
     """Score a submission's log loss and accuracy as Kaggle does, after a grader's checks."""
+    from kbench.report import score_summary
     from kbench.submission import score_submission
 
-    result = score_submission(submission, answers)
-    click.echo(f"{submission}: log loss {result['log_loss']:.5f}, accuracy {result['accuracy']:.4f} "
-               f"({result['rows']} rows)")
+    click.echo(score_summary(submission, score_submission(submission, answers)))
 
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
-@_from(_L, "runtimes")
-@backend_option
-@_from(_L, "batch_sizes", "runs", "warmup", "threads", "weights")
-@click.option("--format", "output_format", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
-              show_default=True, help="How the rows are written.")
+@opt.from_config(_L, "runtimes")
+@opt.backend_option
+@opt.from_config(_L, "batch_sizes", "runs", "warmup", "threads", "weights")
+@opt.format_option("table", "markdown", "csv", "json")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here (after every row), not stdout.")
 def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, output_format, output, backend):
     """Time inference of MODELS on Keras and ONNX Runtime (CPU and CUDA).
@@ -226,12 +217,12 @@ def _show_study(results: dict, out: str) -> None:
 @click.option("--data", type=click.Path(), help="Training images (overrides the config).")
 @click.option("--test-data", type=click.Path(), help="Test images for the submission ('' for none).")
 @click.option("--answers", type=click.Path(), help="id,label CSV to score the submission (overrides the config).")
-@backend_option
-@_from(_T, "layout", defaults=False)
+@opt.backend_option
+@opt.from_config(_T, "layout", defaults=False)
 @click.option("--out", type=click.Path(), help="Report folder.  [default: reports/NAME]")
-@_from(_T, "devices", "mixed_precision", defaults=False)
+@opt.from_config(_T, "devices", "mixed_precision", defaults=False)
 @click.option("--progress/--quiet", default=False, help="Keras progress bars while training.")
-@click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds another study.")
+@opt.flag("--overwrite", "Start over in an --out folder that holds another study.")
 def bench(config_path, out, progress, overwrite, **overrides):
     """Run the whole comparison study: train, export, time, ensemble, predict, report.
 
@@ -246,16 +237,14 @@ def bench(config_path, out, progress, overwrite, **overrides):
 
     config = load_config(config_path, **overrides)
     out = out or os.path.join("reports", config.name)
-    results = run_study(config, out, command="kbench " + " ".join(sys.argv[1:]), verbose="auto" if progress else 0,
-                        echo=lambda line: click.echo(line, err=True), overwrite=overwrite)
-    _show_study(results, out)
+    _show_study(run_study(config, out, opt.command_line(), "auto" if progress else 0, opt.echo_err, overwrite), out)
 
 
 @cli.command()
 @click.option("--out", type=click.Path(), default="reports/demo", show_default=True, help="Report folder.")
-@backend_option
+@opt.backend_option
 @click.option("--images", type=int, default=600, show_default=True, help="Generated training images.")
-@click.option("--fresh", is_flag=True, help="Start over instead of resuming an earlier demo in --out.")
+@opt.flag("--fresh", "Start over instead of resuming an earlier demo in --out.")
 def demo(out, images, fresh, backend):
     """Offline demo: the study pipeline (kbench's demo study) on generated Dogs-vs-Cats-style images.
 
@@ -264,16 +253,29 @@ def demo(out, images, fresh, backend):
     """
     from kbench.study import run_demo
 
-    results, out = run_demo(out, images, fresh, backend, echo=lambda line: click.echo(line, err=True),
-                            command="kbench " + " ".join(sys.argv[1:]))
-    _show_study(results, out)
+    _show_study(*run_demo(out, images, fresh, backend, echo=opt.echo_err, command=opt.command_line()))
+
+
+@cli.command()
+@opt.format_option("table", "json")
+def doctor(output_format):
+    """What kbench can use here: versions, the GPUs nvidia-smi lists, the devices JAX, TensorFlow
+    and ONNX Runtime see (each asked in a subprocess), and a warning with the fix for an unused GPU."""
+    import json
+
+    from kbench.doctor import diagnose, format_doctor
+
+    report = diagnose()
+    click.echo(json.dumps(report, indent=2) if output_format == "json" else format_doctor(report))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), default=comparison.DEFAULT_OUT, show_default=True, help="Report folder.")
+def compare(runs, out):
+    """Compare finished runs and ensembles trained outside a study: a study's tables and plots."""
+    _show_study(comparison.compare_runs(list(runs), out, command=opt.command_line()), out)
 
 
 def main() -> None:
-    try:
-        cli(prog_name="kbench")
-    except KeyboardInterrupt:  # outside a command's own handling (e.g. SIGTERM while loading)
-        click.echo("kbench: interrupted", err=True)
-        if debug():
-            traceback.print_exc()
-        sys.exit(130)
+    opt.run(cli)

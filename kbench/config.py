@@ -85,8 +85,14 @@ def from_dict(cls, values: dict, where: str, **given):
     hints = typing.get_type_hints(cls)
     check_keys(values, [name for name in field_names(cls) if name not in given], where)
     checked = {key: check_value(value, hints[key], key, where) for key, value in values.items()}
-    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and f.name not in checked and f.name not in given]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in checked
+        and f.name not in given
+    ]
     if missing:
         raise KbenchError(f"{where}: missing {', '.join(missing)}")
     return cls(**given, **checked)

@@ -122,13 +122,15 @@ def _list_files(path: str) -> list[tuple[str, int]]:
         seen = set()
         for info in entries:
             if _unsafe_zip_name(info.filename):
-                raise KbenchError(f"{path}: unsafe entry {info.filename!r} (absolute or outside the archive); "
-                                  "refusing the zip")
+                raise KbenchError(
+                    f"{path}: unsafe entry {info.filename!r} (absolute or outside the archive); refusing the zip"
+                )
             if info.filename in seen and not info.is_dir():
                 raise KbenchError(f"{path}: the zip holds two entries named {info.filename}")
             seen.add(info.filename)
-        return sorted((info.filename, info.file_size) for info in entries
-                      if not info.is_dir() and _is_image_name(info.filename))
+        return sorted(
+            (info.filename, info.file_size) for info in entries if not info.is_dir() and _is_image_name(info.filename)
+        )
     raise KbenchError(f"{path} is neither a folder nor a zip file")
 
 
@@ -141,15 +143,21 @@ def _kaggle_names(path: str, keys: list[str], parts: list[list[str]], forced: bo
     folder = parts[0][:-1]
     for key, key_parts in zip(keys, parts):
         if key_parts[:-1] != folder:
-            raise KbenchError(f"{path}: {key} is not in {_folder_name(folder)} with {keys[0]}; the Kaggle layout "
-                              "keeps every image in one folder")
+            raise KbenchError(
+                f"{path}: {key} is not in {_folder_name(folder)} with {keys[0]}; the Kaggle layout "
+                "keeps every image in one folder"
+            )
     bad = [key for key, key_parts in zip(keys, parts) if not KAGGLE_NAME.fullmatch(key_parts[-1])]
     if bad and forced:
-        raise KbenchError(f"{path}: {bad[0]} is not named <label>.<n>.<ext> as the Kaggle layout needs "
-                          f"(e.g. cat.0.jpg){_and_more(bad)}")
+        raise KbenchError(
+            f"{path}: {bad[0]} is not named <label>.<n>.<ext> as the Kaggle layout needs "
+            f"(e.g. cat.0.jpg){_and_more(bad)}"
+        )
     if bad:
-        raise KbenchError(f"{path}: {len(keys)} images in one folder ({_folder_name(folder)}), {len(bad)} of them "
-                          f"with no <label>.<n> name (e.g. {parts[keys.index(bad[0])][-1]}): {EXPECTED}")
+        raise KbenchError(
+            f"{path}: {len(keys)} images in one folder ({_folder_name(folder)}), {len(bad)} of them "
+            f"with no <label>.<n> name (e.g. {parts[keys.index(bad[0])][-1]}): {EXPECTED}"
+        )
     return [KAGGLE_NAME.fullmatch(key_parts[-1]).group(1).lower() for key_parts in parts]
 
 
@@ -160,15 +168,20 @@ def _class_folder_names(path: str, keys: list[str], parts: list[list[str]], forc
     typical = next(i for i, key_parts in enumerate(parts) if len(key_parts) == depth)
     for key, key_parts in zip(keys, parts):
         if len(key_parts) != depth:
-            raise KbenchError(f"{path}: images at different depths ({keys[typical]} and {key}); class folders "
-                              f"need every image directly in <class>/, no subfolders{hint}")
+            raise KbenchError(
+                f"{path}: images at different depths ({keys[typical]} and {key}); class folders "
+                f"need every image directly in <class>/, no subfolders{hint}"
+            )
     for key, key_parts in zip(keys, parts):
         if len(key_parts) < 2:
-            raise KbenchError(f"{path}: {key} is not inside a class folder; class folders need every image "
-                              f"directly in <class>/{hint}")
+            raise KbenchError(
+                f"{path}: {key} is not inside a class folder; class folders need every image directly in <class>/{hint}"
+            )
         if key_parts[:-2] != parts[typical][:-2]:
-            raise KbenchError(f"{path}: class folders under different parents ({keys[typical]} and {key}); class "
-                              f"folders need every image directly in <class>/ inside one folder{hint}")
+            raise KbenchError(
+                f"{path}: class folders under different parents ({keys[typical]} and {key}); class "
+                f"folders need every image directly in <class>/ inside one folder{hint}"
+            )
     if not forced:
         # a folder of cat.N.jpg and dog.N.jpg is a Kaggle folder beside something else, not one class
         by_folder: dict[str, set] = {}
@@ -178,8 +191,10 @@ def _class_folder_names(path: str, keys: list[str], parts: list[list[str]], forc
         for folder, labels in sorted(by_folder.items()):
             if None not in labels and len(labels) >= 2:
                 named = ", ".join(f"{label}.N" for label in sorted(labels)[:3])
-                raise KbenchError(f"{path}: folder {folder}/ holds images named for different labels ({named}), "
-                                  f"so it is not one class; {EXPECTED}; {FORCE}")
+                raise KbenchError(
+                    f"{path}: folder {folder}/ holds images named for different labels ({named}), "
+                    f"so it is not one class; {EXPECTED}; {FORCE}"
+                )
     return [key_parts[-2] for key_parts in parts]
 
 
@@ -196,11 +211,11 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
     - class folders: every image directly inside ``<class>/`` at one depth under one folder
       (``root/cat/x.jpg``, or ``train/cat/x.jpg`` in a zip); a folder that holds ``<label>.<n>`` files
       of two labels isn't taken for one class.
-    A forced layout (``kaggle``, ``folders``) checks its own rule and the two classes, no more. Hidden files and folders and
-    ``__MACOSX`` are ignored; a zip entry naming a path outside the archive refuses the zip. A
-    labelled set needs two classes, and (auto, more than UNIQUE_LABEL_CHECK_FROM images) no more
-    distinct labels than half its images: mostly unique labels are names, not classes. Empty files
-    are left out (``skipped``) of a labelled set.
+    A forced layout (``kaggle``, ``folders``) checks its own rule and the two classes, no more.
+    Hidden files and folders and ``__MACOSX`` are ignored; a zip entry naming a path outside the
+    archive refuses the zip. A labelled set needs two classes, and (auto, more than
+    UNIQUE_LABEL_CHECK_FROM images) no more distinct labels than half its images: mostly unique
+    labels are names, not classes. Empty files are left out (``skipped``) of a labelled set.
 
     With ``labelled=False`` (a test set) every image is kept, empty files included, and labels are -1.
     Every refusal is a one-line KbenchError that says what was found and what is accepted.
@@ -231,8 +246,10 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
             "files like cat.1.jpg / dog.1.jpg or use one folder per class"
         )
     if layout == "auto" and len(keys) > UNIQUE_LABEL_CHECK_FROM and len(classes) > len(keys) / 2:
-        raise KbenchError(f"{path}: {len(classes)} distinct labels among {len(keys)} images (e.g. {', '.join(keys[:2])}): "
-                          f"labels this unique are names, not classes; {EXPECTED}; {FORCE}")
+        raise KbenchError(
+            f"{path}: {len(classes)} distinct labels among {len(keys)} images (e.g. {', '.join(keys[:2])}): "
+            f"labels this unique are names, not classes; {EXPECTED}; {FORCE}"
+        )
     index = {name: i for i, name in enumerate(classes)}
     sizes = [size for _, size in files]
     skipped = [key for key, size in zip(keys, sizes) if size == 0]
@@ -315,9 +332,7 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         size = image.shape[0]
         crop = int(round(size * CROP_FRACTION))
         offset = size - crop
-        top, left = [(0, 0), (0, offset), (offset, 0), (offset, offset), (offset // 2, offset // 2)][
-            rng.integers(5)
-        ]
+        top, left = [(0, 0), (0, offset), (offset, 0), (offset, offset), (offset // 2, offset // 2)][rng.integers(5)]
         image = cv2.resize(
             np.ascontiguousarray(image[top : top + crop, left : left + crop]),
             (size, size),

@@ -34,8 +34,11 @@ class EnsembleConfig:
     run_dir: str = option(help="Folder for the ensemble.", path=True)
     data: str | None = option(None, "The members' data.", shown_default="the path their runs recorded", path=True)
     backend: str | None = None
-    method: str = option("stack", "stack: the study's head (Dense 32-8-1) on cached features; mean: average of "
-                         "probabilities.", choices=METHODS)
+    method: str = option(
+        "stack",
+        "stack: the study's head (Dense 32-8-1) on cached features; mean: average of probabilities.",
+        choices=METHODS,
+    )
     epochs: int = option(10, "Head epochs (stack), as in the reference study.")
     batch_size: int = option(32, "Images per batch.")
     lr: float = option(1e-3, "Head learning rate (Adam).")
@@ -91,8 +94,16 @@ def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
                     "ensemble members must share data and split (same --data, --val-split and --seed)"
                 )
         backbone = "+".join(run.labels().get("backbones", [])) or run_config.get("backbone", "?")
-        members.append(Member(run, run.name, backbone, int(run_metrics["image_size"]),
-                              run_metrics.get("val_log_loss"), run.model_hash()))
+        members.append(
+            Member(
+                run,
+                run.name,
+                backbone,
+                int(run_metrics["image_size"]),
+                run_metrics.get("val_log_loss"),
+                run.model_hash(),
+            )
+        )
     if len({m.name for m in members}) < len(members):
         raise KbenchError("member run folders must have different names")
     if len({m.model_hash for m in members}) < len(members):
@@ -113,8 +124,11 @@ def build_ensemble(member_models: list, members: list[Member], num_classes: int,
     branches = []
     for member, model in zip(members, member_models):
         model.trainable = False
-        x = image if member.image_size == size else layers.Resizing(
-            member.image_size, member.image_size, name=f"resize_{member.name}")(image)
+        x = (
+            image
+            if member.image_size == size
+            else layers.Resizing(member.image_size, member.image_size, name=f"resize_{member.name}")(image)
+        )
         if method == "stack":
             model = feature_model(model)
             model.name = f"{member.name}_features"
@@ -125,9 +139,11 @@ def build_ensemble(member_models: list, members: list[Member], num_classes: int,
         return keras.Model(image, layers.Average(name=HEAD_LAYER)(branches), name="ensemble_mean"), None
     width = sum(int(branch.shape[-1]) for branch in branches)
     units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
-    head_layers = [layers.Dense(32, activation="relu", name="head_dense_32"),
-                   layers.Dense(8, activation="relu", name="head_dense_8"),
-                   layers.Dense(units, activation=activation, name=HEAD_LAYER)]
+    head_layers = [
+        layers.Dense(32, activation="relu", name="head_dense_32"),
+        layers.Dense(8, activation="relu", name="head_dense_8"),
+        layers.Dense(units, activation=activation, name=HEAD_LAYER),
+    ]
     features = keras.Input((width,), name="features")
     x = features
     for layer in head_layers:
@@ -149,8 +165,9 @@ def _member_features(extractor, member: Member, images, indices, config, cache_p
                     return cached["features"], cached["labels"]
         except Exception:  # a cache from an older kbench or cut short: compute it again
             pass
-    loader = ImageLoader(images, indices, member.image_size, config.batch_size, augment=augment, seed=config.seed,
-                         workers=config.workers)
+    loader = ImageLoader(
+        images, indices, member.image_size, config.batch_size, augment=augment, seed=config.seed, workers=config.workers
+    )
     features, labels = [], []
     try:
         for batch in range(len(loader)):
@@ -170,8 +187,11 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto", overwrit
     config.check()
     members, split = check_members(config)
     data = config.data or split["data"]
-    layout = config.layout if config.layout != "auto" else {"kaggle": "kaggle", "class-folders": "folders"}.get(
-        split.get("layout"), "auto")
+    layout = (
+        config.layout
+        if config.layout != "auto"
+        else {"kaggle": "kaggle", "class-folders": "folders"}.get(split.get("layout"), "auto")
+    )
     images = find_images(data, layout=layout)
     if images.classes != split["classes"]:
         raise KbenchError(f"{data} has classes {images.classes}; the members were trained on {split['classes']}")
@@ -188,8 +208,9 @@ def _train_locked(run: Run, config, members, split, images, data, train_idx, val
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    run.write_config({"kind": "ensemble", **dataclasses.asdict(config),
-                      "member_hashes": {m.name: m.model_hash for m in members}})
+    run.write_config(
+        {"kind": "ensemble", **dataclasses.asdict(config), "member_hashes": {m.name: m.model_hash for m in members}}
+    )
     run.write_split({**split, "data": os.path.abspath(data), "fingerprint": data_fingerprint(images)})
     models = [keras.saving.load_model(m.run.model_path, compile=False, safe_mode=True) for m in members]
     ensemble, head = build_ensemble(models, members, len(images.classes), config.method)
@@ -201,9 +222,19 @@ def _train_locked(run: Run, config, members, split, images, data, train_idx, val
         passes = [(False, 0)] + [(True, k + 1) for k in range(config.tta_passes)]
         train_parts = []
         for augment, epoch in passes:
-            columns = [_member_features(feature_model(model), m, images, train_idx, config,
-                                        run.feature_path(m.name, "train", epoch), augment, epoch)
-                       for m, model in zip(members, models)]
+            columns = [
+                _member_features(
+                    feature_model(model),
+                    m,
+                    images,
+                    train_idx,
+                    config,
+                    run.feature_path(m.name, "train", epoch),
+                    augment,
+                    epoch,
+                )
+                for m, model in zip(members, models)
+            ]
             train_parts.append(_aligned(columns))
         features = np.concatenate([f for f, _ in train_parts])
         labels = np.concatenate([y for _, y in train_parts])
@@ -228,8 +259,16 @@ def _train_locked(run: Run, config, members, split, images, data, train_idx, val
         "classes": images.classes,
         "image_size": size,
         "params": int(ensemble.count_params()),
-        "members": [{"run_dir": m.run.path, "backbone": m.backbone, "image_size": m.image_size,
-                     "val_log_loss": m.val_log_loss, "model_hash": m.model_hash} for m in members],
+        "members": [
+            {
+                "run_dir": m.run.path,
+                "backbone": m.backbone,
+                "image_size": m.image_size,
+                "val_log_loss": m.val_log_loss,
+                "model_hash": m.model_hash,
+            }
+            for m in members
+        ],
         "epochs": config.epochs if head is not None else 0,
         "tta_passes": config.tta_passes,
         "feature_seconds": feature_seconds,

@@ -87,6 +87,13 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     batch_size: int | None = None  # None: a dynamic batch dimension
 
+    @classmethod
+    def parse(cls, opset: int, batch_size: str) -> "ExportOptions":
+        """From the command line: ``batch_size`` is 'dynamic' or a whole number."""
+        if batch_size != "dynamic" and not (batch_size.isdigit() and int(batch_size) > 0):
+            raise KbenchError(f"--batch-size must be 'dynamic' or a positive whole number; got {batch_size!r}")
+        return cls(opset, None if batch_size == "dynamic" else int(batch_size)).check()
+
     def check(self) -> "ExportOptions":
         if self.opset not in OPSETS:
             raise KbenchError(f"opset {self.opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
@@ -101,8 +108,9 @@ def export_key(source: str, options: ExportOptions) -> str:
     return f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}-kbench{__version__}"
 
 
-def onnx_for(model: str, output: str | None = None, options: ExportOptions | None = None,
-             export_dir: str = DEFAULT_EXPORT_DIR) -> dict:
+def onnx_for(
+    model: str, output: str | None = None, options: ExportOptions | None = None, export_dir: str = DEFAULT_EXPORT_DIR
+) -> dict:
     """The checked ONNX file of MODEL (run or ensemble folder, ``.keras`` file): the one rule every
     caller uses. A file already at ``output`` is reused only when its metadata says it was made from
     the same model bytes with the same options; otherwise MODEL is exported (and checked) again.
@@ -118,8 +126,13 @@ def onnx_for(model: str, output: str | None = None, options: ExportOptions | Non
         raise KbenchError(f"{output} is a folder; give the ONNX file's name (-o exports/model.onnx)")
     key = export_key(source, options)
     if os.path.isfile(output) and read_metadata(output).get("kbench_export_key") == key:
-        return {"path": output, "reused": True, "opset": options.opset, "batch_size": options.batch_size or "dynamic",
-                "megabytes": os.path.getsize(output) / 2**20}
+        return {
+            "path": output,
+            "reused": True,
+            "opset": options.opset,
+            "batch_size": options.batch_size or "dynamic",
+            "megabytes": os.path.getsize(output) / 2**20,
+        }
     metadata = {**run_metadata(model), "kbench_export_key": key}
     record = export_onnx(source, output, opset=options.opset, batch_size=options.batch_size, metadata=metadata)
     return {**record, "reused": False}
@@ -262,10 +275,18 @@ def _rename(graph, names: dict[str, str]) -> None:
         node.output[:] = [names.get(n, n) for n in node.output]
 
 
+PARENT_PID_ENV = "KBENCH_PARENT_PID"
+
+
 def _convert_in_tensorflow_process(source: str, output: str, opset: int, batch_size: int | None) -> None:
+    from kbench.quiet import verbose
+
     command = [sys.executable, "-m", "kbench.export", source, output, str(opset), str(batch_size or 0)]
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment, preexec_fn=_die_with_parent)
+    # KBENCH_VERBOSE and TF_CPP_MIN_LOG_LEVEL pass on: the child is as quiet as this process.
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", PARENT_PID_ENV: str(os.getpid())}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+    if verbose() and done.stderr:
+        sys.stderr.write(done.stderr)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise KbenchError(f"ONNX conversion failed: {lines[-1] if lines else 'no message'}")
@@ -273,13 +294,22 @@ def _convert_in_tensorflow_process(source: str, output: str, opset: int, batch_s
 
 def _die_with_parent() -> None:
     """In the conversion subprocess: the kernel kills it when kbench dies (even on kill -9), so a
-    killed study leaves no orphaned conversion behind (Linux; elsewhere nothing happens)."""
+    killed study leaves no orphaned conversion behind (Linux; elsewhere nothing happens).
+
+    Asked for here, first thing in the child, not in a ``preexec_fn``: that forks the parent, which
+    under JAX is multithreaded (Python documents it as unsafe there: the child may deadlock before
+    exec; JAX warns about it on stderr). A parent that died before this ran is caught by the
+    parent-pid check.
+    """
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit() and os.getppid() != int(parent):
+        os._exit(1)
 
 
 def _set_metadata(onnx_model, model, backend: str, extra: dict) -> None:
@@ -316,6 +346,10 @@ def read_metadata(path: str) -> dict:
 
 def _main(argv: list[str]) -> None:
     """Subprocess entry: ``python -m kbench.export SOURCE.keras OUTPUT.onnx OPSET BATCH`` (TF backend)."""
+    from kbench.quiet import set_up
+
+    _die_with_parent()
+    set_up()  # before TensorFlow loads: as quiet as the kbench process that started this one
     import onnx
 
     source, output, opset, batch = argv

@@ -29,8 +29,9 @@ def atomic_path(path: str, suffix: str = ""):
     os.makedirs(folder, exist_ok=True)
     if os.path.isdir(path):
         raise KbenchError(f"{path} is a folder; give a file name")
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f"{TEMPORARY_MARK}{suffix}",
-                                         dir=folder)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=f"{TEMPORARY_MARK}{suffix}", dir=folder
+    )
     os.close(handle)
     try:
         yield temporary

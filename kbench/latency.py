@@ -12,18 +12,34 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from kbench import files, metrics
+from kbench import doctor, files, metrics
 from kbench.config import option, positive
 from kbench.errors import KbenchError
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
 
-COLUMNS = ["model", "runtime", "backend", "device", "batch_size", "runs", "warmup", "min_ms", "p50_ms", "p90_ms",
-           "p99_ms", "mean_ms", "std_ms", "images_per_second", "status", "detail"]
+COLUMNS = [
+    "model",
+    "runtime",
+    "backend",
+    "device",
+    "batch_size",
+    "runs",
+    "warmup",
+    "min_ms",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "mean_ms",
+    "std_ms",
+    "images_per_second",
+    "status",
+    "detail",
+]
 
 
 @dataclass
@@ -134,6 +150,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
 
     config.check()
     backend = keras.backend.backend()
+    doctor.warn_if_gpu_unseen(backend)
     with files.scratch_folder("latency") as scratch:
         for model in config.models:
             source = resolve_model(model, config.weights, scratch)
@@ -143,8 +160,13 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                 names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
             for runtime_name in names:
                 runtime = make_runtime(runtime_name, config.threads)
-                base = {"model": source.name, "runtime": runtime.name, "backend": backend if runtime.needs == "keras"
-                        else "onnxruntime", "runs": config.runs, "warmup": config.warmup}
+                base = {
+                    "model": source.name,
+                    "runtime": runtime.name,
+                    "backend": backend if runtime.needs == "keras" else "onnxruntime",
+                    "runs": config.runs,
+                    "warmup": config.warmup,
+                }
                 try:
                     if runtime.needs == "keras":
                         if source.keras_path is None:
@@ -158,22 +180,36 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         runtime.prepare(onnx_file(source, config.export_dir), source.image_size)
                 except Unavailable as reason:
                     for batch in config.batch_sizes:
-                        yield {**base, "device": runtime.device, "batch_size": batch, "status": f"unavailable: {reason}"}
+                        yield {
+                            **base,
+                            "device": runtime.device,
+                            "batch_size": batch,
+                            "status": f"unavailable: {reason}",
+                        }
                     continue
                 for batch in config.batch_sizes:
-                    timings = time_runs(runtime.run, sample_pixels(batch, source.image_size), config.runs, config.warmup)
+                    timings = time_runs(
+                        runtime.run, sample_pixels(batch, source.image_size), config.runs, config.warmup
+                    )
                     stats = metrics.latency_stats(timings)
-                    yield {**base, "device": runtime.device, "batch_size": batch, **stats,
-                           "images_per_second": 1000 * batch / stats["p50_ms"], "status": "ok",
-                           "detail": runtime.detail}
+                    yield {
+                        **base,
+                        "device": runtime.device,
+                        "batch_size": batch,
+                        **stats,
+                        "images_per_second": 1000 * batch / stats["p50_ms"],
+                        "status": "ok",
+                        "detail": runtime.detail,
+                    }
                 del runtime
             del keras_model
             gc.collect()
             keras.backend.clear_session()  # free the compiled graphs before the next model
 
 
-def measure(config: LatencyConfig, output: str | None = None, output_format: str = "table",
-            progress: bool = True) -> tuple[list[dict], bool]:
+def measure(
+    config: LatencyConfig, output: str | None = None, output_format: str = "table", progress: bool = True
+) -> tuple[list[dict], bool]:
     """Time every row with a progress bar on stderr; with ``output``, rewrite that file after each
     row, so finished rows survive a kill (out of memory, ...). Returns (rows, interrupted): Ctrl-C
     stops the loop and keeps the rows finished so far."""
@@ -187,8 +223,7 @@ def measure(config: LatencyConfig, output: str | None = None, output_format: str
     machine = machine_info(config.threads)
     rows, interrupted = [], False
     try:
-        with click.progressbar(length=plan(config), label="timing", file=sys.stderr,
-                               hidden=not progress) as bar:
+        with click.progressbar(length=plan(config), label="timing", file=sys.stderr, hidden=not progress) as bar:
             for row in iter_latency(config):
                 rows.append(row)
                 bar.update(1)
@@ -215,8 +250,9 @@ def machine_info(threads: int | None = None) -> dict:
     try:
         import subprocess
 
-        found = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=10)
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         if found.returncode == 0 and found.stdout.strip():
             gpu = found.stdout.strip().splitlines()[0]
     except (OSError, subprocess.TimeoutExpired):
@@ -227,5 +263,11 @@ def machine_info(threads: int | None = None) -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "versions": versions,
-            "threads": threads or "default", "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "versions": versions,
+        "threads": threads or "default",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+    }

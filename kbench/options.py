@@ -31,14 +31,21 @@ class Group(click.Group):
         except KbenchError as error:
             click.echo(f"kbench: error: {error}", err=True)
             ctx.exit(2)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException, click.Abort):
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _terminate), outside training's own handling
+            click.echo("kbench: interrupted", err=True)
+            if debug():
+                raise
+            ctx.exit(128 + _stopped_by.get("signal", signal.SIGINT))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as error:
             if debug():
                 raise
             message = (str(error).strip().splitlines() or [""])[0][:300]
-            click.echo(f"kbench: error: unexpected {type(error).__name__}: {message} "
-                       "(run with --debug for the traceback)", err=True)
+            click.echo(
+                f"kbench: error: unexpected {type(error).__name__}: {message} (run with --debug for the traceback)",
+                err=True,
+            )
             ctx.exit(1)
 
 
@@ -46,8 +53,12 @@ def debug() -> bool:
     return os.environ.get("KBENCH_DEBUG", "") not in ("", "0")
 
 
+_stopped_by: dict = {}
+
+
 def _terminate(signal_number, frame):
     # SIGTERM unwinds like Ctrl-C, so temporary folders and locks are released on the way out.
+    _stopped_by["signal"] = signal_number
     raise KeyboardInterrupt
 
 
@@ -65,6 +76,7 @@ def _options(*decorators):
         for decorator in reversed(decorators):
             function = decorator(function)
         return function
+
     return apply
 
 
@@ -84,7 +96,7 @@ def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
     options None, so that a command can tell what was given (``train --resume``)."""
     fields, hints = options_of(cls), typing.get_type_hints(cls)
     decorators = []
-    for name in names:
+    for name in " ".join(names).split():  # names, or strings of space-separated names
         meta = fields[name]
         flag = "--" + meta.get("flag", name).replace("_", "-")
         kind = hints[name]
@@ -100,8 +112,11 @@ def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
             options["is_flag"] = True
         elif typing.get_origin(kind) is list:
             options["default"] = ",".join(map(str, value))
-            options["callback"] = _int_list if typing.get_args(kind) == (int,) else (
-                lambda ctx, param, text: [part.strip() for part in text.split(",") if part.strip()])
+            options["callback"] = (
+                _int_list
+                if typing.get_args(kind) == (int,)
+                else (lambda ctx, param, text: [part.strip() for part in text.split(",") if part.strip()])
+            )
         elif "choices" in meta:
             options["type"] = click.Choice(list(meta["choices"]))
             if "flag_value" in meta:
@@ -113,16 +128,26 @@ def from_config(cls, *names, defaults: bool = True, required: tuple = ()):
     return _options(*decorators)
 
 
-backend_option = click.option("--backend", type=click.Choice(["jax", "tensorflow"]), default=None, is_eager=True,
-                              callback=_set_backend, help="Keras backend (default: $KERAS_BACKEND, else jax with a GPU, tensorflow without).")
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["jax", "tensorflow"]),
+    default=None,
+    is_eager=True,
+    callback=_set_backend,
+    help="Keras backend (default: $KERAS_BACKEND, else jax with a GPU, tensorflow without).",
+)
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a finished run in the folder.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 
 
-def set_up_process(debug_flag: bool = False) -> None:
-    """--debug, SIGTERM unwinding like Ctrl-C, and kbench's log lines on stderr."""
+def set_up_process(debug_flag: bool = False, verbose_flag: bool = False) -> None:
+    """--debug, --verbose (else other libraries' start-up lines are kept off stderr), SIGTERM
+    unwinding like Ctrl-C, and kbench's log lines on stderr."""
+    from kbench.quiet import set_up
+
     if debug_flag:
         os.environ["KBENCH_DEBUG"] = "1"
+    set_up(verbose_flag)  # before --backend is read: kbench.backend's defaults must not win
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     handler = logging.StreamHandler(sys.stderr)
@@ -132,3 +157,43 @@ def set_up_process(debug_flag: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def run(group: click.Group) -> None:
+    """The console entry point: Ctrl-C or SIGTERM outside a command's own handling (while loading,
+    say) is one line and exit 130, its traceback only with --debug."""
+    import traceback
+
+    try:
+        group(prog_name="kbench")
+    except KeyboardInterrupt:
+        click.echo("kbench: interrupted", err=True)
+        if debug():
+            traceback.print_exc()
+        sys.exit(130)
+
+
+def flag(declaration: str, help: str, name: str | None = None):
+    """An on/off option."""
+    return click.option(declaration, *([name] if name else []), is_flag=True, help=help)
+
+
+def format_option(*choices: str):
+    """``--format``, the first choice by default."""
+    return click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(list(choices)),
+        default=choices[0],
+        show_default=True,
+        help="How the result is written.",
+    )
+
+
+def command_line() -> str:
+    """The command as typed, for reports."""
+    return "kbench " + " ".join(sys.argv[1:])
+
+
+def echo_err(line: str) -> None:
+    click.echo(line, err=True)

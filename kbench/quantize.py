@@ -61,7 +61,13 @@ def quantize_int8(
     """Write a statically quantized (QDQ, int8) copy of ``float_path`` to ``output``; return the float
     and int8 validation log loss / accuracy (when ``run_dir`` has a split) and batch-1 latencies."""
     import onnxruntime
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     session = onnx_session(float_path, ["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
@@ -84,8 +90,15 @@ def quantize_int8(
         quantized = os.path.join(scratch, "model.int8.onnx")
         prepared = os.path.join(scratch, "model.prepared.onnx")
         quant_pre_process(float_path, prepared)  # shape inference and graph clean-up, as ORT advises
-        quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            prepared,
+            quantized,
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
         reader.loader.close()
         with open(quantized, "rb") as handle:
             data = handle.read()
@@ -108,3 +121,9 @@ def quantize_int8(
             record[f"{name}_val_log_loss"] = metrics.log_loss(labels, probabilities)
             record[f"{name}_val_accuracy"] = metrics.accuracy(labels, probabilities)
     return record
+
+
+def quantize_export(float_path: str, model: str, calibration_data: str | None = None) -> dict:
+    """``export onnx --quantize int8``: the int8 copy beside ``float_path``, calibrated on
+    ``calibration_data`` or, when MODEL is a run folder, on its training split."""
+    return quantize_int8(float_path, int8_path(float_path), calibration_data, model if os.path.isdir(model) else None)

@@ -11,6 +11,7 @@ A run folder is what ``kbench train`` (kind ``backbone``) and ``kbench ensemble`
     checkpoint.keras, checkpoint.json   while training, for --resume
     features/        an ensemble's cached member features
     latency.json     a study's timings of this model
+    curves.png       loss, accuracy (and learning rate) per epoch, redrawn after every epoch
 
 Every other module asks this one for those names. Two processes never write one folder at once:
 ``Run.lock()`` takes an exclusive ``flock`` that the second process is refused (exit 2).
@@ -18,6 +19,7 @@ Every other module asks this one for those names. Two processes never write one 
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
@@ -83,7 +85,9 @@ class Run:
         except FileNotFoundError:
             raise KbenchError(f"{self.path} has no {name} (is it a kbench run folder?)") from None
         except (ValueError, UnicodeDecodeError) as error:
-            raise KbenchError(f"{self.file(name)} is corrupt ({error}); remove the run folder and train again") from None
+            raise KbenchError(
+                f"{self.file(name)} is corrupt ({error}); remove the run folder and train again"
+            ) from None
 
     @property
     def config(self) -> dict:
@@ -96,6 +100,26 @@ class Run:
     @property
     def split(self) -> dict:
         return self._read(SPLIT)
+
+    @property
+    def history(self) -> list[dict]:
+        """history.csv's rows, numbers as floats (``phase`` and other words as text); [] if none."""
+        if not self.exists(HISTORY):
+            return []
+        with open(self.file(HISTORY), encoding="utf-8", newline="") as handle:
+            return [{key: _number_or_text(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+    @property
+    def latency(self) -> list[dict]:
+        """The timing rows a study recorded in latency.json; [] if none (or unreadable)."""
+        if not self.exists(LATENCY):
+            return []
+        try:
+            saved = files.read_json(self.file(LATENCY))
+        except (ValueError, UnicodeDecodeError):
+            return []
+        rows = saved.get("rows") if isinstance(saved, dict) else saved
+        return [row for row in rows or [] if isinstance(row, dict)]
 
     @property
     def kind(self) -> str:
@@ -202,8 +226,10 @@ class Run:
             what = f" ({self.kind})" if os.path.isfile(self.file(CONFIG)) else ""
             state = "a finished" if finished else "an interrupted"
             advice = ", continue it with --resume" if interrupted and not finished else ""
-            raise KbenchError(f"{self.path} already holds {state} run{what}{advice}; choose another "
-                              "--run-dir, or pass --overwrite to replace it")
+            raise KbenchError(
+                f"{self.path} already holds {state} run{what}{advice}; choose another "
+                "--run-dir, or pass --overwrite to replace it"
+            )
         if overwrite:
             self.clear()
         return None
@@ -250,8 +276,10 @@ def folder_lock(path: str, what: str = "folder"):
             owner = handle.read().strip()
             handle.close()
             if error.errno in (errno.EAGAIN, errno.EACCES):
-                raise KbenchError(f"{path} is in use by another kbench process{f' (pid {owner})' if owner else ''}; "
-                                  f"wait for it to finish or use another {what}") from None
+                raise KbenchError(
+                    f"{path} is in use by another kbench process{f' (pid {owner})' if owner else ''}; "
+                    f"wait for it to finish or use another {what}"
+                ) from None
             raise
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
@@ -291,7 +319,15 @@ def data_fingerprint(images) -> str:
     return digest.hexdigest()[:16]
 
 
+def _number_or_text(value: str | None):
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _layout_option(recorded: str | None) -> str:
     """split.json's layout name -> the find_images option that reads it the same way."""
     return {"kaggle": "kaggle", "class-folders": "folders"}.get(recorded or "", "auto")
-

@@ -7,6 +7,8 @@ A runtime that can't run here raises ``Unavailable`` with the reason; it never f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import time
 
@@ -30,7 +32,9 @@ def onnx_session(path: str, providers: list[str], options=None):
         return onnxruntime.InferenceSession(path, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
         lines = [line for line in str(error).splitlines() if line.strip()]
-        raise KbenchError(f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}") from None
+        raise KbenchError(
+            f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}"
+        ) from None
 
 
 class Unavailable(Exception):
@@ -150,7 +154,6 @@ class OnnxRuntimeCPU(Runtime):
         return options
 
     def prepare(self, model, image_size):
-        import onnxruntime
 
         self.session = onnx_session(model, [self.provider], self.options())
         self.input_name = self.session.get_inputs()[0].name
@@ -172,13 +175,17 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
         import onnxruntime
 
         if self.provider not in onnxruntime.get_available_providers():
-            raise Unavailable("this onnxruntime has no CUDA provider (install onnxruntime-gpu on a CUDA machine)")
+            raise Unavailable("this onnxruntime has no CUDA provider (`make install CUDA=1` installs onnxruntime-gpu)")
+        missing = preload_cuda_libraries()
         try:
             self.session = onnx_session(model, [self.provider], self.options())
         except Exception as error:
             raise Unavailable(f"CUDA session failed: {str(error).splitlines()[0]}") from None
         if self.session.get_providers()[0] != self.provider:
-            raise Unavailable("CUDA provider could not be initialised (missing CUDA/cuDNN libraries?)")
+            raise Unavailable(
+                "CUDA provider could not be initialised (no GPU, or missing CUDA 12/cuDNN 9 libraries"
+                + (f": {missing})" if missing else ")")
+            )
         self.input_name = self.session.get_inputs()[0].name
         self.device = f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}"
         self.detail = "IO binding"
@@ -198,6 +205,24 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
+
+
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` wheels for onnxruntime-gpu, which the
+    dynamic loader doesn't find by itself (ONNX Runtime >= 1.21; a no-op for the CPU package).
+    ONNX Runtime prints its failures; they are kept out of stdout and the first is returned ("" if none)."""
+    import onnxruntime
+
+    if not hasattr(onnxruntime, "preload_dlls"):
+        return ""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            onnxruntime.preload_dlls()
+        except Exception as error:  # a missing folder: the session below says what that costs
+            print(f"Failed to preload: {error}")
+    failures = [line for line in printed.getvalue().splitlines() if line.startswith("Failed")]
+    return failures[0] if failures else ""
 
 
 def make_runtime(name: str, threads: int | None = None) -> Runtime:

@@ -22,12 +22,23 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from kbench import files
+from kbench import doctor, files
 from kbench.config import check_keys, field_names, from_dict
 from kbench.ensemble import EnsembleConfig
 from kbench.errors import KbenchError, TrainingInterrupted
 from kbench.latency import LatencyConfig
-from kbench.runs import CHECKPOINT_STATE, CONFIG, LATENCY, METRICS, SPLIT, Run, data_fingerprint, ensure_writable_folder, file_hash, folder_lock
+from kbench.runs import (
+    CHECKPOINT_STATE,
+    CONFIG,
+    LATENCY,
+    METRICS,
+    SPLIT,
+    Run,
+    data_fingerprint,
+    ensure_writable_folder,
+    file_hash,
+    folder_lock,
+)
 from kbench.submission import SubmissionConfig
 from kbench.train import TrainConfig
 
@@ -45,8 +56,9 @@ NOT_RESULT_KEYS = ("run_dir", "workers", "cache", "kind")
 # [[backbones]] and [train] keys: a TrainConfig's, less what the study itself decides.
 STUDY_DECIDES = ("backbone", "data", "run_dir", "backend", "layout")
 TRAIN_KEYS = tuple(name for name in field_names(TrainConfig) if name not in STUDY_DECIDES)
-ENSEMBLE_KEYS = tuple(name for name in field_names(EnsembleConfig)
-                      if name not in ("members", "run_dir", "data", "backend", "layout"))
+ENSEMBLE_KEYS = tuple(
+    name for name in field_names(EnsembleConfig) if name not in ("members", "run_dir", "data", "backend", "layout")
+)
 LATENCY_KEYS = tuple(name for name in field_names(LatencyConfig) if name not in ("models", "export_dir"))
 SECTIONS = ("study", "train", "backbones", "ensembles", "latency", "submission")
 
@@ -151,8 +163,16 @@ def load_config(path: str, **overrides) -> StudyConfig:
         backbone = entry.pop("backbone")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise KbenchError(f"{where}: name {name!r} must be a plain folder name")
-        config = from_dict(TrainConfig, {**train, **entry, **train_overrides}, where, backbone=backbone,
-                           data=study.data, run_dir="", backend=study.backend, layout=study.layout)
+        config = from_dict(
+            TrainConfig,
+            {**train, **entry, **train_overrides},
+            where,
+            backbone=backbone,
+            data=study.data,
+            run_dir="",
+            backend=study.backend,
+            layout=study.layout,
+        )
         _check_member(config, where)
         members.append(Member(name, config))
     names = [m.name for m in members]
@@ -175,8 +195,16 @@ def load_config(path: str, **overrides) -> StudyConfig:
         if unknown:
             raise KbenchError(f"{where}: names unknown members {', '.join(unknown)}")
         entry.setdefault("seed", seed)
-        config = from_dict(EnsembleConfig, entry, where, members=list(member_names), run_dir="",
-                           data=study.data, backend=study.backend, layout=study.layout)
+        config = from_dict(
+            EnsembleConfig,
+            entry,
+            where,
+            members=list(member_names),
+            run_dir="",
+            data=study.data,
+            backend=study.backend,
+            layout=study.layout,
+        )
         if len(member_names) < 2:
             raise KbenchError(f"{where}: an ensemble needs at least two members")
         try:
@@ -190,9 +218,18 @@ def load_config(path: str, **overrides) -> StudyConfig:
     latency = from_dict(LatencyConfig, latency_table, f"{path} [latency]", models=[]).check()
     submission = from_dict(SubmissionConfig, raw.get("submission", {}), f"{path} [submission]").check()
     config = StudyConfig(
-        name=study.name or os.path.splitext(os.path.basename(path))[0], data=study.data, backbones=members,
-        ensembles=ensembles, latency=latency, submission=submission, test_data=study.test_data,
-        answers=study.answers, backend=study.backend, layout=study.layout, path=os.path.abspath(path))
+        name=study.name or os.path.splitext(os.path.basename(path))[0],
+        data=study.data,
+        backbones=members,
+        ensembles=ensembles,
+        latency=latency,
+        submission=submission,
+        test_data=study.test_data,
+        answers=study.answers,
+        backend=study.backend,
+        layout=study.layout,
+        path=os.path.abspath(path),
+    )
     _check_paths(config)
     return config
 
@@ -213,9 +250,11 @@ def _check_paths(config: StudyConfig) -> None:
     """Every path the study will read, found now rather than after hours of training."""
     if not config.data:
         raise KbenchError("no training data: set [study] data in the config or pass --data")
-    for what, path, option in (("training data", config.data, "--data"),
-                               ("test data", config.test_data, "--test-data"),
-                               ("answers", config.answers, "--answers")):
+    for what, path, option in (
+        ("training data", config.data, "--data"),
+        ("test data", config.test_data, "--test-data"),
+        ("answers", config.answers, "--answers"),
+    ):
         if path and not os.path.exists(path):
             skip = f", or {option} '' to skip it" if option != "--data" else ""
             raise KbenchError(f"{what} not found: {path} (pass {option} PATH{skip})")
@@ -277,8 +316,9 @@ def _train_member(member: Member, run_dir: str, fingerprint: str, verbose) -> di
         if not changed and run.finished:
             return run.metrics
         if changed:
-            log.warning("%s: settings changed since it was trained (%s); training it again", member.name,
-                        ", ".join(changed))
+            log.warning(
+                "%s: settings changed since it was trained (%s); training it again", member.name, ", ".join(changed)
+            )
             overwrite = True
         else:
             resume = True
@@ -334,15 +374,18 @@ def prepare_out(config: StudyConfig, out_dir: str, overwrite: bool = False) -> N
         except (ValueError, AttributeError):
             previous = "?"
         if previous != config.name:
-            raise KbenchError(f"--out {out_dir} holds the results of study {previous!r}, not {config.name!r}; "
-                              "choose another --out, or pass --overwrite")
+            raise KbenchError(
+                f"--out {out_dir} holds the results of study {previous!r}, not {config.name!r}; "
+                "choose another --out, or pass --overwrite"
+            )
     if overwrite:
         for name in ("runs", "ensembles", "onnx"):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
-def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, echo=print,
-              overwrite: bool = False) -> dict:
+def run_study(
+    config: StudyConfig, out_dir: str, command: str = "", verbose=0, echo=print, overwrite: bool = False
+) -> dict:
     """Run (or resume) the study into ``out_dir``; returns the results written to results.json.
 
     Results carry ``failed``: the number of members, ensembles and stages that failed (the CLI's
@@ -351,6 +394,7 @@ def run_study(config: StudyConfig, out_dir: str, command: str = "", verbose=0, e
     from kbench.data import find_images
 
     config.backend = use_backend(config.backend)
+    doctor.warn_if_gpu_unseen(config.backend)
     prepare_out(config, out_dir, overwrite)
     images = find_images(config.data, layout=config.layout)  # the layout is checked before any training
     fingerprint = data_fingerprint(images)
@@ -368,7 +412,12 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
     for index, member in enumerate(config.backbones, 1):
         run_dir = os.path.join(runs_dir, member.name)
         echo(f"[{index}/{len(config.backbones)}] {member.name}: training, exporting, timing")
-        row = {"name": member.name, "kind": "backbone", "backbone": member.train.backbone}
+        row = {
+            "name": member.name,
+            "kind": "backbone",
+            "backbone": member.train.backbone,
+            "folder": os.path.relpath(run_dir, out_dir),
+        }  # for report.md's links
         fit = lambda member=member, run_dir=run_dir: _train_member(member, run_dir, fingerprint, verbose)  # noqa: E731
         if _measure(row, fit, run_dir, onnx_dir, config.latency):
             done[member.name] = run_dir
@@ -376,18 +425,24 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
 
     ensembles = []
     for entry in config.ensembles:
-        row = {"name": entry.name, "kind": "ensemble", "backbone": "+".join(entry.members)}
+        row = {
+            "name": entry.name,
+            "kind": "ensemble",
+            "backbone": "+".join(entry.members),
+            "folder": os.path.relpath(os.path.join(ensembles_dir, entry.name), out_dir),
+        }
         missing = [m for m in entry.members if m not in done]
         if missing:
             row["status"] = f"failed: member(s) {', '.join(missing)} failed"
         else:
             echo(f"ensemble {entry.name}: {entry.config.method} of {len(entry.members)}")
             model_dir = os.path.join(ensembles_dir, entry.name)
-            ensemble_config = dataclasses.replace(entry.config, members=[done[m] for m in entry.members],
-                                                  run_dir=model_dir, backend=config.backend)
+            ensemble_config = dataclasses.replace(
+                entry.config, members=[done[m] for m in entry.members], run_dir=model_dir, backend=config.backend
+            )
 
-            def fit(ensemble_config=ensemble_config):
-                return {**_ensemble(ensemble_config, verbose), "backbone": row["backbone"]}
+            def fit(ensemble_config=ensemble_config, backbone=row["backbone"]):
+                return {**_ensemble(ensemble_config, verbose), "backbone": backbone}
 
             if _measure(row, fit, model_dir, onnx_dir, config.latency):
                 done[entry.name] = model_dir
@@ -407,7 +462,8 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
             results["submission"] = {"model": best["name"], "status": f"failed: {_one_line(error)}"}
             log.warning("submission %s", results["submission"]["status"])
     results["failed"] = sum(row["status"] != "ok" for row in rows) + int(
-        results.get("submission", {}).get("status", "ok") != "ok")
+        results.get("submission", {}).get("status", "ok") != "ok"
+    )
     from kbench.latency import machine_info
     from kbench.report import write_report
 
@@ -441,14 +497,20 @@ def _ensemble(config: EnsembleConfig, verbose) -> dict:
     overwrite = False
     if run.exists(METRICS) or run.exists(CONFIG):
         members, _ = check_members(config)
-        wanted = {"kind": "ensemble", **dataclasses.asdict(config),
-                  "member_hashes": {m.name: m.model_hash for m in members}}
+        wanted = {
+            "kind": "ensemble",
+            **dataclasses.asdict(config),
+            "member_hashes": {m.name: m.model_hash for m in members},
+        }
         try:
             recorded = run.config
         except KbenchError:
             recorded = {}
-        changed = [k for k in sorted(set(recorded) | set(wanted)) if k not in NOT_RESULT_KEYS
-                   and recorded.get(k) != wanted.get(k)]
+        changed = [
+            k
+            for k in sorted(set(recorded) | set(wanted))
+            if k not in NOT_RESULT_KEYS and recorded.get(k) != wanted.get(k)
+        ]
         if not changed and run.finished:
             return run.metrics
         if changed and run.finished:
@@ -462,8 +524,9 @@ def _submit(config: StudyConfig, model_dir: str, name: str, out_dir: str) -> dic
 
     path = os.path.join(out_dir, "submission.csv")
     settings = config.submission
-    result = predict_test_set(model_dir, config.test_data, path, tta=settings.tta, clip=settings.clip,
-                              batch_size=settings.batch_size)
+    result = predict_test_set(
+        model_dir, config.test_data, path, tta=settings.tta, clip=settings.clip, batch_size=settings.batch_size
+    )
     result["model"] = name
     result["status"] = "ok"
     if config.answers:
@@ -471,8 +534,9 @@ def _submit(config: StudyConfig, model_dir: str, name: str, out_dir: str) -> dic
     return result
 
 
-def run_demo(out: str, images: int = 600, fresh: bool = False, backend: str | None = None, echo=print,
-             command: str = "") -> tuple[dict, str]:
+def run_demo(
+    out: str, images: int = 600, fresh: bool = False, backend: str | None = None, echo=print, command: str = ""
+) -> tuple[dict, str]:
     """The offline demo: generated Dogs-vs-Cats-style images in Kaggle's layout, then the packaged
     ``demo`` study on them. Returns (results, out)."""
     from kbench.synthetic import write_kaggle_dataset
@@ -488,6 +552,9 @@ def run_demo(out: str, images: int = 600, fresh: bool = False, backend: str | No
         echo(f"writing {images} generated training images (Kaggle layout) to {data_dir}/")
         write_kaggle_dataset(data_dir, n_train=images, n_test=120, image_size=64)
     paths = {"data": "train.zip", "test_data": "test.zip", "answers": "answers.csv"}
-    config = load_config(packaged_config("demo"), backend=backend,
-                         **{key: os.path.abspath(os.path.join(data_dir, name)) for key, name in paths.items()})
+    config = load_config(
+        packaged_config("demo"),
+        backend=backend,
+        **{key: os.path.abspath(os.path.join(data_dir, name)) for key, name in paths.items()},
+    )
     return run_study(config, out, command=command, echo=echo), out

@@ -69,13 +69,16 @@ def find_test_images(data: str) -> ImageSet:
     for key in images.keys:
         other = first.setdefault(_id_key(image_id(key)), key)
         if other != key:
-            raise KbenchError(f"{data}: {other} and {key} have the same id {image_id(key)!r}; a submission "
-                              "needs one row per id")
+            raise KbenchError(
+                f"{data}: {other} and {key} have the same id {image_id(key)!r}; a submission needs one row per id"
+            )
     folders = sorted({os.path.dirname(key) for key in images.keys})
     if len(folders) > 1:
         shown = ", ".join(f"{folder or '.'}/" for folder in folders[:3])
-        raise KbenchError(f"{data}: test images in {len(folders)} folders ({shown}); a test set is one folder "
-                          "of <id>.jpg files (class folders are for training)")
+        raise KbenchError(
+            f"{data}: test images in {len(folders)} folders ({shown}); a test set is one folder "
+            "of <id>.jpg files (class folders are for training)"
+        )
     return images
 
 
@@ -191,6 +194,7 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The temperature minimising log loss on held-out predictions (golden-section search on log T)."""
+
     def loss(log_t):
         return metrics.log_loss(labels, apply_temperature(probabilities, math.exp(log_t)))
 
@@ -221,8 +225,11 @@ def calibrate_temperature(model: str, runtime: str = "keras", batch_size: int = 
     """(temperature, validation log loss before, after) fitted on a run folder's validation split."""
     probabilities, labels = validation_predictions(model, runtime, batch_size)
     temperature = fit_temperature(probabilities, labels)
-    return (temperature, metrics.log_loss(labels, probabilities),
-            metrics.log_loss(labels, apply_temperature(probabilities, temperature)))
+    return (
+        temperature,
+        metrics.log_loss(labels, probabilities),
+        metrics.log_loss(labels, apply_temperature(probabilities, temperature)),
+    )
 
 
 def _read_csv(path: str, what: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -241,8 +248,11 @@ def _read_csv(path: str, what: str) -> tuple[list[str], list[dict[str, str]]]:
     try:
         reader = csv.reader(io.StringIO(text, newline=""))
         header = [name.strip() for name in next(reader, [])]
-        rows = [dict(zip(header, [value.strip() for value in row] + [""] * (len(header) - len(row))))
-                for row in reader if any(value.strip() for value in row)]
+        rows = [
+            dict(zip(header, [value.strip() for value in row] + [""] * (len(header) - len(row))))
+            for row in reader
+            if any(value.strip() for value in row)
+        ]
     except csv.Error as error:
         raise KbenchError(f"{what} {path} is not a readable CSV file ({error})") from None
     return header, rows
@@ -293,7 +303,9 @@ def score_submission(submission: str, answers: str) -> dict:
         for row, key in zip(rows, keys):
             counts.setdefault(key, []).append(row["id"])
         repeated = sorted((ids for ids in counts.values() if len(ids) > 1), key=lambda ids: _id_order(ids[0]))
-        raise KbenchError(f"submission repeats ids: {', '.join(' = '.join(dict.fromkeys(ids)) for ids in repeated[:5])}")
+        raise KbenchError(
+            f"submission repeats ids: {', '.join(' = '.join(dict.fromkeys(ids)) for ids in repeated[:5])}"
+        )
     missing = sorted((str(key) for key in set(expected) - set(keys)), key=_id_order)
     if missing:
         raise KbenchError(f"submission lacks ids present in the answers: {', '.join(missing[:5])}")
@@ -310,12 +322,22 @@ def score_submission(submission: str, answers: str) -> dict:
         labels.append(value)
     truth_labels = np.array([expected[key] for key in keys])
     predictions = np.array(labels)
-    return {"rows": len(rows), "log_loss": metrics.log_loss(truth_labels, predictions),
-            "accuracy": metrics.accuracy(truth_labels, predictions)}
+    return {
+        "rows": len(rows),
+        "log_loss": metrics.log_loss(truth_labels, predictions),
+        "accuracy": metrics.accuracy(truth_labels, predictions),
+    }
 
 
-def predict_command(model: str, data: str, output: str, settings: SubmissionConfig, runtime: str = "keras",
-                    calibrate: bool = False, echo=print) -> dict:
+def predict_command(
+    model: str,
+    data: str,
+    output: str,
+    settings: SubmissionConfig,
+    runtime: str = "keras",
+    calibrate: bool = False,
+    echo=print,
+) -> dict:
     """``kbench predict``: optional temperature calibration, then the submission, with a progress bar."""
     import click
 
@@ -328,5 +350,14 @@ def predict_command(model: str, data: str, output: str, settings: SubmissionConf
         temperature, before, after = calibrate_temperature(model, runtime, settings.batch_size)
         echo(f"calibration: temperature {temperature:.3f}; validation log loss {before:.4f} -> {after:.4f}")
     with click.progressbar(length=total, label="predicting", file=sys.stderr) as bar:
-        return predict_test_set(model, data, output, settings.tta, settings.clip, settings.batch_size, runtime,
-                                temperature, progress=bar.update)
+        return predict_test_set(
+            model,
+            data,
+            output,
+            settings.tta,
+            settings.clip,
+            settings.batch_size,
+            runtime,
+            temperature,
+            progress=bar.update,
+        )

@@ -76,9 +76,7 @@ def write_kaggle_dataset(
     return paths
 
 
-def write_class_folders(
-    folder: str, per_class: int = 20, image_size: int = 48, seed: int = 0, classes=CLASSES
-) -> str:
+def write_class_folders(folder: str, per_class: int = 20, image_size: int = 48, seed: int = 0, classes=CLASSES) -> str:
     """Write ``folder/<class>/<n>.png`` images (the class-folder layout); returns ``folder``."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import metrics
+from kbench import doctor, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
 from kbench.devices import count_devices, training_devices
 from kbench.errors import KbenchError, TrainingInterrupted
-from kbench.runs import CHECKPOINT, Run, data_fingerprint
+from kbench.report import write_curves
+from kbench.runs import CHECKPOINT, CURVES, Run, data_fingerprint
 
 log = logging.getLogger("kbench")
 
@@ -46,8 +47,11 @@ class TrainConfig:
     batch_size: int = option(32, "Images per step.")
     image_size: int | None = option(None, "Pixels per side.", shown_default="the backbone's native size")
     lr: float = option(1e-4, "Adam learning rate (the reference study's).")
-    weights: str | None = option(None, "imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).",
-                                 shown_default="imagenet; none for small_cnn")
+    weights: str | None = option(
+        None,
+        "imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).",
+        shown_default="imagenet; none for small_cnn",
+    )
     augment: bool = option(True, "The reference study's flips and crops.")
     val_split: float = option(0.1, "Stratified hold-out fraction.")
     seed: int = option(0, "Seed for the split, shuffling, augmentation and weights.")
@@ -55,10 +59,15 @@ class TrainConfig:
     cache: bool = option(False, "Keep decoded images in memory after the first epoch.")
     workers: int | None = option(None, "Image decoding threads.", shown_default="CPU count, at most 8")
     devices: str | None = option(None, "Data parallel over 'all' local devices or N of them.", shown_default="one")
-    mixed_precision: str | None = option(None, "Mixed-precision compute on GPUs (float32 head and loss).",
-                                         choices=("bfloat16", "float16"), flag_value="bfloat16")
-    layout: str = option("auto", "How labels are read from the data (see README).", choices=("auto", "kaggle",
-                                                                                             "folders"))
+    mixed_precision: str | None = option(
+        None,
+        "Mixed-precision compute on GPUs (float32 head and loss).",
+        choices=("bfloat16", "float16"),
+        flag_value="bfloat16",
+    )
+    layout: str = option(
+        "auto", "How labels are read from the data (see README).", choices=("auto", "kaggle", "folders")
+    )
 
     def check(self) -> "TrainConfig":
         """KbenchError in one line for any value that can't work, before anything is read or built."""
@@ -68,8 +77,10 @@ class TrainConfig:
         if self.image_size is not None:
             positive(self.image_size, "--image-size", whole=True)
             if self.image_size > MAX_IMAGE_SIZE:
-                raise KbenchError(f"--image-size {self.image_size} is more than {MAX_IMAGE_SIZE} pixels per side, "
-                                  "larger than any backbone is trained at")
+                raise KbenchError(
+                    f"--image-size {self.image_size} is more than {MAX_IMAGE_SIZE} pixels per side, "
+                    "larger than any backbone is trained at"
+                )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise KbenchError(f"--seed must be a whole number >= 0; got {self.seed}")
         if self.workers is not None:
@@ -124,8 +135,10 @@ def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
             changes[key] = value
         elif value != recorded and not (key == "backend" and value == use_backend(recorded)):
             option = "--" + key.replace("_", "-")
-            raise KbenchError(f"--resume continues {run_dir} with its own settings; {option} {value} differs from "
-                              f"the recorded {recorded} and would be ignored: drop it, or train a new --run-dir")
+            raise KbenchError(
+                f"--resume continues {run_dir} with its own settings; {option} {value} differs from "
+                f"the recorded {recorded} and would be ignored: drop it, or train a new --run-dir"
+            )
     return dataclasses.replace(config, **changes) if changes else config
 
 
@@ -138,6 +151,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
     config = config.resolved()
+    doctor.warn_if_gpu_unseen(config.backend)
     run = Run(config.run_dir)
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
@@ -160,8 +174,10 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         try:
             model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
         except Exception as error:
-            raise KbenchError(f"the checkpoint in {run.path} can't be loaded ({_first_line(error)}); "
-                              "remove the folder and train again") from None
+            raise KbenchError(
+                f"the checkpoint in {run.path} can't be loaded ({_first_line(error)}); "
+                "remove the folder and train again"
+            ) from None
     else:
         model = _build_and_compile(config, len(images.classes))
 
@@ -183,7 +199,9 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         if val_loader is not None:
             val_loader.close()
 
-    skipped = images.skipped + [images.keys[i] for i in sorted({**train_loader.bad, **(val_loader.bad if val_loader else {})})]
+    skipped = images.skipped + [
+        images.keys[i] for i in sorted({**train_loader.bad, **(val_loader.bad if val_loader else {})})
+    ]
     epoch_seconds = [row["epoch_seconds"] for row in history]
     compiled = sorted(set(e for e in compiled if e <= len(history)))
     steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
@@ -226,8 +244,10 @@ def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tu
     if resume_from:
         saved = resume_from.split
         if saved.get("fingerprint") not in (None, data_fingerprint(images)):
-            raise KbenchError(f"{config.data} no longer holds the images {resume_from.path} was trained on; "
-                              "resume needs the same data")
+            raise KbenchError(
+                f"{config.data} no longer holds the images {resume_from.path} was trained on; "
+                "resume needs the same data"
+            )
         return indices_of(images, saved["train"]), indices_of(images, saved["val"])
     train_idx, val_idx = split_indices(images.labels, config.val_split, config.seed)
     if len(train_idx) == 0:
@@ -287,8 +307,9 @@ def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int =
     return EpochBatches()
 
 
-def _fit(model, run: Run, config, train_loader, val_loader, binary, history, stop, verbose, devices: int,
-         compiled: list[int]) -> None:
+def _fit(
+    model, run: Run, config, train_loader, val_loader, binary, history, stop, verbose, devices: int, compiled: list[int]
+) -> None:
     """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
     resumed run replays exactly the epochs it missed."""
     import keras
@@ -310,8 +331,10 @@ def _fit(model, run: Run, config, train_loader, val_loader, binary, history, sto
                 self.model.stop_training = True
             loss = (logs or {}).get("loss")
             if loss is not None and not np.isfinite(float(loss)):
-                raise KbenchError(f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}, "
-                                  f"batch {batch + 1}; lower --lr (now {config.lr})")
+                raise KbenchError(
+                    f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}, "
+                    f"batch {batch + 1}; lower --lr (now {config.lr})"
+                )
 
     class Progress(keras.callbacks.ProgbarLogger):
         def set_params(self, params):
@@ -345,6 +368,8 @@ def _fit(model, run: Run, config, train_loader, val_loader, binary, history, sto
         row.update({name: float(values[-1]) for name, values in logs.items()})
         history.append(row)
         run.write_history(history)
+        title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
+        write_curves(history, run.file(CURVES), title)  # redrawn with each checkpoint, so it is never stale
         if epoch + 1 < config.epochs:
             run.save_checkpoint(model, {**state, "epochs_done": len(history)})
 

@@ -1,16 +1,48 @@
-"""Shared fixtures: generated images in both layouts (folders and zips); no downloads."""
+"""Shared fixtures: generated images in both layouts (folders and zips); no downloads. What holds only
+on some hosts (a GPU, ONNX Runtime's CUDA provider) is asked here, so that tests assert it only there."""
 
+import functools
 import os
 import subprocess
 import sys
 
 import pytest
 
-from kbench.backend import use_backend
-from kbench.synthetic import write_class_folders, write_kaggle_dataset
+# Set before any backend starts, and inherited by the CLI subprocesses. On a GPU host several
+# processes share the GPU (this one and each `run_cli`), so none may take most of its memory up
+# front; and float32 results are compared across backends and ONNX Runtime to 1e-5..1e-4, which
+# TF32 matmuls and convolutions (JAX's and TensorFlow's default on Ampere and newer GPUs) would miss.
+for _name, _value in {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+    "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    "NVIDIA_TF32_OVERRIDE": "0",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+from kbench.backend import use_backend  # noqa: E402
+from kbench.synthetic import write_class_folders, write_kaggle_dataset  # noqa: E402
 
 BACKEND = use_backend()  # the suite runs once per backend: KERAS_BACKEND=jax / tensorflow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Forces a run onto the CPU whatever the host has (JAX and TensorFlow alike).
+CPU_ONLY = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1"}
+
+
+@functools.cache
+def accelerator() -> bool:
+    """Whether this backend trains on a GPU or TPU on this host."""
+    import keras
+
+    return not str(keras.distribution.list_devices()[0]).lower().startswith("cpu")
+
+
+@functools.cache
+def onnxruntime_cuda() -> bool:
+    """Whether ONNX Runtime really runs on CUDA here (onnxruntime-gpu lists the provider even without a GPU)."""
+    from kbench.doctor import probe_onnxruntime
+
+    return probe_onnxruntime().get("cuda") == "ok"
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +54,19 @@ def kaggle_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def class_folders(tmp_path_factory):
     """Three classes of PNGs in one folder per class."""
-    return write_class_folders(str(tmp_path_factory.mktemp("folders")), per_class=8, image_size=24,
-                               classes=("ant", "bee", "cow"))
+    return write_class_folders(
+        str(tmp_path_factory.mktemp("folders")), per_class=8, image_size=24, classes=("ant", "bee", "cow")
+    )
 
 
 def run_cli(*args, env=None, timeout=300, cwd=None):
     """Run `python cli.py ARGS` in a fresh process; returns the CompletedProcess."""
     environment = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args], capture_output=True,
-                          text=True, env=environment, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "cli.py"), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        cwd=cwd,
+    )

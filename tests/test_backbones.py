@@ -4,13 +4,24 @@ import urllib.error
 import numpy as np
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, get_backbone
 from kbench.errors import KbenchError
 
-NATIVE = {"mobilenet_v2": 224, "inception_v3": 299, "xception": 299, "efficientnet_b0": 224, "efficientnet_b1": 240,
-          "efficientnet_b2": 260, "efficientnet_b3": 300, "efficientnet_b4": 380, "efficientnet_b5": 456,
-          "efficientnet_b6": 528, "efficientnet_b7": 600}
+from conftest import BACKEND, run_cli
+
+NATIVE = {
+    "mobilenet_v2": 224,
+    "inception_v3": 299,
+    "xception": 299,
+    "efficientnet_b0": 224,
+    "efficientnet_b1": 240,
+    "efficientnet_b2": 260,
+    "efficientnet_b3": 300,
+    "efficientnet_b4": 380,
+    "efficientnet_b5": 456,
+    "efficientnet_b6": 528,
+    "efficientnet_b7": 600,
+}
 
 
 def test_registry_has_the_study_backbones_at_native_sizes():

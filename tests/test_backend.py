@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from conftest import BACKEND, REPO
 from kbench import backend
 from kbench.errors import KbenchError
+
+from conftest import BACKEND, REPO
 
 
 @pytest.fixture
@@ -93,10 +94,30 @@ def test_gpu_check_reads_nvidia_smi(monkeypatch, tmp_path):
 def test_kbench_train_says_once_which_backend_it_picked(kaggle_data, tmp_path):
     """End to end, no monkeypatching: a fresh `kbench train` with neither --backend nor KERAS_BACKEND."""
     environment = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    done = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "train", "--backbone", "small_cnn", "--data",
-                           kaggle_data["train"], "--image-size", "16", "--epochs", "1", "--batch-size", "32",
-                           "--run-dir", str(tmp_path / "run"), "--quiet"],
-                          capture_output=True, text=True, env=environment, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "cli.py"),
+            "train",
+            "--backbone",
+            "small_cnn",
+            "--data",
+            kaggle_data["train"],
+            "--image-size",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     expected = "jax" if backend.gpu_found() else "tensorflow"
     notices = [line for line in done.stderr.splitlines() if line.startswith("kbench: INFO: backend ")]

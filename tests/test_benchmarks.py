@@ -34,8 +34,25 @@ def run_script(name, argv, tmp_path, capsys):
 
 
 def test_pipeline_rows_match_its_table(tmp_path, capsys):
-    record, _, body = run_script("pipeline", ["--backbone", "small_cnn", "--images", "32", "--image-size", "32",
-                                              "--batch-size", "8", "--steps", "1", "--repeats", "1"], tmp_path, capsys)
+    record, _, body = run_script(
+        "pipeline",
+        [
+            "--backbone",
+            "small_cnn",
+            "--images",
+            "32",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+        ],
+        tmp_path,
+        capsys,
+    )
     rows = record["rows"]
     assert len(rows) == len(body) == 8
     for row, line in zip(rows, body):
@@ -43,16 +60,19 @@ def test_pipeline_rows_match_its_table(tmp_path, capsys):
         assert row["value"] > 0 or row["unit"] == "%"  # a cost may be negative (noise)
     result = record["result"]
     assert result["backend"] == BACKEND and result["images"] == 32
-    assert rows[2]["value"] == pytest.approx(result["pipeline_images_per_second"]
-                                             / result["single_thread_images_per_second"])
+    assert rows[2]["value"] == pytest.approx(
+        result["pipeline_images_per_second"] / result["single_thread_images_per_second"]
+    )
 
 
 def test_export_all_rows_match_its_table_and_its_parity_figure_repeats(tmp_path, capsys):
     argv = ["--backbones", "small_cnn"]
     first, _, body = run_script("export_all", argv, tmp_path, capsys)
     (row,) = first["rows"]
-    line = (f"| small_cnn | 64 | {row['build_seconds']:.1f} | {row['export_seconds']:.1f} "
-            f"| {row['megabytes']:.1f} | {row['max_relative_difference']:.1e} |")
+    line = (
+        f"| small_cnn | 64 | {row['build_seconds']:.1f} | {row['export_seconds']:.1f} "
+        f"| {row['megabytes']:.1f} | {row['max_relative_difference']:.1e} |"
+    )
     assert body == [line]
     assert row["backend"] == BACKEND and 0 <= row["max_relative_difference"] <= 1e-4
     # seeded weights and seeded parity pixels (kbench.export.PARITY_SEED): the same figure every run
@@ -62,8 +82,9 @@ def test_export_all_rows_match_its_table_and_its_parity_figure_repeats(tmp_path,
 
 
 def test_latency_check_rows_and_ratios(tmp_path, capsys):
-    record, printed, body = run_script("latency_check", ["--backbone", "small_cnn", "--runs", "3", "--warmup", "1"],
-                                       tmp_path, capsys)
+    record, printed, body = run_script(
+        "latency_check", ["--backbone", "small_cnn", "--runs", "3", "--warmup", "1"], tmp_path, capsys
+    )
     runtimes = [row["runtime"] for row in record["rows"]]
     assert runtimes == ["keras-predict", "keras-compiled", "onnxruntime-cpu", "bare session.run loop"]
     assert len(body) == 4 and all(f"| small_cnn | {name} |" in line for name, line in zip(runtimes, body))
@@ -74,8 +95,9 @@ def test_latency_check_rows_and_ratios(tmp_path, capsys):
 
 
 def test_ensemble_head_trains_the_demo_members_and_keeps_its_rows(tmp_path, capsys):
-    record, printed, body = run_script("ensemble_head", ["--images", "40", "--member-epochs", "1",
-                                                         "--head-epochs", "1,2"], tmp_path, capsys)
+    record, printed, body = run_script(
+        "ensemble_head", ["--images", "40", "--member-epochs", "1", "--head-epochs", "1,2"], tmp_path, capsys
+    )
     assert [row["head_epochs"] for row in record["rows"]] == [1, 2]
     assert [line.split(" | ")[0] for line in body] == ["| 1", "| 2"]
     assert [m["name"] for m in record["members"]] == ["small_cnn", "small_cnn_40"]  # the demo's stacked pair
@@ -84,8 +106,12 @@ def test_ensemble_head_trains_the_demo_members_and_keeps_its_rows(tmp_path, caps
 
 
 def test_cpu_backends_rows_match_its_table(tmp_path, capsys):
-    record, _, body = run_script("cpu_backends", ["--backbones", "small_cnn", "--sizes", "32", "--steps", "1",
-                                                  "--settings", BACKEND], tmp_path, capsys)
+    record, _, body = run_script(
+        "cpu_backends",
+        ["--backbones", "small_cnn", "--sizes", "32", "--steps", "1", "--settings", BACKEND],
+        tmp_path,
+        capsys,
+    )
     (row,) = record["rows"]
     assert row["setting"] == BACKEND and row["backend"] == BACKEND and len(row["step_ms"]) == 1
     assert body == [f"| small_cnn | 32 | {row['median_ms']:,.0f} |"]

@@ -2,6 +2,10 @@
 the traceback only under --debug), and nothing half-written."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -26,8 +30,10 @@ def test_latency_of_a_missing_file_says_not_found(tmp_path):
 def test_corrupt_or_empty_onnx_is_one_line(content, kaggle_data, tmp_path):
     model = tmp_path / "broken.onnx"
     model.write_bytes(content)
-    for args in (["latency", str(model), "--runtime", "onnxruntime-cpu", "--runs", "1"],
-                 ["predict", str(model), "--data", kaggle_data["test"], "-o", str(tmp_path / "s.csv")]):
+    for args in (
+        ["latency", str(model), "--runtime", "onnxruntime-cpu", "--runs", "1"],
+        ["predict", str(model), "--data", kaggle_data["test"], "-o", str(tmp_path / "s.csv")],
+    ):
         done = run_cli(*args, "--backend", BACKEND)
         assert done.returncode == 2, done.stderr
         assert str(model) in done.stderr and "Traceback" not in done.stderr
@@ -38,9 +44,11 @@ def test_corrupt_or_empty_onnx_is_one_line(content, kaggle_data, tmp_path):
 def test_output_naming_a_folder_is_refused_before_work(model_file, kaggle_data, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
-    for args in (["export", "onnx", model_file, "-o", str(folder)],
-                 ["predict", model_file, "--data", kaggle_data["test"], "-o", str(folder)],
-                 ["latency", model_file, "--runtime", "keras-predict", "--runs", "1", "-o", str(folder)]):
+    for args in (
+        ["export", "onnx", model_file, "-o", str(folder)],
+        ["predict", model_file, "--data", kaggle_data["test"], "-o", str(folder)],
+        ["latency", model_file, "--runtime", "keras-predict", "--runs", "1", "-o", str(folder)],
+    ):
         done = run_cli(*args, "--backend", BACKEND)
         assert done.returncode == 2 and "is a folder" in done.stderr, (args, done.stderr)
     assert os.listdir(folder) == []
@@ -66,20 +74,24 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(
         "import kbench.report\n"
         "def broken(*args, **kwargs):\n    raise RuntimeError('planted bug')\n"
-        "kbench.report.backbone_text = broken\n")
+        "kbench.report.backbone_text = broken\n"
+    )
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     quiet = run_cli("backbones", env=env)
     assert quiet.returncode == 1
-    assert quiet.stderr.strip() == ("kbench: error: unexpected RuntimeError: planted bug "
-                                    "(run with --debug for the traceback)")
+    assert quiet.stderr.strip() == (
+        "kbench: error: unexpected RuntimeError: planted bug (run with --debug for the traceback)"
+    )
     for loud in (run_cli("--debug", "backbones", env=env), run_cli("backbones", env={**env, "KBENCH_DEBUG": "1"})):
         assert loud.returncode == 1 and "Traceback" in loud.stderr and "planted bug" in loud.stderr
 
 
 def test_ensemble_numbers_and_run_dir_equal_to_a_member_are_refused(tmp_path):
-    for args, message in ((["--epochs", "0"], "--epochs must be a positive whole number"),
-                          (["--lr", "-1"], "--lr must be a positive number"),
-                          (["--tta-passes", "-2"], "--tta-passes must be a whole number >= 0")):
+    for args, message in (
+        (["--epochs", "0"], "--epochs must be a positive whole number"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--tta-passes", "-2"], "--tta-passes must be a whole number >= 0"),
+    ):
         done = run_cli("ensemble", "--members", "a,b", "--run-dir", str(tmp_path / "e"), *args, "--backend", BACKEND)
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "e").exists()
@@ -87,15 +99,73 @@ def test_ensemble_numbers_and_run_dir_equal_to_a_member_are_refused(tmp_path):
 
 def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle_data, tmp_path):
     run_dir = str(tmp_path / "run")
-    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24",
-                   "--epochs", "1", "--val-split", "0", "--run-dir", run_dir, "--quiet", "--backend", BACKEND)
+    done = run_cli(
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "1",
+        "--val-split",
+        "0",
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        "--backend",
+        BACKEND,
+    )
     assert done.returncode == 0 and "no validation split" in done.stdout, done.stderr
     onnx = str(tmp_path / "m.onnx")
     done = run_cli("export", "onnx", run_dir, "-o", onnx, "--quantize", "int8", "--backend", BACKEND)
     assert done.returncode == 0, done.stderr
     assert "calibrated on" in done.stdout and "no validation split to compare" in done.stdout
     assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx", "run"]
-    done = run_cli("predict", run_dir, "--data", kaggle_data["test"], "--calibrate", "-o", str(tmp_path / "s.csv"),
-                   "--backend", BACKEND)
+    done = run_cli(
+        "predict",
+        run_dir,
+        "--data",
+        kaggle_data["test"],
+        "--calibrate",
+        "-o",
+        str(tmp_path / "s.csv"),
+        "--backend",
+        BACKEND,
+    )
     assert done.returncode == 2 and "--calibrate needs validation images" in done.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
+    """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9."""
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys; from kbench.export import _die_with_parent\n"
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+                "preexec_fn=_die_with_parent)\n"
+                f"open({str(pid_file)!r}, 'w').write(str(child.pid)); child.wait()"
+            ),
+        ]
+    )
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")

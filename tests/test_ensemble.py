@@ -4,11 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench.ensemble import EnsembleConfig, train_ensemble
 from kbench.errors import KbenchError
 from kbench.export import export_onnx
 from kbench.train import TrainConfig, train
+
+from conftest import BACKEND, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,19 @@ def members(kaggle_data, tmp_path_factory):
     runs = []
     for size in (32, 24):
         run_dir = str(root / f"cnn{size}")
-        train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=5,
-                          image_size=size, lr=2e-3, batch_size=24, val_split=0.2), verbose=0)
+        train(
+            TrainConfig(
+                backbone="small_cnn",
+                data=kaggle_data["train"],
+                run_dir=run_dir,
+                epochs=5,
+                image_size=size,
+                lr=2e-3,
+                batch_size=24,
+                val_split=0.2,
+            ),
+            verbose=0,
+        )
         runs.append(run_dir)
     return runs
 
@@ -30,7 +42,11 @@ def test_stacked_ensemble_trains_on_cached_features_and_reloads(members, tmp_pat
     run_dir = str(tmp_path / "stack")
     result = train_ensemble(EnsembleConfig(members, run_dir, epochs=15, tta_passes=1), verbose=0)
     assert sorted(os.listdir(os.path.join(run_dir, "features"))) == [
-        "cnn24-train-0.npz", "cnn24-train-1.npz", "cnn32-train-0.npz", "cnn32-train-1.npz"]
+        "cnn24-train-0.npz",
+        "cnn24-train-1.npz",
+        "cnn32-train-0.npz",
+        "cnn32-train-1.npz",
+    ]
     assert result["val_accuracy"] >= 0.75 and result["image_size"] == 32
     assert [m["backbone"] for m in result["members"]] == ["small_cnn", "small_cnn"]
     assert result["feature_seconds"] > 0 and result["head_seconds"] > 0
@@ -39,7 +55,9 @@ def test_stacked_ensemble_trains_on_cached_features_and_reloads(members, tmp_pat
 
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), safe_mode=True)
     assert len(model.inputs) == 1 and model.input_shape == (None, 32, 32, 3)
-    assert [w.path.split("/")[0] for w in model.trainable_weights] == ["head_dense_32"] * 2 + ["head_dense_8"] * 2 + ["probability"] * 2
+    assert [w.path.split("/")[0] for w in model.trainable_weights] == ["head_dense_32"] * 2 + ["head_dense_8"] * 2 + [
+        "probability"
+    ] * 2
     pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     first = keras.saving.load_model(os.path.join(members[0], "model.keras"))
     assert not np.allclose(model.predict_on_batch(pixels), first.predict_on_batch(pixels))  # not just a member
@@ -66,10 +84,27 @@ def test_mean_ensemble_averages_member_probabilities(members, tmp_path):
 
 def test_mismatched_members_are_refused(members, kaggle_data, tmp_path):
     other = str(tmp_path / "other_split")
-    train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=other, epochs=1, image_size=24,
-                      val_split=0.2, seed=5), verbose=0)
+    train(
+        TrainConfig(
+            backbone="small_cnn",
+            data=kaggle_data["train"],
+            run_dir=other,
+            epochs=1,
+            image_size=24,
+            val_split=0.2,
+            seed=5,
+        ),
+        verbose=0,
+    )
     with pytest.raises(KbenchError, match="different split"):
         train_ensemble(EnsembleConfig([members[0], other], str(tmp_path / "e")), verbose=0)
-    done = run_cli("ensemble", "--members", f"{members[0]},{tmp_path}/nothing", "--run-dir", str(tmp_path / "e2"),
-                   "--backend", BACKEND)
+    done = run_cli(
+        "ensemble",
+        "--members",
+        f"{members[0]},{tmp_path}/nothing",
+        "--run-dir",
+        str(tmp_path / "e2"),
+        "--backend",
+        BACKEND,
+    )
     assert done.returncode == 2 and "not a finished kbench run" in done.stderr

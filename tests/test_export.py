@@ -6,12 +6,13 @@ import onnx
 import onnxruntime
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench import export as export_module
 from kbench.backbones import build_classifier, build_feature_extractor, get_backbone
 from kbench.errors import KbenchError
 from kbench.export import export_onnx, read_metadata
 from kbench.train import TrainConfig, train
+
+from conftest import BACKEND, run_cli
 
 
 def two_member_ensemble():
@@ -115,8 +116,18 @@ def test_user_model_keeps_its_own_names(tmp_path):
 
 def test_cli_exports_a_run_and_quantizes_it(kaggle_data, tmp_path):
     run_dir = str(tmp_path / "run")
-    train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=2, image_size=32,
-                      lr=2e-3, batch_size=24), verbose=0)
+    train(
+        TrainConfig(
+            backbone="small_cnn",
+            data=kaggle_data["train"],
+            run_dir=run_dir,
+            epochs=2,
+            image_size=32,
+            lr=2e-3,
+            batch_size=24,
+        ),
+        verbose=0,
+    )
     output = str(tmp_path / "out" / "run.onnx")
     done = run_cli("export", "onnx", run_dir, "-o", output, "--quantize", "int8", "--backend", BACKEND)
     assert done.returncode == 0, done.stderr

@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from conftest import BACKEND, REPO
+from kbench.doctor import list_gpus
+
+from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
 
 
 def load_script():
@@ -14,27 +16,60 @@ def load_script():
     return module
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="the GPU script runs under JAX, as on the GPU machine")
-def test_gpu_script_runs_tiny_on_cpu_and_writes_its_table(tmp_path):
-    script = load_script()
-    output = tmp_path / "gpu.md"
-    table = script.main(["--backbones", "small_cnn", "--image-size", "32", "--batch-size", "8", "--steps", "2",
-                         "--latency-runs", "3", "--pipeline-images", "32", "-o", str(output),
-                         "--json", str(tmp_path / "gpu_bench.json")])
-    assert output.read_text().strip() == table.strip()
-    record = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert record["table"] == table and record["command"].startswith("python benchmarks/gpu_bench.py --backbones")
-    assert len(record["rows"]) == len(table.splitlines()) - 4  # header line, blank, column names, rule
-    lines = table.splitlines()
-    assert lines[0].startswith("Device: cpu")
-    assert "| small_cnn | train images/s (in-memory) | float32 | 8 |" in table
-    assert "| small_cnn | train images/s (pipeline) | float32 | 8 |" in table
-    assert "refused on a CPU" in table
-    assert "| small_cnn | onnxruntime-cuda p50 |  | 1 |" in table or "onnxruntime-cuda p50 | - | 1 |" in table
+def test_gpu_script_runs_tiny_and_writes_markdown_and_json(tmp_path):
+    """The whole script at tiny sizes (the suite's backend trains and times the latency)."""
+    table = load_script().main(
+        [
+            "--backbones",
+            "small_cnn",
+            "--image-size",
+            "32",
+            "--batch-sizes",
+            "8",
+            "--steps",
+            "3",
+            "--latency-runs",
+            "3",
+            "--pipeline-images",
+            "32",
+            "--backends",
+            BACKEND,
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert (tmp_path / "gpu.md").read_text().strip() == table.strip()
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["command"].startswith("python benchmarks/gpu_bench.py --backbones small_cnn --image-size 32")
+    gpus = list_gpus()
+    assert table.startswith(f"Device: {gpus[0]}" if gpus else "Device: CPU only")
+    rows = {row["precision"]: row for row in result["train"]}
+    assert set(rows) == {"float32", "bfloat16"}
+    for precision, row in rows.items():
+        if precision == "bfloat16" and not accelerator():
+            assert row["status"].startswith("refused: --mixed-precision needs a GPU")
+            continue
+        assert row["status"] == "ok" and row["backend"] == BACKEND and row["batch_size"] == 8, row
+        assert row["in_memory_images_per_second"] > 0 and row["pipeline_images_per_second"] > 0
+        assert row["pipeline_share"] == pytest.approx(
+            row["pipeline_images_per_second"] / row["in_memory_images_per_second"]
+        )
+    latency = {(row["runtime"], row["batch_size"]): row for row in result["latency"]}
+    assert set(latency) == {(runtime, batch) for runtime in ("keras-compiled", "onnxruntime-cuda") for batch in (1, 32)}
+    assert all(latency["keras-compiled", batch]["p50_ms"] > 0 for batch in (1, 32))
+    cuda = latency["onnxruntime-cuda", 1]
+    assert cuda["status"] == "ok" if onnxruntime_cuda() else cuda["status"].startswith("unavailable: ")
+    assert [row["threads"] for row in result["pipeline"]][0] == os.cpu_count()
+    assert all(row["images"] == 32 and row["images_per_second"] > 0 for row in result["pipeline"])
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="the GPU script runs under JAX")
-def test_gpu_script_rejects_bad_arguments():
+def test_gpu_script_rejects_bad_arguments(capsys):
     script = load_script()
-    with pytest.raises(SystemExit):
-        script.main(["--steps", "0"])
+    for bad in (
+        ["--steps", "0"],
+        ["--batch-sizes", "0"],
+        ["--pipeline-images", "10", "--batch-sizes", "8"],
+        ["--precisions", "int8"],
+    ):
+        with pytest.raises(SystemExit):
+            script.main(bad)

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench.backbones import build_classifier, get_backbone
 from kbench.latency import COLUMNS, LatencyConfig, iter_latency, time_runs
 from kbench.metrics import latency_stats
+
+from conftest import BACKEND, onnxruntime_cuda, run_cli
 
 
 def test_latency_statistics_from_known_timings():
@@ -31,16 +32,20 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def test_rows_for_every_runtime_with_cuda_unavailable_here(tiny_model, tmp_path):
+def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path):
     config = LatencyConfig([tiny_model], batch_sizes=[1, 2], runs=3, warmup=1, export_dir=str(tmp_path))
     rows = list(iter_latency(config))
     assert [(r["runtime"], r["batch_size"]) for r in rows] == [
-        (runtime, batch) for runtime in ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
-        for batch in (1, 2)]
+        (runtime, batch)
+        for runtime in ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
+        for batch in (1, 2)
+    ]
     for row in rows:
-        if row["runtime"] == "onnxruntime-cuda":
+        if row["runtime"] == "onnxruntime-cuda" and not onnxruntime_cuda():
             assert row["status"].startswith("unavailable: ") and "p50_ms" not in row  # never a quiet CPU run
             continue
+        if row["runtime"] == "onnxruntime-cuda":
+            assert row["device"].startswith("cuda")
         assert row["status"] == "ok" and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
     assert {r["backend"] for r in rows if r["runtime"].startswith("keras")} == {BACKEND}
@@ -49,14 +54,26 @@ def test_rows_for_every_runtime_with_cuda_unavailable_here(tiny_model, tmp_path)
 
 def test_onnx_file_gets_onnx_rows_and_says_why_not_keras(tiny_model, tmp_path):
     list(iter_latency(LatencyConfig([tiny_model], ["onnxruntime-cpu"], [1], 2, 0, export_dir=str(tmp_path))))
-    rows = list(iter_latency(LatencyConfig([str(tmp_path / "tiny.onnx")], ["keras-predict", "onnxruntime-cpu"], [1],
-                                           2, 0)))
+    rows = list(
+        iter_latency(LatencyConfig([str(tmp_path / "tiny.onnx")], ["keras-predict", "onnxruntime-cpu"], [1], 2, 0))
+    )
     assert rows[0]["status"] == "unavailable: MODEL is an ONNX file" and rows[1]["status"] == "ok"
 
 
 def test_cli_formats_round_trip(tiny_model, tmp_path):
-    common = [tiny_model, "--runtime", "onnxruntime-cpu,onnxruntime-cuda", "--batch-size", "1", "--runs", "3",
-              "--warmup", "1", "--backend", BACKEND]
+    common = [
+        tiny_model,
+        "--runtime",
+        "onnxruntime-cpu,onnxruntime-cuda",
+        "--batch-size",
+        "1",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--backend",
+        BACKEND,
+    ]
     done = run_cli("latency", *common, "--format", "json", "-o", str(tmp_path / "rows.json"), cwd=tmp_path)
     assert (tmp_path / "exports" / "tiny.onnx").exists()  # the default export folder, reused below
     assert done.returncode == 0, done.stderr

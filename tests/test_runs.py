@@ -9,17 +9,25 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from kbench import files
 from kbench.errors import KbenchError
 from kbench.runs import CONFIG, METRICS, OWNED, Run, folder_lock
 
+from conftest import REPO
+
 
 def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kbench.runs import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from kbench.runs import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(KbenchError, match=rf"in use by another kbench process \(pid {holder.pid}\)"):
@@ -73,7 +81,7 @@ def test_corrupt_records_are_one_line_errors(tmp_path):
     run = Run(str(tmp_path))
     (tmp_path / CONFIG).write_text("{not json")
     with pytest.raises(KbenchError, match="config.json is corrupt"):
-        run.config
+        _ = run.config
     with pytest.raises(KbenchError, match="not a finished kbench run"):
         Run.open(str(tmp_path))
     with pytest.raises(KbenchError, match="not found"):

@@ -3,9 +3,10 @@ import os
 
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench.report import pareto_front
 from kbench.study import load_config, run_study
+
+from conftest import BACKEND, run_cli
 
 CONFIG = """
 [study]
@@ -60,8 +61,14 @@ clip = 0.01
 def study(kaggle_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     config_path = root / "tiny.toml"
-    config_path.write_text(CONFIG.format(data=kaggle_data["train"], test=kaggle_data["test"],
-                                         answers=kaggle_data["answers"], missing=root / "missing.keras"))
+    config_path.write_text(
+        CONFIG.format(
+            data=kaggle_data["train"],
+            test=kaggle_data["test"],
+            answers=kaggle_data["answers"],
+            missing=root / "missing.keras",
+        )
+    )
     out = str(root / "report")
     results = run_study(load_config(str(config_path)), out, command="test", echo=lambda line: None)
     return str(config_path), out, results
@@ -69,15 +76,31 @@ def study(kaggle_data, tmp_path_factory):
 
 def test_report_has_every_table_with_a_row_per_member(study):
     _, out, results = study
-    for name in ("report.md", "results.csv", "results.json", "submission.csv", "logloss_vs_latency.png",
-                 "epoch_time.png"):
+    for name in (
+        "report.md",
+        "results.csv",
+        "results.json",
+        "submission.csv",
+        "logloss_vs_latency.png",
+        "epoch_time.png",
+    ):
         assert os.path.isfile(os.path.join(out, name)), name
     report = open(os.path.join(out, "report.md")).read()
-    for heading in ("## Time per training epoch", "## Inference time", "## Log loss", "## Ensembles",
-                    "## ONNX Runtime against Keras", "## Submission"):
+    for heading in (
+        "## Time per training epoch",
+        "## Inference time",
+        "## Log loss",
+        "## Ensembles",
+        "## ONNX Runtime against Keras",
+        "## Submission",
+    ):
         assert heading in report
-    for member in ("small_cnn", "small_cnn_24", "broken", "pair", "needs-broken"):
+    for member in ("small_cnn", "small_cnn_24", "pair"):  # names link to their folders
+        kind = "ensembles" if member == "pair" else "runs"
+        assert f"| [{member}]({kind}/{member}/) |" in report
+    for member in ("broken", "needs-broken"):  # failed before a folder was made: plain names
         assert f"| {member} |" in report
+    assert "val_loss_by_epoch.png" in os.listdir(out) and "On the front: " in report
     assert sorted(os.listdir(os.path.join(out, "onnx"))) == ["pair.onnx", "small_cnn.onnx", "small_cnn_24.onnx"]
     assert "test_log_loss" in results["submission"]
     rows = open(os.path.join(out, "results.csv")).read().splitlines()
@@ -123,8 +146,13 @@ def test_demo_command_runs_the_demo_config_end_to_end(tmp_path):
     assert sorted(os.listdir(out / "data")) == ["answers.csv", "test.zip", "train.zip"]
     assert "submission (" in done.stdout and "test log loss" in done.stdout
     results = json.loads((out / "results.json").read_text())
-    assert [row["name"] for row in results["rows"]] == ["small_cnn", "small_cnn_40", "mobilenet_v2",
-                                                        "small_cnn+small_cnn_40", "mean-of-three"]
+    assert [row["name"] for row in results["rows"]] == [
+        "small_cnn",
+        "small_cnn_40",
+        "mobilenet_v2",
+        "small_cnn+small_cnn_40",
+        "mean-of-three",
+    ]
     assert all(row["status"] == "ok" for row in results["rows"])
 
 
@@ -152,13 +180,15 @@ backbone = "small_cnn"
         (("epochs = 1", "epoch = 1"), "[train]: unknown key 'epoch'; did you mean 'epochs'?"),
         (("epochs = 1", "batch_sise = 8"), "unknown key 'batch_sise'; did you mean 'batch_size'?"),
         (("[train]", "[trian]"), "unknown key 'trian'; did you mean 'train'?"),
-        (("epochs = 1", "epochs = \"ten\""), "epochs = 'ten' is not a valid int"),
+        (("epochs = 1", 'epochs = "ten"'), "epochs = 'ten' is not a valid int"),
         (("epochs = 1", "lr = -1.0"), "--lr must be a positive number"),
         (('backbone = "small_cnn"', 'backbone = "resnet9"'), "unknown backbone 'resnet9'"),
         (('data = "{data}"', 'data = "missing.zip"'), "training data not found"),
         (("[[backbones]]", "[latency]\nrunz = 3\n[[backbones]]"), "[latency]: unknown key 'runz'"),
-        (("[[backbones]]", "[[ensembles]]\nname = \"e\"\nmembers = [\"small_cnn\", \"x\"]\n[[backbones]]"),
-         "names unknown members x"),
+        (
+            ("[[backbones]]", '[[ensembles]]\nname = "e"\nmembers = ["small_cnn", "x"]\n[[backbones]]'),
+            "names unknown members x",
+        ),
     ],
 )
 def test_study_config_is_strict_and_checked_at_load(edit, message, kaggle_data, tmp_path):
@@ -172,8 +202,9 @@ def test_study_config_is_strict_and_checked_at_load(edit, message, kaggle_data, 
 def test_missing_test_data_and_impossible_devices_are_found_before_training(kaggle_data, tmp_path):
     path = _write(tmp_path, MINIMAL, data=kaggle_data["train"])
     out = str(tmp_path / "out")
-    done = run_cli("bench", "--config", path, "--test-data", str(tmp_path / "test.zip"), "--out", out,
-                   "--backend", BACKEND)
+    done = run_cli(
+        "bench", "--config", path, "--test-data", str(tmp_path / "test.zip"), "--out", out, "--backend", BACKEND
+    )
     assert done.returncode == 2 and "test data not found" in done.stderr and "--test-data ''" in done.stderr
     done = run_cli("bench", "--config", path, "--devices", "64", "--out", out, "--backend", BACKEND)
     assert done.returncode == 2 and "--devices 64: only" in done.stderr

@@ -6,18 +6,30 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import BACKEND, run_cli
 from kbench.errors import KbenchError
 from kbench.submission import apply_temperature, fit_temperature, predict_test_set, score_submission
 from kbench.synthetic import encode_jpeg, make_image
 from kbench.train import TrainConfig, train
 
+from conftest import BACKEND, run_cli
+
 
 @pytest.fixture(scope="module")
 def run(kaggle_data, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("sub") / "run")
-    train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=6, image_size=32,
-                      lr=2e-3, batch_size=24, val_split=0.2), verbose=0)
+    train(
+        TrainConfig(
+            backbone="small_cnn",
+            data=kaggle_data["train"],
+            run_dir=run_dir,
+            epochs=6,
+            image_size=32,
+            lr=2e-3,
+            batch_size=24,
+            val_split=0.2,
+        ),
+        verbose=0,
+    )
     return run_dir
 
 
@@ -107,19 +119,22 @@ def test_scorer_matches_hand_computed_log_loss(tmp_path):
     assert result["accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("header, rows, message", [
-    (["id", "prob"], [(1, 0.5), (2, 0.5), (10, 0.5)], "no 'label' column"),
-    (["id", "label"], [(1, 0.5), (2, 0.5)], "has 2 rows; the answers have 3"),
-    (["id", "label"], [(1, 0.5), (1, 0.5), (10, 0.5)], "repeats ids: 1"),
-    (["id", "label"], [(1, 0.5), (3, 0.5), (10, 0.5)], "lacks ids present in the answers: 2"),
-    (["id", "label"], [(1, "nan"), (2, 0.5), (10, 0.5)], "id 1: label is NaN"),
-    (["id", "label"], [(1, 1.5), (2, 0.5), (10, 0.5)], "outside [0, 1]"),
-    (["id", "label"], [(1, "inf"), (2, 0.5), (10, 0.5)], "id 1: label inf is outside [0, 1]"),
-    (["id", "label"], [(1, "-inf"), (2, 0.5), (10, 0.5)], "id 1: label -inf is outside [0, 1]"),
-    (["id", "label"], [(1, 0.5), ("01", 0.5), (10, 0.5)], "repeats ids: 1 = 01"),
-    (["id", "label"], [(1, "dog"), (2, 0.5), (10, 0.5)], "id 1: label 'dog' is not a number"),
-    (["id", "label"], [(1, ""), (2, 0.5), (10, 0.5)], "id 1: label '' is not a number"),
-])
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        (["id", "prob"], [(1, 0.5), (2, 0.5), (10, 0.5)], "no 'label' column"),
+        (["id", "label"], [(1, 0.5), (2, 0.5)], "has 2 rows; the answers have 3"),
+        (["id", "label"], [(1, 0.5), (1, 0.5), (10, 0.5)], "repeats ids: 1"),
+        (["id", "label"], [(1, 0.5), (3, 0.5), (10, 0.5)], "lacks ids present in the answers: 2"),
+        (["id", "label"], [(1, "nan"), (2, 0.5), (10, 0.5)], "id 1: label is NaN"),
+        (["id", "label"], [(1, 1.5), (2, 0.5), (10, 0.5)], "outside [0, 1]"),
+        (["id", "label"], [(1, "inf"), (2, 0.5), (10, 0.5)], "id 1: label inf is outside [0, 1]"),
+        (["id", "label"], [(1, "-inf"), (2, 0.5), (10, 0.5)], "id 1: label -inf is outside [0, 1]"),
+        (["id", "label"], [(1, 0.5), ("01", 0.5), (10, 0.5)], "repeats ids: 1 = 01"),
+        (["id", "label"], [(1, "dog"), (2, 0.5), (10, 0.5)], "id 1: label 'dog' is not a number"),
+        (["id", "label"], [(1, ""), (2, 0.5), (10, 0.5)], "id 1: label '' is not a number"),
+    ],
+)
 def test_scorer_rejects_invalid_submissions(tmp_path, header, rows, message):
     answers = write_csv(tmp_path / "answers.csv", ["id", "label"], [(1, 1), (2, 0), (10, 1)])
     submission = write_csv(tmp_path / "s.csv", header, rows)
@@ -130,8 +145,9 @@ def test_scorer_rejects_invalid_submissions(tmp_path, header, rows, message):
 
 
 def test_predict_command_calibrates_on_the_validation_split(run, test_folder, tmp_path):
-    done = run_cli("predict", run, "--data", test_folder, "-o", str(tmp_path / "s.csv"), "--calibrate",
-                   "--backend", BACKEND)
+    done = run_cli(
+        "predict", run, "--data", test_folder, "-o", str(tmp_path / "s.csv"), "--calibrate", "--backend", BACKEND
+    )
     assert done.returncode == 0, done.stderr
     assert "calibration: temperature" in done.stdout and "validation log loss" in done.stdout
     assert "12 of 14 images predicted, 2 unreadable" in done.stdout
@@ -155,19 +171,22 @@ def test_scorer_accepts_what_the_grader_accepts(tmp_path):
     assert done.returncode == 0 and "accuracy 1.0000 (3 rows)" in done.stdout, done.stderr
 
 
-@pytest.mark.parametrize("text, message", [
-    ("id,label\n1,1\n2,0.7\n", r"answers .*: id 2: label '0.7' is not 0 or 1"),
-    ("id,label\n1,1\n2,dog\n", r"answers .*: id 2: label 'dog' is not 0 or 1"),
-    ("id,label\n1,1\n2,nan\n", r"answers .*: id 2: label 'nan' is not 0 or 1"),
-    ("id,label\n1,1\n2,\n", r"answers .*: id 2: label '' is not 0 or 1"),
-    ("id,label\n", r"answers .* has no rows"),
-    ("", r"answers .* has no 'id' column \(columns: none\)"),
-    ("id,prob\n1,1\n2,0\n", r"answers .* has no 'label' column \(columns: id, prob\)"),
-    ("image,label\n1,1\n2,0\n", r"answers .* has no 'id' column \(columns: image, label\)"),
-    ("id,label\n1,1\n01,0\n", r"answers .* repeats id 01"),
-    ("id,label\n1,1\n,0\n", r"answers .*: a row has an empty id"),
-    (b"id,label\n1,1\n2,0 \xe9t\xe9\n", r"answers .* is not UTF-8 text \(line 3\)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("id,label\n1,1\n2,0.7\n", r"answers .*: id 2: label '0.7' is not 0 or 1"),
+        ("id,label\n1,1\n2,dog\n", r"answers .*: id 2: label 'dog' is not 0 or 1"),
+        ("id,label\n1,1\n2,nan\n", r"answers .*: id 2: label 'nan' is not 0 or 1"),
+        ("id,label\n1,1\n2,\n", r"answers .*: id 2: label '' is not 0 or 1"),
+        ("id,label\n", r"answers .* has no rows"),
+        ("", r"answers .* has no 'id' column \(columns: none\)"),
+        ("id,prob\n1,1\n2,0\n", r"answers .* has no 'label' column \(columns: id, prob\)"),
+        ("image,label\n1,1\n2,0\n", r"answers .* has no 'id' column \(columns: image, label\)"),
+        ("id,label\n1,1\n01,0\n", r"answers .* repeats id 01"),
+        ("id,label\n1,1\n,0\n", r"answers .*: a row has an empty id"),
+        (b"id,label\n1,1\n2,0 \xe9t\xe9\n", r"answers .* is not UTF-8 text \(line 3\)"),
+    ],
+)
 def test_scorer_refuses_malformed_answers(tmp_path, text, message):
     answers = tmp_path / "answers.csv"
     answers.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -186,19 +205,27 @@ def test_scorer_refuses_a_submission_that_is_not_utf8_through_the_cli(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("kbench: error: submission ")
     bad_answers = write_text(tmp_path / "bad.csv", "id,label\n1,1\n2,0.7\n")
-    done = run_cli("score", write_csv(tmp_path / "ok.csv", ["id", "label"], [(1, 0.6), (2, 0.4)]), "--answers", bad_answers)
+    done = run_cli(
+        "score", write_csv(tmp_path / "ok.csv", ["id", "label"], [(1, 0.6), (2, 0.4)]), "--answers", bad_answers
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and lines == [f"kbench: error: answers {bad_answers}: id 2: label '0.7' is not 0 or 1"]
 
 
-@pytest.mark.parametrize("names, message", [
-    (["1.jpg", "1.png", "2.jpg"], r"1.jpg and 1.png have the same id '1'"),
-    (["007.jpg", "7.jpg", "8.jpg"], r"007.jpg and 7.jpg have the same id '7'"),
-    (["test/7.jpg", "test/07.jpg"], r"test/07.jpg and test/7.jpg have the same id '7'"),
-    (["a/2.jpg", "b/2.jpg", "b/3.jpg"], r"a/2.jpg and b/2.jpg have the same id '2'"),
-    (["cats/1.jpg", "cats/2.jpg", "dogs/3.jpg"], r"test images in 2 folders \(cats/, dogs/\); a test set is one folder"),
-    (["1.jpg", "extra/2.jpg"], r"test images in 2 folders \(\./, extra/\)"),
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["1.jpg", "1.png", "2.jpg"], r"1.jpg and 1.png have the same id '1'"),
+        (["007.jpg", "7.jpg", "8.jpg"], r"007.jpg and 7.jpg have the same id '7'"),
+        (["test/7.jpg", "test/07.jpg"], r"test/07.jpg and test/7.jpg have the same id '7'"),
+        (["a/2.jpg", "b/2.jpg", "b/3.jpg"], r"a/2.jpg and b/2.jpg have the same id '2'"),
+        (
+            ["cats/1.jpg", "cats/2.jpg", "dogs/3.jpg"],
+            r"test images in 2 folders \(cats/, dogs/\); a test set is one folder",
+        ),
+        (["1.jpg", "extra/2.jpg"], r"test images in 2 folders \(\./, extra/\)"),
+    ],
+)
 def test_clashing_ids_are_refused_before_the_model_is_loaded(tmp_path, names, message):
     data = tmp_path / "data"
     for name in names:
@@ -221,7 +248,8 @@ def test_predict_command_refuses_duplicate_ids_in_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     # the last line (the CLI may print its progress label first): one line that names the clash
     assert done.stderr.strip().splitlines()[-1] == (
-        f"kbench: error: {data}: test/2.jpeg and test/2.jpg have the same id '2'; a submission needs one row per id")
+        f"kbench: error: {data}: test/2.jpeg and test/2.jpg have the same id '2'; a submission needs one row per id"
+    )
     assert not output.exists() and sorted(os.listdir(tmp_path)) == ["test.zip"]
 
 

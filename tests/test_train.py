@@ -9,10 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import BACKEND, REPO, run_cli
 from kbench.backbones import build_classifier, get_backbone
 from kbench.errors import KbenchError
 from kbench.train import TrainConfig, train
+
+from conftest import BACKEND, REPO, run_cli
 
 OTHER_BACKEND = {"jax": "tensorflow", "tensorflow": "jax"}[BACKEND]
 
@@ -20,8 +21,17 @@ OTHER_BACKEND = {"jax": "tensorflow", "tensorflow": "jax"}[BACKEND]
 @pytest.fixture(scope="module")
 def trained_run(kaggle_data, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run") / "small_cnn")
-    config = TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=10,
-                         batch_size=24, image_size=32, lr=2e-3, val_split=0.2, seed=0)
+    config = TrainConfig(
+        backbone="small_cnn",
+        data=kaggle_data["train"],
+        run_dir=run_dir,
+        epochs=10,
+        batch_size=24,
+        image_size=32,
+        lr=2e-3,
+        val_split=0.2,
+        seed=0,
+    )
     return run_dir, train(config, verbose=0)
 
 
@@ -34,10 +44,28 @@ def test_small_cnn_learns_the_generated_set(trained_run):
 
 def test_run_folder_records_everything(trained_run, kaggle_data):
     run_dir, result = trained_run
-    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras", "split.json"]
+    assert sorted(os.listdir(run_dir)) == [
+        "config.json",
+        "curves.png",
+        "history.csv",
+        "metrics.json",
+        "model.keras",
+        "split.json",
+    ]
     saved = json.load(open(os.path.join(run_dir, "metrics.json")))
-    for key in ("backbone", "backend", "devices", "image_size", "batch_size", "epochs", "params", "epoch_seconds",
-                "train_images_per_second", "val_log_loss", "val_accuracy"):
+    for key in (
+        "backbone",
+        "backend",
+        "devices",
+        "image_size",
+        "batch_size",
+        "epochs",
+        "params",
+        "epoch_seconds",
+        "train_images_per_second",
+        "val_log_loss",
+        "val_accuracy",
+    ):
         assert key in saved, key
     assert saved["backend"] == BACKEND and saved["image_size"] == 32 and len(saved["epoch_seconds"]) == 10
     assert saved["train_images"] == 192 and saved["val_images"] == 48 and saved["classes"] == ["cat", "dog"]
@@ -78,9 +106,19 @@ def test_model_trained_here_predicts_the_same_under_the_other_backend(trained_ru
         "import sys, numpy as np, keras; m = keras.saving.load_model(sys.argv[1], safe_mode=True); "
         "np.save(sys.argv[3], np.asarray(m.predict_on_batch(np.load(sys.argv[2])))); print(keras.backend.backend())"
     )
-    done = subprocess.run([sys.executable, "-c", script, os.path.join(run_dir, "model.keras"),
-                           str(tmp_path / "pixels.npy"), str(tmp_path / "there.npy")],
-                          env={**os.environ, "KERAS_BACKEND": OTHER_BACKEND}, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            os.path.join(run_dir, "model.keras"),
+            str(tmp_path / "pixels.npy"),
+            str(tmp_path / "there.npy"),
+        ],
+        env={**os.environ, "KERAS_BACKEND": OTHER_BACKEND},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == OTHER_BACKEND
     assert np.allclose(np.load(tmp_path / "there.npy"), here, atol=1e-5)
@@ -88,9 +126,28 @@ def test_model_trained_here_predicts_the_same_under_the_other_backend(trained_ru
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(kaggle_data, tmp_path):
     run_dir = str(tmp_path / "run")
-    command = [sys.executable, os.path.join(REPO, "cli.py"), "train", "--backbone", "small_cnn", "--data",
-               kaggle_data["train"], "--image-size", "24", "--epochs", "40", "--batch-size", "16", "--lr", "3e-3",
-               "--run-dir", run_dir, "--quiet", "--backend", BACKEND]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "cli.py"),
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        "--backend",
+        BACKEND,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not os.path.exists(os.path.join(run_dir, "checkpoint.json")) and time.time() < deadline:
@@ -103,8 +160,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(kaggle_data, tmp_path):
     done_before = json.load(open(os.path.join(run_dir, "checkpoint.json")))["epochs_done"]
     assert 1 <= done_before < 40
 
-    resumed = run_cli("train", "--run-dir", run_dir, "--resume", "--epochs", str(done_before + 2), "--quiet",
-                      "--backend", BACKEND)
+    resumed = run_cli(
+        "train", "--run-dir", run_dir, "--resume", "--epochs", str(done_before + 2), "--quiet", "--backend", BACKEND
+    )
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert metrics["epochs"] == done_before + 2 and len(metrics["epoch_seconds"]) == done_before + 2
@@ -151,8 +209,18 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     ],
 )
 def test_impossible_numbers_are_refused_before_any_work(args, message, kaggle_data, tmp_path):
-    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--run-dir",
-                   str(tmp_path / "run"), "--backend", BACKEND, *args)
+    done = run_cli(
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--backend",
+        BACKEND,
+        *args,
+    )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
@@ -161,8 +229,9 @@ def test_impossible_numbers_are_refused_before_any_work(args, message, kaggle_da
 def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    config = TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24,
-                         epochs=3, lr=2e-3).resolved()
+    config = TrainConfig(
+        backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24, epochs=3, lr=2e-3
+    ).resolved()
     (run_dir / "config.json").write_text(json.dumps(config.record()))
     from kbench.train import resume_config
 
@@ -182,8 +251,16 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(kaggle_data, tmp_path,
     from kbench.train import resume_config
 
     def config(name):
-        return TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(tmp_path / name), epochs=3,
-                           batch_size=24, image_size=24, lr=2e-3, val_split=0.2)
+        return TrainConfig(
+            backbone="small_cnn",
+            data=kaggle_data["train"],
+            run_dir=str(tmp_path / name),
+            epochs=3,
+            batch_size=24,
+            image_size=24,
+            lr=2e-3,
+            val_split=0.2,
+        )
 
     whole = train(config("whole"), verbose=0)
     save = Run.save_checkpoint
@@ -206,8 +283,24 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(kaggle_data, tmp_path,
 
 
 def test_diverging_loss_stops_with_one_line(kaggle_data, tmp_path):
-    done = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24",
-                   "--epochs", "2", "--lr", "1e30", "--run-dir", str(tmp_path / "run"), "--quiet", "--backend", BACKEND)
+    done = run_cli(
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e30",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--backend",
+        BACKEND,
+    )
     assert done.returncode == 2, done.stderr
     assert "training diverged" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -215,16 +308,40 @@ def test_diverging_loss_stops_with_one_line(kaggle_data, tmp_path):
 
 def test_second_process_on_the_same_run_dir_exits_2_at_once(kaggle_data, tmp_path):
     run_dir = str(tmp_path / "run")
-    command = [sys.executable, os.path.join(REPO, "cli.py"), "train", "--backbone", "small_cnn", "--data",
-               kaggle_data["train"], "--image-size", "24", "--epochs", "40", "--run-dir", run_dir, "--quiet",
-               "--backend", BACKEND]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "cli.py"),
+        "train",
+        "--backbone",
+        "small_cnn",
+        "--data",
+        kaggle_data["train"],
+        "--image-size",
+        "24",
+        "--epochs",
+        "40",
+        "--run-dir",
+        run_dir,
+        "--quiet",
+        "--backend",
+        BACKEND,
+    ]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while not os.path.exists(os.path.join(run_dir, "config.json")) and time.time() < deadline:
             time.sleep(0.2)
-        second = run_cli("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--run-dir", run_dir,
-                         "--backend", BACKEND)
+        second = run_cli(
+            "train",
+            "--backbone",
+            "small_cnn",
+            "--data",
+            kaggle_data["train"],
+            "--run-dir",
+            run_dir,
+            "--backend",
+            BACKEND,
+        )
         assert second.returncode == 2 and "in use by another kbench process" in second.stderr, second.stderr
     finally:
         first.kill()
@@ -247,8 +364,10 @@ def test_corrupt_checkpoint_is_one_line(kaggle_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Run, "save_checkpoint", save_then_stop)
     with pytest.raises(TrainingInterrupted):
-        train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24,
-                          epochs=3), verbose=0)
+        train(
+            TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24, epochs=3),
+            verbose=0,
+        )
     monkeypatch.undo()
     (run_dir / "checkpoint.keras").write_bytes(b"not a zip")
     done = run_cli("train", "--run-dir", str(run_dir), "--resume", "--backend", BACKEND)

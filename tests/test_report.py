@@ -1,0 +1,251 @@
+"""What a reader sees: training curves, one-row-per-model timing tables, the Pareto front in words,
+links to run folders, and `kbench compare` on runs trained outside a study."""
+
+import csv
+import json
+import os
+import re
+import struct
+
+import pytest
+
+from kbench.errors import KbenchError
+from kbench.report import flat_rows, markdown_report, study_summary, write_curves, write_report
+
+from conftest import run_cli
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's header; fails on anything that isn't a PNG."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def history(epochs: int, lr: bool = False) -> list[dict]:
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row = {
+            "epoch": float(epoch),
+            "epoch_seconds": 1.0,
+            "loss": 0.7 / epoch,
+            "accuracy": 0.5 + 0.04 * epoch,
+            "val_loss": 0.75 / epoch**0.5,
+            "val_accuracy": 0.5 + 0.03 * epoch,
+        }
+        if lr:
+            row.update(lr=1e-3 if epoch <= 2 else 1e-4, phase="head" if epoch <= 2 else "fine-tune")
+        rows.append(row)
+    return rows
+
+
+def test_curves_are_a_png_with_a_learning_rate_panel_when_recorded(tmp_path):
+    plain, scheduled = str(tmp_path / "plain.png"), str(tmp_path / "scheduled.png")
+    assert write_curves(history(5), plain, "small_cnn: a") == plain
+    assert write_curves(history(5, lr=True), scheduled) == scheduled
+    (width, height), (_, height_lr) = png_size(plain), png_size(scheduled)
+    assert width > 400 and height > 300
+    assert height_lr > height * 1.3  # a third panel: the learning rate
+    assert write_curves([], str(tmp_path / "none.png")) is None and not (tmp_path / "none.png").exists()
+    assert sorted(os.listdir(tmp_path)) == ["plain.png", "scheduled.png"]  # no temporary left behind
+
+
+def timing(runtime: str, batch: int, p50, status="ok") -> dict:
+    return {
+        "runtime": runtime,
+        "backend": "jax",
+        "device": "cpu",
+        "batch_size": batch,
+        "runs": 3,
+        "warmup": 1,
+        "p50_ms": p50,
+        "p90_ms": None if p50 is None else p50 * 1.2,
+        "images_per_second": None if p50 is None else 1000 * batch / p50,
+        "status": status,
+    }
+
+
+def study_results(tmp_path) -> tuple[dict, str]:
+    """Three models (a fast and worse, b slower and better, c slow and worse): the front is a, b."""
+    out = tmp_path / "report"
+    rows = []
+    for name, ms, loss in (("a", 1.0, 0.5), ("b", 2.0, 0.3), ("c", 3.0, 0.4)):
+        folder = out / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text("{}")
+        write_curves(history(3), str(folder / "curves.png"))
+        with open(folder / "history.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(history(3)[0]))
+            writer.writeheader()
+            writer.writerows(history(3))
+        latency = [
+            timing(runtime, batch, ms * batch * factor)
+            for runtime, factor in (("keras-compiled", 3.0), ("onnxruntime-cpu", 1.0))
+            for batch in (1, 8)
+        ]
+        latency += [timing("onnxruntime-cuda", batch, None, "unavailable: no CUDA provider") for batch in (1, 8)]
+        rows.append(
+            {
+                "name": name,
+                "kind": "backbone",
+                "backbone": "small_cnn",
+                "status": "ok",
+                "params": 10,
+                "epoch_seconds": [2.0, 1.0, 1.0],
+                "val_log_loss": loss,
+                "val_accuracy": 0.9,
+                "latency": latency,
+                "folder": os.path.join("runs", name),
+            }
+        )
+    rows.append(
+        {
+            "name": "broken",
+            "kind": "backbone",
+            "backbone": "small_cnn",
+            "status": "failed: bad weights",
+            "folder": os.path.join("runs", "broken"),
+        }
+    )  # never created
+    return {"name": "t", "backend": "jax", "command": "test", "rows": rows}, str(out)
+
+
+def section(report: str, heading: str) -> str:
+    return report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_report_has_a_wide_timing_table_links_and_the_front_in_words(tmp_path):
+    results, out = study_results(tmp_path)
+    paths = write_report(results, out)
+    report = open(paths["report"]).read()
+    inference = section(report, "Inference time")
+    header = [line for line in inference.splitlines() if line.startswith("| name")]
+    assert header == [
+        "| name | keras-compiled b1 | keras-compiled b8 | onnxruntime-cpu b1 | onnxruntime-cpu b8 | "
+        "onnxruntime-cuda b1 | onnxruntime-cuda b8 |"
+    ]
+    assert "| [b](runs/b/) | 6 | 48 | 2 | 16 | - | - |" in inference  # one row per model, p50 ms
+    assert "| broken | - |" in inference  # no folder: no link
+    assert "onnxruntime-cuda (a, b, c): unavailable: no CUDA provider" in inference
+    assert "- broken: not timed" in inference and "p90" in inference  # p90 only in the pointer to latency.csv
+    with open(paths["latency"]) as handle:
+        long = list(csv.DictReader(handle))
+    assert len(long) == 18 and {row["model"] for row in long} == {"a", "b", "c"}
+    assert {"p50_ms", "p90_ms", "images_per_second", "status"} <= set(long[0])
+    with open(paths["csv"]) as handle:
+        assert len(list(csv.DictReader(handle))) == 4  # results.csv: still one row per model
+    assert "On the front: a, b (" in section(report, "Quality against serving cost")
+    assert "On the front: a, b (" in study_summary(results, out)
+    for target in re.findall(r"\]\(([^)]+)\)", report):  # every relative link resolves
+        assert os.path.exists(os.path.join(out, target)), target
+    assert "[curves](runs/a/curves.png)" in section(report, "Log loss")
+    for name in ("logloss_vs_latency.png", "epoch_time.png", "val_loss_by_epoch.png"):
+        assert png_size(os.path.join(out, name))[0] > 300 and f"]({name})" in report
+
+
+def test_without_a_folder_the_report_has_plain_names_and_no_front_without_timings(tmp_path):
+    results, _ = study_results(tmp_path)
+    for row in results["rows"]:
+        row["latency"] = []
+    report = markdown_report(results, flat_rows(results))
+    assert "| a |" in report and "](runs/" not in report
+    assert "On the front" not in report and "No model was timed." in report
+
+
+@pytest.fixture(scope="module")
+def two_runs(kaggle_data, tmp_path_factory):
+    """Two small_cnn runs trained by hand (no study); the first one timed, as a study leaves it."""
+    from kbench.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for name, seed in (("first", 0), ("second", 1)):
+        run_dir = str(root / name)
+        train(
+            TrainConfig(
+                backbone="small_cnn",
+                data=kaggle_data["train"],
+                run_dir=run_dir,
+                epochs=2,
+                image_size=24,
+                lr=2e-3,
+                val_split=0.2,
+                seed=seed,
+            ),
+            verbose=0,
+        )
+        paths.append(run_dir)
+    rows = [timing("onnxruntime-cpu", 1, 0.25), timing("keras-compiled", 1, 0.9)]
+    with open(os.path.join(paths[0], "latency.json"), "w") as handle:
+        json.dump({"key": {}, "rows": rows}, handle)
+    return root, paths
+
+
+def test_every_run_folder_has_its_curves(two_runs):
+    _, paths = two_runs
+    for path in paths:
+        width, height = png_size(os.path.join(path, "curves.png"))
+        assert width > 400 and height > 300
+
+
+def test_compare_reports_runs_trained_outside_a_study(two_runs, tmp_path):
+    from kbench.compare import compare_runs
+
+    _, (first, second) = two_runs
+    out = str(tmp_path / "compare")
+    results = compare_runs([first, second], out, command="test")
+    assert [row["name"] for row in results["rows"]] == ["first", "second"]
+    assert sorted(os.listdir(out)) == [
+        "epoch_time.png",
+        "latency.csv",
+        "logloss_vs_latency.png",
+        "report.md",
+        "results.csv",
+        "results.json",
+        "val_loss_by_epoch.png",
+    ]
+    report = open(os.path.join(out, "report.md")).read()
+    assert report.startswith("# kbench comparison: 2 run(s)")
+    link = os.path.relpath(first, out)
+    assert f"| [first]({link}/) | 0.25 | 0.9 |" in section(report, "Inference time")
+    assert "- second: not timed" in report and "On the front: first (" in report
+    metrics = json.load(open(os.path.join(second, "metrics.json")))
+    assert f"{metrics['val_log_loss']:.4g}" in section(report, "Log loss")
+    for target in re.findall(r"\]\(([^)]+)\)", report):
+        assert os.path.exists(os.path.join(out, target)), target
+    again = compare_runs([second], out)  # a comparison folder may be rewritten; stale plots go
+    assert len(again["rows"]) == 1 and not os.path.exists(os.path.join(out, "logloss_vs_latency.png"))
+
+
+def test_compare_command_prints_the_tables_and_refuses_bad_input(two_runs, tmp_path):
+    root, (first, second) = two_runs
+    out = str(tmp_path / "cli")
+    done = run_cli("compare", first, second, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "Inference time (p50 ms" in done.stdout and "On the front: first" in done.stdout
+    assert "ONNX files" not in done.stdout and os.path.isfile(os.path.join(out, "report.md"))
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "results.json").write_text(json.dumps({"name": "seed", "rows": []}))
+    for args, message in (
+        ([str(not_a_run)], "is not a finished kbench run (no model.keras)"),
+        ([first, first + "/"], "is given twice"),
+        ([first, "--out", os.path.join(first, "report")], "is inside the run folder"),
+        ([first, "--out", second], "is a run folder"),
+        ([first, "--out", str(study)], "holds a study's report"),
+    ):
+        refused = run_cli("compare", *args)
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
+        assert refused.stderr.count("\n") == 1
+    assert os.listdir(study) == ["results.json"] and "report.md" not in os.listdir(second)  # nothing written
+
+
+def test_compare_library_refuses_nothing_to_compare(tmp_path):
+    from kbench.compare import compare_runs
+
+    with pytest.raises(KbenchError, match="at least one"):
+        compare_runs([], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
