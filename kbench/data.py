@@ -104,9 +104,12 @@ def _unsafe_zip_name(name: str) -> bool:
 def _list_files(path: str) -> list[tuple[str, int]]:
     """(key, size in bytes) of every image file under a folder or in a zip, sorted by key."""
     if os.path.isdir(path):
-        found = []
-        for folder, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        found, seen = [], {os.path.realpath(path)}
+        for folder, dirs, files in os.walk(path, followlinks=True):  # class folders may be symlinks
+            kept = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+            real = {d: os.path.realpath(os.path.join(folder, d)) for d in kept}
+            dirs[:] = [d for d in kept if real[d] not in seen]  # a link back up would loop for ever
+            seen.update(real[d] for d in dirs)
             for name in files:
                 full = os.path.join(folder, name)
                 key = os.path.relpath(full, path).replace(os.sep, "/")

@@ -23,7 +23,7 @@ from kbench.backend import use_backend
 from kbench.config import option, positive
 from kbench.data import LAYOUTS, ImageLoader, find_images, indices_of, predict
 from kbench.errors import KbenchError
-from kbench.runs import Run, data_fingerprint
+from kbench.runs import METRICS, Run, data_fingerprint
 
 METHODS = ("stack", "mean")
 
@@ -57,8 +57,8 @@ class EnsembleConfig:
             positive(self.workers, "--workers", whole=True)
         for name in ("tta_passes", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0; got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0 and < 2**32; got {value}")
         if self.layout not in LAYOUTS:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         return self
@@ -84,6 +84,8 @@ def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
         if os.path.realpath(run_dir) == target:
             raise KbenchError(f"--run-dir {config.run_dir} is one of the members; write the ensemble elsewhere")
         run = Run.open(run_dir)
+        if run.kind != "backbone":
+            raise KbenchError(f"member {run_dir} is an ensemble; members must be training runs (kbench train)")
         run_config, run_metrics, run_split = run.config, run.metrics, run.split
         if split is None:
             split = run_split
@@ -201,7 +203,12 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto", overwrit
     run = Run(config.run_dir)
     with run.lock():
         run.prepare("ensemble", overwrite=overwrite)
-        return _train_locked(run, config, members, split, images, data, train_idx, val_idx, verbose)
+        try:
+            return _train_locked(run, config, members, split, images, data, train_idx, val_idx, verbose)
+        except BaseException:
+            if not run.exists(METRICS):
+                run.clear()  # nothing half-made stays
+            raise
 
 
 def _train_locked(run: Run, config, members, split, images, data, train_idx, val_idx, verbose) -> dict:

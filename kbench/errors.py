@@ -5,6 +5,12 @@ class KbenchError(Exception):
     """A problem with the user's input or environment, reported as one line (exit code 2)."""
 
 
+# A SIGINT/SIGTERM that arrived (signal number), kept even where Python swallowed the KeyboardInterrupt
+# it raised (in a garbage-collection callback, say): training stops at its first batch, and the CLI
+# never reports success after it.
+STOP_REQUESTS: list[int] = []
+
+
 class TrainingInterrupted(KbenchError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint that ``--resume`` continues."""
 

@@ -60,8 +60,12 @@ def run_metadata(model: str) -> dict:
 
 
 def load_model(path: str):
+    import zipfile
+
     import keras
 
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise KbenchError(f"{path} is not a Keras model file (a .keras file is a zip archive)")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:

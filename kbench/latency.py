@@ -66,6 +66,8 @@ class LatencyConfig:
             raise KbenchError(f"--warmup must be a whole number >= 0; got {self.warmup}")
         if self.threads is not None:
             positive(self.threads, "--threads", whole=True)
+        if not self.batch_sizes:
+            raise KbenchError("--batch-size names no batch size")
         if self.weights not in ("none", "imagenet"):
             raise KbenchError(f"--weights must be imagenet or none; got {self.weights!r}")
         return self
@@ -79,6 +81,7 @@ class ModelSource:
     image_size: tuple[int, int]
     members: int = 1
     given: str = ""  # what the user named: a run folder's ONNX file gets its metadata
+    batch_size: int | None = None  # an ONNX file's fixed batch size; None: dynamic
 
 
 def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
@@ -90,7 +93,8 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
         from kbench.runtimes import onnx_session
 
         shape = onnx_session(model, ["CPUExecutionProvider"]).get_inputs()[0].shape
-        return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])))
+        fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])), batch_size=fixed)
     if os.path.exists(model) or model.endswith(".keras") or os.sep in model:
         path = model_file(model)
         _, (height, width, _) = describe_inputs(load_model(path))
@@ -188,9 +192,21 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         }
                     continue
                 for batch in config.batch_sizes:
-                    timings = time_runs(
-                        runtime.run, sample_pixels(batch, source.image_size), config.runs, config.warmup
-                    )
+                    fixed = source.batch_size if runtime.needs == "onnx" else None
+                    if fixed and fixed != batch:  # an ONNX file exported with --batch-size N
+                        why = f"unavailable: the ONNX file takes batches of {fixed} only"
+                        yield {**base, "device": runtime.device, "batch_size": batch, "status": why}
+                        continue
+                    try:
+                        pixels = sample_pixels(batch, source.image_size)
+                        timings = time_runs(runtime.run, pixels, config.runs, config.warmup)
+                    except Exception as error:  # one row fails, the rest are still measured and kept
+                        if isinstance(error, KbenchError):
+                            raise
+                        lines = str(error).strip().splitlines() or [type(error).__name__]
+                        failed = f"failed: {type(error).__name__}: {lines[0][:200]}"
+                        yield {**base, "device": runtime.device, "batch_size": batch, "status": failed}
+                        continue
                     stats = metrics.latency_stats(timings)
                     yield {
                         **base,

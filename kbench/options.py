@@ -15,7 +15,7 @@ import typing
 import click
 
 from kbench.config import default, options_of
-from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
 
 
 class Group(click.Group):
@@ -24,7 +24,11 @@ class Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if STOP_REQUESTS:  # a signal whose KeyboardInterrupt was swallowed on the way: not a success
+                click.echo("kbench: interrupted", err=True)
+                ctx.exit(128 + STOP_REQUESTS[0])
+            return result
         except TrainingInterrupted as stopped:
             click.echo(f"kbench: {stopped}", err=True)
             ctx.exit(128 + stopped.signal_number)
@@ -35,7 +39,7 @@ class Group(click.Group):
             click.echo("kbench: interrupted", err=True)
             if debug():
                 raise
-            ctx.exit(128 + _stopped_by.get("signal", signal.SIGINT))
+            ctx.exit(128 + (STOP_REQUESTS[0] if STOP_REQUESTS else signal.SIGINT))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as error:
@@ -53,12 +57,9 @@ def debug() -> bool:
     return os.environ.get("KBENCH_DEBUG", "") not in ("", "0")
 
 
-_stopped_by: dict = {}
-
-
 def _terminate(signal_number, frame):
     # SIGTERM unwinds like Ctrl-C, so temporary folders and locks are released on the way out.
-    _stopped_by["signal"] = signal_number
+    STOP_REQUESTS.append(signal_number)
     raise KeyboardInterrupt
 
 
@@ -150,6 +151,8 @@ def set_up_process(debug_flag: bool = False, verbose_flag: bool = False) -> None
     set_up(verbose_flag)  # before --backend is read: kbench.backend's defaults must not win
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _terminate)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("kbench: %(levelname)s: %(message)s"))
     logger = logging.getLogger("kbench")

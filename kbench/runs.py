@@ -196,8 +196,10 @@ class Run:
         return os.path.join(self.path, FEATURES, f"{member}-{part}-{epoch}.npz")
 
     def clear(self) -> None:
-        """Remove what kbench wrote here (``--overwrite``); files of others stay."""
-        for name in OWNED:
+        """Remove what kbench wrote here (``--overwrite``); files of others stay (``features/`` is
+        kbench's in ensemble folders only)."""
+        owned = OWNED if self.kind == "ensemble" else tuple(name for name in OWNED if name != FEATURES)
+        for name in owned:
             path = self.file(name)
             if os.path.isdir(path):
                 shutil.rmtree(path)

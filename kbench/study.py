@@ -146,6 +146,8 @@ def load_config(path: str, **overrides) -> StudyConfig:
             if key not in ("data", "test_data", "answers", "backend", "layout"):
                 raise TypeError(f"unknown override {key}")
             setattr(study, key, value)
+    if overrides.get("test_data") == "" and overrides.get("answers") is None:
+        study.answers = ""  # --test-data '' skips the submission, and so its scoring
 
     train = raw.get("train", {})
     check_keys(train, TRAIN_KEYS, f"{path} [train]")
@@ -163,6 +165,9 @@ def load_config(path: str, **overrides) -> StudyConfig:
         backbone = entry.pop("backbone")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise KbenchError(f"{where}: name {name!r} must be a plain folder name")
+        weights = {**train, **entry}.get("weights")
+        if isinstance(weights, str) and weights not in ("none", "imagenet"):
+            entry["weights"] = located(weights)  # a weights file, like the data, is relative to the TOML
         config = from_dict(
             TrainConfig,
             {**train, **entry, **train_overrides},
@@ -395,10 +400,10 @@ def run_study(
 
     config.backend = use_backend(config.backend)
     doctor.warn_if_gpu_unseen(config.backend)
-    prepare_out(config, out_dir, overwrite)
     images = find_images(config.data, layout=config.layout)  # the layout is checked before any training
     fingerprint = data_fingerprint(images)
     check_devices(config)
+    prepare_out(config, out_dir, overwrite)
     with folder_lock(out_dir, what="--out folder"):
         files.remove_stale_temporaries(out_dir)
         return _run_locked(config, out_dir, fingerprint, command, verbose, echo)
@@ -438,7 +443,10 @@ def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: st
             echo(f"ensemble {entry.name}: {entry.config.method} of {len(entry.members)}")
             model_dir = os.path.join(ensembles_dir, entry.name)
             ensemble_config = dataclasses.replace(
-                entry.config, members=[done[m] for m in entry.members], run_dir=model_dir, backend=config.backend
+                entry.config,
+                members=[os.path.abspath(done[m]) for m in entry.members],  # however --out was spelled
+                run_dir=model_dir,
+                backend=config.backend,
             )
 
             def fit(ensemble_config=ensemble_config, backbone=row["backbone"]):

@@ -18,7 +18,7 @@ import numpy as np
 
 from kbench import files, metrics
 from kbench.config import option, positive
-from kbench.data import ImageLoader, ImageSet, find_images
+from kbench.data import KAGGLE_NAME, ImageLoader, ImageSet, find_images
 from kbench.errors import KbenchError
 
 TTA_MODES = ("none", "flip")
@@ -79,6 +79,13 @@ def find_test_images(data: str) -> ImageSet:
             f"{data}: test images in {len(folders)} folders ({shown}); a test set is one folder "
             "of <id>.jpg files (class folders are for training)"
         )
+    ids = [image_id(key) for key in images.keys]
+    numeric = [i for i in ids if i.isdigit()]
+    if numeric and len(numeric) < len(ids):  # Kaggle's ids are numbers: a named file is a stray
+        stray = next(key for key, i in zip(images.keys, ids) if not i.isdigit())
+        raise KbenchError(f"{data}: {stray} has no numeric id, unlike the other test images (1.jpg, 2.jpg, ...)")
+    if not numeric and all(KAGGLE_NAME.fullmatch(os.path.basename(key)) for key in images.keys):
+        raise KbenchError(f"{data} holds labelled training images ({images.keys[0]}); give the test set")
     return images
 
 

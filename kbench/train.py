@@ -23,10 +23,10 @@ from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
-from kbench.devices import count_devices, training_devices
-from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.devices import check_devices, count_devices, training_devices
+from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
 from kbench.report import write_curves
-from kbench.runs import CHECKPOINT, CURVES, Run, data_fingerprint
+from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
 
 log = logging.getLogger("kbench")
 
@@ -81,8 +81,8 @@ class TrainConfig:
                     f"--image-size {self.image_size} is more than {MAX_IMAGE_SIZE} pixels per side, "
                     "larger than any backbone is trained at"
                 )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise KbenchError(f"--seed must be a whole number >= 0; got {self.seed}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise KbenchError(f"--seed must be a whole number >= 0 and < 2**32; got {self.seed}")
         if self.workers is not None:
             positive(self.workers, "--workers", whole=True)
         if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
@@ -109,13 +109,18 @@ class TrainConfig:
         return config
 
     def record(self) -> dict:
-        """What config.json holds."""
-        return {"kind": "backbone", **dataclasses.asdict(self)}
+        """What config.json holds: the options, and the content of a weights file (a study retrains
+        a member whose initial weights changed under the same name)."""
+        record = {"kind": "backbone", **dataclasses.asdict(self)}
+        if self.weights not in (None, "none", "imagenet") and os.path.isfile(self.weights):
+            record["weights_sha256"] = file_hash(self.weights)
+        return record
 
     @classmethod
     def load(cls, run_dir: str) -> "TrainConfig":
         run = Run(run_dir)
         record = dict(run.config)
+        record.pop("weights_sha256", None)
         if record.pop("kind", "backbone") != "backbone":
             raise KbenchError(f"{run_dir} is an ensemble, not a training run")
         return from_dict(cls, record, f"{run.path} (its recorded config)")
@@ -155,16 +160,26 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     run = Run(config.run_dir)
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
+    check_devices(config.devices, config.batch_size, config.mixed_precision)  # before anything is written
     with run.lock():
         state = run.prepare("backbone", overwrite=overwrite, resume=resume)
-        train_idx, val_idx = _split(images, config, run if resume else None)
-        run.write_config(config.record())
-        run.write_split(_split_record(images, config, train_idx, val_idx))
-        import keras
+        if state and config.epochs < len(state["history"]):
+            raise KbenchError(
+                f"--epochs {config.epochs} is fewer than the {len(state['history'])} epochs {run.path} has trained"
+            )
+        try:
+            train_idx, val_idx = _split(images, config, run if resume else None)
+            run.write_config(config.record())
+            run.write_split(_split_record(images, config, train_idx, val_idx))
+            import keras
 
-        keras.utils.set_random_seed(config.seed)
-        with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
-            return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
+            keras.utils.set_random_seed(config.seed)
+            with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
+                return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
+        except BaseException:
+            if not resume and not run.exists(CHECKPOINT_STATE) and not run.exists(METRICS):
+                run.clear()  # failed before its first checkpoint: nothing half-written stays
+            raise
 
 
 def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
@@ -404,6 +419,8 @@ class _StopRequest:
         if threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
+        if STOP_REQUESTS:  # asked before training began (its KeyboardInterrupt may have been swallowed)
+            self.signal = STOP_REQUESTS[0]
         return self
 
     def __exit__(self, *exc):

@@ -169,3 +169,50 @@ def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its killed parent")
+
+
+def test_a_training_set_or_a_stray_name_is_no_test_set(model_file, kaggle_data, tmp_path):
+    done = run_cli(
+        "predict", model_file, "--data", kaggle_data["train"], "-o", str(tmp_path / "s.csv"), "--backend", BACKEND
+    )
+    assert done.returncode == 2 and "holds labelled training images" in done.stderr
+    folder = tmp_path / "test"
+    folder.mkdir()
+    import zipfile
+
+    with zipfile.ZipFile(kaggle_data["test"]) as archive:
+        for name in archive.namelist()[:3]:
+            (folder / os.path.basename(name)).write_bytes(archive.read(name))
+    (folder / "cat.jpg").write_bytes((folder / os.path.basename(archive.namelist()[0])).read_bytes())
+    done = run_cli("predict", model_file, "--data", str(folder), "-o", str(tmp_path / "s.csv"), "--backend", BACKEND)
+    assert done.returncode == 2 and "cat.jpg has no numeric id" in done.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_latency_of_a_fixed_batch_onnx_marks_other_batch_sizes_unavailable(model_file, tmp_path):
+    import json
+
+    onnx = str(tmp_path / "b1.onnx")
+    assert run_cli("export", "onnx", model_file, "-o", onnx, "--batch-size", "1", "--backend", BACKEND).returncode == 0
+    done = run_cli(
+        "latency",
+        onnx,
+        "--runtime",
+        "onnxruntime-cpu",
+        "--batch-size",
+        "1,3",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--format",
+        "json",
+        "--backend",
+        BACKEND,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["batch_size"], r["status"]) for r in rows] == [
+        (1, "ok"),
+        (3, "unavailable: the ONNX file takes batches of 1 only"),
+    ]

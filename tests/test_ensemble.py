@@ -108,3 +108,13 @@ def test_mismatched_members_are_refused(members, kaggle_data, tmp_path):
         BACKEND,
     )
     assert done.returncode == 2 and "not a finished kbench run" in done.stderr
+
+
+def test_an_ensemble_is_no_member_and_a_refusal_leaves_no_folder(members, tmp_path):
+    first = str(tmp_path / "first")
+    train_ensemble(EnsembleConfig(members, first, method="mean"), verbose=0)
+    done = run_cli(
+        "ensemble", "--members", f"{members[0]},{first}", "--run-dir", str(tmp_path / "nested"), "--backend", BACKEND
+    )
+    assert done.returncode == 2 and "is an ensemble; members must be training runs" in done.stderr
+    assert not (tmp_path / "nested").exists()

@@ -206,6 +206,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
         (["--epochs", "0"], "--epochs must be a positive whole number"),
         (["--val-split", "1"], "--val-split must be in [0, 1)"),
         (["--devices", "two"], "--devices must be 'all' or a positive number"),
+        (["--seed", str(2**32)], "--seed must be a whole number >= 0 and < 2**32"),
+        (["--devices", "64"], "--devices 64: only"),
     ],
 )
 def test_impossible_numbers_are_refused_before_any_work(args, message, kaggle_data, tmp_path):
@@ -375,3 +377,26 @@ def test_corrupt_checkpoint_is_one_line(kaggle_data, tmp_path, monkeypatch):
     (run_dir / "checkpoint.json").write_text("{broken")
     done = run_cli("train", "--run-dir", str(run_dir), "--resume", "--backend", BACKEND)
     assert done.returncode == 2 and "checkpoint.json is corrupt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_cannot_shorten_a_run_below_what_it_trained(kaggle_data, tmp_path, monkeypatch):
+    from kbench.errors import TrainingInterrupted
+    from kbench.runs import Run
+
+    original = Run.save_checkpoint
+
+    def stop_after_two(self, model, state):
+        original(self, model, state)
+        if state["epochs_done"] == 2:
+            raise TrainingInterrupted("stopped", signal.SIGTERM)
+
+    monkeypatch.setattr(Run, "save_checkpoint", stop_after_two)
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(TrainingInterrupted):
+        train(
+            TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, image_size=24, epochs=3),
+            verbose=0,
+        )
+    monkeypatch.undo()
+    done = run_cli("train", "--run-dir", run_dir, "--resume", "--epochs", "1", "--backend", BACKEND)
+    assert done.returncode == 2 and "--epochs 1 is fewer than the 2 epochs" in done.stderr, done.stderr
