@@ -51,6 +51,8 @@ def backbones(pattern, output_format):
 @_from(_T, "layout", "epochs", "batch_size", "image_size", "lr", "weights", "augment", "val_split", "seed",
        defaults=False)
 @_from(_T, "run_dir", required=("run_dir",))
+@_from(_T, "head_epochs", "train_bn", "bn_momentum", "schedule", "warmup_epochs", "weight_decay", "label_smoothing",
+       "early_stopping", defaults=False)
 @_from(_T, "freeze_backbone", "cache", "workers", "devices", "mixed_precision", defaults=False)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --run-dir (its own settings).")
 @overwrite_option
