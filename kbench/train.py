@@ -258,6 +258,11 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         if config.early_stopping and progress["best_epoch"] not in (None, model_epoch):
             run.load_best(model)
             model_epoch = progress["best_epoch"]
+        if config.schedule != "constant" or config.warmup_epochs:
+            # kbench's schedule class would make model.keras unreadable by keras.saving.load_model
+            # elsewhere (compile=True): the finished model carries a fresh optimizer at a plain rate
+            plain = dataclasses.replace(config, schedule="constant", warmup_epochs=0, lr=history[-1]["lr"] or config.lr)
+            _compile(model, plain, len(images.classes), steps_per_epoch, 0)
         run.save_model(model)
         result = _evaluate(model, val_loader, binary)
     finally:

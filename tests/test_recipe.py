@@ -161,3 +161,24 @@ def test_resume_cannot_stretch_a_schedule(kaggle_data, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config.record()))
     with pytest.raises(KbenchError, match="laid out over its 3 epochs"):
         resume_config(str(tmp_path), {"epochs": 5})
+
+
+def test_a_scheduled_model_loads_without_kbench(phased_runs):
+    import subprocess
+    import sys
+
+    root, _, _, _ = phased_runs
+    script = "import sys, keras; keras.saving.load_model(sys.argv[1], safe_mode=True); print('ok')"
+    done = subprocess.run([sys.executable, "-c", script, str(root / "whole" / "model.keras")], capture_output=True,
+                          text=True, cwd="/")
+    assert done.stdout.strip() == "ok", done.stderr[-1000:]
+
+
+def test_the_modern_study_carries_the_recipe():
+    from conftest import REPO
+    from kbench.study import load_config
+
+    config = load_config(os.path.join(REPO, "benchmarks", "modern.toml"), data=__file__)
+    member = config.backbones[0]
+    assert member.name == "efficientnet_b0"
+    assert (member.train.head_epochs, member.train.schedule, member.train.early_stopping) == (1, "cosine", 3)
