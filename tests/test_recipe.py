@@ -182,3 +182,13 @@ def test_the_modern_study_carries_the_recipe():
     member = config.backbones[0]
     assert member.name == "efficientnet_b0"
     assert (member.train.head_epochs, member.train.schedule, member.train.early_stopping) == (1, "cosine", 3)
+
+
+def test_label_smoothing_records_the_true_log_loss(kaggle_data, tmp_path):
+    result = train(_config(kaggle_data, tmp_path / "run", epochs=2, label_smoothing=0.1, weight_decay=0.01,
+                           early_stopping=1), verbose=0)
+    rows = _history(tmp_path / "run")
+    assert "val_log_loss" in rows[0]  # beside the smoothed val_loss, which early stopping doesn't watch
+    best = int(np.argmin([float(row["val_log_loss"]) for row in rows])) + 1
+    assert result["best_epoch"] == best
+    assert result["recipe"]["optimizer"] == "adamw" and result["recipe"]["label_smoothing"] == 0.1
