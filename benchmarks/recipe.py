@@ -55,15 +55,27 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kbench-recipe-") as scratch:
-        data = write_kaggle_dataset(os.path.join(scratch, "data"), n_train=args.images, n_test=1,
-                                    image_size=args.image_size)["train"]
-        other = write_kaggle_dataset(os.path.join(scratch, "other"), n_train=args.images, n_test=1,
-                                     image_size=args.image_size, seed=7)["train"]
+        data = write_kaggle_dataset(
+            os.path.join(scratch, "data"), n_train=args.images, n_test=1, image_size=args.image_size
+        )["train"]
+        other = write_kaggle_dataset(
+            os.path.join(scratch, "other"), n_train=args.images, n_test=1, image_size=args.image_size, seed=7
+        )["train"]
 
         def run(name, backbone, data_path, weights, epochs, lr, **recipe):
-            config = TrainConfig(backbone=backbone, data=data_path, run_dir=os.path.join(scratch, name), epochs=epochs,
-                                 batch_size=32, image_size=args.image_size, lr=lr, weights=weights, val_split=0.15,
-                                 seed=0, **recipe)
+            config = TrainConfig(
+                backbone=backbone,
+                data=data_path,
+                run_dir=os.path.join(scratch, name),
+                epochs=epochs,
+                batch_size=32,
+                image_size=args.image_size,
+                lr=lr,
+                weights=weights,
+                val_split=0.15,
+                seed=0,
+                **recipe,
+            )
             start = time.perf_counter()
             result = train(config, verbose=0)
             return result, time.perf_counter() - start
@@ -83,28 +95,51 @@ def main() -> None:
             if weights == "none":  # from random weights the validation loss sits at chance for a while
                 recipes.append(("new, no early stopping", {**NEW_RANDOM, "early_stopping": 0}))
             for recipe, options in recipes:
-                result, seconds = run(f"{index}-{recipe.replace(' ', '_')}", backbone, data, weights, epochs, lr, **options)
-                rows.append({
-                    "case": case, "backbone": backbone, "recipe": recipe, "image_size": args.image_size,
-                    "train_images": result["train_images"], "val_images": result["val_images"],
-                    "epochs_budget": epochs, "epochs_run": result["epochs_trained"],
-                    "model_epoch": result["model_epoch"], "lr": lr, "settings": result["recipe"],
-                    "val_log_loss": result["val_log_loss"], "val_accuracy": result["val_accuracy"],
-                    "wall_seconds": round(seconds, 1),
-                })
-                print(f"{case} / {recipe}: log loss {result['val_log_loss']:.4f}, "
-                      f"accuracy {result['val_accuracy']:.3f}, {seconds:.0f} s", file=sys.stderr, flush=True)
+                result, seconds = run(
+                    f"{index}-{recipe.replace(' ', '_')}", backbone, data, weights, epochs, lr, **options
+                )
+                rows.append(
+                    {
+                        "case": case,
+                        "backbone": backbone,
+                        "recipe": recipe,
+                        "image_size": args.image_size,
+                        "train_images": result["train_images"],
+                        "val_images": result["val_images"],
+                        "epochs_budget": epochs,
+                        "epochs_run": result["epochs_trained"],
+                        "model_epoch": result["model_epoch"],
+                        "lr": lr,
+                        "settings": result["recipe"],
+                        "val_log_loss": result["val_log_loss"],
+                        "val_accuracy": result["val_accuracy"],
+                        "wall_seconds": round(seconds, 1),
+                    }
+                )
+                print(
+                    f"{case} / {recipe}: log loss {result['val_log_loss']:.4f}, "
+                    f"accuracy {result['val_accuracy']:.3f}, {seconds:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    record = {"backend": keras.backend.backend(), "keras": keras.__version__, "images": args.images,
-              "image_size": args.image_size, "rows": rows}
+    record = {
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "images": args.images,
+        "image_size": args.image_size,
+        "rows": rows,
+    }
     with open(args.out, "w") as handle:
         json.dump(record, handle, indent=2)
-    print(f"| case | recipe | val log loss | val accuracy | epochs run (kept) | wall s |")
+    print("| case | recipe | val log loss | val accuracy | epochs run (kept) | wall s |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {row['recipe']} | {row['val_log_loss']:.4f} | {row['val_accuracy']:.3f} | "
-              f"{row['epochs_run']} of {row['epochs_budget']} ({row['model_epoch']}) | {row['wall_seconds']:.0f} |")
+        print(
+            f"| {row['case']} | {row['recipe']} | {row['val_log_loss']:.4f} | {row['val_accuracy']:.3f} | "
+            f"{row['epochs_run']} of {row['epochs_budget']} ({row['model_epoch']}) | {row['wall_seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int = option(10, "Training epochs.")
     batch_size: int = option(32, "Images per step.")
     image_size: int | None = option(None, "Pixels per side.", shown_default="the backbone's native size")
-    lr: float = option(1e-4, "Adam learning rate; the peak one with a warm-up or schedule (1e-4: the reference study's).")
+    lr: float = option(1e-4, "Adam learning rate; the peak with a warm-up or schedule (1e-4: the reference study's).")
     weights: str | None = option(None, "imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).",
                                  shown_default="imagenet; none for small_cnn")
     augment: bool = option(True, "The reference study's flips and crops.")
@@ -270,7 +270,8 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         if val_loader is not None:
             val_loader.close()
 
-    skipped = images.skipped + [images.keys[i] for i in sorted({**train_loader.bad, **(val_loader.bad if val_loader else {})})]
+    unreadable = {**train_loader.bad, **(val_loader.bad if val_loader else {})}
+    skipped = images.skipped + [images.keys[i] for i in sorted(unreadable)]
     epoch_seconds = [row["epoch_seconds"] for row in history]
     compiled = sorted(set(e for e in compiled if e <= len(history)))
     steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
@@ -540,7 +541,8 @@ def _fit(model, run: Run, config, train_loader, val_loader, binary, history, sto
             progress["best_epoch"], progress["best_val_loss"] = epoch + 1, row[monitor]
             if config.early_stopping:
                 run.save_best(model)
-        if config.early_stopping and progress["best_epoch"] and epoch + 1 - progress["best_epoch"] >= config.early_stopping:
+        waited = epoch + 1 - (progress["best_epoch"] or epoch + 1)
+        if config.early_stopping and waited >= config.early_stopping:
             log.info("early stopping after epoch %d: no better validation log loss since epoch %d",
                      epoch + 1, progress["best_epoch"])
             break

@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -34,8 +33,17 @@ def pretrained(tmp_path_factory):
 
 
 def _config(kaggle_data, run_dir, **changes):
-    options = dict(backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), epochs=3, batch_size=24,
-                   image_size=24, lr=3e-3, val_split=0.2, seed=0)
+    options = dict(
+        backbone="small_cnn",
+        data=kaggle_data["train"],
+        run_dir=str(run_dir),
+        epochs=3,
+        batch_size=24,
+        image_size=24,
+        lr=3e-3,
+        val_split=0.2,
+        seed=0,
+    )
     return TrainConfig(**{**options, **changes})
 
 
@@ -135,8 +143,13 @@ def test_early_stopping_keeps_the_best_epoch(kaggle_data, tmp_path):
     assert result["val_log_loss"] == pytest.approx(min(losses), abs=2e-4)
     saved = json.load(open(tmp_path / "run" / "metrics.json"))
     assert saved["best_epoch"] == best and saved["recipe"]["early_stopping"] == 2
-    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "history.csv", "metrics.json", "model.keras",
-                                                    "split.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "config.json",
+        "history.csv",
+        "metrics.json",
+        "model.keras",
+        "split.json",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -169,14 +182,16 @@ def test_a_scheduled_model_loads_without_kbench(phased_runs):
 
     root, _, _, _ = phased_runs
     script = "import sys, keras; keras.saving.load_model(sys.argv[1], safe_mode=True); print('ok')"
-    done = subprocess.run([sys.executable, "-c", script, str(root / "whole" / "model.keras")], capture_output=True,
-                          text=True, cwd="/")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(root / "whole" / "model.keras")], capture_output=True, text=True, cwd="/"
+    )
     assert done.stdout.strip() == "ok", done.stderr[-1000:]
 
 
 def test_the_modern_study_carries_the_recipe():
-    from conftest import REPO
     from kbench.study import load_config
+
+    from conftest import REPO
 
     config = load_config(os.path.join(REPO, "benchmarks", "modern.toml"), data=__file__)
     member = config.backbones[0]
@@ -185,8 +200,10 @@ def test_the_modern_study_carries_the_recipe():
 
 
 def test_label_smoothing_records_the_true_log_loss(kaggle_data, tmp_path):
-    result = train(_config(kaggle_data, tmp_path / "run", epochs=2, label_smoothing=0.1, weight_decay=0.01,
-                           early_stopping=1), verbose=0)
+    result = train(
+        _config(kaggle_data, tmp_path / "run", epochs=2, label_smoothing=0.1, weight_decay=0.01, early_stopping=1),
+        verbose=0,
+    )
     rows = _history(tmp_path / "run")
     assert "val_log_loss" in rows[0]  # beside the smoothed val_loss, which early stopping doesn't watch
     best = int(np.argmin([float(row["val_log_loss"]) for row in rows])) + 1
