@@ -50,9 +50,10 @@ def backbones(pattern, output_format):
 @opt.from_config(_T, "backbone", "data", defaults=False)
 @opt.backend_option
 @opt.from_config(_T, "layout epochs batch_size image_size lr weights augment val_split seed", defaults=False)
-@opt.from_config(
-    _T, "run_dir freeze_backbone cache workers devices mixed_precision", defaults=False, required=("run_dir",)
-)
+@opt.from_config(_T, "run_dir", required=("run_dir",))
+@opt.from_config(_T, "head_epochs train_bn bn_momentum schedule warmup_epochs weight_decay", defaults=False)
+@opt.from_config(_T, "label_smoothing early_stopping freeze_backbone cache workers devices", defaults=False)
+@opt.from_config(_T, "mixed_precision", defaults=False)
 @opt.flag("--resume", "Continue the interrupted run in --run-dir (its own settings).")
 @opt.overwrite_option
 @opt.quiet_option

@@ -9,6 +9,7 @@ A run folder is what ``kbench train`` (kind ``backbone``) and ``kbench ensemble`
     metrics.json     the result; its presence means the run finished
     model.keras      the trained model (the best epoch's)
     checkpoint.keras, checkpoint.json   while training, for --resume
+    best.weights.h5  while training with early stopping: the best epoch's weights so far
     features/        an ensemble's cached member features
     latency.json     a study's timings of this model
     curves.png       loss, accuracy (and learning rate) per epoch, redrawn after every epoch
@@ -33,12 +34,12 @@ from kbench import files
 from kbench.errors import KbenchError
 
 CONFIG, SPLIT, HISTORY, METRICS, MODEL = "config.json", "split.json", "history.csv", "metrics.json", "model.keras"
-CHECKPOINT, CHECKPOINT_STATE = "checkpoint.keras", "checkpoint.json"
+CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.keras", "checkpoint.json", "best.weights.h5"
 FEATURES, LATENCY, CURVES = "features", "latency.json", "curves.png"
 LOCK = ".kbench.lock"
 KINDS = ("backbone", "ensemble")
 # Everything kbench may write into a run folder: what --overwrite removes, and nothing else.
-OWNED = (CONFIG, SPLIT, HISTORY, METRICS, MODEL, CHECKPOINT, CHECKPOINT_STATE, FEATURES, LATENCY, CURVES)
+OWNED = (CONFIG, SPLIT, HISTORY, METRICS, MODEL, CHECKPOINT, CHECKPOINT_STATE, BEST, FEATURES, LATENCY, CURVES)
 
 
 class Run:
@@ -187,8 +188,16 @@ class Run:
         files.save_model(model, self.file(CHECKPOINT))
         files.write_json(self.file(CHECKPOINT_STATE), state)
 
+    def save_best(self, model) -> None:
+        """Keep the best epoch's weights so far (early stopping restores them, also after --resume)."""
+        with files.atomic_path(self.file(BEST), suffix=".weights.h5") as temporary:
+            model.save_weights(temporary)
+
+    def load_best(self, model) -> None:
+        model.load_weights(self.file(BEST))
+
     def clear_checkpoint(self) -> None:
-        for name in (CHECKPOINT, CHECKPOINT_STATE):
+        for name in (CHECKPOINT, CHECKPOINT_STATE, BEST):
             if self.exists(name):
                 os.remove(self.file(name))
 

@@ -8,7 +8,9 @@ written after every epoch and on Ctrl-C / SIGTERM, which ``resume=True`` continu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import os
 import signal
 import statistics
@@ -33,6 +35,8 @@ log = logging.getLogger("kbench")
 MAX_IMAGE_SIZE = 1024  # pixels per side; the largest native size is 600 (EfficientNet-B7)
 # What may differ between a run's config and a resumed run's: the length of the run.
 RESUMABLE_CHANGES = ("epochs",)
+SCHEDULES = ("constant", "cosine")
+PHASES = ("head", "full")
 
 
 @dataclass
@@ -46,7 +50,7 @@ class TrainConfig:
     epochs: int = option(10, "Training epochs.")
     batch_size: int = option(32, "Images per step.")
     image_size: int | None = option(None, "Pixels per side.", shown_default="the backbone's native size")
-    lr: float = option(1e-4, "Adam learning rate (the reference study's).")
+    lr: float = option(1e-4, "Adam learning rate; the peak with a warm-up or schedule (1e-4: the reference study's).")
     weights: str | None = option(
         None,
         "imagenet, none, or a weights file (.keras, .weights.h5, backbone .h5).",
@@ -67,6 +71,34 @@ class TrainConfig:
     )
     layout: str = option(
         "auto", "How labels are read from the data (see README).", choices=("auto", "kaggle", "folders")
+    )
+    # The fine-tuning recipe. The defaults are the reference study's: every layer trains from the first
+    # step at a constant Adam rate for a fixed number of epochs (seed.toml adds train_bn = true).
+    head_epochs: int = option(0, "Epochs with the backbone frozen (only the head trains) before it is unfrozen.")
+    train_bn: bool = option(
+        False,
+        "Let BatchNormalization layers of a pretrained backbone train (update their "
+        "statistics); by default they run in inference mode when fine-tuning from imagenet or "
+        "a weights file. From random weights they always train.",
+    )
+    bn_momentum: float | None = option(
+        None,
+        "Momentum of the backbone's BatchNormalization statistics; 0.9 lets "
+        "them settle within the few hundred steps of a small run from random weights.",
+        shown_default="the backbone's own (0.99 or 0.999)",
+    )
+    schedule: str = option("constant", "Learning-rate schedule after the warm-up.", choices=SCHEDULES)
+    warmup_epochs: int = option(0, "Epochs of linear learning-rate warm-up from 0 to --lr.")
+    weight_decay: float = option(0.0, "Decoupled weight decay (AdamW) when > 0, on every trainable weight.")
+    label_smoothing: float = option(
+        0.0,
+        "Label smoothing (two classes only). It raises the log loss unless the "
+        "probabilities are calibrated afterwards.",
+    )
+    early_stopping: int = option(
+        0,
+        "Stop when the validation log loss hasn't improved for this many epochs and "
+        "keep the best epoch's weights; 0: off.",
     )
 
     def check(self) -> "TrainConfig":
@@ -91,6 +123,29 @@ class TrainConfig:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         if self.devices is not None:
             count_devices(self.devices, available=10**6)  # its form; the count is checked on the devices
+        for name in ("head_epochs", "warmup_epochs", "early_stopping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0; got {value}")
+        if self.head_epochs and self.head_epochs >= self.epochs and not self.freeze_backbone:
+            raise KbenchError(
+                f"--head-epochs {self.head_epochs} leaves none of the {self.epochs} epochs to fine-tune "
+                "the backbone; use --freeze-backbone to train only the head"
+            )
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise KbenchError(f"--warmup-epochs {self.warmup_epochs} must be fewer than --epochs {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            raise KbenchError(f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
+            raise KbenchError(f"--weight-decay must be in [0, 1); got {self.weight_decay}")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 0.5):
+            raise KbenchError(f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}")
+        if self.early_stopping and not self.val_split:
+            raise KbenchError("--early-stopping needs a validation split (--val-split > 0)")
+        if self.bn_momentum is not None and not (
+            isinstance(self.bn_momentum, (int, float)) and 0 <= self.bn_momentum < 1
+        ):
+            raise KbenchError(f"--bn-momentum must be in [0, 1); got {self.bn_momentum}")
         return self
 
     def resolved(self) -> "TrainConfig":
@@ -116,6 +171,31 @@ class TrainConfig:
             record["weights_sha256"] = file_hash(self.weights)
         return record
 
+    @property
+    def frozen_bn(self) -> bool:
+        """Whether the backbone's BatchNormalization layers run in inference mode (a resolved config)."""
+        return self.weights != "none" and not self.train_bn
+
+    def phase(self, epoch: int) -> str:
+        """``head`` (backbone frozen) or ``full`` for the 0-based ``epoch``."""
+        return "head" if self.freeze_backbone or epoch < self.head_epochs else "full"
+
+    def recipe(self) -> dict:
+        """The fine-tuning recipe's settings (metrics.json repeats them beside the results)."""
+        return {
+            "lr": self.lr,
+            "optimizer": "adamw" if self.weight_decay else "adam",
+            "schedule": self.schedule,
+            "warmup_epochs": self.warmup_epochs,
+            "head_epochs": self.head_epochs,
+            "freeze_backbone": self.freeze_backbone,
+            "bn_frozen": self.frozen_bn,
+            "bn_momentum": self.bn_momentum,
+            "weight_decay": self.weight_decay,
+            "label_smoothing": self.label_smoothing,
+            "early_stopping": self.early_stopping,
+        }
+
     @classmethod
     def load(cls, run_dir: str) -> "TrainConfig":
         run = Run(run_dir)
@@ -137,6 +217,11 @@ def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
             value = os.path.abspath(value)
         recorded = getattr(config, key)
         if key in RESUMABLE_CHANGES:
+            if value != recorded and (config.schedule != "constant" or config.warmup_epochs):
+                raise KbenchError(
+                    f"--resume can't change --epochs of {run_dir}: its learning-rate schedule is "
+                    f"laid out over its {recorded} epochs"
+                )
             changes[key] = value
         elif value != recorded and not (key == "backend" and value == use_backend(recorded)):
             option = "--" + key.replace("_", "-")
@@ -161,6 +246,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
     check_devices(config.devices, config.batch_size, config.mixed_precision)  # before anything is written
+    if config.label_smoothing and not binary:
+        raise KbenchError(f"--label-smoothing works with two classes; {config.data} has {len(images.classes)}")
     with run.lock():
         state = run.prepare("backbone", overwrite=overwrite, resume=resume)
         if state and config.epochs < len(state["history"]):
@@ -185,7 +272,18 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
 def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
     import keras
 
+    loader_options = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers)
+    train_loader = ImageLoader(
+        images, train_idx, augment=config.augment, shuffle=True, seed=config.seed, cache=config.cache, **loader_options
+    )
+    val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options) if len(val_idx) else None
+    steps_per_epoch = len(train_loader)
+
+    def compile_for(model, epoch: int) -> None:  # a fresh optimizer whenever the phase starts
+        _compile(model, config, len(images.classes), steps_per_epoch, epoch)
+
     if state:
+        _schedule_class()  # registered before the checkpoint's optimizer is deserialised
         try:
             model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
         except Exception as error:
@@ -194,19 +292,43 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
                 "remove the folder and train again"
             ) from None
     else:
-        model = _build_and_compile(config, len(images.classes))
+        model = _build(config, len(images.classes))
+        compile_for(model, 0)
 
-    loader_options = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers)
-    train_loader = ImageLoader(
-        images, train_idx, augment=config.augment, shuffle=True, seed=config.seed, cache=config.cache, **loader_options
-    )
-    val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options) if len(val_idx) else None
     history = state["history"] if state else []
     compiled = list(state.get("epochs_with_compilation", [1])) if state else []
     compiled.append(len(history) + 1)  # this process compiles in its first epoch
+    progress = {
+        "phase": state.get("phase", config.phase(len(history))) if state else config.phase(0),
+        "best_epoch": state.get("best_epoch") if state else None,
+        "best_val_loss": state.get("best_val_loss") if state else None,
+    }
     try:
         with _StopRequest() as stop:
-            _fit(model, run, config, train_loader, val_loader, binary, history, stop, verbose, len(devices), compiled)
+            _fit(
+                model,
+                run,
+                config,
+                train_loader,
+                val_loader,
+                binary,
+                history,
+                stop,
+                verbose,
+                len(devices),
+                compiled,
+                progress,
+                compile_for,
+            )
+        model_epoch = len(history)
+        if config.early_stopping and progress["best_epoch"] not in (None, model_epoch):
+            run.load_best(model)
+            model_epoch = progress["best_epoch"]
+        if config.schedule != "constant" or config.warmup_epochs:
+            # kbench's schedule class would make model.keras unreadable by keras.saving.load_model
+            # elsewhere (compile=True): the finished model carries a fresh optimizer at a plain rate
+            plain = dataclasses.replace(config, schedule="constant", warmup_epochs=0, lr=history[-1]["lr"] or config.lr)
+            _compile(model, plain, len(images.classes), steps_per_epoch, 0)
         run.save_model(model)
         result = _evaluate(model, val_loader, binary)
     finally:
@@ -214,9 +336,8 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         if val_loader is not None:
             val_loader.close()
 
-    skipped = images.skipped + [
-        images.keys[i] for i in sorted({**train_loader.bad, **(val_loader.bad if val_loader else {})})
-    ]
+    unreadable = {**train_loader.bad, **(val_loader.bad if val_loader else {})}
+    skipped = images.skipped + [images.keys[i] for i in sorted(unreadable)]
     epoch_seconds = [row["epoch_seconds"] for row in history]
     compiled = sorted(set(e for e in compiled if e <= len(history)))
     steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
@@ -230,7 +351,11 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         "global_batch_size": config.batch_size,
         "mixed_precision": config.mixed_precision,
         "epochs": config.epochs,
+        "epochs_trained": len(history),
+        "best_epoch": progress["best_epoch"],  # lowest validation log loss
+        "model_epoch": model_epoch,  # whose weights model.keras holds: the best one with early stopping
         "weights": config.weights,
+        "recipe": config.recipe(),
         "classes": images.classes,
         "params": int(model.count_params()),
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
@@ -283,17 +408,119 @@ def _split_record(images: ImageSet, config: TrainConfig, train_idx, val_idx) -> 
     }
 
 
-def _build_and_compile(config: TrainConfig, num_classes: int):
+def _build(config: TrainConfig, num_classes: int):
     import keras
 
     from kbench.backbones import build_classifier
 
-    model = build_classifier(
-        get_backbone(config.backbone), num_classes, config.image_size, config.weights, config.freeze_backbone
-    )
-    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
-    model.compile(optimizer=keras.optimizers.Adam(config.lr), loss=loss, metrics=["accuracy"])
+    model = build_classifier(get_backbone(config.backbone), num_classes, config.image_size, config.weights)
+    if config.bn_momentum is not None:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = config.bn_momentum
+    _set_phase(model, config.phase(0), config.frozen_bn)
     return model
+
+
+def _set_phase(model, phase: str, frozen_bn: bool) -> None:
+    """Make the head trainable, and the backbone too in the ``full`` phase. A BatchNormalization layer
+    that isn't trainable runs in inference mode in Keras 3 (its moving statistics stay as loaded)."""
+    import keras
+
+    from kbench.backbones import HEAD_LAYER
+
+    for layer in model.layers:
+        if layer.name == HEAD_LAYER:
+            layer.trainable = True
+        else:
+            batch_norm = isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = phase == "full" and not (frozen_bn and batch_norm)
+
+
+def _compile(model, config: TrainConfig, num_classes: int, steps_per_epoch: int, first_epoch: int) -> None:
+    """Compile with a fresh Adam (AdamW with weight decay) whose schedule continues the run's: the
+    schedule is a function of the run's global step, ``first_epoch * steps_per_epoch`` + the optimizer's.
+
+    At the switch from the head phase to the full one the optimizer starts afresh: the backbone's
+    weights have no moments yet, and Adam's bias correction is per optimizer, so keeping the old one
+    would make the backbone's first steps many times --lr.
+    """
+    import keras
+
+    if config.schedule == "constant" and not config.warmup_epochs:
+        lr = config.lr  # the reference recipe: a plain float, as before
+    else:
+        lr = _schedule_class()(
+            config.lr,
+            config.warmup_epochs * steps_per_epoch,
+            config.epochs * steps_per_epoch,
+            config.schedule == "cosine",
+            first_epoch * steps_per_epoch,
+        )
+    if config.weight_decay:
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(lr)
+    binary = num_classes == 2
+    loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
+    metrics = ["accuracy"]
+    if config.label_smoothing:  # the loss is no longer the log loss: measure that separately
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
+        metrics.append(keras.metrics.BinaryCrossentropy(name="log_loss"))
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+
+@functools.cache
+def _schedule_class():
+    """The learning-rate schedule class, registered with keras so that a checkpoint reloads with
+    ``safe_mode=True`` (kbench's other readers load models with ``compile=False``)."""
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="kbench")
+    class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        """``peak`` * (linear warm-up over ``warmup_steps``, then 1 or a cosine that reaches 0 at
+        ``total_steps``), at global step = optimizer step + ``offset``. Same numbers as ``scheduled_lr``."""
+
+        def __init__(self, peak, warmup_steps, total_steps, cosine, offset=0):
+            self.peak, self.warmup_steps, self.total_steps = float(peak), int(warmup_steps), int(total_steps)
+            self.cosine, self.offset = bool(cosine), int(offset)
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32") + self.offset
+            warm = (step + 1) / max(self.warmup_steps, 1)
+            factor = ops.ones_like(step)
+            if self.cosine:
+                progress = ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1)
+                factor = 0.5 * (1 + ops.cos(np.pi * progress))
+            return self.peak * ops.where(step < self.warmup_steps, warm, factor)
+
+        def get_config(self):
+            return {
+                "peak": self.peak,
+                "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps,
+                "cosine": self.cosine,
+                "offset": self.offset,
+            }
+
+    return WarmupSchedule
+
+
+def scheduled_lr(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate at global ``step`` (0-based) of a run of ``config``.
+
+    >>> config = TrainConfig("small_cnn", "d", "r", epochs=4, lr=0.1, schedule="cosine", warmup_epochs=1)
+    >>> [round(scheduled_lr(config, step, 10), 4) for step in (0, 9, 10, 25, 40)]
+    [0.01, 0.1, 0.1, 0.05, 0.0]
+    """
+    warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
+    progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int = 1):
@@ -323,10 +550,23 @@ def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int =
 
 
 def _fit(
-    model, run: Run, config, train_loader, val_loader, binary, history, stop, verbose, devices: int, compiled: list[int]
+    model,
+    run: Run,
+    config,
+    train_loader,
+    val_loader,
+    binary,
+    history,
+    stop,
+    verbose,
+    devices: int,
+    compiled: list[int],
+    progress: dict,
+    compile_for,
 ) -> None:
     """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
-    resumed run replays exactly the epochs it missed."""
+    resumed run replays exactly the epochs it missed. ``progress`` (the phase, the best epoch so
+    far) goes into every checkpoint, so a resumed run switches phase and stops where a whole one does."""
     import keras
 
     class EpochClock(keras.callbacks.Callback):
@@ -359,7 +599,13 @@ def _fit(
     clock = EpochClock()
     callbacks = [clock] + ([Progress()] if verbose else [])
     val_data = epoch_batches(val_loader, 0, binary, devices) if val_loader is not None else None
+    monitor = "val_log_loss" if config.label_smoothing else "val_loss"  # the log loss, not the smoothed loss
     for epoch in range(len(history), config.epochs):
+        if stop.signal is None and config.phase(epoch) != progress["phase"]:  # head -> full
+            progress["phase"] = config.phase(epoch)
+            _set_phase(model, progress["phase"], config.frozen_bn)
+            compile_for(model, epoch)
+            compiled.append(epoch + 1)
         if stop.signal is None:
             logs = model.fit(
                 epoch_batches(train_loader, epoch, binary, devices),
@@ -371,7 +617,7 @@ def _fit(
                 callbacks=callbacks,
                 verbose=verbose,
             ).history
-        state = {"epochs_done": len(history), "history": history, "epochs_with_compilation": compiled}
+        state = {"epochs_done": len(history), "history": history, "epochs_with_compilation": compiled, **progress}
         if stop.signal is not None:  # the interrupted epoch is redone on resume
             run.save_checkpoint(model, state)
             raise TrainingInterrupted(
@@ -379,14 +625,38 @@ def _fit(
                 f"continue with: kbench train --run-dir {run.path} --resume",
                 stop.signal,
             )
-        row = {"epoch": epoch + 1, "epoch_seconds": clock.seconds}
+        row = {
+            "epoch": epoch + 1,
+            "phase": progress["phase"],
+            "lr": _current_lr(model.optimizer),
+            "epoch_seconds": clock.seconds,
+        }
         row.update({name: float(values[-1]) for name, values in logs.items()})
         history.append(row)
         run.write_history(history)
         title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
         write_curves(history, run.file(CURVES), title)  # redrawn with each checkpoint, so it is never stale
+        if monitor in row and (progress["best_val_loss"] is None or row[monitor] < progress["best_val_loss"]):
+            progress["best_epoch"], progress["best_val_loss"] = epoch + 1, row[monitor]
+            if config.early_stopping:
+                run.save_best(model)
+        waited = epoch + 1 - (progress["best_epoch"] or epoch + 1)
+        if config.early_stopping and waited >= config.early_stopping:
+            log.info(
+                "early stopping after epoch %d: no better validation log loss since epoch %d",
+                epoch + 1,
+                progress["best_epoch"],
+            )
+            break
         if epoch + 1 < config.epochs:
-            run.save_checkpoint(model, {**state, "epochs_done": len(history)})
+            run.save_checkpoint(model, {**state, "epochs_done": len(history), **progress})
+
+
+def _current_lr(optimizer) -> float:
+    """The learning rate the optimizer would use next: at the end of an epoch, that epoch's last."""
+    from keras import ops
+
+    return float(ops.convert_to_numpy(optimizer.learning_rate))
 
 
 def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
