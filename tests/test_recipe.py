@@ -145,6 +145,7 @@ def test_early_stopping_keeps_the_best_epoch(kaggle_data, tmp_path):
     assert saved["best_epoch"] == best and saved["recipe"]["early_stopping"] == 2
     assert sorted(os.listdir(tmp_path / "run")) == [
         "config.json",
+        "curves.png",
         "history.csv",
         "metrics.json",
         "model.keras",
