@@ -20,10 +20,11 @@ import logging
 import os
 import shutil
 import sys
+import typing
 from dataclasses import dataclass, field
 
 from kbench import doctor, files
-from kbench.config import check_keys, field_names, from_dict
+from kbench.config import check_keys, check_value, field_names, from_dict
 from kbench.ensemble import EnsembleConfig
 from kbench.errors import KbenchError, TrainingInterrupted
 from kbench.latency import LatencyConfig
@@ -151,6 +152,9 @@ def load_config(path: str, **overrides) -> StudyConfig:
 
     train = raw.get("train", {})
     check_keys(train, TRAIN_KEYS, f"{path} [train]")
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in train.items():  # a [train] value is reported against [train], not a member
+        check_value(value, hints[key], key, f"{path} [train]")
     entries = raw.get("backbones", [])
     if not entries:
         raise KbenchError(f"{path} lists no [[backbones]]")

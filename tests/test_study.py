@@ -180,7 +180,7 @@ backbone = "small_cnn"
         (("epochs = 1", "epoch = 1"), "[train]: unknown key 'epoch'; did you mean 'epochs'?"),
         (("epochs = 1", "batch_sise = 8"), "unknown key 'batch_sise'; did you mean 'batch_size'?"),
         (("[train]", "[trian]"), "unknown key 'trian'; did you mean 'train'?"),
-        (("epochs = 1", 'epochs = "ten"'), "epochs = 'ten' is not a valid int"),
+        (("epochs = 1", 'epochs = "ten"'), "[train]: epochs = 'ten' is not a valid int"),
         (("epochs = 1", "lr = -1.0"), "--lr must be a positive number"),
         (('backbone = "small_cnn"', 'backbone = "resnet9"'), "unknown backbone 'resnet9'"),
         (('data = "{data}"', 'data = "missing.zip"'), "training data not found"),
