@@ -65,7 +65,7 @@ def load_model(path: str):
     import keras
 
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise KbenchError(f"{path} is not a Keras model file (a .keras file is a zip archive)")
+        raise KbenchError(f"{path} could not be loaded as a Keras model: not a zip archive, as .keras files are")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
