@@ -11,7 +11,7 @@ What is silenced, and how:
   to point fd 2 elsewhere while ``import tensorflow`` runs. An import hook does that for the first
   import of ``tensorflow``, from wherever it comes (keras seeds TensorFlow's RNG even under JAX;
   tf2onnx; the ONNX export subprocess). See ``held_stderr`` for what keeps that safe.
-- Python-side warnings of other libraries: TensorFlow's, absl's and tf2onnx's loggers at ERROR,
+- Python-side warnings of other libraries: TensorFlow's, absl's, tf2onnx's and matplotlib's loggers at ERROR,
   and deprecation warnings raised outside kbench ignored.
 
 kbench's own ``kbench: ...`` lines (the ``kbench`` logger, click.echo) are untouched.
@@ -32,7 +32,8 @@ VERBOSE_ENV = "KBENCH_VERBOSE"
 QUIETED_MODULES = ("tensorflow",)  # top-level modules imported with fd 2 held
 # JAX's logger stays: its one start-up warning ("a CUDA-enabled jaxlib is not installed") appears only
 # on a machine whose GPU it can't use, which is worth seeing.
-QUIETED_LOGGERS = ("tensorflow", "absl", "tf2onnx")
+# matplotlib: "findfont: Font family ... not found. Falling back to DejaVu Sans" on a fresh font cache
+QUIETED_LOGGERS = ("tensorflow", "absl", "tf2onnx", "matplotlib")
 DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 
