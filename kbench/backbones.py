@@ -6,17 +6,24 @@ is a layer inside the graph, so Keras, ONNX and ensembles all feed the same pixe
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
 
 from kbench.errors import KbenchError
 
-# How pixels in 0..255 become the backbone's input.
-#   "tf":   x / 127.5 - 1 (MobileNetV2, InceptionV3, Xception: keras' preprocess_input mode "tf")
-#   "none": the keras.applications model rescales and normalises inside (EfficientNet)
-#   "unit": x / 255 (small_cnn)
-PREPROCESSING = ("tf", "none", "unit")
+# How pixels in 0..255 become what the backbone's ImageNet weights were made on (keras.applications'
+# ``preprocess_input`` of the backbone's module, done inside the graph):
+#   "tf":      x / 127.5 - 1 (MobileNet, MobileNetV2, InceptionV3, InceptionResNetV2, Xception,
+#              NASNet, ResNetV2)
+#   "caffe":   RGB -> BGR, minus the ImageNet mean (ResNet, VGG)
+#   "torch":   x / 255, minus the ImageNet mean, over its deviation (DenseNet)
+#   "builtin": the keras.applications model rescales and normalises inside, and its preprocess_input
+#              passes pixels through (EfficientNet, EfficientNetV2, ConvNeXt, MobileNetV3)
+#   "unit":    x / 255 (small_cnn)
+PREPROCESSING = ("tf", "caffe", "torch", "builtin", "unit")
 # The classifier's last layer. Ensembles take each member's features from this layer's input.
 HEAD_LAYER = "probability"
 
@@ -24,14 +31,18 @@ HEAD_LAYER = "probability"
 @dataclass(frozen=True)
 class BackboneSpec:
     """What differs between backbones. ``params`` counts the headless backbone with global average
-    pooling, as ``keras.applications.X(include_top=False, pooling="avg").count_params()`` does at the
-    native size; a test checks the figures against keras."""
+    pooling at the native size, as ``keras.applications.X(include_top=False, pooling="avg",
+    input_shape=(size, size, 3)).count_params()`` does; ``gflops`` is ``count_flops`` of that model
+    (2 x the multiply-adds of its convolutions and dense layers at batch 1). A test recomputes both,
+    and the feature width, from keras for every entry."""
 
     name: str
     application: str | None  # attribute of keras.applications; None for kbench's own models
-    image_size: int  # native input size, pixels per side
+    module: str | None  # the keras.applications module whose preprocess_input the weights expect
+    image_size: int  # native input size, pixels per side: the size its ImageNet weights were made for
     feature_dim: int  # width of the pooled features
     params: int
+    gflops: float
     preprocessing: str
     min_image_size: int = 32
     pretrained: bool = True
@@ -40,33 +51,96 @@ class BackboneSpec:
         return asdict(self)
 
 
-_EFFICIENTNET = [  # (native size, feature width, params) for B0..B7
-    (224, 1280, 4_049_571),
-    (240, 1280, 6_575_239),
-    (260, 1408, 7_768_569),
-    (300, 1536, 10_783_535),
-    (380, 1792, 17_673_823),
-    (456, 2048, 28_513_527),
-    (528, 2304, 40_960_143),
-    (600, 2560, 64_097_687),
-]
+def _spec(name, application, module, size, features, params, gflops, preprocessing, min_size=32) -> BackboneSpec:
+    return BackboneSpec(name, application, module, size, features, params, gflops, preprocessing, min_size)
 
+
+# One line a model: name, keras.applications constructor and module, native size, feature width,
+# headless parameters, GFLOPs at the native size, preprocessing, minimum size.
 _SPECS = [
-    BackboneSpec("mobilenet_v2", "MobileNetV2", 224, 1280, 2_257_984, "tf"),
-    BackboneSpec("inception_v3", "InceptionV3", 299, 2048, 21_802_784, "tf", min_image_size=75),
-    BackboneSpec("xception", "Xception", 299, 2048, 20_861_480, "tf", min_image_size=71),
-    *(
-        BackboneSpec(f"efficientnet_b{i}", f"EfficientNetB{i}", size, dim, params, "none")
-        for i, (size, dim, params) in enumerate(_EFFICIENTNET)
-    ),
+    _spec("convnext_tiny", "ConvNeXtTiny", "convnext", 224, 768, 27_820_128, 8.53, "builtin"),
+    _spec("convnext_small", "ConvNeXtSmall", "convnext", 224, 768, 49_454_688, 16.99, "builtin"),
+    _spec("convnext_base", "ConvNeXtBase", "convnext", 224, 1024, 87_566_464, 30.05, "builtin"),
+    _spec("convnext_large", "ConvNeXtLarge", "convnext", 224, 1536, 196_230_336, 67.27, "builtin"),
+    _spec("convnext_xlarge", "ConvNeXtXLarge", "convnext", 224, 2048, 348_147_968, 119.29, "builtin"),
+    _spec("densenet121", "DenseNet121", "densenet", 224, 1024, 7_037_504, 5.67, "torch"),
+    _spec("densenet169", "DenseNet169", "densenet", 224, 1664, 12_642_880, 6.72, "torch"),
+    _spec("densenet201", "DenseNet201", "densenet", 224, 1920, 18_321_984, 8.58, "torch"),
+    _spec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, 1280, 4_049_571, 0.77, "builtin"),
+    _spec("efficientnet_b1", "EfficientNetB1", "efficientnet", 240, 1280, 6_575_239, 1.37, "builtin"),
+    _spec("efficientnet_b2", "EfficientNetB2", "efficientnet", 260, 1408, 7_768_569, 1.98, "builtin"),
+    _spec("efficientnet_b3", "EfficientNetB3", "efficientnet", 300, 1536, 10_783_535, 3.65, "builtin"),
+    _spec("efficientnet_b4", "EfficientNetB4", "efficientnet", 380, 1792, 17_673_823, 8.78, "builtin"),
+    _spec("efficientnet_b5", "EfficientNetB5", "efficientnet", 456, 2048, 28_513_527, 20.53, "builtin"),
+    _spec("efficientnet_b6", "EfficientNetB6", "efficientnet", 528, 2304, 40_960_143, 38.13, "builtin"),
+    _spec("efficientnet_b7", "EfficientNetB7", "efficientnet", 600, 2560, 64_097_687, 75.49, "builtin"),
+    _spec("efficientnet_v2_b0", "EfficientNetV2B0", "efficientnet_v2", 224, 1280, 5_919_312, 1.43, "builtin"),
+    _spec("efficientnet_v2_b1", "EfficientNetV2B1", "efficientnet_v2", 240, 1280, 6_931_124, 2.39, "builtin"),
+    _spec("efficientnet_v2_b2", "EfficientNetV2B2", "efficientnet_v2", 260, 1408, 8_769_374, 3.39, "builtin"),
+    _spec("efficientnet_v2_b3", "EfficientNetV2B3", "efficientnet_v2", 300, 1536, 12_930_622, 6.02, "builtin"),
+    _spec("efficientnet_v2_s", "EfficientNetV2S", "efficientnet_v2", 384, 1280, 20_331_360, 16.73, "builtin"),
+    _spec("efficientnet_v2_m", "EfficientNetV2M", "efficientnet_v2", 480, 1280, 53_150_388, 49.16, "builtin"),
+    _spec("efficientnet_v2_l", "EfficientNetV2L", "efficientnet_v2", 480, 1280, 117_746_848, 112.16, "builtin"),
+    _spec("inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536, 54_336_736, 26.31, "tf", 75),
+    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, 21_802_784, 11.42, "tf", 75),
+    _spec("mobilenet", "MobileNet", "mobilenet", 224, 1024, 3_228_864, 1.14, "tf"),
+    _spec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, 1280, 2_257_984, 0.6, "tf"),
+    _spec("mobilenet_v3_small", "MobileNetV3Small", "mobilenet_v3", 224, 576, 939_120, 0.11, "builtin"),
+    _spec("mobilenet_v3_large", "MobileNetV3Large", "mobilenet_v3", 224, 960, 2_996_352, 0.43, "builtin"),
+    _spec("nasnet_mobile", "NASNetMobile", "nasnet", 224, 1056, 4_269_716, 1.13, "tf"),
+    _spec("nasnet_large", "NASNetLarge", "nasnet", 331, 4032, 84_916_818, 47.56, "tf"),
+    _spec("resnet50", "ResNet50", "resnet", 224, 2048, 23_587_712, 7.71, "caffe"),
+    _spec("resnet101", "ResNet101", "resnet", 224, 2048, 42_658_176, 15.14, "caffe"),
+    _spec("resnet152", "ResNet152", "resnet", 224, 2048, 58_370_944, 22.56, "caffe"),
+    _spec("resnet50_v2", "ResNet50V2", "resnet_v2", 224, 2048, 23_564_800, 6.96, "tf"),
+    _spec("resnet101_v2", "ResNet101V2", "resnet_v2", 224, 2048, 42_626_560, 14.38, "tf"),
+    _spec("resnet152_v2", "ResNet152V2", "resnet_v2", 224, 2048, 58_331_648, 21.81, "tf"),
+    _spec("vgg16", "VGG16", "vgg16", 224, 512, 14_714_688, 30.69, "caffe"),
+    _spec("vgg19", "VGG19", "vgg19", 224, 512, 20_024_384, 39.02, "caffe"),
+    _spec("xception", "Xception", "xception", 299, 2048, 20_861_480, 16.71, "tf", 71),
     # A small plain CNN that learns from scratch in seconds: for tests and the offline demo.
-    BackboneSpec("small_cnn", None, 64, 64, 60_848, "unit", min_image_size=16, pretrained=False),
+    BackboneSpec("small_cnn", None, None, 64, 64, 60_848, 0.03, "unit", min_image_size=16, pretrained=False),
 ]
 REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
 
 
-def list_backbones() -> list[BackboneSpec]:
-    return list(REGISTRY.values())
+def list_backbones(pattern: str | None = None) -> list[BackboneSpec]:
+    """The registered backbones whose names match the shell ``pattern`` (all without one), like
+    timm's ``list_models``.
+
+    >>> [spec.name for spec in list_backbones("efficientnet_v2_b*")]
+    ['efficientnet_v2_b0', 'efficientnet_v2_b1', 'efficientnet_v2_b2', 'efficientnet_v2_b3']
+    """
+    return [spec for spec in REGISTRY.values() if pattern is None or fnmatch.fnmatchcase(spec.name, pattern)]
+
+
+def count_flops(model) -> int:
+    """Floating-point operations of one image through ``model``: 2 x the multiply-adds of its
+    convolutions (plain, grouped, depthwise, separable) and dense layers, the convention of the
+    papers and of timm's tables; normalisation, activations and pooling are not counted.
+
+    >>> count_flops(build_feature_extractor(get_backbone("small_cnn"), 32))
+    6782976
+    """
+    from keras import layers
+
+    multiply_adds = 0
+    for layer in model.layers:
+        if not isinstance(layer, layers.Conv2D | layers.DepthwiseConv2D | layers.SeparableConv2D | layers.Dense):
+            continue
+        output = layer.output.shape
+        positions = math.prod(output[1:-1])  # spatial positions (1 for a dense layer on vectors)
+        inputs = layer.input.shape[-1]
+        if isinstance(layer, layers.SeparableConv2D):
+            depthwise = inputs * layer.depth_multiplier
+            multiply_adds += positions * depthwise * (math.prod(layer.kernel_size) + output[-1])
+        elif isinstance(layer, layers.DepthwiseConv2D):
+            multiply_adds += positions * output[-1] * math.prod(layer.kernel_size)
+        elif isinstance(layer, layers.Conv2D):
+            multiply_adds += positions * output[-1] * math.prod(layer.kernel_size) * inputs // layer.groups
+        else:
+            multiply_adds += positions * output[-1] * inputs
+    return 2 * multiply_adds
 
 
 def get_backbone(name: str) -> BackboneSpec:
@@ -118,6 +192,10 @@ def build_feature_extractor(spec: BackboneSpec, image_size: int | None = None, w
     x = image
     if spec.preprocessing == "tf":
         x = layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(x)
+    elif spec.preprocessing in ("caffe", "torch"):
+        from kbench.layers import ImageNetPreprocessing
+
+        x = ImageNetPreprocessing(spec.preprocessing, name="preprocess")(x)
     constructor = getattr(keras.applications, spec.application)
     try:
         # input_tensor makes the application's graph start at our input: one flat model.
@@ -207,12 +285,32 @@ def feature_model(classifier):
     return keras.Model(classifier.inputs, head.input, name=f"{classifier.name}_features")
 
 
-def _load_model_weights(model, path: str) -> None:
+def load_model(path: str, compile: bool = False):
+    """A ``.keras`` file kbench wrote (or any Keras model file), loaded with ``safe_mode=True`` and
+    kbench's own layers registered; a file that isn't one raises KbenchError in one line."""
+    import zipfile
+
     import keras
 
+    import kbench.layers  # noqa: F401  (registers ImageNetPreprocessing for deserialisation)
+
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise KbenchError(f"{path} could not be loaded as a Keras model: not a zip archive, as .keras files are")
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as error:
+        raise KbenchError(f"{path} could not be loaded as a Keras model: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _load_model_weights(model, path: str) -> None:
     try:
         if path.endswith(".keras"):
-            source = keras.saving.load_model(path, compile=False, safe_mode=True)
+            source = load_model(path)
             model.set_weights(source.get_weights())
         else:
             model.load_weights(path)

@@ -17,6 +17,7 @@ from kbench import __version__
 from kbench import compare as comparison
 from kbench import options as opt
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
+from kbench.errors import KbenchError
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
 from kbench.train import TrainConfig as _T
@@ -39,11 +40,16 @@ def cli(debug_flag, verbose_flag):
 @click.argument("pattern", required=False)
 @opt.format_option("table", "json")
 def backbones(pattern, output_format):
-    """List the registered backbones (native size, parameters, feature width)."""
+    """List the registered backbones: native and minimum image size, parameters and GFLOPs of the
+    headless backbone at its native size, feature width, preprocessing. PATTERN filters names with
+    shell wildcards: kbench backbones 'efficientnet_v2*'."""
     from kbench.backbones import list_backbones
     from kbench.report import backbone_text
 
-    click.echo(backbone_text(list_backbones(), pattern, output_format))
+    specs = list_backbones(pattern)
+    if not specs:
+        raise KbenchError(f"no backbone matches {pattern!r}; kbench backbones lists them all")
+    click.echo(backbone_text(specs, output_format))
 
 
 @cli.command()

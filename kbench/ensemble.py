@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbench import files, metrics
-from kbench.backbones import HEAD_LAYER, feature_model
+from kbench.backbones import HEAD_LAYER, feature_model, load_model
 from kbench.backend import use_backend
 from kbench.config import option, positive
 from kbench.data import LAYOUTS, ImageLoader, find_images, indices_of, predict
@@ -219,7 +219,7 @@ def _train_locked(run: Run, config, members, split, images, data, train_idx, val
         {"kind": "ensemble", **dataclasses.asdict(config), "member_hashes": {m.name: m.model_hash for m in members}}
     )
     run.write_split({**split, "data": os.path.abspath(data), "fingerprint": data_fingerprint(images)})
-    models = [keras.saving.load_model(m.run.model_path, compile=False, safe_mode=True) for m in members]
+    models = [load_model(m.run.model_path) for m in members]
     ensemble, head = build_ensemble(models, members, len(images.classes), config.method)
     binary = len(images.classes) == 2
 

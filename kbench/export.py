@@ -13,10 +13,15 @@ Runtime with the model as the JAX backend computes it. Why not keras 3.15's ``mo
 - JAX backend (jax2onnx 0.17.1): a nested ensemble fails with "The model provided has never called",
   and even a plain ``stateless_call`` converts MaxPooling2D into an ONNX MaxPool that ONNX Runtime
   rejects ("Unsupported pooling size"), which rules out InceptionV3 and Xception.
+Two of keras' TensorFlow ops are traced in another form for conversion (``_convertible_ops``): ConvNeXt's
+grouped (depthwise) convolutions, which keras runs through XLA on CPU and tf2onnx then sees as an
+unconvertible ``StatefulPartitionedCall``, and exact GELU, whose ``Erfc`` tf2onnx lacks. Every family of
+``keras.applications`` exports with parity (tests/test_export.py, heavy suite).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbench import __version__, files
+from kbench.backbones import load_model
 from kbench.errors import KbenchError
 from kbench.runs import Run, file_hash
 
@@ -57,24 +63,6 @@ def model_file(model: str) -> str:
 def run_metadata(model: str) -> dict:
     """What a run or ensemble folder says about its model (classes, backbones); {} for a file."""
     return Run(model).labels() if os.path.isdir(model) else {}
-
-
-def load_model(path: str):
-    import zipfile
-
-    import keras
-
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise KbenchError(f"{path} could not be loaded as a Keras model: not a zip archive, as .keras files are")
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:
-        raise KbenchError(f"{path} could not be loaded as a Keras model: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(error).__name__
 
 
 def default_output(model: str, export_dir: str = DEFAULT_EXPORT_DIR) -> str:
@@ -247,7 +235,8 @@ def convert_keras_file(path: str, opset: int, batch_size: int | None):
     input_name, (height, width, channels) = describe_inputs(model)
     spec = tf.TensorSpec((batch_size, height, width, channels), tf.float32, name="image")
     # training=False drops dropout's random op and runs batch norm on its moving statistics.
-    concrete = tf.function(lambda image: model(image, training=False)).get_concrete_function(spec)
+    with _convertible_ops():
+        concrete = tf.function(lambda image: model(image, training=False)).get_concrete_function(spec)
     frozen = convert_variables_to_constants_v2(concrete)
     output_tensors = [t.name for t in frozen.outputs]
     onnx_model, _ = tf2onnx.convert.from_graph_def(
@@ -260,6 +249,38 @@ def convert_keras_file(path: str, opset: int, batch_size: int | None):
     names.update({tensor: _clean(name) for tensor, name in zip(output_tensors, _output_names(model))})
     _rename(onnx_model.graph, names)
     return onnx_model
+
+
+@contextlib.contextmanager
+def _convertible_ops():
+    """While the graph is traced for conversion, two of keras' TensorFlow ops take a form tf2onnx
+    converts (the graph is only converted, never run by TensorFlow; parity then checks the result):
+    - grouped convolutions (ConvNeXt's depthwise 7x7 is ``Conv2D(groups=C)``): keras wraps them in
+      ``tf.function(jit_compile=True)`` because TensorFlow's CPU kernel lacks them, and the frozen graph
+      keeps that as a ``StatefulPartitionedCall`` tf2onnx can't convert ("No Op registered for
+      StatefulPartitionedCall"); traced plainly, it is one Conv2D that tf2onnx turns into a grouped Conv.
+    - exact GELU: ``tf.nn.gelu`` computes ``0.5 x erfc(-x / sqrt 2)`` and tf2onnx has no Erfc;
+      ``0.5 x (1 + erf(x / sqrt 2))`` is the same function and converts to ONNX Erf.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import nn
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        layout = nn._convert_data_format(data_format, len(inputs.shape))
+        return tf.nn.convolution(inputs, kernel, strides, padding.upper(), data_format=layout, dilations=dilation_rate)
+
+    def gelu(x, approximate=True):
+        x = tf.convert_to_tensor(x)
+        if approximate:
+            return tf.nn.gelu(x, approximate=True)
+        return 0.5 * x * (1.0 + tf.math.erf(x * np.float32(1 / np.sqrt(2))))
+
+    saved = nn.conv, nn.gelu
+    nn.conv, nn.gelu = conv, gelu
+    try:
+        yield
+    finally:
+        nn.conv, nn.gelu = saved
 
 
 def _output_names(model) -> list[str]:

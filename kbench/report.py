@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import statistics
@@ -535,15 +534,16 @@ def write_report(results: dict, out_dir: str) -> dict:
 # -- what the commands print -----------------------------------------------------------------------
 
 
-def backbone_text(specs: list, pattern: str | None = None, output_format: str = "table") -> str:
-    """The registry as a table or JSON; ``pattern`` filters names with shell wildcards
-    (``'efficientnet_b*'``)."""
-    rows = [spec.to_dict() for spec in specs if not pattern or fnmatch.fnmatchcase(spec.name, pattern)]
+def backbone_text(specs: list, output_format: str = "table") -> str:
+    """The registry (or part of it) as a table or JSON."""
+    rows = [spec.to_dict() for spec in specs]
     if output_format == "json":
         return json.dumps(rows, indent=2)
-    if not rows:
-        return f"no backbone matches {pattern!r}"
-    return format_table(rows, ["name", "image_size", "params", "feature_dim", "preprocessing", "pretrained"])
+    for row in rows:
+        row["params"] = f"{row['params'] / 1e6:.1f}M"
+        row["gflops"] = f"{row['gflops']:.2f}"
+    columns = ["name", "image_size", "min_image_size", "params", "gflops", "feature_dim", "preprocessing"]
+    return format_table(rows, columns)
 
 
 def train_summary(result: dict, run_dir: str) -> str:

@@ -285,6 +285,8 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
     if state:
         _schedule_class()  # registered before the checkpoint's optimizer is deserialised
         try:
+            import kbench.layers  # noqa: F401  (kbench's preprocessing layer, registered before loading)
+
             model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
         except Exception as error:
             raise KbenchError(

@@ -115,3 +115,31 @@ def test_cpu_backends_rows_match_its_table(tmp_path, capsys):
     (row,) = record["rows"]
     assert row["setting"] == BACKEND and row["backend"] == BACKEND and len(row["step_ms"]) == 1
     assert body == [f"| small_cnn | 32 | {row['median_ms']:,.0f} |"]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the script runs each backbone in its own TensorFlow process")
+def test_backbones_table_rows_plot_and_resume(tmp_path, capsys):
+    script = load_script("backbones")
+    argv = ["--backbones", "mobilenet_v3_small", "--image-size", "32", "--batch-sizes", "1,2", "--budget-seconds", "1"]
+    record, _, body = run_script("backbones", argv, tmp_path, capsys)
+    (row,) = record["rows"]
+    assert row["backbone"] == "mobilenet_v3_small" and row["max_relative_difference"] <= 1e-4
+    assert row["gflops"] < 0.11  # counted at 32 px, not the native size's figure
+    for key in ("keras-compiled_b1", "keras-compiled_b2", "onnxruntime-cpu_b1", "onnxruntime-cpu_b2"):
+        assert row[f"{key}_ms"] > 0 and row[f"{key}_runs"] >= 1
+    assert body == [script.table_line(row, [1, 2])] and "| 68.1 |" in body[0]
+    assert (tmp_path / "backbones.png").stat().st_size > 10_000 and record["pareto_front"] == ["mobilenet_v3_small"]
+    # --resume keeps the finished row: nothing is measured again
+    again = script.main([*argv, "--resume", "--no-plot", "--json", str(tmp_path / "backbones.json")])
+    assert again["rows"][0]["export_seconds"] == row["export_seconds"]
+
+
+def test_backbones_pareto_front_and_refusals():
+    script = load_script("backbones")
+    points = [(1.0, 70.0, "a"), (2.0, 69.0, "b"), (3.0, 80.0, "c"), (3.0, 75.0, "d"), (9.0, 80.0, "e")]
+    assert script.pareto_front(points) == ["a", "c"]
+    from kbench.backbones import REGISTRY
+
+    assert set(script.TOP1) == {spec.name for spec in REGISTRY.values() if spec.application}
+    with pytest.raises(SystemExit):
+        script.main(["--backbones", "nope*", "--json", "/dev/null"])
