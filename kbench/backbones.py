@@ -148,7 +148,16 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KbenchError(f"unknown backbone {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+        pass
+    import difflib
+
+    # keras' own spelling (ResNet50V2, EfficientNetV2S) and near misses point at the registered name
+    by_constructor = {spec.application.lower(): spec.name for spec in REGISTRY.values() if spec.application}
+    guess = by_constructor.get(name.replace("_", "").lower()) or next(
+        iter(difflib.get_close_matches(name.lower(), list(REGISTRY), n=1, cutoff=0.8)), None
+    )
+    hint = f"did you mean {guess}? " if guess else ""
+    raise KbenchError(f"unknown backbone {name!r}; {hint}kbench backbones lists all: {', '.join(REGISTRY)}")
 
 
 def weights_kind(weights: str) -> str:

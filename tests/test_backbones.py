@@ -41,6 +41,16 @@ def test_registry_has_the_study_backbones_at_native_sizes():
 def test_unknown_backbone_lists_the_valid_names():
     with pytest.raises(KbenchError, match="unknown backbone 'resnet51'.*efficientnet_b7.*small_cnn"):
         get_backbone("resnet51")
+    for typed, meant in (
+        ("ResNet50V2", "resnet50_v2"),
+        ("efficientnetv2_s", "efficientnet_v2_s"),
+        ("convnext-tiny", "convnext_tiny"),
+    ):
+        with pytest.raises(KbenchError, match=f"did you mean {meant}\\?"):
+            get_backbone(typed)
+    with pytest.raises(KbenchError) as error:
+        get_backbone("foo")
+    assert "did you mean" not in str(error.value)
 
 
 def test_small_cnn_registry_figures_match_the_model():
