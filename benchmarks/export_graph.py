@@ -202,8 +202,8 @@ def measure_backbone(name: str, args, folder: str) -> list[dict]:
 SESSION_VARIANTS = {
     "ORT defaults (threads 0)": {"threads": 0, "tuned": False},
     "threads = physical cores": {"tuned": False},
-    "+ no spinning": {"tuned": False, "spinning": False},
-    "+ denormals as zero": {"tuned": False, "denormal_as_zero": True},
+    "no spinning": {"tuned": False, "spinning": False},
+    "denormals as zero": {"tuned": False, "denormal_as_zero": True},
     "NHWC layout transformer off": {"tuned": False, "nhwc": False},
     "kbench's settings": {},
 }
@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
             first = args.backbones.split(",")[0]
             option_rows = measure_session_options(os.path.join(folder, f"{first}.onnx"), args)
     table = "\n".join([HEADER, *map(table_line, rows)])
-    first_rows = {row["backbone"]: row for row in reversed(rows)}  # one line per backbone
+    first_rows = {}
+    for row in rows:  # one line per backbone
+        first_rows.setdefault(row["backbone"], row)
     counts = "\n".join(
         [
             "| backbone | nodes before | nodes after |",

@@ -397,7 +397,8 @@ def _apply_affine_nchw(graph: Graph, transpose, scale: np.ndarray, shift: np.nda
         )
         if pads_nothing and np.any(offset):
             bias = graph.constant(conv.input[2]).astype(np.float64) if len(conv.input) > 2 else 0.0
-            bias = bias + np.einsum("oc...,c->o", weights, offset)
+            spread = offset.reshape(1, -1, *([1] * (weights.ndim - 2)))
+            bias = bias + np.sum(weights * spread, axis=tuple(range(1, weights.ndim)))
             conv_bias = graph.add_initializer(np.asarray(bias, np.float32), "input_bias")
             if len(conv.input) > 2:
                 conv.input[2] = conv_bias

@@ -48,7 +48,7 @@ def pad_conv_model(pads, mode="constant", value=None, extra_reader=False):
     outputs = [tensor("y", ["N", 4, None, None])]
     if extra_reader:
         nodes.append(helper.make_node("Relu", ["padded"], ["z"]))
-        outputs.append(tensor("z", None))
+        outputs.append(tensor("z", ["N", 3, None, None]))
     constants = {"pads": np.array(pads, np.int64), "w": weights(4, 3, 3, 3)}
     if value is not None:
         constants["value"] = np.array(value, np.float32)
@@ -111,7 +111,7 @@ def test_a_reshape_that_changes_the_shape_is_kept():
         helper.make_node("Reshape", ["squeezed", "shape"], ["y"]),
     ]
     constants = {"axes": np.array([2, 3], np.int64), "shape": np.array([-1, 4, 1, 1], np.int64)}
-    model = make_model(nodes, [tensor("x", ["N", 8, 5, 5])], [tensor("y", None)], constants)
+    model = make_model(nodes, [tensor("x", ["N", 8, 5, 5])], [tensor("y", [None, 4, 1, 1])], constants)
     cleaned, done = graph.run_passes(model)
     assert done["drop_noop_reshapes"] == 0 and ops(cleaned) == ["GlobalAveragePool", "Squeeze", "Reshape"]
     assert done["copy_batch_in_reshapes"] == 0  # -1 is 2N here, not the input's N
@@ -122,7 +122,7 @@ def test_a_reshape_that_changes_the_shape_is_kept():
 def test_a_reshapes_minus_one_that_is_the_batch_becomes_copy():
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Relu", ["flat"], ["y"])]
     model = make_model(
-        nodes, [tensor("x", ["N", 4, 2, 2])], [tensor("y", None)], {"shape": np.array([-1, 16], np.int64)}
+        nodes, [tensor("x", ["N", 4, 2, 2])], [tensor("y", ["N", 16])], {"shape": np.array([-1, 16], np.int64)}
     )
     cleaned, done = graph.run_passes(model)
     assert done["copy_batch_in_reshapes"] == 1
@@ -156,7 +156,7 @@ def preprocessing_model(conv_pads):
         "w": weights(4, 3, 3, 3),
         "b": weights(4),
     }
-    return make_model(nodes, [tensor("image", ["N", 9, 9, 3])], [tensor("y", None)], constants)
+    return make_model(nodes, [tensor("image", ["N", 9, 9, 3])], [tensor("y", ["N", 4, None, None])], constants)
 
 
 @pytest.mark.parametrize("conv_pads, between", [([1, 1, 1, 1], ["Add"]), ([0, 0, 0, 0], [])])
@@ -189,7 +189,7 @@ def test_identities_go_and_broadcasting_neutral_ops_stay():
         helper.make_node("Add", ["times_one", "wide_zero"], ["y"]),  # rank 5: the output grows a dimension
     ]
     constants = {"one": np.ones((1, 1), np.float32), "wide_zero": np.zeros((1, 1, 1, 1, 1), np.float32)}
-    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", None)], constants)
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", [None] * 5)], constants)
     cleaned, done = graph.run_passes(model)
     assert done["drop_identities"] == 2 and ops(cleaned) == ["Add"]
     pixels = RNG.standard_normal((2, 2, 3, 3)).astype(np.float32)
