@@ -205,3 +205,19 @@ def test_clean_graph_records_each_pass_and_the_simplifier():
     assert record["simplifier"].startswith("onnxslim")
     onnx.checker.check_model(cleaned)
     assert [value.name for value in cleaned.graph.output] == ["y"]
+
+
+def test_a_graph_with_subgraphs_is_left_alone():
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["padded"], ["inner"])], "branch", [], [tensor("inner", ["N", 3, 11, 11])]
+    )
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+        helper.make_node("Greater", ["peak", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    constants = {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "zero": np.array(0.0, np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 3, 9, 9])], [tensor("y", ["N", 3, 11, 11])], constants)
+    cleaned, done = graph.run_passes(model)
+    assert not any(done.values()) and ops(cleaned) == ops(model)
