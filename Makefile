@@ -22,7 +22,7 @@ ORT_GPU := 'onnxruntime-gpu[cuda,cudnn,symbolic]'
 # One stamp per set, so that switching between them re-installs.
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install demo lint test test-jax test-tensorflow test-heavy bench-pipeline bench-gpu clean
+.PHONY: install demo lint test test-jax test-tensorflow test-heavy bench-pipeline bench-gpu peer-env bench-export-graph clean
 
 install: $(STAMP)
 
@@ -73,5 +73,20 @@ bench-pipeline: install
 bench-gpu: install
 	bash benchmarks/gpu.sh
 
+# The peer environment benchmarks/export_graph.py compares kbench's exports with: torch + timm, kept
+# out of .venv. PyPI's Linux torch wheel is the CUDA build: with its NVIDIA libraries about 5.6 GB
+# (measured), though only its CPU path is used.
+PEER_VENV := .venv-peer
+peer-env: $(PEER_VENV)/.installed
+
+$(PEER_VENV)/.installed:
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/pip install --quiet torch timm onnx onnxscript
+	touch $@
+
+bench-export-graph: install
+	$(PY) benchmarks/export_graph.py --session-options
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) runs .pytest_cache

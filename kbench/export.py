@@ -96,8 +96,13 @@ class ExportOptions:
 
 def export_key(source: str, options: ExportOptions) -> str:
     """The identity of an export: the model file's content, the options and the exporter's version."""
+    from kbench.graph import GRAPH_PASSES_VERSION  # imports onnx: only when a key is needed
+
     batch = options.batch_size or "dynamic"
-    return f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}-kbench{__version__}"
+    return (
+        f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}"
+        f"-graph{GRAPH_PASSES_VERSION}-kbench{__version__}"
+    )
 
 
 def onnx_for(
@@ -146,17 +151,22 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     batch_size: int | None = None,
     metadata: dict | None = None,
+    graph_passes: bool = True,
 ) -> dict:
     """Export ``model`` (a path: run folder, ensemble folder, ``.keras``; or a keras.Model) to ``output``.
 
     The file is written only after ``onnx.checker`` passes and ONNX Runtime matches Keras on the same
-    random pixels at batch 1 and 3 (or ``batch_size``) within 1e-4 of the output's scale. Returns a
+    random pixels at batch 1 and 3 (or ``batch_size``) within 1e-4 of the output's scale. Before the
+    check the converted graph goes through ``kbench.graph.clean_graph`` (``graph_passes=False``: as
+    converted, for comparisons); the metadata's ``kbench_graph_passes`` says what it did. Returns a
     record with the path, the largest relative difference and the seconds spent.
 
     >>> export_onnx("runs/b0", "exports/b0.onnx")["max_relative_difference"]  # doctest: +SKIP
     """
     import keras
     import onnx
+
+    from kbench.graph import GRAPH_PASSES_VERSION, clean_graph
 
     ExportOptions(opset, batch_size).check()
     if os.path.isdir(output):
@@ -177,7 +187,10 @@ def export_onnx(
             converted = os.path.join(scratch, "model.onnx")
             _convert_in_tensorflow_process(source, converted, opset, batch_size)
             onnx_model = onnx.load(converted)
-        _set_metadata(onnx_model, model, backend, metadata or {})
+        passes = {"version": GRAPH_PASSES_VERSION, "skipped": True}
+        if graph_passes:
+            onnx_model, passes = clean_graph(onnx_model)
+        _set_metadata(onnx_model, model, backend, {**(metadata or {}), "kbench_graph_passes": passes})
         try:
             onnx.checker.check_model(onnx_model)
         except onnx.checker.ValidationError as error:
@@ -193,6 +206,7 @@ def export_onnx(
         "max_relative_difference": difference,
         "export_seconds": time.perf_counter() - start,
         "megabytes": len(data) / 2**20,
+        "graph_passes": passes,
     }
 
 

@@ -130,15 +130,51 @@ class KerasCompiled(Runtime):
         return self._run(pixels)
 
 
+# The session options that measured fastest for kbench's exported files on CPU (benchmarks/README.md,
+# "ONNX Runtime session options"); OnnxRuntimeCPU uses them unless told otherwise (tuned=False).
+TUNED_CPU_SETTINGS = {"spinning": False, "denormal_as_zero": False, "nhwc": True}
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads counted once) from /proc/cpuinfo; ``os.cpu_count()`` elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cores, physical = set(), "0"
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    physical = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((physical, value.strip()))
+        return len(cores) or os.cpu_count() or 1
+    except OSError:
+        return os.cpu_count() or 1
+
+
 class OnnxRuntimeCPU(Runtime):
-    """An InferenceSession with full graph optimisation and ``threads`` intra-op threads."""
+    """An InferenceSession with full graph optimisation, ``threads`` intra-op threads (None: one per
+    physical core; 0: ONNX Runtime's choice) and, unless ``tuned`` is False, the session options in
+    TUNED_CPU_SETTINGS; ``spinning``, ``denormal_as_zero`` and ``nhwc`` (the NHWC layout transformer)
+    override them one by one. The row's detail names the settings."""
 
     name = "onnxruntime-cpu"
     needs = "onnx"
     provider = "CPUExecutionProvider"
 
-    def __init__(self, threads: int | None = None, parallel: bool = False):
+    def __init__(
+        self,
+        threads: int | None = None,
+        parallel: bool = False,
+        tuned: bool = True,
+        spinning: bool | None = None,
+        denormal_as_zero: bool | None = None,
+        nhwc: bool | None = None,
+    ):
         self.threads, self.parallel = threads, parallel
+        chosen = dict(TUNED_CPU_SETTINGS) if tuned else {}
+        given = {"spinning": spinning, "denormal_as_zero": denormal_as_zero, "nhwc": nhwc}
+        chosen.update({key: value for key, value in given.items() if value is not None})
+        self.settings = chosen
         if parallel:
             self.name = self.name + "-parallel"
 
@@ -147,17 +183,38 @@ class OnnxRuntimeCPU(Runtime):
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = physical_cores() if self.threads is None else self.threads
         if self.parallel:  # independent branches (ensemble members) run concurrently
             options.execution_mode = onnxruntime.ExecutionMode.ORT_PARALLEL
+        if "spinning" in self.settings:
+            spin = "1" if self.settings["spinning"] else "0"
+            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if self.settings.get("denormal_as_zero"):
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if self.settings.get("nhwc") is False:
+            options.add_session_config_entry("optimization.disable_specified_optimizers", "NhwcTransformer")
         return options
 
-    def prepare(self, model, image_size):
+    def describe(self) -> str:
+        threads = {None: f"{physical_cores()} (physical cores)", 0: "ONNX Runtime's default"}.get(
+            self.threads, str(self.threads)
+        )
+        parts = [f"intra-op threads {threads}"]
+        if "spinning" in self.settings:
+            parts.append("spinning " + ("on" if self.settings["spinning"] else "off"))
+        if "denormal_as_zero" in self.settings:
+            parts.append("denormals as zero " + ("on" if self.settings["denormal_as_zero"] else "off"))
+        if "nhwc" in self.settings:
+            parts.append("NHWC transformer " + ("on" if self.settings["nhwc"] else "off"))
+        if self.parallel:
+            parts.append("parallel mode")
+        return ", ".join(parts)
 
+    def prepare(self, model, image_size):
         self.session = onnx_session(model, [self.provider], self.options())
         self.input_name = self.session.get_inputs()[0].name
-        self.detail = f"intra-op threads {self.threads or 'default'}" + (", parallel mode" if self.parallel else "")
+        self.detail = self.describe()
 
     def run(self, pixels):
         return self.session.run(None, {self.input_name: pixels})

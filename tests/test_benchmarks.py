@@ -143,3 +143,15 @@ def test_backbones_pareto_front_and_refusals():
     assert set(script.TOP1) == {spec.name for spec in REGISTRY.values() if spec.application}
     with pytest.raises(SystemExit):
         script.main(["--backbones", "nope*", "--json", "/dev/null"])
+
+
+def test_export_graph_rows_match_its_table(tmp_path, capsys):
+    argv = ["--backbones", "small_cnn", "--image-size", "32", "--batch-sizes", "1", "--repeats", "1", "--runs", "2"]
+    record, _, body = run_script("export_graph", argv, tmp_path, capsys)
+    (row,) = record["rows"]
+    assert body == [load_script("export_graph").table_line(row)]
+    assert row["backbone"] == "small_cnn" and row["batch_size"] == 1 and row["p50_ms_before"] > 0
+    assert row["after_over_before"] == pytest.approx(row["p50_ms_after"] / row["p50_ms_before"])
+    assert row["nodes_after"] <= row["nodes_before"] == sum(row["counts_before"].values())
+    assert row["graph_passes"]["simplifier"].startswith("onnxslim") and row["max_relative_difference"] <= 1e-4
+    assert row["p50_ms_timm"] == "not available"  # timm has no small_cnn, peer environment or not

@@ -7,6 +7,7 @@ import onnxruntime
 import pytest
 
 from kbench import export as export_module
+from kbench import graph as graph_module
 from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, get_backbone
 from kbench.errors import KbenchError
 from kbench.export import export_onnx, read_metadata
@@ -50,6 +51,18 @@ def test_small_cnn_exports_with_one_image_input_and_probability_output(tmp_path)
     metadata = read_metadata(str(tmp_path / "m.onnx"))
     assert json.loads(metadata["classes"]) == ["cat", "dog"] and metadata["backend"] == BACKEND
     assert json.loads(metadata["image_size"]) == [32, 32] and "keras_version" in metadata
+    passes = json.loads(metadata["kbench_graph_passes"])  # the clean-up ran, and says what it did
+    assert passes == result["graph_passes"] and passes["version"] == graph_module.GRAPH_PASSES_VERSION
+    assert set(graph_module.PASSES) <= set(passes) and passes["simplifier"].startswith("onnxslim")
+
+
+def test_export_key_changes_with_the_graph_passes_version(tmp_path, monkeypatch):
+    source = tmp_path / "m.keras"
+    source.write_bytes(b"model bytes")
+    options = export_module.ExportOptions()
+    before = export_module.export_key(str(source), options)
+    monkeypatch.setattr(graph_module, "GRAPH_PASSES_VERSION", graph_module.GRAPH_PASSES_VERSION + 1)
+    assert export_module.export_key(str(source), options) != before
 
 
 def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
@@ -163,3 +176,13 @@ def test_every_family_exports_with_parity(name, tmp_path):
 def test_a_real_classifier_exports_at_reduced_size(tmp_path):
     model = build_classifier(get_backbone("efficientnet_b0"), 2, 96)
     assert export_onnx(model, str(tmp_path / "b0.onnx"))["max_relative_difference"] <= 1e-4
+
+
+@pytest.mark.heavy
+def test_efficientnet_b0_export_has_no_pad_and_no_reshape_around_pooling(tmp_path):
+    model = build_classifier(get_backbone("efficientnet_b0"), 2, 64)
+    export_onnx(model, str(tmp_path / "b0.onnx"))
+    graph = onnx.load(str(tmp_path / "b0.onnx")).graph
+    kinds = [node.op_type for node in graph.node]
+    assert kinds.count("GlobalAveragePool") == 17 and "Pad" not in kinds and "Reshape" not in kinds
+    assert kinds.count("Squeeze") <= 1  # only the head's, after the last pooling: none in the blocks

@@ -1,0 +1,276 @@
+"""What kbench's graph clean-up (``kbench.graph``) does to each backbone's ONNX file: node counts by type
+and ONNX Runtime latency before and after, against timm's export of the same architecture when the
+peer environment exists (``make peer-env``), and (``--session-options``) which ONNX Runtime session
+options are fastest on this CPU.
+
+    python benchmarks/export_graph.py [--backend tensorflow] [--backbones a,b] [--image-size N]
+        [--batch-sizes 1,32] [--repeats 5] [--runs 10] [--big-runs 3] [--session-options]
+        [--json benchmarks/results/export_graph.json]
+
+Every model is the binary classifier kbench exports, with seeded random weights and ImageNet
+normalisation constants (as ``weights="imagenet"`` has them; with random weights Keras leaves them at
+mean 0, variance 1, which would hide the preprocessing's cost). "before" is the file as converted,
+"after" the file ``kbench export`` writes. The variants of a backbone are timed interleaved: each of
+``--repeats`` rounds runs every variant ``--runs`` times (``--big-runs`` at batch >= 8 for backbones
+whose native size is above 260 px), in a rotated order; the p50 is the median of all of them. Sessions
+use kbench's onnxruntime-cpu settings (``kbench.runtimes.OnnxRuntimeCPU``). timm's model takes NCHW
+pixels and has one output unit too; its weights are random as well. Tiny mode, for tests:
+--backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 1 --runs 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import record  # noqa: E402
+from kbench.backbones import REGISTRY, build_classifier, get_backbone  # noqa: E402
+from kbench.backend import use_backend  # noqa: E402
+
+PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
+PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")
+TIMM_NAMES = {
+    "mobilenet_v2": "mobilenetv2_100",
+    "inception_v3": "inception_v3",
+    "xception": "legacy_xception",
+    **{f"efficientnet_b{i}": f"efficientnet_b{i}" for i in range(8)},
+}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_VARIANCE = [0.229**2, 0.224**2, 0.225**2]
+NOT_AVAILABLE = "not available"
+WATCHED = ("Pad", "Squeeze", "Reshape", "Transpose")
+
+
+def imagenet_normalization(model) -> int:
+    """Give every 3-channel Normalization layer ImageNet's mean and variance; returns how many."""
+    from keras import layers
+
+    changed = 0
+    for layer in model._flatten_layers(include_self=False):
+        adapted = getattr(layer, "adapt_mean", None)
+        if isinstance(layer, layers.Normalization) and adapted is not None and tuple(adapted.shape) == (3,):
+            layer.adapt_mean.assign(np.array(IMAGENET_MEAN, np.float32))
+            layer.adapt_variance.assign(np.array(IMAGENET_VARIANCE, np.float32))
+            layer.finalize_state()
+            changed += 1
+    return changed
+
+
+def node_counts(path: str) -> dict[str, int]:
+    import onnx
+
+    return dict(collections.Counter(node.op_type for node in onnx.load(path).graph.node))
+
+
+def peer_export(backbone: str, image_size: int, output: str) -> str | None:
+    """timm's ONNX file of the same architecture through the peer interpreter; None when there is no
+    peer environment or no timm counterpart."""
+    name = TIMM_NAMES.get(backbone)
+    if name is None or not os.path.isfile(PEER_PYTHON):
+        return None
+    done = subprocess.run([PEER_PYTHON, PEER_SCRIPT, name, str(image_size), output], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"timm export of {name} failed: {lines[-1] if lines else done.returncode}")
+    return output
+
+
+def session(path: str, settings: dict | None = None):
+    from kbench.runtimes import OnnxRuntimeCPU, onnx_session
+
+    runtime = OnnxRuntimeCPU(**(settings or {}))
+    return onnx_session(path, ["CPUExecutionProvider"], runtime.options())
+
+
+def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dict[str, float]:
+    """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
+    (one untimed warm-up call first), the order rotated every round so that no variant always goes first."""
+    timings = {name: [] for name in sessions}
+    names = list(sessions)
+    for name in names:  # warm-up outside the timings
+        sessions[name].run(None, feeds[name])
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            current, feed = sessions[name], feeds[name]
+            current.run(None, feed)
+            for _ in range(runs):
+                start = time.perf_counter()
+                current.run(None, feed)
+                timings[name].append((time.perf_counter() - start) * 1000)
+    return {name: float(np.median(values)) for name, values in timings.items()}
+
+
+def feed_for(current, batch: int, rng) -> dict:
+    value = current.get_inputs()[0]
+    shape = [batch, *[int(d) for d in value.shape[1:]]]
+    return {value.name: rng.uniform(0, 255, shape).astype(np.float32)}
+
+
+def _counts_text(counts: dict) -> str:
+    return ", ".join(f"{op} {counts.get(op, 0)}" for op in WATCHED)
+
+
+def _ratio(top, bottom):
+    return top / bottom if isinstance(top, float) and isinstance(bottom, float) else NOT_AVAILABLE
+
+
+def _cell(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+HEADER = (
+    "| backbone | px | batch | nodes before → after (timm) | before | after | timm | after / before | after / timm |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_line(row: dict) -> str:
+    nodes = f"{row['nodes_before']} → {row['nodes_after']} ({row['nodes_timm']})"
+    return (
+        f"| {row['backbone']} | {row['image_size']} | {row['batch_size']} | {nodes} | {_cell(row['p50_ms_before'])} "
+        f"| {_cell(row['p50_ms_after'])} | {_cell(row['p50_ms_timm'])} | {_cell(row['after_over_before'])} "
+        f"| {_cell(row['after_over_timm'])} |"
+    )
+
+
+def measure_backbone(name: str, args, folder: str) -> list[dict]:
+    import keras
+
+    from kbench.export import export_onnx
+
+    spec = get_backbone(name)
+    size = args.image_size or spec.image_size
+    keras.utils.set_random_seed(0)
+    model = build_classifier(spec, 2, size, "none")
+    imagenet_normalization(model)
+    paths = {"before": os.path.join(folder, f"{name}-before.onnx"), "after": os.path.join(folder, f"{name}.onnx")}
+    export_onnx(model, paths["before"], graph_passes=False)
+    exported = export_onnx(model, paths["after"])
+    del model
+    keras.backend.clear_session()
+    timm_path = peer_export(name, size, os.path.join(folder, f"{name}-timm.onnx"))
+    if timm_path:
+        paths["timm"] = timm_path
+    counts = {variant: node_counts(path) for variant, path in paths.items()}
+    sessions = {variant: session(path) for variant, path in paths.items()}
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batch_sizes:
+        feeds = {variant: feed_for(current, batch, rng) for variant, current in sessions.items()}
+        runs = args.big_runs if batch >= 8 and spec.image_size > 260 else args.runs
+        p50 = interleaved_p50(sessions, feeds, args.repeats, runs)
+        timm_p50 = p50.get("timm", NOT_AVAILABLE)
+        rows.append(
+            {
+                "backbone": name,
+                "image_size": size,
+                "batch_size": batch,
+                "repeats": args.repeats,
+                "runs_per_repeat": runs,
+                "nodes_before": sum(counts["before"].values()),
+                "nodes_after": sum(counts["after"].values()),
+                "nodes_timm": sum(counts["timm"].values()) if "timm" in counts else NOT_AVAILABLE,
+                "counts_before": counts["before"],
+                "counts_after": counts["after"],
+                "counts_timm": counts.get("timm", NOT_AVAILABLE),
+                "watched_before": _counts_text(counts["before"]),
+                "watched_after": _counts_text(counts["after"]),
+                "graph_passes": exported["graph_passes"],
+                "max_relative_difference": exported["max_relative_difference"],
+                "p50_ms_before": p50["before"],
+                "p50_ms_after": p50["after"],
+                "p50_ms_timm": timm_p50,
+                "after_over_before": p50["after"] / p50["before"],
+                "after_over_timm": _ratio(p50["after"], timm_p50),
+            }
+        )
+        print(table_line(rows[-1]), flush=True)
+    return rows
+
+
+# ONNX Runtime session options timed by --session-options, as kbench.runtimes.OnnxRuntimeCPU settings.
+SESSION_VARIANTS = {
+    "ORT defaults (threads 0)": {"threads": 0, "tuned": False},
+    "threads = physical cores": {"tuned": False},
+    "no spinning": {"tuned": False, "spinning": False},
+    "denormals as zero": {"tuned": False, "denormal_as_zero": True},
+    "NHWC layout transformer off": {"tuned": False, "nhwc": False},
+    "kbench's settings": {},
+}
+OPTION_HEADER = "| session options | batch | p50 ms | / ORT defaults |\n|---|---|---|---|"
+
+
+def measure_session_options(path: str, args) -> list[dict]:
+    sessions = {label: session(path, settings) for label, settings in SESSION_VARIANTS.items()}
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batch_sizes:
+        feeds = {label: feed_for(current, batch, rng) for label, current in sessions.items()}
+        p50 = interleaved_p50(sessions, feeds, args.repeats, args.runs)
+        base = p50["ORT defaults (threads 0)"]
+        for label, value in p50.items():
+            rows.append({"session_options": label, "batch_size": batch, "p50_ms": value, "over_defaults": value / base})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
+    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's native size")
+    parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in text.split(",")], default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--big-runs", type=int, default=3)
+    parser.add_argument("--session-options", action="store_true", help="also time ONNX Runtime's session options")
+    record.add_json_option(parser, "export_graph")
+    args = parser.parse_args(argv)
+    began = record.Record(__file__, argv)
+    backend = use_backend(args.backend)
+
+    peer = "timm (" + PEER_PYTHON + ")" if os.path.isfile(PEER_PYTHON) else NOT_AVAILABLE + " (make peer-env)"
+    print(f"backend {backend}; peer {peer}")
+    print(HEADER, flush=True)
+    rows, option_rows = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.backbones.split(","):
+            rows.extend(measure_backbone(name, args, folder))
+        if args.session_options:
+            first = args.backbones.split(",")[0]
+            option_rows = measure_session_options(os.path.join(folder, f"{first}.onnx"), args)
+    table = "\n".join([HEADER, *map(table_line, rows)])
+    first_rows = {}
+    for row in rows:  # one line per backbone
+        first_rows.setdefault(row["backbone"], row)
+    counts = "\n".join(
+        [
+            "| backbone | nodes before | nodes after |",
+            "|---|---|---|",
+            *(f"| {name} | {row['watched_before']} | {row['watched_after']} |" for name, row in first_rows.items()),
+        ]
+    )
+    table += "\n\n" + counts
+    if option_rows:
+        lines = [
+            f"| {r['session_options']} | {r['batch_size']} | {r['p50_ms']:.2f} | {r['over_defaults']:.2f} |"
+            for r in option_rows
+        ]
+        table += "\n\n" + "\n".join([OPTION_HEADER, *lines])
+    print("\n" + table.split("\n\n", 1)[1])
+    return began.write(
+        args.json, rows, table, backend=backend, peer=peer, session_options=option_rows, settings=vars(args)
+    )
+
+
+if __name__ == "__main__":
+    main()

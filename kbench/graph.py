@@ -1,0 +1,585 @@
+"""Clean up a converted ONNX graph before it is checked and kept: pure ONNX and numpy, nothing of Keras.
+
+tf2onnx writes what TensorFlow's graph says, and some of it costs time in ONNX Runtime (measured in
+benchmarks/README.md, "Exported graph clean-up"):
+- keras' ZeroPadding2D becomes a standalone Pad in front of a strided convolution;
+- squeeze-and-excitation pools, squeezes to (N, C) and reshapes back with ``Reshape(-1, C, 1, 1)``:
+  with ``-1`` ONNX Runtime cannot prove the batch dimension equal on both sides of a residual Add and
+  fuses none of them into their convolutions;
+- the preprocessing inside the model (EfficientNet's Rescaling and Normalization) multiplies and adds
+  NHWC constants of shape [1, 1, 1, 3] before the input's Transpose, a slow broadcast.
+
+Each pass here matches one pattern exactly and proves the rewrite keeps the result (shapes from ONNX
+shape inference, constants read from the graph); anything it can't prove it leaves alone, so the
+passes are safe on graphs nobody has looked at. ``clean_graph`` runs them all, then onnxslim for the
+rest (constant folding, dead ends; see ``simplify``), and returns the new model with what each pass
+did. The export's parity check then runs on the final graph.
+
+>>> model, done = clean_graph(onnx.load("exports/b0.onnx"))  # doctest: +SKIP
+>>> done  # doctest: +SKIP
+{'fold_pad_into_conv': 4, 'drop_squeeze_reshape': 17, ...}
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Bump when a pass changes what it writes: kbench.export puts it in the key under which an exported
+# file is reused, so files made by older passes are made again.
+GRAPH_PASSES_VERSION = 1
+
+
+class Graph:
+    """Indexes over a GraphProto: who makes each value, who reads it, the constants, the known shapes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        graph = self.graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.outputs = {value.name for value in graph.output}
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.shapes = _inferred_shapes(self.model)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and len(node.attribute) == 1:
+            if node.attribute[0].name == "value":
+                return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def only_consumer(self, name: str):
+        """The single node reading ``name``, or None (several readers, or a graph output)."""
+        readers = self.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+    def add_initializer(self, array: np.ndarray, hint: str) -> str:
+        name, index = f"kbench_graph/{hint}", 0
+        while name in self.initializers or name in self.producer:
+            index += 1
+            name = f"kbench_graph/{hint}_{index}"
+        tensor = numpy_helper.from_array(array, name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        return name
+
+    def bypass(self, node, replacement: str) -> bool:
+        """Readers of ``node``'s (single) output read ``replacement`` instead; False (nothing done)
+        when that output is a graph output, whose name must stay."""
+        (output,) = node.output
+        if output in self.outputs:
+            return False
+        for reader in self.consumers.get(output, []):
+            reader.input[:] = [replacement if name == output else name for name in reader.input]
+        return True
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Value name -> list of dims: an int, a symbol (str), or None for unknown."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # an op shape inference doesn't know: fewer shapes, fewer rewrites
+        inferred = model
+    shapes = {}
+    graph = inferred.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        dims = []
+        for dim in tensor.shape.dim:
+            if dim.HasField("dim_value"):
+                dims.append(int(dim.dim_value))
+            elif dim.HasField("dim_param") and dim.dim_param:
+                dims.append(dim.dim_param)
+            else:
+                dims.append(None)
+        shapes[value.name] = dims
+    for tensor in graph.initializer:
+        shapes[tensor.name] = list(tensor.dims)
+    return shapes
+
+
+def _attribute(node, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _set_attribute(node, name: str, value) -> None:
+    for index, attribute in enumerate(node.attribute):
+        if attribute.name == name:
+            del node.attribute[index]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _remove(graph: Graph, nodes) -> None:
+    doomed = {id(node) for node in nodes}
+    kept = [node for node in graph.graph.node if id(node) not in doomed]
+    del graph.graph.node[:]
+    graph.graph.node.extend(kept)
+
+
+def _absent(name: str) -> bool:
+    return name == ""
+
+
+# --- passes -------------------------------------------------------------------------------------
+
+
+def fold_pad_into_conv(graph: Graph) -> int:
+    """Pad(constant mode, value 0, spatial axes only) -> Conv becomes the Conv with larger ``pads``:
+    a convolution pads with zeros itself. Reflect or edge mode, a non-zero value, padding of the
+    batch or channel axes, negative pads (cropping), or a Pad read by anything else: left alone."""
+    done, doomed = 0, []
+    for pad in list(graph.graph.node):
+        if pad.op_type != "Pad" or _attribute(pad, "mode", b"constant") not in (b"constant", "constant"):
+            continue
+        if len(pad.input) > 3 and not _absent(pad.input[3]):  # axes (opset 18): not handled
+            continue
+        conv = graph.only_consumer(pad.output[0])
+        if conv is None or conv.op_type != "Conv" or conv.input[0] != pad.output[0]:
+            continue
+        if _attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        pads = graph.constant(pad.input[1]) if len(pad.input) > 1 else _attribute(pad, "pads")
+        if pads is None:
+            continue
+        pads = [int(p) for p in np.asarray(pads).ravel()]
+        value = graph.constant(pad.input[2]) if len(pad.input) > 2 and not _absent(pad.input[2]) else 0
+        value = _attribute(pad, "value", 0.0) if len(pad.input) == 1 else value  # Pad before opset 11
+        if value is None or np.any(np.asarray(value) != 0):
+            continue
+        rank = len(pads) // 2
+        if rank < 3 or len(pads) != 2 * rank or any(p < 0 for p in pads):
+            continue
+        if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+            continue
+        spatial = rank - 2
+        conv_pads = list(_attribute(conv, "pads", [0] * (2 * spatial)))
+        if len(conv_pads) != 2 * spatial:
+            continue
+        added = pads[2:rank] + pads[rank + 2 :]
+        _set_attribute(conv, "pads", [a + b for a, b in zip(conv_pads, added)])
+        conv.input[0] = pad.input[0]
+        doomed.append(pad)
+        done += 1
+    _remove(graph, doomed)
+    return done
+
+
+def reshape_result(input_shape: list | None, target: np.ndarray, allowzero: int = 0) -> list | None:
+    """The output shape of Reshape(input of ``input_shape``, ``target``) where it can be proved: a list
+    of ints and symbols (symbols stand for the same unknown size wherever they appear), else None.
+
+    >>> reshape_result(["N", 32], np.array([-1, 32, 1, 1]))
+    ['N', 32, 1, 1]
+    >>> reshape_result(["N", 32], np.array([-1, 16, 1, 1])) is None  # 2N rows: not provable here
+    True
+    """
+    if input_shape is None or any(d is None for d in input_shape):
+        return None
+    target = [int(t) for t in np.asarray(target).ravel()]
+    if allowzero and 0 in target:
+        return None
+    result: list = []
+    for index, size in enumerate(target):
+        if size == 0:
+            if index >= len(input_shape):
+                return None
+            result.append(input_shape[index])
+        elif size > 0 or size == -1:
+            result.append(size)
+        else:
+            return None
+    if result.count(-1) > 1:
+        return None
+    if -1 not in result:
+        return result if _same_volume(input_shape, result) else None
+    # -1 takes what is left of the input's volume: divide the input's factors by the others'.
+    numbers, symbols = 1, []
+    for d in input_shape:
+        if isinstance(d, int):
+            numbers *= d
+        else:
+            symbols.append(d)
+    divisor = 1
+    for d in result:
+        if d == -1:
+            continue
+        if isinstance(d, int):
+            divisor *= d
+        elif d in symbols:
+            symbols.remove(d)
+        else:
+            return None
+    if divisor == 0 or numbers % divisor:
+        return None
+    left = numbers // divisor
+    if len(symbols) == 0:
+        resolved = left
+    elif len(symbols) == 1 and left == 1:
+        resolved = symbols[0]
+    else:
+        return None
+    return [resolved if d == -1 else d for d in result]
+
+
+def _same_volume(first: list, second: list) -> bool:
+    def factors(shape):
+        numbers = math.prod(d for d in shape if isinstance(d, int))
+        return numbers, sorted(d for d in shape if not isinstance(d, int))
+
+    return factors(first) == factors(second)
+
+
+def drop_noop_reshapes(graph: Graph) -> int:
+    """Remove a Reshape that provably gives back the shape it was given, and a Squeeze/Unsqueeze ->
+    Reshape pair whose Reshape provably restores the Squeeze's input shape (squeeze-and-excitation's
+    pooled ``(N, C, 1, 1) -> (N, C) -> (N, C, 1, 1)``: the readers then read the pooled value)."""
+    done, doomed = 0, []
+    for node in list(graph.graph.node):
+        if node.op_type != "Reshape":
+            continue
+        target = graph.constant(node.input[1])
+        if target is None:
+            continue
+        allowzero = int(_attribute(node, "allowzero", 0))
+        source = node.input[0]
+        result = reshape_result(graph.shapes.get(source), target, allowzero)
+        if result is None:
+            continue
+        if result == graph.shapes.get(source) and graph.bypass(node, source):
+            doomed.append(node)
+            done += 1
+            continue
+        before = graph.producer.get(source)
+        if before is not None and before.op_type in ("Squeeze", "Unsqueeze", "Flatten", "Reshape"):
+            origin = before.input[0]
+            if result == graph.shapes.get(origin) and graph.bypass(node, origin):
+                doomed.append(node)
+                done += 1
+    _remove(graph, doomed)
+    return done
+
+
+def copy_batch_in_reshapes(graph: Graph) -> int:
+    """A Reshape's ``-1`` that provably keeps its input's size on that axis becomes ``0`` (copy the
+    input's size): ONNX Runtime then knows the size without computing it, and can prove shapes equal
+    around a residual Add (with ``-1`` it fuses no Add into its convolution)."""
+    done = 0
+    for node in graph.graph.node:
+        if node.op_type != "Reshape" or int(_attribute(node, "allowzero", 0)):
+            continue
+        target = graph.constant(node.input[1])
+        source_shape = graph.shapes.get(node.input[0])
+        if target is None or -1 not in np.asarray(target).ravel().tolist():
+            continue
+        result = reshape_result(source_shape, target)
+        if result is None:
+            continue
+        sizes = [int(t) for t in np.asarray(target).ravel()]
+        index = sizes.index(-1)
+        if index >= len(source_shape) or result[index] != source_shape[index]:
+            continue
+        sizes[index] = 0
+        node.input[1] = graph.add_initializer(np.array(sizes, dtype=np.int64), "reshape_shape")
+        done += 1
+    return done
+
+
+_AFFINE = ("Mul", "Add", "Sub", "Div")
+
+
+def fold_input_affine(graph: Graph) -> int:
+    """The preprocessing inside the model, a chain of Mul/Add/Sub/Div by per-channel constants on an
+    NHWC graph input ahead of the Transpose to NCHW, becomes ``a * x + b`` after the Transpose, and
+    then, where the next node is a convolution (group 1, a != 0): the scale folds into its weights and
+    the shift is added before it as ``b / a`` (into its bias when it pads nothing, as then every
+    output sees every shifted input). Returns the number of preprocessing nodes removed."""
+    done = 0
+    for value in graph.graph.input:
+        shape = graph.shapes.get(value.name)
+        if shape is None or len(shape) != 4 or not isinstance(shape[3], int):
+            continue
+        channels = shape[3]
+        scale, shift = np.ones(channels), np.zeros(channels)
+        chain, current = [], value.name
+        while True:
+            node = graph.only_consumer(current)
+            if node is None or node.op_type not in _AFFINE:
+                break
+            factor = _channel_constant(graph, node, current, channels)
+            if factor is None:
+                break
+            if node.op_type == "Mul":
+                scale, shift = scale * factor, shift * factor
+            elif node.op_type == "Div":
+                scale, shift = scale / factor, shift / factor
+            elif node.op_type == "Add":
+                shift = shift + factor
+            else:
+                shift = shift - factor
+            chain.append(node)
+            current = node.output[0]
+        transpose = graph.only_consumer(current)
+        if not chain or transpose is None or transpose.op_type != "Transpose":
+            continue
+        if list(_attribute(transpose, "perm", [])) != [0, 3, 1, 2]:
+            continue
+        if not np.all(np.isfinite(scale)) or not np.all(np.isfinite(shift)):
+            continue
+        transpose.input[0] = value.name
+        _remove(graph, chain)
+        graph.refresh()
+        _apply_affine_nchw(graph, transpose, scale, shift)
+        done += len(chain)
+        graph.refresh()
+    return done
+
+
+def _channel_constant(graph: Graph, node, current: str, channels: int) -> np.ndarray | None:
+    """The float constant NODE applies to ``current``, as a vector over the last axis (a scalar is
+    repeated); None when it isn't such a constant (or ``current`` is the divisor or subtrahend)."""
+    if node.input[0] == current:
+        other = node.input[1]
+    elif node.op_type in ("Mul", "Add") and node.input[1] == current:
+        other = node.input[0]
+    else:
+        return None
+    constant = graph.constant(other)
+    if constant is None or constant.dtype != np.float32 or constant.ndim > 4:
+        return None
+    if constant.size == 1:
+        return np.full(channels, float(constant.ravel()[0]))
+    if constant.shape[-1] != channels or constant.size != channels:
+        return None
+    return constant.astype(np.float64).ravel()
+
+
+def _apply_affine_nchw(graph: Graph, transpose, scale: np.ndarray, shift: np.ndarray) -> None:
+    output = transpose.output[0]
+    conv = graph.only_consumer(output)
+    foldable = (
+        conv is not None
+        and conv.op_type == "Conv"
+        and conv.input[0] == output
+        and int(_attribute(conv, "group", 1)) == 1
+        and np.all(scale != 0)
+        and graph.constant(conv.input[1]) is not None
+        and (len(conv.input) < 3 or graph.constant(conv.input[2]) is not None)
+    )
+    nodes = []
+    if foldable:
+        weights = graph.constant(conv.input[1]).astype(np.float64)
+        if weights.shape[1] != scale.size:
+            foldable = False
+    if foldable:
+        weights = weights * scale.reshape(1, -1, *([1] * (weights.ndim - 2)))
+        offset = shift / scale
+        pads = list(_attribute(conv, "pads", []))
+        pads_nothing = _attribute(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID") and not any(
+            pads
+        )
+        if pads_nothing and np.any(offset):
+            bias = graph.constant(conv.input[2]).astype(np.float64) if len(conv.input) > 2 else 0.0
+            spread = offset.reshape(1, -1, *([1] * (weights.ndim - 2)))
+            bias = bias + np.sum(weights * spread, axis=tuple(range(1, weights.ndim)))
+            conv_bias = graph.add_initializer(np.asarray(bias, np.float32), "input_bias")
+            if len(conv.input) > 2:
+                conv.input[2] = conv_bias
+            else:
+                conv.input.append(conv_bias)
+            offset = np.zeros_like(offset)
+        conv.input[1] = graph.add_initializer(weights.astype(np.float32), "input_weights")
+        if np.any(offset):
+            nodes.append(("Add", offset))
+    else:
+        if np.any(scale != 1):
+            nodes.append(("Mul", scale))
+        if np.any(shift):
+            nodes.append(("Add", shift))
+    current = output
+    readers = graph.consumers.get(output, [])
+    for index, (op, vector) in enumerate(nodes):
+        constant = _compact(vector).astype(np.float32)
+        name = graph.add_initializer(constant, f"input_{op.lower()}")
+        produced = f"kbench_graph/input_{op.lower()}_{index}_out"
+        graph.graph.node.append(helper.make_node(op, [current, name], [produced], name=produced))
+        current = produced
+    if current != output:
+        for reader in readers:
+            reader.input[:] = [current if name == output else name for name in reader.input]
+        _sort_topologically(graph.graph)
+
+
+def _compact(vector: np.ndarray) -> np.ndarray:
+    """A per-channel NCHW constant: a scalar when all channels agree, else [1, C, 1, 1]."""
+    if np.all(vector == vector[0]):
+        return np.asarray(vector[0])
+    return vector.reshape(1, -1, 1, 1)
+
+
+def drop_identities(graph: Graph) -> int:
+    """Remove nodes that return their input unchanged: Identity, Dropout at inference, a Cast to the
+    type it already has, and a Mul by ones / Add or Sub of zeros / Div by ones that broadcasts into
+    nothing new (its constant has no more axes than the input, all of size 1)."""
+    done, doomed = 0, []
+    for node in list(graph.graph.node):
+        source = _noop_source(graph, node)
+        if source is not None and graph.bypass(node, source):
+            doomed.append(node)
+            done += 1
+    _remove(graph, doomed)
+    return done
+
+
+def _noop_source(graph: Graph, node) -> str | None:
+    if node.op_type == "Identity":
+        return node.input[0]
+    if node.op_type == "Dropout":
+        used = [out for out in node.output[1:] if out and (graph.consumers.get(out) or out in graph.outputs)]
+        training = len(node.input) > 2 and not _absent(node.input[2])
+        return None if used or training else node.input[0]
+    if node.op_type == "Cast":
+        source_type = _element_type(graph.model, node.input[0])
+        return node.input[0] if source_type is not None and source_type == _attribute(node, "to") else None
+    if node.op_type not in _AFFINE:
+        return None
+    neutral = 1.0 if node.op_type in ("Mul", "Div") else 0.0
+    candidates = [(0, 1), (1, 0)] if node.op_type in ("Mul", "Add") else [(0, 1)]
+    for kept, other in candidates:
+        constant = graph.constant(node.input[other])
+        shape = graph.shapes.get(node.input[kept])
+        if constant is None or shape is None or not np.issubdtype(constant.dtype, np.floating):
+            continue
+        if constant.ndim <= len(shape) and all(d == 1 for d in constant.shape) and np.all(constant == neutral):
+            return node.input[kept]
+    return None
+
+
+def _element_type(model: onnx.ModelProto, name: str) -> int | None:
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if value.name == name:
+            return value.type.tensor_type.elem_type
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return tensor.data_type
+    return None
+
+
+def drop_dead_nodes(graph: Graph) -> int:
+    """Remove nodes (and initializers) nothing reads, as the passes above leave them behind."""
+    done = 0
+    while True:
+        graph.refresh()
+        dead = [
+            node
+            for node in graph.graph.node
+            if all(not out or (out not in graph.consumers and out not in graph.outputs) for out in node.output)
+        ]
+        if not dead:
+            break
+        _remove(graph, dead)
+        done += len(dead)
+    graph.refresh()
+    used = set(graph.consumers) | graph.outputs
+    kept = [tensor for tensor in graph.graph.initializer if tensor.name in used]
+    if len(kept) != len(graph.graph.initializer):
+        del graph.graph.initializer[:]
+        graph.graph.initializer.extend(kept)
+    return done
+
+
+def _sort_topologically(graph_proto) -> None:
+    available = {value.name for value in graph_proto.input} | {t.name for t in graph_proto.initializer} | {""}
+    pending, ordered = list(graph_proto.node), []
+    while pending:
+        progress = False
+        for node in list(pending):
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                pending.remove(node)
+                progress = True
+        if not progress:  # a subgraph's outer names, or a cycle: keep the rest in their order
+            ordered.extend(pending)
+            break
+    del graph_proto.node[:]
+    graph_proto.node.extend(ordered)
+
+
+PASSES = {
+    "fold_pad_into_conv": fold_pad_into_conv,
+    "drop_noop_reshapes": drop_noop_reshapes,
+    "fold_input_affine": fold_input_affine,
+    "drop_identities": drop_identities,
+    "copy_batch_in_reshapes": copy_batch_in_reshapes,
+    "drop_dead_nodes": drop_dead_nodes,
+}
+
+
+def _has_subgraphs(graph_proto) -> bool:
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(attribute.type in kinds for node in graph_proto.node for attribute in node.attribute)
+
+
+def run_passes(model: onnx.ModelProto, names=None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Run kbench's own passes (all, or ``names`` in PASSES' order) on a copy of ``model``; returns
+    the new model and how many rewrites each pass made."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if _has_subgraphs(copy.graph):  # If/Loop bodies read outer values the indexes here don't see
+        return copy, {name: 0 for name in PASSES if names is None or name in names}
+    graph = Graph(copy)
+    done = {}
+    for name, function in PASSES.items():
+        if names is not None and name not in names:
+            continue
+        done[name] = function(graph)
+        graph.refresh()
+    return copy, done
+
+
+def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """onnxslim over the model (constant folding, dead-end removal, common fusions); the model as it
+    was when onnxslim is missing or fails. Returns (model, what ran)."""
+    try:
+        import onnxslim
+    except ImportError:
+        return model, "onnxslim not installed"
+    try:
+        slimmed = onnxslim.slim(model)
+    except Exception as error:  # a graph onnxslim can't handle: keep kbench's passes' result
+        return model, f"onnxslim failed: {type(error).__name__}"
+    if not isinstance(slimmed, onnx.ModelProto):
+        return model, "onnxslim returned nothing"
+    return slimmed, f"onnxslim {onnxslim.__version__}"
+
+
+def clean_graph(model: onnx.ModelProto, library: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """All passes, then (``library``) onnxslim, then kbench's passes once more over what it wrote.
+    Returns the model and a record of what ran: pass name -> rewrites, and "simplifier"."""
+    cleaned, done = run_passes(model)
+    record: dict = {"version": GRAPH_PASSES_VERSION, **done}
+    if library:
+        cleaned, record["simplifier"] = simplify(cleaned)
+        cleaned, again = run_passes(cleaned)
+        for name, count in again.items():
+            record[name] += count
+    return cleaned, record

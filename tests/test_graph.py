@@ -1,0 +1,223 @@
+"""kbench.graph's passes on small hand-built graphs: each rewrite gives what ONNX Runtime computed before
+(exactly, or within float rounding where constants were folded), and a pattern that doesn't match
+exactly is left alone."""
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kbench import graph
+
+RNG = np.random.default_rng(0)
+
+
+def make_model(nodes, inputs, outputs, constants):
+    initializers = [numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()]
+    proto = helper.make_graph(nodes, "test", inputs, outputs, initializers)
+    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def run(model, pixels):
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: pixels})[0]
+
+
+def ops(model):
+    return [node.op_type for node in model.graph.node]
+
+
+def weights(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def pad_conv_model(pads, mode="constant", value=None, extra_reader=False):
+    inputs = ["x", "pads"] + (["value"] if value is not None else [])
+    nodes = [
+        helper.make_node("Pad", inputs, ["padded"], mode=mode),
+        helper.make_node("Conv", ["padded", "w"], ["y"], strides=[2, 2]),
+    ]
+    outputs = [tensor("y", ["N", 4, None, None])]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["padded"], ["z"]))
+        outputs.append(tensor("z", ["N", 3, None, None]))
+    constants = {"pads": np.array(pads, np.int64), "w": weights(4, 3, 3, 3)}
+    if value is not None:
+        constants["value"] = np.array(value, np.float32)
+    return make_model(nodes, [tensor("x", ["N", 3, 9, 9])], outputs, constants)
+
+
+def test_pad_folds_into_the_convolution_with_the_same_result():
+    model = pad_conv_model([0, 0, 0, 1, 0, 0, 1, 1])
+    cleaned, done = graph.run_passes(model)
+    assert done["fold_pad_into_conv"] == 1 and ops(cleaned) == ["Conv"]
+    assert list(helper.get_attribute_value(cleaned.graph.node[0].attribute[-1])) == [0, 1, 1, 1]
+    pixels = RNG.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    np.testing.assert_allclose(run(cleaned, pixels), run(model, pixels), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "pads, mode, value, extra_reader",
+    [
+        ([0, 0, 1, 1, 0, 0, 1, 1], "reflect", None, False),  # reflect: a convolution pads with zeros
+        ([0, 0, 1, 1, 0, 0, 1, 1], "constant", 1.0, False),  # a non-zero pad value
+        ([0, 1, 1, 1, 0, 0, 1, 1], "constant", None, False),  # pads a channel
+        ([0, 0, -1, 0, 0, 0, 0, 0], "constant", None, False),  # crops
+        ([0, 0, 1, 1, 0, 0, 1, 1], "constant", None, True),  # the padded value is read elsewhere too
+    ],
+)
+def test_pads_a_convolution_cannot_take_are_left_alone(pads, mode, value, extra_reader):
+    model = pad_conv_model(pads, mode, value, extra_reader)
+    cleaned, done = graph.run_passes(model)
+    assert done["fold_pad_into_conv"] == 0 and "Pad" in ops(cleaned)
+
+
+def squeeze_excitation_model(shape_constant):
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+        helper.make_node("Squeeze", ["pooled", "axes"], ["squeezed"]),
+        helper.make_node("Reshape", ["squeezed", "shape"], ["restored"]),
+        helper.make_node("Conv", ["restored", "w"], ["gate"]),
+        helper.make_node("Sigmoid", ["gate"], ["sigmoid"]),
+        helper.make_node("Mul", ["x", "sigmoid"], ["y"]),
+    ]
+    constants = {"axes": np.array([2, 3], np.int64), "shape": np.array(shape_constant, np.int64)}
+    constants["w"] = weights(8, 8, 1, 1)
+    return make_model(nodes, [tensor("x", ["N", 8, 5, 5])], [tensor("y", ["N", 8, 5, 5])], constants)
+
+
+def test_pooled_squeeze_reshape_becomes_the_pooled_value_itself():
+    model = squeeze_excitation_model([-1, 8, 1, 1])
+    cleaned, done = graph.run_passes(model)
+    assert done["drop_noop_reshapes"] == 1
+    assert ops(cleaned) == ["GlobalAveragePool", "Conv", "Sigmoid", "Mul"]
+    pixels = RNG.standard_normal((3, 8, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(run(cleaned, pixels), run(model, pixels))
+
+
+def test_a_reshape_that_changes_the_shape_is_kept():
+    # (N, 8) -> (2N, 4, 1, 1): not the pooled shape
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+        helper.make_node("Squeeze", ["pooled", "axes"], ["squeezed"]),
+        helper.make_node("Reshape", ["squeezed", "shape"], ["y"]),
+    ]
+    constants = {"axes": np.array([2, 3], np.int64), "shape": np.array([-1, 4, 1, 1], np.int64)}
+    model = make_model(nodes, [tensor("x", ["N", 8, 5, 5])], [tensor("y", [None, 4, 1, 1])], constants)
+    cleaned, done = graph.run_passes(model)
+    assert done["drop_noop_reshapes"] == 0 and ops(cleaned) == ["GlobalAveragePool", "Squeeze", "Reshape"]
+    assert done["copy_batch_in_reshapes"] == 0  # -1 is 2N here, not the input's N
+    pixels = RNG.standard_normal((3, 8, 5, 5)).astype(np.float32)
+    assert run(cleaned, pixels).shape == (6, 4, 1, 1)
+
+
+def test_a_reshapes_minus_one_that_is_the_batch_becomes_copy():
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Relu", ["flat"], ["y"])]
+    model = make_model(
+        nodes, [tensor("x", ["N", 4, 2, 2])], [tensor("y", ["N", 16])], {"shape": np.array([-1, 16], np.int64)}
+    )
+    cleaned, done = graph.run_passes(model)
+    assert done["copy_batch_in_reshapes"] == 1
+    reshape = cleaned.graph.node[0]
+    target = [numpy_helper.to_array(t) for t in cleaned.graph.initializer if t.name == reshape.input[1]][0]
+    assert target.tolist() == [0, 16]
+    pixels = RNG.standard_normal((3, 4, 2, 2)).astype(np.float32)
+    np.testing.assert_array_equal(run(cleaned, pixels), run(model, pixels))
+
+
+def test_reshape_result_proves_only_what_it_can():
+    assert graph.reshape_result(["N", 8, 1, 1], np.array([0, 8, 1, 1])) == ["N", 8, 1, 1]
+    assert graph.reshape_result(["N", 8, 1, 1], np.array([-1, 8])) == ["N", 8]
+    assert graph.reshape_result(["N", "M"], np.array([-1, 8])) is None
+    assert graph.reshape_result(["N", None], np.array([0, -1])) is None
+    assert graph.reshape_result([2, 8], np.array([4, 5])) is None  # volumes differ
+
+
+def preprocessing_model(conv_pads):
+    nodes = [
+        helper.make_node("Mul", ["image", "scale"], ["scaled"]),
+        helper.make_node("Sub", ["scaled", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "std"], ["normal"]),
+        helper.make_node("Transpose", ["normal"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["y"], pads=conv_pads, strides=[2, 2]),
+    ]
+    constants = {
+        "scale": np.array(1 / 255, np.float32),
+        "mean": np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 1, 1, 3),
+        "std": np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 1, 1, 3),
+        "w": weights(4, 3, 3, 3),
+        "b": weights(4),
+    }
+    return make_model(nodes, [tensor("image", ["N", 9, 9, 3])], [tensor("y", ["N", 4, None, None])], constants)
+
+
+@pytest.mark.parametrize("conv_pads, between", [([1, 1, 1, 1], ["Add"]), ([0, 0, 0, 0], [])])
+def test_preprocessing_folds_into_the_first_convolution(conv_pads, between):
+    model = preprocessing_model(conv_pads)
+    cleaned, done = graph.run_passes(model)
+    assert done["fold_input_affine"] == 3
+    # with padding, the shift stays (as b / a, after the Transpose); without, it joins the bias
+    assert ops(cleaned) == ["Transpose", *between, "Conv"]
+    pixels = RNG.uniform(0, 255, (2, 9, 9, 3)).astype(np.float32)
+    expected = run(model, pixels)
+    np.testing.assert_allclose(run(cleaned, pixels), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_preprocessing_with_a_zero_scale_is_not_folded_into_weights():
+    model = preprocessing_model([1, 1, 1, 1])
+    for tensor_proto in model.graph.initializer:
+        if tensor_proto.name == "scale":
+            tensor_proto.CopyFrom(numpy_helper.from_array(np.array(0.0, np.float32), "scale"))
+    cleaned, _ = graph.run_passes(model)
+    assert ops(cleaned)[-1] == "Conv" and "Mul" in ops(cleaned)  # moved after the Transpose, kept
+    pixels = RNG.uniform(0, 255, (2, 9, 9, 3)).astype(np.float32)
+    np.testing.assert_allclose(run(cleaned, pixels), run(model, pixels), rtol=0, atol=1e-5)
+
+
+def test_identities_go_and_broadcasting_neutral_ops_stay():
+    nodes = [
+        helper.make_node("Identity", ["x"], ["same"]),
+        helper.make_node("Mul", ["same", "one"], ["times_one"]),
+        helper.make_node("Add", ["times_one", "wide_zero"], ["y"]),  # rank 5: the output grows a dimension
+    ]
+    constants = {"one": np.ones((1, 1), np.float32), "wide_zero": np.zeros((1, 1, 1, 1, 1), np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", [None] * 5)], constants)
+    cleaned, done = graph.run_passes(model)
+    assert done["drop_identities"] == 2 and ops(cleaned) == ["Add"]
+    pixels = RNG.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    np.testing.assert_array_equal(run(cleaned, pixels), run(model, pixels))
+    assert run(cleaned, pixels).shape == (1, 2, 2, 3, 3)
+
+
+def test_clean_graph_records_each_pass_and_the_simplifier():
+    model = pad_conv_model([0, 0, 1, 1, 0, 0, 1, 1])
+    cleaned, record = graph.clean_graph(model)
+    assert record["version"] == graph.GRAPH_PASSES_VERSION
+    assert record["fold_pad_into_conv"] == 1 and set(graph.PASSES) <= set(record)
+    assert record["simplifier"].startswith("onnxslim")
+    onnx.checker.check_model(cleaned)
+    assert [value.name for value in cleaned.graph.output] == ["y"]
+
+
+def test_a_graph_with_subgraphs_is_left_alone():
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["padded"], ["inner"])], "branch", [], [tensor("inner", ["N", 3, 11, 11])]
+    )
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+        helper.make_node("Greater", ["peak", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    constants = {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "zero": np.array(0.0, np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 3, 9, 9])], [tensor("y", ["N", 3, 11, 11])], constants)
+    cleaned, done = graph.run_passes(model)
+    assert not any(done.values()) and ops(cleaned) == ops(model)
