@@ -18,6 +18,7 @@ from kbench import compare as comparison
 from kbench import options as opt
 from kbench.distributed import LaunchConfig as _D
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
+from kbench.executors import ExecutorConfig as _X
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
 from kbench.train import TrainConfig as _T
@@ -250,7 +251,8 @@ def _show_study(results: dict, out: str) -> None:
 @opt.from_config(_T, "devices", "mixed_precision", defaults=False)
 @click.option("--progress/--quiet", default=False, help="Keras progress bars while training.")
 @opt.flag("--overwrite", "Start over in an --out folder that holds another study.")
-def bench(config_path, out, progress, overwrite, **overrides):
+@opt.from_config(_X, "executor", "address")
+def bench(config_path, out, progress, overwrite, executor, address, **overrides):
     """Run the whole comparison study: train, export, time, ensemble, predict, report.
 
     \b
@@ -259,12 +261,16 @@ def bench(config_path, out, progress, overwrite, **overrides):
     that fails is marked failed and the study goes on (exit status 1, report written).
     Example:
       kbench bench --config seed --data train.zip --test-data test.zip
+    With --executor ray each backbone entry is a Ray task (one GPU each where there are GPUs);
+    --out must then be on storage every Ray node sees (checked first).
     """
     from kbench.study import load_config, run_study
 
+    where = _X(executor, address).check()
     config = load_config(config_path, **overrides)
     out = out or os.path.join("reports", config.name)
-    _show_study(run_study(config, out, opt.command_line(), "auto" if progress else 0, opt.echo_err, overwrite), out)
+    verbose = "auto" if progress else 0
+    _show_study(run_study(config, out, opt.command_line(), verbose, opt.echo_err, overwrite, where), out)
 
 
 @cli.command()
