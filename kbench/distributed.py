@@ -255,6 +255,7 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # a terminal's Ctrl-C reaches them once, through us
+                    preexec_fn=_die_with_parent,
                     text=True,
                     errors="replace",
                 )
@@ -294,6 +295,15 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
                 child.wait()
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed when the launcher dies, even by SIGKILL (no orphans left training)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _status(code: int) -> int:

@@ -50,6 +50,8 @@ class ExecutorConfig:
             raise KbenchError("--address joins a Ray cluster; it needs --executor ray")
         if self.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise KbenchError("--executor ray needs Ray: pip install 'kbench[ray]'")
+        if self.address and self.address != "auto":
+            _check_reachable(self.address)  # before anything is written; Ray retries for minutes
         return self
 
 
@@ -130,11 +132,26 @@ def _connect(address: str | None) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:  # Ray's embedded default: a local instance for this study, ended with it
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import this kbench
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
             ray.init(num_cpus=os.cpu_count() or 1, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         message = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise KbenchError(f"can't start or join {where}: {message}") from None
+
+
+def _check_reachable(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise KbenchError(f"--address {address!r} must be auto or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise KbenchError(
+            f"can't reach the Ray cluster at {address} ({reason}); is `ray start --head` running there?"
+        ) from None
 
 
 def _check_storage(out_dir: str) -> None:
