@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu \
 	    $(if $(filter cpu,$(FLAVOUR)),jax-cuda12-plugin jax-cuda12-pjrt $$($(PY) -m pip freeze | grep -o '^nvidia-[a-z0-9-]*-cu12')); \
 	fi
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,$(FLAVOUR)]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,$(FLAVOUR)]'
 	$(if $(filter cuda,$(FLAVOUR)),$(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu && \
 	  $(PY) -m pip install --quiet -c constraints.txt $(ORT_GPU))
 	touch $(STAMP)

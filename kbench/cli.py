@@ -16,8 +16,10 @@ import click
 from kbench import __version__
 from kbench import compare as comparison
 from kbench import options as opt
+from kbench.distributed import LaunchConfig as _D
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
 from kbench.errors import KbenchError
+from kbench.executors import ExecutorConfig as _X
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
 from kbench.train import TrainConfig as _T
@@ -86,7 +88,32 @@ def train(resume, quiet, run_dir, overwrite, **options):
                 raise click.UsageError(f"--{required} is required (unless --resume)")
         config = TrainConfig(run_dir=run_dir, **given)
     result = train_run(config, resume=resume, verbose=0 if quiet else "auto", overwrite=overwrite)
-    click.echo(train_summary(result, run_dir))
+    if "process" in result:  # one of several processes training together; process 0 reports
+        click.echo(f"process {result['process']} of {result['processes']}: done; process 0 wrote {run_dir}")
+    else:
+        click.echo(train_summary(result, run_dir))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@opt.from_config(_D, "processes", "port", "log_dir")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def launch(processes, port, log_dir, command):
+    """Start N processes of COMMAND on this machine that train as one (JAX).
+
+    \b
+    Each gets JAX_COORDINATOR_ADDRESS (127.0.0.1:PORT), JAX_NUM_PROCESSES and its own
+    JAX_PROCESS_ID, the variables the README's SLURM and Kubernetes examples set. Output is
+    prefixed by rank; when one process fails the others are stopped, and the exit status is
+    the first failure's. Ctrl-C reaches every process once.
+    Example:
+      kbench launch --processes 2 -- kbench train --backbone small_cnn --data train.zip \\
+        --devices all --run-dir runs/mp --backend jax
+    """
+    from kbench.distributed import LaunchConfig
+    from kbench.distributed import launch as launch_processes
+
+    code = launch_processes(LaunchConfig(processes, port, log_dir), list(command), echo=click.echo)
+    sys.exit(code)
 
 
 @cli.group()
@@ -230,7 +257,8 @@ def _show_study(results: dict, out: str) -> None:
 @opt.from_config(_T, "devices", "mixed_precision", defaults=False)
 @click.option("--progress/--quiet", default=False, help="Keras progress bars while training.")
 @opt.flag("--overwrite", "Start over in an --out folder that holds another study.")
-def bench(config_path, out, progress, overwrite, **overrides):
+@opt.from_config(_X, "executor", "address")
+def bench(config_path, out, progress, overwrite, executor, address, **overrides):
     """Run the whole comparison study: train, export, time, ensemble, predict, report.
 
     \b
@@ -239,12 +267,16 @@ def bench(config_path, out, progress, overwrite, **overrides):
     that fails is marked failed and the study goes on (exit status 1, report written).
     Example:
       kbench bench --config seed --data train.zip --test-data test.zip
+    With --executor ray each backbone entry is a Ray task (one GPU each where there are GPUs);
+    --out must then be on storage every Ray node sees (checked first).
     """
     from kbench.study import load_config, run_study
 
+    where = _X(executor, address).check()
     config = load_config(config_path, **overrides)
     out = out or os.path.join("reports", config.name)
-    _show_study(run_study(config, out, opt.command_line(), "auto" if progress else 0, opt.echo_err, overwrite), out)
+    verbose = "auto" if progress else 0
+    _show_study(run_study(config, out, opt.command_line(), verbose, opt.echo_err, overwrite, where), out)
 
 
 @cli.command()

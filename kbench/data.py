@@ -351,6 +351,11 @@ class ImageLoader:
     augmentation come from seeded generators, so results don't depend on thread timing. A file that
     fails to decode is dropped from its batch with a warning and left out of later epochs.
     ``cache=True`` keeps decoded, resized images in memory so later epochs skip decoding.
+
+    ``shard=(index, count)``: one of ``count`` processes training together reads only its part of
+    each batch. The batch is first cut to a multiple of ``multiple`` (all processes' devices), or a
+    short last batch is filled to one row by repeating images, as data parallelism needs; then
+    process ``index`` reads the ``index``-th of ``count`` equal, contiguous parts.
     """
 
     def __init__(
@@ -365,9 +370,13 @@ class ImageLoader:
         cache: bool = False,
         workers: int | None = None,
         prefetch: int = 4,
+        shard: tuple[int, int] = (0, 1),
+        multiple: int = 1,
     ):
         if batch_size < 1:
             raise KbenchError(f"batch size must be positive; got {batch_size}")
+        if not 0 <= shard[0] < shard[1] or multiple % shard[1]:
+            raise KbenchError(f"shard {shard} of batches cut to multiples of {multiple} is impossible")
         self.images = images
         self.indices = np.asarray(indices, dtype=np.int64)
         self.image_size = image_size
@@ -378,6 +387,7 @@ class ImageLoader:
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.prefetch = max(1, prefetch)
+        self.shard, self.multiple = shard, multiple
         self.bad: dict[int, str] = {}
         self._reader = images.reader()
         self._pool: ThreadPoolExecutor | None = None
@@ -416,8 +426,23 @@ class ImageLoader:
     def _submit(self, epoch: int, batch: int) -> list:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kbench-decode")
+        return [(index, self._pool.submit(self.load, index, epoch)) for index in self.members(epoch, batch)]
+
+    def members(self, epoch: int, batch: int) -> np.ndarray:
+        """The image indices this process reads for batch ``batch`` of ``epoch`` (its shard).
+
+        >>> images = ImageSet("d", [f"{i}.jpg" for i in range(10)], np.zeros(10, int), ["a", "b"], "folders")
+        >>> loaders = [ImageLoader(images, np.arange(10), 8, 4, shard=(rank, 2), multiple=2) for rank in (0, 1)]
+        >>> [loader.members(0, 2).tolist() for loader in loaders]  # the last batch, 8 and 9
+        [[8], [9]]
+        """
         members = self.order(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size]
-        return [(index, self._pool.submit(self.load, index, epoch)) for index in members]
+        index, count = self.shard
+        if count == 1:
+            return members
+        members = np.resize(members, max(self.multiple, len(members) - len(members) % self.multiple))
+        part = len(members) // count
+        return members[index * part : (index + 1) * part]
 
     def batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``batch`` of ``epoch`` as (pixels, labels); queues the next ``prefetch`` batches."""

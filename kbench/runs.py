@@ -15,7 +15,9 @@ A run folder is what ``kbench train`` (kind ``backbone``) and ``kbench ensemble`
     curves.png       loss, accuracy (and learning rate) per epoch, redrawn after every epoch
 
 Every other module asks this one for those names. Two processes never write one folder at once:
-``Run.lock()`` takes an exclusive ``flock`` that the second process is refused (exit 2).
+``Run.lock()`` takes an exclusive ``flock`` that the second process is refused (exit 2). When
+several processes train one model together, only process 0 writes: the others open the folder
+with ``writer=False``, which reads as usual but writes, locks and clears nothing.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class Run:
     'runs/b0/model.keras'
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, writer: bool = True):
         self.path = path
+        self.writer = writer  # False: a process other than 0 of several training together
 
     def __repr__(self) -> str:
         return f"Run({self.path!r})"
@@ -170,26 +173,40 @@ class Run:
 
     # -- writes -------------------------------------------------------------------------------------
     def write_config(self, record: dict) -> None:
+        if not self.writer:
+            return
         files.write_json(self.file(CONFIG), record)
 
     def write_split(self, record: dict) -> None:
+        if not self.writer:
+            return
         files.write_json(self.file(SPLIT), record)
 
     def write_metrics(self, record: dict) -> None:
+        if not self.writer:
+            return
         files.write_json(self.file(METRICS), record)
 
     def write_history(self, rows: list[dict]) -> None:
+        if not self.writer:
+            return
         files.write_csv(self.file(HISTORY), rows)
 
     def save_model(self, model) -> None:
+        if not self.writer:
+            return
         files.save_model(model, self.model_path)
 
     def save_checkpoint(self, model, state: dict) -> None:
+        if not self.writer:
+            return
         files.save_model(model, self.file(CHECKPOINT))
         files.write_json(self.file(CHECKPOINT_STATE), state)
 
     def save_best(self, model) -> None:
         """Keep the best epoch's weights so far (early stopping restores them, also after --resume)."""
+        if not self.writer:
+            return
         with files.atomic_path(self.file(BEST), suffix=".weights.h5") as temporary:
             model.save_weights(temporary)
 
@@ -197,6 +214,8 @@ class Run:
         model.load_weights(self.file(BEST))
 
     def clear_checkpoint(self) -> None:
+        if not self.writer:
+            return
         for name in (CHECKPOINT, CHECKPOINT_STATE, BEST):
             if self.exists(name):
                 os.remove(self.file(name))
@@ -207,6 +226,8 @@ class Run:
     def clear(self) -> None:
         """Remove what kbench wrote here (``--overwrite``); files of others stay (``features/`` is
         kbench's in ensemble folders only)."""
+        if not self.writer:
+            return
         owned = OWNED if self.kind == "ensemble" else tuple(name for name in OWNED if name != FEATURES)
         for name in owned:
             path = self.file(name)
@@ -221,8 +242,11 @@ class Run:
         checkpoint state to resume from. Call it while holding ``lock()``.
 
         Refuses a path that is a file or unwritable, a finished run (of anything) unless
-        ``overwrite``, and an interrupted run unless ``resume`` or ``overwrite``.
+        ``overwrite``, and an interrupted run unless ``resume`` or ``overwrite``. A reader
+        (``writer=False``) only reads the checkpoint to resume from: process 0 decides and prepares.
         """
+        if not self.writer:
+            return self.read_checkpoint() if resume else None
         if resume:
             state = self.read_checkpoint()
             if state is not None:
@@ -251,7 +275,11 @@ class Run:
 
         The lock file exists only while held; a locker checks that the file it locked is still the
         one at the path (another process may have just removed it), so the unlink can't let two in.
+        A reader (``writer=False``) takes no lock: process 0 holds it for all.
         """
+        if not self.writer:
+            yield self
+            return
         ensure_writable_folder(self.path, "--run-dir")
         with folder_lock(self.path, what="run folder"):
             files.remove_stale_temporaries(self.path)

@@ -27,6 +27,7 @@ from kbench import doctor, files
 from kbench.config import check_keys, check_value, field_names, from_dict
 from kbench.ensemble import EnsembleConfig
 from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.executors import ExecutorConfig, run_members
 from kbench.latency import LatencyConfig
 from kbench.runs import (
     CHECKPOINT_STATE,
@@ -393,12 +394,21 @@ def prepare_out(config: StudyConfig, out_dir: str, overwrite: bool = False) -> N
 
 
 def run_study(
-    config: StudyConfig, out_dir: str, command: str = "", verbose=0, echo=print, overwrite: bool = False
+    config: StudyConfig,
+    out_dir: str,
+    command: str = "",
+    verbose=0,
+    echo=print,
+    overwrite: bool = False,
+    executor: ExecutorConfig | None = None,
 ) -> dict:
     """Run (or resume) the study into ``out_dir``; returns the results written to results.json.
 
-    Results carry ``failed``: the number of members, ensembles and stages that failed (the CLI's
-    exit status 1 when not zero)."""
+    The backbone entries run in turn, or as Ray tasks with ``executor.executor == "ray"``
+    (``kbench.executors``); ensembles and the submission follow in this process. Results carry
+    ``failed``: the number of members, ensembles and stages that failed (the CLI's exit status 1
+    when not zero)."""
+    executor = (executor or ExecutorConfig()).check()
     from kbench.backend import use_backend
     from kbench.data import find_images
 
@@ -410,27 +420,32 @@ def run_study(
     prepare_out(config, out_dir, overwrite)
     with folder_lock(out_dir, what="--out folder"):
         files.remove_stale_temporaries(out_dir)
-        return _run_locked(config, out_dir, fingerprint, command, verbose, echo)
+        return _run_locked(config, out_dir, fingerprint, command, verbose, echo, executor)
 
 
-def _run_locked(config: StudyConfig, out_dir: str, fingerprint: str, command: str, verbose, echo) -> dict:
+def member_row(member: Member, out_dir: str, fingerprint: str, latency: LatencyConfig, verbose) -> dict:
+    """Train (or reuse), export and time one backbone entry into its results row; a failure is
+    marked in the row. Executors (``kbench.executors``) run this, in turn or as Ray tasks."""
+    run_dir = os.path.join(out_dir, "runs", member.name)
+    row = {
+        "name": member.name,
+        "kind": "backbone",
+        "backbone": member.train.backbone,
+        "folder": os.path.relpath(run_dir, out_dir),  # for report.md's links
+    }
+    fit = lambda: _train_member(member, run_dir, fingerprint, verbose)  # noqa: E731
+    _measure(row, fit, run_dir, os.path.join(out_dir, "onnx"), latency)
+    return row
+
+
+def _run_locked(
+    config: StudyConfig, out_dir: str, fingerprint: str, command: str, verbose, echo, executor: ExecutorConfig
+) -> dict:
     runs_dir, ensembles_dir, onnx_dir = (os.path.join(out_dir, name) for name in ("runs", "ensembles", "onnx"))
     for folder in (runs_dir, ensembles_dir, onnx_dir):
         os.makedirs(folder, exist_ok=True)
-    members, done = [], {}
-    for index, member in enumerate(config.backbones, 1):
-        run_dir = os.path.join(runs_dir, member.name)
-        echo(f"[{index}/{len(config.backbones)}] {member.name}: training, exporting, timing")
-        row = {
-            "name": member.name,
-            "kind": "backbone",
-            "backbone": member.train.backbone,
-            "folder": os.path.relpath(run_dir, out_dir),
-        }  # for report.md's links
-        fit = lambda member=member, run_dir=run_dir: _train_member(member, run_dir, fingerprint, verbose)  # noqa: E731
-        if _measure(row, fit, run_dir, onnx_dir, config.latency):
-            done[member.name] = run_dir
-        members.append(row)
+    members = run_members(config, out_dir, fingerprint, verbose, echo, executor)
+    done = {row["name"]: os.path.join(runs_dir, row["name"]) for row in members if row["status"] == "ok"}
 
     ensembles = []
     for entry in config.ensembles:

@@ -7,6 +7,7 @@ written after every epoch and on Ctrl-C / SIGTERM, which ``resume=True`` continu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import doctor, metrics
+from kbench import distributed, doctor, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
-from kbench.devices import check_devices, count_devices, training_devices
+from kbench.devices import check_devices, count_devices, process_local_values, training_devices
 from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
 from kbench.report import write_curves
 from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
@@ -242,41 +243,63 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         log.info(notice)
     config = config.resolved()
     doctor.warn_if_gpu_unseen(config.backend)
-    run = Run(config.run_dir)
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
     check_devices(config.devices, config.batch_size, config.mixed_precision)  # before anything is written
     if config.label_smoothing and not binary:
         raise KbenchError(f"--label-smoothing works with two classes; {config.data} has {len(images.classes)}")
-    with run.lock():
-        state = run.prepare("backbone", overwrite=overwrite, resume=resume)
-        if state and config.epochs < len(state["history"]):
-            raise KbenchError(
-                f"--epochs {config.epochs} is fewer than the {len(state['history'])} epochs {run.path} has trained"
-            )
-        try:
-            train_idx, val_idx = _split(images, config, run if resume else None)
-            run.write_config(config.record())
-            run.write_split(_split_record(images, config, train_idx, val_idx))
-            import keras
+    # several processes training together (kbench.distributed): process 0 alone writes the folder
+    run = Run(config.run_dir, writer=distributed.process_index() == 0)
+    agreed = False
+    try:
+        with run.lock():
+            state = run.prepare("backbone", overwrite=overwrite, resume=resume)
+            if state and config.epochs < len(state["history"]):
+                raise KbenchError(
+                    f"--epochs {config.epochs} is fewer than the {len(state['history'])} epochs {run.path} has trained"
+                )
+            distributed.agree(True, f"--run-dir {run.path}")
+            agreed = True
+            return _train_prepared(run, config, images, state, binary, resume, verbose)
+    except Exception:
+        if not agreed:  # every process meets process 0's decision once, refused or not
+            distributed.agree(False, f"--run-dir {run.path}")
+        raise
 
-            keras.utils.set_random_seed(config.seed)
-            with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
-                return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
-        except BaseException:
-            if not resume and not run.exists(CHECKPOINT_STATE) and not run.exists(METRICS):
-                run.clear()  # failed before its first checkpoint: nothing half-written stays
-            raise
+
+def _train_prepared(run: Run, config: TrainConfig, images, state, binary, resume, verbose) -> dict:
+    try:
+        train_idx, val_idx = _split(images, config, run if resume else None)
+        run.write_config(config.record())
+        run.write_split(_split_record(images, config, train_idx, val_idx))
+        import keras
+
+        keras.utils.set_random_seed(config.seed)  # the same initial weights in every process
+        with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
+            return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
+    except BaseException:
+        if not resume and not run.exists(CHECKPOINT_STATE) and not run.exists(METRICS):
+            run.clear()  # failed before its first checkpoint: nothing half-written stays
+        raise
 
 
 def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
     import keras
 
+    processes = distributed.process_count()
     loader_options = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers)
+    shard = dict(shard=(distributed.process_index(), processes), multiple=len(devices)) if processes > 1 else {}
     train_loader = ImageLoader(
-        images, train_idx, augment=config.augment, shuffle=True, seed=config.seed, cache=config.cache, **loader_options
+        images,
+        train_idx,
+        augment=config.augment,
+        shuffle=True,
+        seed=config.seed,
+        cache=config.cache,
+        **loader_options,
+        **shard,
     )
-    val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options) if len(val_idx) else None
+    val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options, **shard) if len(val_idx) else None
     steps_per_epoch = len(train_loader)
 
     def compile_for(model, epoch: int) -> None:  # a fresh optimizer whenever the phase starts
@@ -305,6 +328,7 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         "best_epoch": state.get("best_epoch") if state else None,
         "best_val_loss": state.get("best_val_loss") if state else None,
     }
+    alone = contextlib.ExitStack()
     try:
         with _StopRequest() as stop:
             _fit(
@@ -323,6 +347,14 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
                 compile_for,
             )
         model_epoch = len(history)
+        if processes > 1:
+            # From here process 0 works alone, on its replica of the weights (the same in every
+            # process); the others are done. It evaluates on the whole validation split.
+            alone.enter_context(process_local_values(model))
+            if not run.writer:
+                return {"process": distributed.process_index(), "processes": processes, "run_dir": run.path}
+            val_loader.close()
+            val_loader = ImageLoader(images, val_idx, **loader_options) if len(val_idx) else None
         if config.early_stopping and progress["best_epoch"] not in (None, model_epoch):
             run.load_best(model)
             model_epoch = progress["best_epoch"]
@@ -334,6 +366,7 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         run.save_model(model)
         result = _evaluate(model, val_loader, binary)
     finally:
+        alone.close()
         train_loader.close()
         if val_loader is not None:
             val_loader.close()
@@ -348,6 +381,7 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
         "backbone": config.backbone,
         "backend": keras.backend.backend(),
         "devices": devices,
+        "processes": processes,
         "image_size": config.image_size,
         "batch_size": config.batch_size,
         "global_batch_size": config.batch_size,
@@ -539,7 +573,12 @@ def epoch_batches(loader: ImageLoader, epoch: int, binary: bool, multiple: int =
 
         def __getitem__(self, index):
             pixels, labels = loader.batch(epoch, index)
-            if multiple > 1:
+            if loader.shard[1] > 1:  # one of several processes: the loader cut the batch already
+                wanted = len(loader.members(epoch, index))
+                if len(labels) < wanted:  # unreadable images: every process must feed as many
+                    repeat = np.resize(np.arange(len(labels)), wanted)
+                    pixels, labels = pixels[repeat], labels[repeat]
+            elif multiple > 1:
                 keep = len(labels) - len(labels) % multiple or len(labels)
                 if len(labels) < multiple:  # a short last batch: repeat images to fill one row
                     repeat = np.resize(np.arange(len(labels)), multiple)
@@ -621,7 +660,8 @@ def _fit(
             ).history
         state = {"epochs_done": len(history), "history": history, "epochs_with_compilation": compiled, **progress}
         if stop.signal is not None:  # the interrupted epoch is redone on resume
-            run.save_checkpoint(model, state)
+            with process_local_values(model):
+                run.save_checkpoint(model, state)
             raise TrainingInterrupted(
                 f"interrupted in epoch {epoch + 1}/{config.epochs}; checkpoint saved in {run.path}; "
                 f"continue with: kbench train --run-dir {run.path} --resume",
@@ -637,11 +677,13 @@ def _fit(
         history.append(row)
         run.write_history(history)
         title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
-        write_curves(history, run.file(CURVES), title)  # redrawn with each checkpoint, so it is never stale
+        if run.writer:  # redrawn with each checkpoint, so it is never stale
+            write_curves(history, run.file(CURVES), title)
         if monitor in row and (progress["best_val_loss"] is None or row[monitor] < progress["best_val_loss"]):
             progress["best_epoch"], progress["best_val_loss"] = epoch + 1, row[monitor]
             if config.early_stopping:
-                run.save_best(model)
+                with process_local_values(model):
+                    run.save_best(model)
         waited = epoch + 1 - (progress["best_epoch"] or epoch + 1)
         if config.early_stopping and waited >= config.early_stopping:
             log.info(
@@ -651,7 +693,8 @@ def _fit(
             )
             break
         if epoch + 1 < config.epochs:
-            run.save_checkpoint(model, {**state, "epochs_done": len(history), **progress})
+            with process_local_values(model):
+                run.save_checkpoint(model, {**state, "epochs_done": len(history), **progress})
 
 
 def _current_lr(optimizer) -> float:

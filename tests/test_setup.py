@@ -42,7 +42,7 @@ def make_install(checkout, *args, nvidia_smi=None):
 def test_cuda_1_installs_the_cuda_set_and_removes_the_cpu_onnxruntime(checkout):
     done = make_install(checkout, "CUDA=1")
     assert done.returncode == 0, done.stderr
-    assert "-e '.[test,cuda]'" in done.stdout and "'.[test,cpu]'" not in done.stdout
+    assert "-e '.[test,ray,cuda]'" in done.stdout and "'.[test,ray,cpu]'" not in done.stdout
     assert "pip show --quiet onnxruntime 2>" in done.stdout  # the CPU package there: both go, onnxruntime-gpu comes
     assert "uninstall --quiet --yes onnxruntime onnxruntime-gpu" in done.stdout
     lines = done.stdout.splitlines()
@@ -54,7 +54,7 @@ def test_cuda_1_installs_the_cuda_set_and_removes_the_cpu_onnxruntime(checkout):
 def test_cuda_0_installs_the_cpu_set_and_removes_the_cuda_set(checkout):
     done = make_install(checkout, "CUDA=0", nvidia_smi="GPU 0: NVIDIA H200 (UUID: GPU-1)\n")
     assert done.returncode == 0, done.stderr
-    assert "-e '.[test,cpu]'" in done.stdout and "'.[test,cuda]'" not in done.stdout
+    assert "-e '.[test,ray,cpu]'" in done.stdout and "'.[test,ray,cuda]'" not in done.stdout
     assert "pip show --quiet onnxruntime-gpu 2>" in done.stdout
     assert "jax-cuda12-plugin jax-cuda12-pjrt" in done.stdout and "nvidia-" in done.stdout
     assert "touch .venv/.installed-cpu" in done.stdout
@@ -66,14 +66,14 @@ def test_cuda_0_installs_the_cpu_set_and_removes_the_cuda_set(checkout):
 def test_the_choice_follows_nvidia_smi(checkout, listed, flavour):
     done = make_install(checkout, nvidia_smi=listed)
     assert done.returncode == 0, done.stderr
-    assert f"-e '.[test,{flavour}]'" in done.stdout
+    assert f"-e '.[test,ray,{flavour}]'" in done.stdout
 
 
 def test_switching_sets_reinstalls_and_the_same_set_does_not(checkout):
     os.makedirs(checkout / ".venv")
     (checkout / ".venv" / ".installed-cpu").touch()  # newer than the set-up files
     assert "pip install" not in make_install(checkout, "CUDA=0").stdout
-    assert "-e '.[test,cuda]'" in make_install(checkout, "CUDA=1").stdout
+    assert "-e '.[test,ray,cuda]'" in make_install(checkout, "CUDA=1").stdout
 
 
 def test_a_bad_choice_is_refused(checkout):

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 
 import pytest
 
@@ -248,3 +249,41 @@ def test_out_folder_of_another_study_is_refused(study, kaggle_data, tmp_path):
     path = _write(tmp_path, MINIMAL, data=kaggle_data["train"])
     done = run_cli("bench", "--config", path, "--out", out, "--backend", BACKEND)
     assert done.returncode == 2 and "holds the results of study 'tiny'" in done.stderr
+
+
+def test_the_ray_executor_gives_the_sequential_results_and_keeps_member_logs(study, tmp_path):
+    config_path, _, sequential = study
+    out = tmp_path / "ray"
+    done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray", timeout=240)
+    assert done.returncode == 1, done.stderr[-2000:]  # "broken" fails, as in the sequential run
+    assert "[3/3]" in done.stderr and "ray: 3 backbone entries as tasks on 1 node(s)" in done.stderr
+    on_ray = json.load(open(out / "results.json"))
+    assert [(r["name"], r["status"]) for r in on_ray["rows"]] == [(r["name"], r["status"]) for r in sequential["rows"]]
+    for ray_row, row in zip(on_ray["rows"], sequential["rows"]):
+        if row["status"] == "ok":  # a seeded tiny model: the same numbers up to run-to-run noise
+            assert ray_row["val_log_loss"] == pytest.approx(row["val_log_loss"], rel=1e-2), row["name"]
+            assert ray_row.get("epochs_trained") == row.get("epochs_trained"), row["name"]
+    assert on_ray["submission"]["model"] == sequential["submission"]["model"]
+    assert sorted(os.listdir(out / "logs")) == ["broken.log", "small_cnn.log", "small_cnn_24.log"]
+    assert not [name for name in os.listdir(out) if name.startswith(".kbench-probe")]
+
+
+def test_the_ray_executor_refuses_an_unreachable_cluster_before_anything(study, tmp_path):
+    config_path, _, _ = study
+    out = tmp_path / "nowhere"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: nothing answers there
+        done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray",
+                       "--address", f"127.0.0.1:{port}", timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1" in done.stderr
+    assert not out.exists()
+
+
+def test_a_node_that_cannot_read_the_study_folder_is_named(tmp_path):
+    from kbench.executors import _probe_task
+
+    assert _probe_task(str(tmp_path / "elsewhere"), "token").startswith("error:")  # the driver's token unseen
+    (tmp_path / ".kbench-probe-token").write_text("token")
+    written = _probe_task(str(tmp_path), "token")
+    assert open(written).read() == "token"

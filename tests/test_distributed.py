@@ -1,0 +1,180 @@
+"""Several processes training one model (kbench.distributed, `kbench launch`): the environment, the
+launcher's promises (stops the rest, passes Ctrl-C on, refuses what can't work), the shards, and two
+JAX processes following one process's loss curve."""
+
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kbench.data import ImageLoader, ImageSet
+from kbench.distributed import ADDRESS, CLUSTER_VARIABLES, COUNT, INDEX, Cluster, cluster_from_environment
+from kbench.errors import KbenchError
+from kbench.runs import Run
+
+from conftest import BACKEND, REPO, run_cli
+
+
+def test_the_cluster_environment_is_read_and_checked():
+    assert cluster_from_environment({}) is None
+    assert cluster_from_environment({ADDRESS: "h:1", COUNT: "1", INDEX: "0"}) is None  # one process
+    assert cluster_from_environment({ADDRESS: "h:1", COUNT: "4", INDEX: "3"}) == Cluster("h:1", 4, 3)
+    assert cluster_from_environment({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == Cluster(None, 2, 1)
+    for environ, message in (
+        ({ADDRESS: "h:1"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"),
+        ({ADDRESS: "h:1", COUNT: "2", INDEX: "2"}, "must be in 0..1"),
+        ({ADDRESS: "h", COUNT: "2", INDEX: "0"}, "must be host:port"),
+        ({ADDRESS: "h:1", COUNT: "two", INDEX: "0"}, "must be a whole number"),
+    ):
+        with pytest.raises(KbenchError, match=message):
+            cluster_from_environment(environ)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_the_shards_of_every_batch_make_up_the_global_batch(count):
+    images = ImageSet("d", [f"{i}.jpg" for i in range(37)], np.zeros(37, int), ["a", "b"], "folders")
+    loaders = [
+        ImageLoader(images, np.arange(37), 8, 8, shuffle=True, seed=3, shard=(rank, count), multiple=count)
+        for rank in range(count)
+    ]
+    whole = ImageLoader(images, np.arange(37), 8, 8, shuffle=True, seed=3)
+    for epoch in (0, 1):
+        for batch in range(len(whole)):
+            shards = [loader.members(epoch, batch) for loader in loaders]
+            assert len({len(shard) for shard in shards}) == 1  # every process feeds as many images
+            union = np.concatenate(shards)
+            expected = whole.order(epoch)[batch * 8 : (batch + 1) * 8]
+            if len(expected) >= count:  # the last batch (5 images) is cut to a multiple of the processes
+                assert union.tolist() == expected[: len(expected) - len(expected) % count].tolist()
+            else:
+                assert set(union) == set(expected)
+
+
+def test_a_run_opened_by_another_process_than_0_writes_nothing(tmp_path):
+    run = Run(str(tmp_path / "run"), writer=False)
+    with run.lock():
+        assert run.prepare("backbone") is None
+        run.write_config({"kind": "backbone"})
+        run.write_history([{"epoch": 1}])
+        run.write_metrics({})
+        run.clear_checkpoint()
+    assert not os.path.exists(run.path)
+
+
+def launcher(*args, **options):
+    return subprocess.Popen(
+        [sys.executable, "-m", "kbench", "launch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        **options,
+    )
+
+
+def test_launch_stops_the_others_when_one_fails_and_exits_with_its_status(tmp_path):
+    script = (
+        "import os, sys, time; rank = int(os.environ['JAX_PROCESS_ID']);"
+        "print('env', os.environ['JAX_COORDINATOR_ADDRESS'], os.environ['JAX_NUM_PROCESSES'], rank, flush=True);"
+        "time.sleep(0.5) if rank == 1 else time.sleep(120); sys.exit(3)"
+    )
+    started = time.monotonic()
+    done = launcher("--processes", "3", "--", sys.executable, "-c", script)
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 3, (out, err)
+    assert time.monotonic() - started < 30  # ranks 0 and 2 were stopped, not waited for
+    lines = sorted(line for line in out.splitlines() if " env " in line)
+    assert [line.split()[:2] for line in lines] == [["[rank", "0]"], ["[rank", "1]"], ["[rank", "2]"]]
+    assert all(re.search(r"env 127\.0\.0\.1:\d+ 3 \d$", line) for line in lines)
+
+
+def test_ctrl_c_reaches_every_process_once(tmp_path):
+    script = (
+        "import os, signal, sys, time; rank = os.environ['JAX_PROCESS_ID'];"
+        f"path = os.path.join({str(tmp_path)!r}, rank);"
+        "signal.signal(signal.SIGINT, lambda *a: (open(path, 'a').write('int\\n'), sys.exit(130)));"
+        "print('ready', flush=True); time.sleep(120)"
+    )
+    done = launcher("--processes", "2", "--", sys.executable, "-c", script)
+    deadline = time.monotonic() + 30
+    ready = 0
+    while ready < 2 and time.monotonic() < deadline:
+        ready += "ready" in done.stdout.readline()
+    done.send_signal(signal.SIGINT)
+    done.communicate(timeout=30)
+    assert done.returncode == 130
+    assert [open(tmp_path / rank).read() for rank in ("0", "1")] == ["int\n", "int\n"]
+
+
+def test_launch_refuses_what_cannot_work():
+    missing = run_cli("launch", "--", "no-such-command-kbench")
+    assert missing.returncode == 2 and "command not found: no-such-command-kbench" in missing.stderr
+    empty = run_cli("launch", "--processes", "2")
+    assert empty.returncode == 2 and "give the command to launch" in empty.stderr
+    zero = run_cli("launch", "--processes", "0", "--", "true")
+    assert zero.returncode == 2 and "--processes must be a whole number >= 1" in zero.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = run_cli("launch", "--port", str(busy.getsockname()[1]), "--", "true")
+    assert taken.returncode == 2 and "can't be used" in taken.stderr
+
+
+def test_multi_process_training_under_tensorflow_is_refused_in_one_line(kaggle_data, tmp_path):
+    environment = {ADDRESS: "127.0.0.1:1", COUNT: "2", INDEX: "0"}
+    done = run_cli(
+        *("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--run-dir", str(tmp_path / "r")),
+        *("--backend", "tensorflow", "--devices", "all"),
+        env=environment,
+    )
+    assert done.returncode == 2 and "multi-process training runs under JAX only" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "r")
+
+
+def test_the_readme_examples_set_the_variables_kbench_reads():
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = text[text.index("### Several devices") :]
+    section = section[: section.index("\n### ", 10)]
+    slurm = section[section.index("# SLURM") : section.index("# Kubernetes")]
+    kubernetes = section[section.index("# Kubernetes") : section.index("```", section.index("# Kubernetes"))]
+    for example in (slurm, kubernetes):
+        assert set(re.findall(r"\b(JAX_[A-Z_]+)=", example)) == set(CLUSTER_VARIABLES), example
+    values = dict(re.findall(r"(JAX_[A-Z_]+)=(\S+)", kubernetes))
+    values[INDEX] = values[INDEX].replace("$(JOB_COMPLETION_INDEX)", "1")  # what the pod's index gives
+    assert cluster_from_environment(values) == Cluster("kbench-0.kbench:1234", 2, 1)
+    slurm_values = dict(re.findall(r"(JAX_[A-Z_]+)=(\S+)", slurm))
+    assert slurm_values[COUNT] == "$SLURM_NTASKS" and slurm_values[INDEX] == "$SLURM_PROCID"
+
+
+def losses(run_dir):
+    return [float(row["loss"]) for row in csv.DictReader(open(os.path.join(run_dir, "history.csv")))]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="multi-process training runs under JAX")
+def test_two_processes_follow_the_one_process_loss_curve(kaggle_data, tmp_path):
+    arguments = (
+        *("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24"),
+        *("--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--quiet", "--backend", "jax", "--devices", "all"),
+    )
+    cpu = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1"}
+    one = run_cli(*arguments, "--run-dir", str(tmp_path / "one"), env=cpu, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = run_cli("launch", "--processes", "2", "--", "kbench", *arguments, "--run-dir", str(tmp_path / "two"),
+                  env=cpu, timeout=120)  # fmt: skip
+    assert two.returncode == 0, two.stdout[-2000:]
+    assert "[rank 1] process 1 of 2: done" in two.stdout and "[rank 0] small_cnn (jax): val log loss" in two.stdout
+    metrics = json.load(open(tmp_path / "two" / "metrics.json"))
+    assert metrics["processes"] == 2 and len(metrics["devices"]) == 2 and metrics["global_batch_size"] == 16
+    # measured: 2.8e-3 relative by epoch 3 for two processes, as for two virtual devices (test_devices.py);
+    # 2.4e-5 for four processes
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=5e-3)
+    kept = sorted(os.listdir(tmp_path / "two"))
+    assert kept == sorted(os.listdir(tmp_path / "one")) and ".kbench.lock" not in kept
