@@ -149,6 +149,23 @@ def agree(ok: bool, what: str) -> None:
         raise KbenchError(f"process 0 refused {what}; see its message")
 
 
+def same_everywhere(values: list[int], what: str) -> None:
+    """Every process holds the same small integers ``values``; otherwise every process stops here with
+    the same one-line error (an all-gather, so call it on every process at the same point)."""
+    if process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, dtype=np.int32)))
+    rows = {tuple(row) for row in gathered.reshape(process_count(), -1).tolist()}
+    if len(rows) > 1:
+        raise KbenchError(
+            f"the processes disagree on {what} ({' vs '.join(map(str, sorted(rows)))}); "
+            "is the run folder on storage every process sees, and up to date?"
+        )
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0][:200] if lines else type(error).__name__

@@ -260,6 +260,9 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
                 )
             distributed.agree(True, f"--run-dir {run.path}")
             agreed = True
+            # every process resumes from the same checkpoint (process 0 alone wrote it), or none does
+            resumed = [len(state["history"]), int(file_hash(run.file(CHECKPOINT))[:7], 16)] if state else [0, 0]
+            distributed.same_everywhere(resumed, "the checkpoint to resume from (epochs, content)")
             return _train_prepared(run, config, images, state, binary, resume, verbose)
     except Exception:
         if not agreed:  # every process meets process 0's decision once, refused or not
@@ -353,7 +356,8 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
             alone.enter_context(process_local_values(model))
             if not run.writer:
                 return {"process": distributed.process_index(), "processes": processes, "run_dir": run.path}
-            val_loader.close()
+            if val_loader is not None:  # --val-split 0: nothing to evaluate
+                val_loader.close()
             val_loader = ImageLoader(images, val_idx, **loader_options) if len(val_idx) else None
         if config.early_stopping and progress["best_epoch"] not in (None, model_epoch):
             run.load_best(model)

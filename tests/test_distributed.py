@@ -178,3 +178,17 @@ def test_two_processes_follow_the_one_process_loss_curve(kaggle_data, tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=5e-3)
     kept = sorted(os.listdir(tmp_path / "two"))
     assert kept == sorted(os.listdir(tmp_path / "one")) and ".kbench.lock" not in kept
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="multi-process training runs under JAX")
+def test_two_processes_without_validation_split_finish(kaggle_data, tmp_path):
+    arguments = (
+        *("train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24", "--val-split", "0"),
+        *("--batch-size", "16", "--quiet", "--backend", "jax", "--devices", "all", "--run-dir", str(tmp_path / "r")),
+    )
+    cpu = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1"}
+    done = run_cli("launch", "--processes", "2", "--", "kbench", *arguments, "--epochs", "1", env=cpu, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "no validation split" in done.stdout
+    metrics = json.load(open(tmp_path / "r" / "metrics.json"))
+    assert metrics["epochs_trained"] == 1 and metrics["processes"] == 2 and metrics["val_log_loss"] is None
