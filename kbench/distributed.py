@@ -58,8 +58,11 @@ def cluster_from_environment(environ=None) -> Cluster | None:
     environ = os.environ if environ is None else environ
     given = {name: environ.get(name, "").strip() for name in CLUSTER_VARIABLES}
     if not any(given.values()):
-        if _whole(environ.get("SLURM_NTASKS", "1")) > 1:
-            return Cluster(None, _whole(environ["SLURM_NTASKS"]), _whole(environ.get("SLURM_PROCID", "0")))
+        # Inside an srun step of several tasks; SLURM_NTASKS alone is set in any sbatch --ntasks job,
+        # including its batch script and processes it starts some other way (a Ray worker).
+        step = _whole(environ.get("SLURM_STEP_NUM_TASKS", "1"), "SLURM_STEP_NUM_TASKS")
+        if step > 1 and _whole(environ.get("SLURM_NTASKS", "1")) > 1:
+            return Cluster(None, step, _whole(environ.get("SLURM_PROCID", "0"), "SLURM_PROCID"))
         return None
     missing = [name for name, value in given.items() if not value]
     if missing:

@@ -356,11 +356,16 @@ def gpu_warning(backend: str) -> str | None:
     gpus = list_gpus()
     if not gpus or gpus_hidden(backend):
         return None
-    from kbench.devices import _cluster_environment
+    from kbench.distributed import cluster_from_environment
+    from kbench.errors import KbenchError
 
+    try:
+        clustered = cluster_from_environment() is not None
+    except KbenchError:  # half set: the training command says what is wrong; JAX stays untouched here
+        clustered = True
     seen = {}
     # On a cluster jax.distributed.initialize() must come before JAX's first device query.
-    if not (backend == "jax" and _cluster_environment()):
+    if not (backend == "jax" and clustered):
         try:
             seen[backend] = PROBES[backend]()
         except Exception as error:

@@ -76,6 +76,10 @@ def _member_task(member, out_dir: str, fingerprint: str, latency, backend: str) 
     log_path = os.path.join(out_dir, LOGS, f"{member.name}.log")
     with open(log_path, "a", buffering=1) as handle, _output_to(handle):
         print(f"kbench: {member.name} on {socket.gethostname()} (pid {os.getpid()})", flush=True)
+        from kbench.distributed import CLUSTER_VARIABLES
+
+        for name in (*CLUSTER_VARIABLES, "SLURM_STEP_NUM_TASKS"):  # each entry trains as one process
+            os.environ.pop(name, None)
         from kbench.backend import use_backend
         from kbench.options import set_up_process
 
@@ -84,7 +88,7 @@ def _member_task(member, out_dir: str, fingerprint: str, latency, backend: str) 
         from kbench.study import member_row
 
         started = time.perf_counter()
-        row = member_row(member, out_dir, fingerprint, latency, verbose=0)
+        row = member_row(member, out_dir, fingerprint, latency, verbose=0, timing=False)
         print(f"kbench: {member.name}: {row['status']} in {time.perf_counter() - started:.1f} s", flush=True)
         return row
 
@@ -206,6 +210,12 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
 
     out_dir = os.path.abspath(out_dir)  # workers start elsewhere
     os.makedirs(os.path.join(out_dir, LOGS), exist_ok=True)
+    several = [m for m in config.backbones if m.train.devices not in (None, "1")]
+    if several:
+        raise KbenchError(
+            f"--executor ray gives each backbone entry one device; {several[0].name} asks for "
+            f"devices = {several[0].train.devices!r} (drop it, or use the sequential executor)"
+        )
     _connect(address)
     try:
         _check_storage(out_dir)
@@ -232,6 +242,8 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
                 try:
                     rows[name] = ray.get(finished[0])
                 except ray.exceptions.RayError as error:  # the worker died (killed, out of memory)
+                    if isinstance(getattr(error, "cause", None), TrainingInterrupted | KeyboardInterrupt):
+                        raise TrainingInterrupted(f"{name} was interrupted; its checkpoint is kept") from None
                     rows[name] = _failed_row(config, out_dir, name, error)
                     log.warning("%s %s", name, rows[name]["status"])
                 echo(f"[{len(rows)}/{len(config.backbones)}] {name}: {rows[name]['status']}")
@@ -239,9 +251,18 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
             for reference in pending:
                 ray.cancel(reference, force=True)
             raise
-        return [rows[member.name] for member in config.backbones]
     finally:
         ray.shutdown()
+    # Timed here, one model at a time, once no entry trains: a timing taken while other entries train
+    # on the same machine would be wrong, and the report's machine is this one.
+    from kbench.study import time_member
+
+    ordered = [rows[member.name] for member in config.backbones]
+    for index, row in enumerate(ordered, 1):
+        if row["status"] == "ok":
+            echo(f"[{index}/{len(ordered)}] {row['name']}: timing")
+        time_member(row, out_dir, config.latency)
+    return ordered
 
 
 def _failed_row(config, out_dir: str, name: str, error: BaseException) -> dict:

@@ -22,6 +22,7 @@ unconvertible ``StatefulPartitionedCall``, and exact GELU, whose ``Erfc`` tf2onn
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -99,9 +100,13 @@ def export_key(source: str, options: ExportOptions) -> str:
     from kbench.graph import GRAPH_PASSES_VERSION  # imports onnx: only when a key is needed
 
     batch = options.batch_size or "dynamic"
+    try:  # the simplifier the clean-up runs is part of what makes the file (kbench.graph)
+        slim = importlib.metadata.version("onnxslim")
+    except importlib.metadata.PackageNotFoundError:
+        slim = "none"
     return (
         f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}"
-        f"-graph{GRAPH_PASSES_VERSION}-kbench{__version__}"
+        f"-graph{GRAPH_PASSES_VERSION}-onnxslim{slim}-kbench{__version__}"
     )
 
 

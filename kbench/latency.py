@@ -49,7 +49,7 @@ class LatencyConfig:
     batch_sizes: list[int] = option([1, 8, 32], "Comma-separated batch sizes.", flag="batch_size")
     runs: int = option(100, "Timed runs per row, each timed on its own.")
     warmup: int = option(10, "Untimed runs first.")
-    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="ONNX Runtime's choice")
+    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="one per physical core")
     weights: str = option("none", "For backbone names: imagenet or none.", choices=("none", "imagenet"))
     export_dir: str = "exports"
 
@@ -284,6 +284,6 @@ def machine_info(threads: int | None = None) -> dict:
         "cores": os.cpu_count(),
         "gpu": gpu,
         "versions": versions,
-        "threads": threads or "default",
+        "threads": threads or "one per physical core",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -349,10 +350,21 @@ def _train_member(member: Member, run_dir: str, fingerprint: str, verbose) -> di
 
 def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> list[dict]:
     """Timing rows of one model, kept in its folder under the model's hash and the settings."""
+    from kbench import __version__
     from kbench.latency import iter_latency
+    from kbench.runtimes import TUNED_CPU_SETTINGS
 
     run = Run(model_dir)
-    key = {"model_hash": file_hash(run.model_path), **dataclasses.asdict(settings), "models": [], "export_dir": ""}
+    key = {
+        "model_hash": file_hash(run.model_path),
+        **dataclasses.asdict(settings),
+        "models": [],
+        "export_dir": "",
+        # timings belong to the machine and the runtimes' settings that made them
+        "host": socket.gethostname(),
+        "kbench": __version__,
+        "onnxruntime_cpu_settings": TUNED_CPU_SETTINGS,
+    }
     if run.exists(LATENCY):
         try:
             saved = files.read_json(run.file(LATENCY))
@@ -423,19 +435,36 @@ def run_study(
         return _run_locked(config, out_dir, fingerprint, command, verbose, echo, executor)
 
 
-def member_row(member: Member, out_dir: str, fingerprint: str, latency: LatencyConfig, verbose) -> dict:
-    """Train (or reuse), export and time one backbone entry into its results row; a failure is
-    marked in the row. Executors (``kbench.executors``) run this, in turn or as Ray tasks."""
+def member_row(
+    member: Member, out_dir: str, fingerprint: str, latency: LatencyConfig, verbose, timing: bool = True
+) -> dict:
+    """Train (or reuse), export and (``timing``) time one backbone entry into its results row; a
+    failure is marked in the row. Executors (``kbench.executors``) run this, in turn or as Ray tasks;
+    Ray tasks leave the timing to ``time_member`` in the driver, once no entry trains beside it."""
     run_dir = os.path.join(out_dir, "runs", member.name)
     row = {
         "name": member.name,
         "kind": "backbone",
         "backbone": member.train.backbone,
         "folder": os.path.relpath(run_dir, out_dir),  # for report.md's links
+        "host": socket.gethostname(),  # where it trained
     }
     fit = lambda: _train_member(member, run_dir, fingerprint, verbose)  # noqa: E731
-    _measure(row, fit, run_dir, os.path.join(out_dir, "onnx"), latency)
+    _measure(row, fit, run_dir, os.path.join(out_dir, "onnx"), latency if timing else None)
     return row
+
+
+def time_member(row: dict, out_dir: str, latency: LatencyConfig) -> None:
+    """The latency rows of a finished entry, measured here; a failure marks the row."""
+    if row["status"] != "ok":
+        return
+    try:
+        row["latency"] = _latency_rows(os.path.join(out_dir, row["folder"]), os.path.join(out_dir, "onnx"), latency)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        row["status"] = f"failed: {_one_line(error) if not isinstance(error, KbenchError) else error}"
+        log.warning("%s %s", row["name"], row["status"])
 
 
 def _run_locked(
@@ -499,13 +528,15 @@ def _run_locked(
     return results
 
 
-def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency: LatencyConfig) -> bool:
-    """Fit (or reuse) one model, export and time it, into ``row``. A failure marks the row with its
-    reason instead of stopping the study; returns whether the model finished."""
+def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency: LatencyConfig | None) -> bool:
+    """Fit (or reuse) one model, export and time it (unless ``latency`` is None), into ``row``. A
+    failure marks the row with its reason instead of stopping the study; returns whether the model
+    finished."""
     try:
         row.update(fit())
         row["onnx"] = _export(model_dir, onnx_dir)
-        row["latency"] = _latency_rows(model_dir, onnx_dir, latency)
+        if latency is not None:
+            row["latency"] = _latency_rows(model_dir, onnx_dir, latency)
         row["status"] = "ok"
         return True
     except (TrainingInterrupted, KeyboardInterrupt):

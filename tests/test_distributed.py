@@ -27,7 +27,11 @@ def test_the_cluster_environment_is_read_and_checked():
     assert cluster_from_environment({}) is None
     assert cluster_from_environment({ADDRESS: "h:1", COUNT: "1", INDEX: "0"}) is None  # one process
     assert cluster_from_environment({ADDRESS: "h:1", COUNT: "4", INDEX: "3"}) == Cluster("h:1", 4, 3)
-    assert cluster_from_environment({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == Cluster(None, 2, 1)
+    step = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    assert cluster_from_environment(step) == Cluster(None, 2, 1)  # inside `srun --ntasks 2`
+    # an sbatch --ntasks=2 job's batch script, or a process it starts otherwise, is one process
+    assert cluster_from_environment({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) is None
+    assert cluster_from_environment({**step, "SLURM_STEP_NUM_TASKS": "1"}) is None
     for environ, message in (
         ({ADDRESS: "h:1"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"),
         ({ADDRESS: "h:1", COUNT: "2", INDEX: "2"}, "must be in 0..1"),
