@@ -264,7 +264,7 @@ def run_latency_worker(args) -> None:
     use_backend(args.backend)
     import onnxruntime
 
-    from kbench.backbones import build_classifier, get_backbone
+    from kbench.backbones import build_classifier, calibrate_batch_norm, get_backbone
     from kbench.latency import LatencyConfig, iter_latency
 
     cuda_listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -277,7 +277,9 @@ def run_latency_worker(args) -> None:
                 continue
             start = time.time()
             keras_path = os.path.join(scratch, f"{backbone}.keras")
-            build_classifier(get_backbone(backbone), 2, args.image_size, "none").save(keras_path)
+            model = build_classifier(get_backbone(backbone), 2, args.image_size, "none")
+            calibrate_batch_norm(model)  # random weights with a trained model's numerics
+            model.save(keras_path)
             runtimes, why_not = ["keras-compiled"], None
             carried = os.path.join(args.onnx_dir or "", f"{backbone}.onnx")
             if not cuda_listed:

@@ -223,6 +223,54 @@ def build_feature_extractor(spec: BackboneSpec, image_size: int | None = None, w
         raise
 
 
+def calibrate_batch_norm(model, batch_size: int = 4, seed: int = 0) -> int:
+    """Give a randomly initialised model the batch-norm statistics a trained one has: each
+    BatchNormalization's moving mean and variance become those of its input on seeded random pixels,
+    so every layer sees normalised activations. Returns how many layers were set.
+
+    Why: with keras' initial statistics (mean 0, variance 1) nothing is normalised, activations grow
+    layer after layer and float32 rounding grows with them. EfficientNetV2-M at 480 px reaches
+    5.6e5, and Keras' own float32 result is then 0.92 of that scale away from its float64 result:
+    no comparison of two float32 runtimes (the export's parity check) can pass or mean anything.
+    Trained (and ImageNet) weights don't have this; models with random weights that stand in for them
+    (latency with ``--weights none``, the benchmarks, the export tests) are calibrated first. Latency
+    doesn't depend on the values of the weights.
+
+    One forward pass in training mode with momentum 0 does it: in training mode each layer
+    normalises with the batch's statistics, which momentum 0 then stores as the moving ones. Frozen
+    layers (``trainable=False``) run in inference mode and keep theirs.
+
+    >>> model = build_feature_extractor(get_backbone("small_cnn"), 32)
+    >>> calibrate_batch_norm(model)
+    3
+    """
+    import keras
+    import numpy as np
+
+    norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return 0
+    shape = tuple(model.inputs[0].shape[1:])
+    pixels = np.random.default_rng(seed).uniform(0, 255, (batch_size, *shape)).astype("float32")
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for layer in norms:
+            layer.momentum = 0.0
+        model(pixels, training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+    return len(norms)
+
+
+def all_layers(model):
+    """Every layer of ``model``, nested models' layers included."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from all_layers(layer)
+
+
 def _imagenet_failure(spec: BackboneSpec, error: Exception) -> str:
     keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
     folder = os.path.join(keras_home, "models")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbench import __version__, files
-from kbench.backbones import load_model
+from kbench.backbones import all_layers, load_model
 from kbench.errors import KbenchError
 from kbench.runs import Run, file_hash
 
@@ -201,7 +201,16 @@ def export_onnx(
         except onnx.checker.ValidationError as error:
             raise KbenchError(f"the exported graph is invalid: {str(error).splitlines()[0]}") from None
         data = onnx_model.SerializeToString()
-        difference = check_parity(model, data, [batch_size] if batch_size else PARITY_BATCHES)
+        try:
+            difference = check_parity(model, data, [batch_size] if batch_size else PARITY_BATCHES)
+        except KbenchError as error:
+            if untrained_batch_norm(model):
+                raise KbenchError(
+                    f"{error}. Its batch-norm statistics are keras' initial ones (an untrained model?): "
+                    "float32 rounding then grows layer by layer; train it, or run "
+                    "kbench.backbones.calibrate_batch_norm(model) on random weights, and export again"
+                ) from None
+            raise
         files.write_bytes(output, data)
     return {
         "path": output,
@@ -213,6 +222,19 @@ def export_onnx(
         "megabytes": len(data) / 2**20,
         "graph_passes": passes,
     }
+
+
+def untrained_batch_norm(model) -> bool:
+    """True when the model has BatchNormalization layers and every one still has keras' initial moving
+    statistics (mean 0, variance 1): a randomly initialised, untrained model."""
+    import keras
+
+    norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    return bool(norms) and all(
+        not np.any(keras.ops.convert_to_numpy(layer.moving_mean))
+        and np.all(keras.ops.convert_to_numpy(layer.moving_variance) == 1)
+        for layer in norms
+    )
 
 
 def check_parity(model, onnx_bytes: bytes, batch_sizes, tolerance: float = PARITY_TOLERANCE) -> float:

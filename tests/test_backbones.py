@@ -9,6 +9,7 @@ from kbench.backbones import (
     REGISTRY,
     build_classifier,
     build_feature_extractor,
+    calibrate_batch_norm,
     count_flops,
     get_backbone,
     list_backbones,
@@ -214,3 +215,26 @@ def test_backbones_command_prints_table_and_json():
     assert none.returncode == 2 and none.stderr.strip() == (
         "kbench: error: no backbone matches 'efficientnet_v3*'; kbench backbones lists them all"
     )
+
+
+def test_calibrate_batch_norm_gives_random_weights_normalised_activations():
+    """After calibration every batch norm's moving statistics are those of its input on the
+    calibration pixels, so in inference mode its output on those pixels is normalised; the momentum
+    is left as it was and frozen layers keep their statistics."""
+    import keras
+
+    model = build_feature_extractor(get_backbone("small_cnn"), 32)
+    frozen = model.get_layer("bn2")
+    frozen.trainable = False
+    assert calibrate_batch_norm(model, batch_size=8, seed=3) == 3
+    pixels = np.random.default_rng(3).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    probe = keras.Model(model.inputs, [model.get_layer(f"bn{i}").output for i in range(3)])
+    for index, output in enumerate(probe.predict_on_batch(pixels)):
+        layer = model.get_layer(f"bn{index}")
+        assert layer.momentum == 0.9
+        if layer is frozen:
+            assert np.all(keras.ops.convert_to_numpy(layer.moving_variance) == 1)
+            continue
+        assert np.abs(output.mean(axis=(0, 1, 2))).max() < 1e-3
+        variance = keras.ops.convert_to_numpy(layer.moving_variance)
+        np.testing.assert_allclose(output.var(axis=(0, 1, 2)), variance / (variance + layer.epsilon), rtol=1e-2)

@@ -8,7 +8,7 @@ import pytest
 
 from kbench import export as export_module
 from kbench import graph as graph_module
-from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, get_backbone
+from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, calibrate_batch_norm, get_backbone
 from kbench.errors import KbenchError
 from kbench.export import export_onnx, read_metadata
 from kbench.train import TrainConfig, train
@@ -82,7 +82,9 @@ def test_fixed_batch_size_and_feature_extractor(tmp_path):
     assert graph.get_outputs()[0].shape[-1] == 64
 
 
-def test_failed_parity_check_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_failed_parity_check_leaves_no_file(tmp_path, monkeypatch, calibrated):
+    """The refusal names the likely cause only when it is there: an untrained model's batch norms."""
     original = export_module._set_metadata
 
     def tampered(onnx_model, *args):
@@ -94,8 +96,13 @@ def test_failed_parity_check_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module, "_set_metadata", tampered)
     output = tmp_path / "bad.onnx"
-    with pytest.raises(KbenchError, match="disagree.*no file was written"):
-        export_onnx(build_classifier(get_backbone("small_cnn"), 2, 32), str(output))
+    model = build_classifier(get_backbone("small_cnn"), 2, 32)
+    if calibrated:
+        calibrate_batch_norm(model)
+    assert export_module.untrained_batch_norm(model) is not calibrated
+    with pytest.raises(KbenchError, match="disagree.*no file was written") as refused:
+        export_onnx(model, str(output))
+    assert ("initial ones" in str(refused.value)) is not calibrated
     assert list(tmp_path.iterdir()) == []
 
 
@@ -163,11 +170,13 @@ for _spec in REGISTRY.values():
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", sorted(FAMILIES.values()))
 def test_every_family_exports_with_parity(name, tmp_path):
-    """One model of each keras.applications family, random weights, at a reduced size: the pooled
-    features (not probabilities, whose scale hides differences) match within 1e-4 of their scale at
-    batch 1 and 3, under the backend the suite runs on."""
+    """One model of each keras.applications family, random weights given a trained model's batch-norm
+    statistics (calibrate_batch_norm), at a reduced size: the pooled features (not probabilities,
+    whose scale hides differences) match within 1e-4 of their scale at batch 1 and 3, under the
+    backend the suite runs on."""
     spec = get_backbone(name)
     model = build_feature_extractor(spec, max(spec.min_image_size, 48))
+    calibrate_batch_norm(model)
     record = export_onnx(model, str(tmp_path / f"{name}.onnx"))
     assert record["max_relative_difference"] <= 1e-4
 
