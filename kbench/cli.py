@@ -129,7 +129,14 @@ def export():
 @click.option("--batch-size", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized copy.")
 @click.option("--calibration-data", type=click.Path(), help="Images to calibrate int8 on.  [default: training split]")
-def export_onnx_command(model, output, opset, batch_size, quantize, calibration_data, backend):
+@click.option(
+    "--graph-passes/--no-graph-passes",
+    default=True,
+    show_default=True,
+    help="Clean the converted graph (kbench.graph: Pad into Conv, no-op reshapes, preprocessing "
+    "folded, onnxslim) before the parity check. --no-graph-passes keeps tf2onnx's graph as written.",
+)
+def export_onnx_command(model, output, opset, batch_size, quantize, calibration_data, backend, graph_passes):
     """Export MODEL (a run folder, ensemble folder or .keras file) to ONNX, checked against Keras.
 
     \b
@@ -143,7 +150,7 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
     from kbench.quantize import quantize_export
     from kbench.report import export_summary, quantize_summary
 
-    result = onnx_for(model, output, ExportOptions.parse(opset, batch_size))
+    result = onnx_for(model, output, ExportOptions.parse(opset, batch_size, graph_passes))
     click.echo(export_summary(result))
     if quantize:
         click.echo(quantize_summary(quantize_export(result["path"], model, calibration_data)))

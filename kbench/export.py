@@ -79,13 +79,14 @@ class ExportOptions:
 
     opset: int = DEFAULT_OPSET
     batch_size: int | None = None  # None: a dynamic batch dimension
+    graph_passes: bool = True  # False: the graph as tf2onnx wrote it (kbench.graph's clean-up skipped)
 
     @classmethod
-    def parse(cls, opset: int, batch_size: str) -> "ExportOptions":
+    def parse(cls, opset: int, batch_size: str, graph_passes: bool = True) -> "ExportOptions":
         """From the command line: ``batch_size`` is 'dynamic' or a whole number."""
         if batch_size != "dynamic" and not (batch_size.isdigit() and int(batch_size) > 0):
             raise KbenchError(f"--batch-size must be 'dynamic' or a positive whole number; got {batch_size!r}")
-        return cls(opset, None if batch_size == "dynamic" else int(batch_size)).check()
+        return cls(opset, None if batch_size == "dynamic" else int(batch_size), graph_passes).check()
 
     def check(self) -> "ExportOptions":
         if self.opset not in OPSETS:
@@ -104,10 +105,8 @@ def export_key(source: str, options: ExportOptions) -> str:
         slim = importlib.metadata.version("onnxslim")
     except importlib.metadata.PackageNotFoundError:
         slim = "none"
-    return (
-        f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}"
-        f"-graph{GRAPH_PASSES_VERSION}-onnxslim{slim}-kbench{__version__}"
-    )
+    graph = f"-graph{GRAPH_PASSES_VERSION}-onnxslim{slim}" if options.graph_passes else "-graph-skipped"
+    return f"{file_hash(source)[:20]}-opset{options.opset}-batch{batch}-route{ROUTE_VERSION}{graph}-kbench{__version__}"
 
 
 def onnx_for(
@@ -136,7 +135,14 @@ def onnx_for(
             "megabytes": os.path.getsize(output) / 2**20,
         }
     metadata = {**run_metadata(model), "kbench_export_key": key}
-    record = export_onnx(source, output, opset=options.opset, batch_size=options.batch_size, metadata=metadata)
+    record = export_onnx(
+        source,
+        output,
+        opset=options.opset,
+        batch_size=options.batch_size,
+        metadata=metadata,
+        graph_passes=options.graph_passes,
+    )
     return {**record, "reused": False}
 
 

@@ -581,10 +581,12 @@ def export_summary(result: dict) -> str:
             f"{result['path']} is up to date ({result['megabytes']:.1f} MB, opset {result['opset']}, batch "
             f"{result['batch_size']}): made from this model with these options, checked when it was written"
         )
+    skipped = (result.get("graph_passes") or {}).get("skipped")
     return (
         f"wrote {result['path']} ({result['megabytes']:.1f} MB, opset {result['opset']}, batch "
         f"{result['batch_size']}) in {result['export_seconds']:.1f} s; ONNX Runtime vs Keras ({result['backend']}): "
         f"largest relative difference {result['max_relative_difference']:.1e}"
+        + ("; graph as tf2onnx wrote it (--no-graph-passes)" if skipped else "")
     )
 
 

@@ -69,6 +69,20 @@ def test_export_reuses_a_file_made_from_the_same_model_and_redoes_a_changed_one(
     assert changed.returncode == 0 and "wrote" in changed.stdout
 
 
+def test_export_without_graph_passes_keeps_the_converted_graph_and_is_its_own_file(model_file, tmp_path):
+    import json
+
+    from kbench.export import read_metadata
+
+    output = str(tmp_path / "m.onnx")
+    raw = run_cli("export", "onnx", model_file, "-o", output, "--no-graph-passes", "--backend", BACKEND)
+    assert raw.returncode == 0 and "--no-graph-passes" in raw.stdout, raw.stderr
+    assert json.loads(read_metadata(output)["kbench_graph_passes"])["skipped"] is True
+    cleaned = run_cli("export", "onnx", model_file, "-o", output, "--backend", BACKEND)
+    assert cleaned.returncode == 0 and "wrote" in cleaned.stdout  # not "up to date": other options
+    assert "skipped" not in json.loads(read_metadata(output)["kbench_graph_passes"])
+
+
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     # A bug kbench doesn't foresee, planted through sitecustomize in the child process only.
     (tmp_path / "sitecustomize.py").write_text(
