@@ -5,9 +5,13 @@ options are fastest on this CPU.
 
     python benchmarks/export_graph.py [--backend tensorflow] [--backbones a,b] [--image-size N]
         [--batch-sizes 1,32] [--repeats 5] [--runs 10] [--big-runs 3] [--session-options]
-        [--json benchmarks/results/export_graph.json]
+        [--counts-only] [--json benchmarks/results/export_graph.json]
 
-Every model is the binary classifier kbench exports, with seeded random weights and ImageNet
+``--counts-only``: node counts before and after, the passes' record and parity, no timing and no peer
+(structure barely depends on the image size, so every backbone can be checked at a small one).
+
+Every model is the binary classifier kbench exports, with seeded random weights (batch-norm statistics
+calibrated, ``kbench.backbones.calibrate_batch_norm``) and ImageNet
 normalisation constants (as ``weights="imagenet"`` has them; with random weights Keras leaves them at
 mean 0, variance 1, which would hide the preprocessing's cost). "before" is the file as converted,
 "after" the file ``kbench export`` writes. The variants of a backbone are timed interleaved: each of
@@ -143,6 +147,18 @@ def table_line(row: dict) -> str:
     )
 
 
+COUNTS_HEADER = (
+    "| backbone | px | nodes before → after | watched before | watched after | parity |\n|---|---|---|---|---|---|"
+)
+
+
+def counts_line(row: dict) -> str:
+    return (
+        f"| {row['backbone']} | {row['image_size']} | {row['nodes_before']} → {row['nodes_after']} "
+        f"| {row['watched_before']} | {row['watched_after']} | {row['max_relative_difference']:.1e} |"
+    )
+
+
 def measure_backbone(name: str, args, folder: str) -> list[dict]:
     import keras
 
@@ -159,6 +175,24 @@ def measure_backbone(name: str, args, folder: str) -> list[dict]:
     exported = export_onnx(model, paths["after"])
     del model
     keras.backend.clear_session()
+    if args.counts_only:
+        counts = {variant: node_counts(path) for variant, path in paths.items()}
+        for path in paths.values():
+            os.remove(path)
+        row = {
+            "backbone": name,
+            "image_size": size,
+            "nodes_before": sum(counts["before"].values()),
+            "nodes_after": sum(counts["after"].values()),
+            "counts_before": counts["before"],
+            "counts_after": counts["after"],
+            "watched_before": _counts_text(counts["before"]),
+            "watched_after": _counts_text(counts["after"]),
+            "graph_passes": exported["graph_passes"],
+            "max_relative_difference": exported["max_relative_difference"],
+        }
+        print(counts_line(row), flush=True)
+        return [row]
     timm_path = peer_export(name, size, os.path.join(folder, f"{name}-timm.onnx"))
     if timm_path:
         paths["timm"] = timm_path
@@ -234,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--big-runs", type=int, default=3)
     parser.add_argument("--session-options", action="store_true", help="also time ONNX Runtime's session options")
+    parser.add_argument("--counts-only", action="store_true", help="node counts and parity only: no timing, no peer")
     record.add_json_option(parser, "export_graph")
     args = parser.parse_args(argv)
     began = record.Record(__file__, argv)
@@ -241,11 +276,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     peer = "timm (" + PEER_PYTHON + ")" if os.path.isfile(PEER_PYTHON) else NOT_AVAILABLE + " (make peer-env)"
     print(f"backend {backend}; peer {peer}")
-    print(HEADER, flush=True)
+    print(COUNTS_HEADER if args.counts_only else HEADER, flush=True)
     rows, option_rows = [], []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.backbones.split(","):
             rows.extend(measure_backbone(name, args, folder))
+            if args.counts_only:
+                began.write(args.json, rows, "(partial)", backend=backend, settings=vars(args))
+    if args.counts_only:
+        table = "\n".join([COUNTS_HEADER, *map(counts_line, rows)])
+        return began.write(args.json, rows, table, backend=backend, settings=vars(args))
         if args.session_options:
             first = args.backbones.split(",")[0]
             option_rows = measure_session_options(os.path.join(folder, f"{first}.onnx"), args)

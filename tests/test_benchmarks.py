@@ -155,3 +155,12 @@ def test_export_graph_rows_match_its_table(tmp_path, capsys):
     assert row["nodes_after"] <= row["nodes_before"] == sum(row["counts_before"].values())
     assert row["graph_passes"]["simplifier"].startswith("onnxslim") and row["max_relative_difference"] <= 1e-4
     assert row["p50_ms_timm"] == "not available"  # timm has no small_cnn, peer environment or not
+
+
+def test_export_graph_counts_only_times_nothing(tmp_path, capsys):
+    argv = ["--backbones", "small_cnn", "--image-size", "32", "--counts-only"]
+    record, _, body = run_script("export_graph", argv, tmp_path, capsys)
+    (row,) = record["rows"]
+    assert body == [load_script("export_graph").counts_line(row)]
+    assert "p50_ms_before" not in row and row["nodes_after"] <= row["nodes_before"]
+    assert row["max_relative_difference"] <= 1e-4
