@@ -105,7 +105,7 @@ def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budge
     """One backbone, in this (TensorFlow) process."""
     import keras
 
-    from kbench.backbones import build_feature_extractor, calibrate_batch_norm, count_flops, get_backbone
+    from kbench.backbones import build_feature_extractor, count_flops, get_backbone, settle_random_weights
     from kbench.export import export_onnx
     from kbench.latency import sample_pixels
     from kbench.runtimes import make_runtime
@@ -114,8 +114,9 @@ def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budge
     size = image_size or spec.image_size
     keras.utils.set_random_seed(0)
     model = build_feature_extractor(spec, size)
-    calibrate_batch_norm(model)  # random weights with a trained model's numerics: see its docstring
+    settled = settle_random_weights(model)  # random weights made numerically tame: see its docstring
     row = {"backbone": name, "image_size": size, "params": model.count_params(), "gflops": count_flops(model) / 1e9}
+    row.update(batch_norm_calibrated=settled["calibrated"], float32_sensitivity=settled["sensitivity"])
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{name}.onnx")
         exported = export_onnx(model, path)

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backbones import REGISTRY, build_classifier, calibrate_batch_norm, get_backbone  # noqa: E402
+from kbench.backbones import REGISTRY, build_classifier, get_backbone, settle_random_weights  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
@@ -169,7 +169,7 @@ def measure_backbone(name: str, args, folder: str) -> list[dict]:
     keras.utils.set_random_seed(0)
     model = build_classifier(spec, 2, size, "none")
     imagenet_normalization(model)
-    calibrate_batch_norm(model)  # random weights with a trained model's numerics
+    settle_random_weights(model)  # random weights made numerically tame: see its docstring
     paths = {"before": os.path.join(folder, f"{name}-before.onnx"), "after": os.path.join(folder, f"{name}.onnx")}
     export_onnx(model, paths["before"], graph_passes=False)
     exported = export_onnx(model, paths["after"])

@@ -264,7 +264,7 @@ def run_latency_worker(args) -> None:
     use_backend(args.backend)
     import onnxruntime
 
-    from kbench.backbones import build_classifier, calibrate_batch_norm, get_backbone
+    from kbench.backbones import build_classifier, get_backbone, settle_random_weights
     from kbench.latency import LatencyConfig, iter_latency
 
     cuda_listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -278,7 +278,7 @@ def run_latency_worker(args) -> None:
             start = time.time()
             keras_path = os.path.join(scratch, f"{backbone}.keras")
             model = build_classifier(get_backbone(backbone), 2, args.image_size, "none")
-            calibrate_batch_norm(model)  # random weights with a trained model's numerics
+            settle_random_weights(model)  # random weights made numerically tame: see its docstring
             model.save(keras_path)
             runtimes, why_not = ["keras-compiled"], None
             carried = os.path.join(args.onnx_dir or "", f"{backbone}.onnx")

@@ -213,8 +213,8 @@ def export_onnx(
             if untrained_batch_norm(model):
                 raise KbenchError(
                     f"{error}. Its batch-norm statistics are keras' initial ones (an untrained model?): "
-                    "float32 rounding then grows layer by layer; train it, or run "
-                    "kbench.backbones.calibrate_batch_norm(model) on random weights, and export again"
+                    "float32 rounding can then grow layer by layer; train it, or run "
+                    "kbench.backbones.settle_random_weights(model) on random weights, and export again"
                 ) from None
             raise
         files.write_bytes(output, data)

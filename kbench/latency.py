@@ -102,13 +102,13 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
         name = os.path.basename(model.rstrip("/"))
         name = name if os.path.isdir(model) else os.path.splitext(name)[0]
         return ModelSource(name, path, None, (height, width), members, model)
-    from kbench.backbones import build_classifier, calibrate_batch_norm, get_backbone
+    from kbench.backbones import build_classifier, get_backbone, settle_random_weights
 
     spec = get_backbone(model)  # KbenchError listing the names if it is none of the above
     path = os.path.join(scratch, f"{spec.name}.keras")
     classifier = build_classifier(spec, 2, spec.image_size, weights)
-    if weights == "none":  # random weights, given a trained model's numerics so the export's parity holds
-        calibrate_batch_norm(classifier)
+    if weights == "none":  # random weights made numerically tame, so the export's parity check means something
+        settle_random_weights(classifier)
     classifier.save(path)
     return ModelSource(spec.name, path, None, (spec.image_size, spec.image_size))
 

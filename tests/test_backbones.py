@@ -238,3 +238,23 @@ def test_calibrate_batch_norm_gives_random_weights_normalised_activations():
         assert np.abs(output.mean(axis=(0, 1, 2))).max() < 1e-3
         variance = keras.ops.convert_to_numpy(layer.moving_variance)
         np.testing.assert_allclose(output.var(axis=(0, 1, 2)), variance / (variance + layer.epsilon), rtol=1e-2)
+
+
+def test_settle_random_weights_keeps_the_tamer_statistics(monkeypatch):
+    """Calibration is kept only when it lowers the float32 sensitivity; otherwise keras' initial
+    statistics come back exactly."""
+    import keras
+
+    from kbench import backbones
+
+    model = build_feature_extractor(get_backbone("small_cnn"), 32)
+    sensitivities = iter([1e-6, 1e-3])  # initial, then calibrated: calibration made it worse
+    monkeypatch.setattr(backbones, "float32_sensitivity", lambda model, seed=0: next(sensitivities))
+    assert backbones.settle_random_weights(model) == {"calibrated": False, "sensitivity": 1e-6}
+    for index in range(3):
+        layer = model.get_layer(f"bn{index}")
+        assert np.all(keras.ops.convert_to_numpy(layer.moving_variance) == 1)
+        assert not np.any(keras.ops.convert_to_numpy(layer.moving_mean))
+    sensitivities = iter([1e-3, 1e-6])
+    assert backbones.settle_random_weights(model)["calibrated"] is True
+    assert not np.all(keras.ops.convert_to_numpy(model.get_layer("bn0").moving_variance) == 1)
