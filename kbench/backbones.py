@@ -232,9 +232,8 @@ def calibrate_batch_norm(model, batch_size: int = 4, seed: int = 0) -> int:
     layer after layer and float32 rounding grows with them. EfficientNetV2-M at 480 px reaches
     5.6e5, and Keras' own float32 result is then 0.92 of that scale away from its float64 result:
     no comparison of two float32 runtimes (the export's parity check) can pass or mean anything.
-    Trained (and ImageNet) weights don't have this; models with random weights that stand in for them
-    (latency with ``--weights none``, the benchmarks, the export tests) are calibrated first. Latency
-    doesn't depend on the values of the weights.
+    Trained (and ImageNet) weights don't have this. Calibration is not always the tamer choice:
+    ``settle_random_weights`` decides, for the random models that stand in for trained ones.
 
     One forward pass in training mode with momentum 0 does it: in training mode each layer
     normalises with the batch's statistics, which momentum 0 then stores as the moving ones. Frozen
@@ -244,10 +243,9 @@ def calibrate_batch_norm(model, batch_size: int = 4, seed: int = 0) -> int:
     >>> calibrate_batch_norm(model)
     3
     """
-    import keras
     import numpy as np
 
-    norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = batch_norm_layers(model)
     if not norms:
         return 0
     shape = tuple(model.inputs[0].shape[1:])
@@ -294,11 +292,11 @@ def settle_random_weights(model, seed: int = 0) -> dict:
     """
     import keras
 
-    norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = batch_norm_layers(model)
     initial = float32_sensitivity(model, seed)
     if not norms:
         return {"calibrated": False, "sensitivity": initial}
-    saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in norms]
+    saved = [(keras.ops.convert_to_numpy(n.moving_mean), keras.ops.convert_to_numpy(n.moving_variance)) for n in norms]
     calibrate_batch_norm(model, seed=seed)
     calibrated = float32_sensitivity(model, seed)
     if calibrated <= initial:
@@ -307,6 +305,13 @@ def settle_random_weights(model, seed: int = 0) -> dict:
         layer.moving_mean.assign(mean)
         layer.moving_variance.assign(variance)
     return {"calibrated": False, "sensitivity": initial}
+
+
+def batch_norm_layers(model) -> list:
+    """Every BatchNormalization layer of ``model``, nested models' included."""
+    import keras
+
+    return [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def all_layers(model):

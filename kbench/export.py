@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbench import __version__, files
-from kbench.backbones import all_layers, load_model
+from kbench.backbones import batch_norm_layers, load_model
 from kbench.errors import KbenchError
 from kbench.runs import Run, file_hash
 
@@ -235,7 +235,7 @@ def untrained_batch_norm(model) -> bool:
     statistics (mean 0, variance 1): a randomly initialised, untrained model."""
     import keras
 
-    norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = batch_norm_layers(model)
     return bool(norms) and all(
         not np.any(keras.ops.convert_to_numpy(layer.moving_mean))
         and np.all(keras.ops.convert_to_numpy(layer.moving_variance) == 1)
