@@ -258,3 +258,18 @@ def test_settle_random_weights_keeps_the_tamer_statistics(monkeypatch):
     sensitivities = iter([1e-3, 1e-6])
     assert backbones.settle_random_weights(model)["calibrated"] is True
     assert not np.all(keras.ops.convert_to_numpy(model.get_layer("bn0").moving_variance) == 1)
+
+
+def test_float32_sensitivity_of_a_classifier_is_measured_on_its_features():
+    """A random classifier's sigmoid can saturate (sensitivity 0 whatever its features do), so a
+    classifier is measured where the export's parity check looks: its pooled features."""
+    from kbench.backbones import build_classifier, feature_model, float32_sensitivity
+
+    classifier = build_classifier(get_backbone("small_cnn"), 2, 32, "none")
+    head = classifier.get_layer("probability")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * 1e6, bias])  # a saturated sigmoid: the probabilities can't move
+    features = float32_sensitivity(feature_model(classifier))
+    assert features > 0
+    assert float32_sensitivity(classifier) == features
+
