@@ -272,4 +272,3 @@ def test_float32_sensitivity_of_a_classifier_is_measured_on_its_features():
     features = float32_sensitivity(feature_model(classifier))
     assert features > 0
     assert float32_sensitivity(classifier) == features
-
