@@ -290,6 +290,8 @@ def settle_random_weights(model, seed: int = 0) -> dict:
     everywhere (measured against float64 Keras: EfficientNetV2-M at 480 px is 0.92 of its scale off
     with the initial statistics and 1.4e-6 calibrated; ResNet-101 at 224 px is fine with the initial
     ones and 2.7e-4 off calibrated, deep random BN-ReLU stacks amplifying perturbations).
+    A kbench classifier's head is then scaled (``centre_head``) so that its probabilities on random
+    pixels are not saturated at exactly 0 or 1, where a parity check compares nothing.
     Returns {"calibrated": bool, "sensitivity": float}.
 
     >>> settle_random_weights(build_feature_extractor(get_backbone("small_cnn"), 32))["sensitivity"] < 1e-4
@@ -299,17 +301,41 @@ def settle_random_weights(model, seed: int = 0) -> dict:
 
     norms = batch_norm_layers(model)
     initial = float32_sensitivity(model, seed)
-    if not norms:
-        return {"calibrated": False, "sensitivity": initial}
-    saved = [(keras.ops.convert_to_numpy(n.moving_mean), keras.ops.convert_to_numpy(n.moving_variance)) for n in norms]
-    calibrate_batch_norm(model, seed=seed)
-    calibrated = float32_sensitivity(model, seed)
-    if calibrated <= initial:
-        return {"calibrated": True, "sensitivity": calibrated}
-    for layer, (mean, variance) in zip(norms, saved):
-        layer.moving_mean.assign(mean)
-        layer.moving_variance.assign(variance)
-    return {"calibrated": False, "sensitivity": initial}
+    settled = {"calibrated": False, "sensitivity": initial}
+    if norms:
+        numpy = keras.ops.convert_to_numpy
+        saved = [(numpy(n.moving_mean), numpy(n.moving_variance)) for n in norms]
+        calibrate_batch_norm(model, seed=seed)
+        calibrated = float32_sensitivity(model, seed)
+        if calibrated <= initial:
+            settled = {"calibrated": True, "sensitivity": calibrated}
+        else:
+            for layer, (mean, variance) in zip(norms, saved):
+                layer.moving_mean.assign(mean)
+                layer.moving_variance.assign(variance)
+    if any(layer.name == HEAD_LAYER for layer in model.layers):
+        centre_head(model, seed)
+    return settled
+
+
+def centre_head(classifier, seed: int = 0) -> None:
+    """Scale a random classifier's head so that its logits on seeded random pixels have mean 0 and
+    root mean square 1 (before centring): its probabilities then sit near 0.5 and move with the
+    features. A random head on large pooled features puts them at exactly 0 or 1, the same in any
+    runtime, however wrong the graph that computed the features."""
+    import numpy as np
+
+    head = classifier.get_layer(HEAD_LAYER)
+    shape = tuple(classifier.inputs[0].shape[1:])
+    pixels = np.random.default_rng(seed + 2).uniform(0, 255, (4, *shape)).astype("float32")
+    features = np.asarray(feature_model(classifier).predict_on_batch(pixels), dtype="float64")
+    kernel, bias = (np.asarray(w, dtype="float64") for w in head.get_weights())
+    logits = features @ kernel
+    scale = np.sqrt(np.mean(logits**2, axis=0))
+    scale[~(np.isfinite(scale) & (scale > 0))] = 1.0
+    kernel = kernel / scale
+    bias = -np.mean(features @ kernel, axis=0)
+    head.set_weights([kernel.astype("float32"), bias.astype("float32")])
 
 
 def batch_norm_layers(model) -> list:

@@ -272,3 +272,21 @@ def test_float32_sensitivity_of_a_classifier_is_measured_on_its_features():
     features = float32_sensitivity(feature_model(classifier))
     assert features > 0
     assert float32_sensitivity(classifier) == features
+
+
+def test_settle_random_weights_unsaturates_a_classifiers_probabilities():
+    """A random head on large features gives probabilities of exactly 0 or 1 in any runtime, so an
+    export's parity check on them could not fail; after settling they sit near 0.5 and differ
+    between images."""
+    from kbench.backbones import build_classifier, settle_random_weights
+
+    classifier = build_classifier(get_backbone("small_cnn"), 2, 32, "none")
+    head = classifier.get_layer("probability")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * 1e6, bias + 1e3])
+    pixels = np.random.default_rng(9).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    assert np.all(classifier.predict_on_batch(pixels) == 1)
+    settle_random_weights(classifier)
+    probabilities = np.asarray(classifier.predict_on_batch(pixels)).ravel()
+    assert np.all((probabilities > 0.05) & (probabilities < 0.95))
+    assert np.ptp(probabilities) > 1e-4
