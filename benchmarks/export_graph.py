@@ -10,8 +10,8 @@ options are fastest on this CPU.
 ``--counts-only``: node counts before and after, the passes' record and parity, no timing and no peer
 (structure barely depends on the image size, so every backbone can be checked at a small one).
 
-Every model is the binary classifier kbench exports, with seeded random weights (batch-norm statistics
-calibrated, ``kbench.backbones.calibrate_batch_norm``) and ImageNet
+Every model is the binary classifier kbench exports, with seeded random weights (settled by
+``kbench.backbones.settle_random_weights``: tame batch-norm statistics, an unsaturated head) and ImageNet
 normalisation constants (as ``weights="imagenet"`` has them; with random weights Keras leaves them at
 mean 0, variance 1, which would hide the preprocessing's cost). "before" is the file as converted,
 "after" the file ``kbench export`` writes. The variants of a backbone are timed interleaved: each of

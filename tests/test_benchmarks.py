@@ -164,3 +164,17 @@ def test_export_graph_counts_only_times_nothing(tmp_path, capsys):
     assert body == [load_script("export_graph").counts_line(row)]
     assert "p50_ms_before" not in row and row["nodes_after"] <= row["nodes_before"]
     assert row["max_relative_difference"] <= 1e-4
+
+
+def test_pass_ablation_rows_match_its_table(tmp_path, capsys):
+    """Each backbone in a process of its own: the rows come back through it, as the table prints them."""
+    argv = ["--without", "read_input_channels_last", "--backbones", "small_cnn", "--image-size", "32"]
+    argv += ["--batch-sizes", "1", "--repeats", "1", "--runs", "2"]
+    record, _, body = run_script("pass_ablation", argv, tmp_path, capsys)
+    (row,) = record["rows"]
+    assert body == [load_script("pass_ablation").table_line(row)]
+    assert row["rewrites"] == 1  # small_cnn's first convolution reads the NHWC input directly
+    assert row["parity_all"] <= 1e-4 and row["parity_without"] <= 1e-4
+    assert row["all_over_without"] == pytest.approx(row["p50_ms_all"] / row["p50_ms_without"])
+    with pytest.raises(SystemExit):
+        load_script("pass_ablation").main(["--without", "nope", "--json", str(tmp_path / "x.json")])

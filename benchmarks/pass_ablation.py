@@ -1,0 +1,161 @@
+"""What one pass of kbench's graph clean-up (``kbench.graph.PASSES``) is worth on its own: each backbone's
+ONNX file cleaned with every pass ("all") and with every pass but ``--without`` ("without"), both
+checked against Keras and timed by ONNX Runtime, interleaved.
+
+    python benchmarks/pass_ablation.py --without read_input_channels_last [--backend tensorflow]
+        [--backbones a,b] [--batch-sizes 1,32] [--repeats 7] [--runs 10] [--big-runs 2]
+        [--json benchmarks/results/pass_ablation.json]
+
+Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
+random weights settled by ``kbench.backbones.settle_random_weights`` and ImageNet normalisation constants
+(as ``export_graph.py``). Parity: largest |ONNX Runtime - Keras| over the largest |Keras| on three
+seeded images. Timing as ``export_graph.py``: ``--repeats`` rounds, each running both variants ``--runs``
+times (``--big-runs`` at batch >= 8) in a rotated order, p50 = the median of all. Each backbone runs in
+a process of its own (TensorFlow's conversions keep memory between models). Tiny mode, for tests:
+--backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 1 --runs 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import record  # noqa: E402
+
+HEADER = (
+    "| backbone | px | batch | rewrites | parity all / without | all ms | without ms | all / without |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_line(row: dict) -> str:
+    return (
+        f"| {row['backbone']} | {row['image_size']} | {row['batch_size']} | {row['rewrites']} "
+        f"| {row['parity_all']:.1e} / {row['parity_without']:.1e} | {row['p50_ms_all']:.2f} "
+        f"| {row['p50_ms_without']:.2f} | {row['all_over_without']:.3f} |"
+    )
+
+
+def measure_backbone(name: str, args) -> list[dict]:
+    """One backbone, in this process: export, clean both ways, check, time."""
+    import keras
+    import onnx
+
+    from benchmarks import export_graph
+    from kbench import graph
+    from kbench.backbones import build_feature_extractor, get_backbone, settle_random_weights
+    from kbench.export import export_onnx
+
+    spec = get_backbone(name)
+    size = args.image_size or spec.image_size
+    keras.utils.set_random_seed(0)
+    model = build_feature_extractor(spec, size, "none")
+    export_graph.imagenet_normalization(model)
+    settle_random_weights(model)
+    pixels = np.random.default_rng(5).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
+    expected = np.asarray(model.predict_on_batch(pixels), np.float64)
+    with tempfile.TemporaryDirectory() as folder:
+        converted = os.path.join(folder, "converted.onnx")
+        export_onnx(model, converted, graph_passes=False)
+        del model
+        keras.backend.clear_session()
+        paths, rewrites = {}, 0
+        for variant in ("all", "without"):
+            kept = {key: value for key, value in graph.PASSES.items() if variant == "all" or key != args.without}
+            saved = dict(graph.PASSES)
+            graph.PASSES.clear()
+            graph.PASSES.update(kept)
+            try:
+                cleaned, done = graph.clean_graph(onnx.load(converted))
+            finally:
+                graph.PASSES.clear()
+                graph.PASSES.update(saved)
+            if variant == "all":
+                rewrites = done[args.without]
+            paths[variant] = os.path.join(folder, f"{variant}.onnx")
+            onnx.save(cleaned, paths[variant])
+        sessions = {variant: export_graph.session(path) for variant, path in paths.items()}
+        parity = {}
+        for variant, current in sessions.items():
+            got = current.run(None, {current.get_inputs()[0].name: pixels})[0]
+            parity[variant] = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+        rows = []
+        for batch in args.batch_sizes:
+            rng = np.random.default_rng(0)
+            feeds = {variant: export_graph.feed_for(current, batch, rng) for variant, current in sessions.items()}
+            runs = args.big_runs if batch >= 8 else args.runs
+            p50 = export_graph.interleaved_p50(sessions, feeds, args.repeats, runs)
+            rows.append(
+                {
+                    "backbone": name,
+                    "image_size": size,
+                    "batch_size": batch,
+                    "without": args.without,
+                    "rewrites": rewrites,
+                    "repeats": args.repeats,
+                    "runs_per_repeat": runs,
+                    "parity_all": parity["all"],
+                    "parity_without": parity["without"],
+                    "p50_ms_all": p50["all"],
+                    "p50_ms_without": p50["without"],
+                    "all_over_without": p50["all"] / p50["without"],
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from kbench.backbones import REGISTRY
+    from kbench.graph import PASSES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--without", required=True, choices=sorted(PASSES), help="the pass left out")
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
+    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's native size")
+    parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in text.split(",")], default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--big-runs", type=int, default=2)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
+    record.add_json_option(parser, "pass_ablation")
+    args = parser.parse_args(argv)
+    if args.one:
+        from kbench.backend import use_backend
+
+        use_backend(args.backend)
+        print(json.dumps(measure_backbone(args.backbones, args)), flush=True)
+        return {}
+    began = record.Record(__file__, argv)
+    print(HEADER, flush=True)
+    rows = []
+    for name in args.backbones.split(","):
+        child = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])]
+        index = child.index("--backbones") if "--backbones" in child else None
+        if index is not None:
+            child[index + 1] = name
+        else:
+            child += ["--backbones", name]
+        done = subprocess.run([*child, "--one"], capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+        if done.returncode != 0 or not lines:
+            errors = [line for line in done.stderr.splitlines() if line.strip()]
+            raise SystemExit(f"{name}: {errors[-1] if errors else 'exit ' + str(done.returncode)}")
+        for row in json.loads(lines[-1]):
+            rows.append(row)
+            print(table_line(row), flush=True)
+        began.write(args.json, rows, "(partial)", without=args.without, settings=vars(args))
+    table = "\n".join([HEADER, *map(table_line, rows)])
+    return began.write(args.json, rows, table, without=args.without, settings=vars(args))
+
+
+if __name__ == "__main__":
+    main()
