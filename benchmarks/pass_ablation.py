@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
         use_backend(args.backend)
         print(json.dumps(measure_backbone(args.backbones, args)), flush=True)
         return {}
+    from kbench.backbones import get_backbone
+    from kbench.errors import KbenchError
+
+    try:  # every name checked before the first child starts
+        for name in args.backbones.split(","):
+            get_backbone(name)
+    except KbenchError as error:
+        parser.exit(2, f"pass_ablation: error: {str(error).split(';')[0]}\n")
     began = record.Record(__file__, argv)
     print(HEADER, flush=True)
     rows = []

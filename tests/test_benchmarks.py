@@ -176,5 +176,7 @@ def test_pass_ablation_rows_match_its_table(tmp_path, capsys):
     assert row["rewrites"] == 1  # small_cnn's first convolution reads the NHWC input directly
     assert row["parity_all"] <= 1e-4 and row["parity_without"] <= 1e-4
     assert row["all_over_without"] == pytest.approx(row["p50_ms_all"] / row["p50_ms_without"])
-    with pytest.raises(SystemExit):
-        load_script("pass_ablation").main(["--without", "nope", "--json", str(tmp_path / "x.json")])
+    for wrong in (["--without", "nope"], ["--without", "drop_dead_nodes", "--backbones", "small_cnn,nope"]):
+        with pytest.raises(SystemExit) as stopped:
+            load_script("pass_ablation").main([*wrong, "--json", str(tmp_path / "x.json")])
+        assert stopped.value.code == 2 and not (tmp_path / "x.json").exists()
