@@ -200,5 +200,8 @@ def test_efficientnet_b0_export_has_no_pad_and_no_reshape_around_pooling(tmp_pat
     export_onnx(model, str(tmp_path / "b0.onnx"))
     graph = onnx.load(str(tmp_path / "b0.onnx")).graph
     kinds = [node.op_type for node in graph.node]
-    assert kinds.count("GlobalAveragePool") == 17 and "Pad" not in kinds and "Reshape" not in kinds
+    assert kinds.count("GlobalAveragePool") == 17 and "Pad" not in kinds and "Transpose" not in kinds
+    # the one Reshape is the input's channels-last view, which the stem convolution reads
+    reshapes = [node for node in graph.node if node.op_type == "Reshape"]
+    assert [node.input[0] for node in reshapes] == [graph.input[0].name]
     assert kinds.count("Squeeze") <= 1  # only the head's, after the last pooling: none in the blocks
