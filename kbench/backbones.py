@@ -237,12 +237,14 @@ def calibrate_batch_norm(model, batch_size: int = 4, seed: int = 0) -> int:
 
     One forward pass in training mode with momentum 0 does it: in training mode each layer
     normalises with the batch's statistics, which momentum 0 then stores as the moving ones. Frozen
-    layers (``trainable=False``) run in inference mode and keep theirs.
+    layers (``trainable=False``) run in inference mode and keep theirs. Dropout is off meanwhile (the
+    statistics are those inference sees), and the pass is compiled (``_compiled_training_call``).
 
     >>> model = build_feature_extractor(get_backbone("small_cnn"), 32)
     >>> calibrate_batch_norm(model)
     3
     """
+    import keras
     import numpy as np
 
     norms = batch_norm_layers(model)
@@ -251,14 +253,46 @@ def calibrate_batch_norm(model, batch_size: int = 4, seed: int = 0) -> int:
     shape = tuple(model.inputs[0].shape[1:])
     pixels = np.random.default_rng(seed).uniform(0, 255, (batch_size, *shape)).astype("float32")
     momenta = [layer.momentum for layer in norms]
+    dropouts = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Dropout)]
+    rates = [layer.rate for layer in dropouts]
     try:
         for layer in norms:
             layer.momentum = 0.0
-        model(pixels, training=True)
+        for layer in dropouts:  # statistics of what inference will see, not of dropped-out activations
+            layer.rate = 0.0
+        _compiled_training_call(model, pixels)
     finally:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
     return len(norms)
+
+
+def _compiled_training_call(model, pixels) -> None:
+    """``model(pixels, training=True)`` for its state updates, compiled (tf.function / jax.jit) so that
+    each activation is freed after its last use: called eagerly, a keras functional model holds every
+    layer's output until the call returns (EfficientNet-B7 at 600 px, 4 images: 17.6 GB resident here;
+    compiled, 2.1 GB; the statistics agree with the eager pass within 1e-6)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.function(lambda batch: model(batch, training=True), autograph=False)(pixels)
+    elif keras.backend.backend() == "jax":
+        import jax
+
+        trainable = [variable.value for variable in model.trainable_variables]
+        states = [variable.value for variable in model.non_trainable_variables]
+
+        def forward(trainable, states, batch):
+            return model.stateless_call(trainable, states, batch, training=True)[1]
+
+        for variable, value in zip(model.non_trainable_variables, jax.jit(forward)(trainable, states, pixels)):
+            variable.assign(value)
+    else:
+        model(pixels, training=True)
 
 
 def float32_sensitivity(model, seed: int = 0) -> float:

@@ -240,6 +240,24 @@ def test_calibrate_batch_norm_gives_random_weights_normalised_activations():
         np.testing.assert_allclose(output.var(axis=(0, 1, 2)), variance / (variance + layer.epsilon), rtol=1e-2)
 
 
+def test_calibrate_batch_norm_runs_without_dropout():
+    """The statistics are those inference sees: with dropout (rate 0.5) active during calibration, the
+    next batch norm would store a variance about twice its inference input's. The rate comes back."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.Conv2D(16, 3, name="conv0")(inputs)
+    hidden = keras.layers.BatchNormalization(name="bn0")(hidden)
+    hidden = keras.layers.Dropout(0.5, name="drop")(hidden)
+    hidden = keras.layers.Conv2D(16, 1, name="conv1")(hidden)
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn1")(hidden))
+    assert calibrate_batch_norm(model, batch_size=16, seed=4) == 2
+    assert model.get_layer("drop").rate == 0.5
+    pixels = np.random.default_rng(4).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+    output = np.asarray(model.predict_on_batch(pixels))
+    np.testing.assert_allclose(output.var(axis=(0, 1, 2)), 1.0, rtol=5e-2)
+
+
 def test_settle_random_weights_keeps_the_tamer_statistics(monkeypatch):
     """Calibration is kept only when it lowers the float32 sensitivity; otherwise keras' initial
     statistics come back exactly."""
