@@ -72,6 +72,22 @@ def test_export_key_changes_with_the_graph_passes_version(tmp_path, monkeypatch)
     assert export_module.export_key(str(source), options) != before
 
 
+def test_tf2onnx_optimizers_are_restored_after_conversion():
+    """The collection hook around tf2onnx's optimiser (its deep copies are freed between passes) is
+    put back afterwards, also when the conversion fails."""
+    pytest.importorskip("tf2onnx")
+    from tf2onnx import optimizer
+
+    before = dict(optimizer._optimizers)
+    with export_module._collected_between_optimizers():
+        assert all(optimizer._optimizers[name] is not before[name] for name in before)
+        optimizer._optimizers[next(iter(before))]()  # a wrapped factory still makes its optimiser
+    assert optimizer._optimizers == before
+    with pytest.raises(RuntimeError), export_module._collected_between_optimizers():
+        raise RuntimeError("conversion failed")
+    assert optimizer._optimizers == before
+
+
 def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
     model = two_member_ensemble()
     result = export_onnx(model, str(tmp_path / "ensemble.onnx"))
