@@ -5,10 +5,14 @@ options are fastest on this CPU.
 
     python benchmarks/export_graph.py [--backend tensorflow] [--backbones a,b] [--image-size N]
         [--batch-sizes 1,32] [--repeats 5] [--runs 10] [--big-runs 3] [--session-options]
-        [--counts-only] [--json benchmarks/results/export_graph.json]
+        [--counts-only] [--one-session] [--json benchmarks/results/export_graph.json]
 
 ``--counts-only``: node counts before and after, the passes' record and parity, no timing and no peer
 (structure barely depends on the image size, so every backbone can be checked at a small one).
+``--one-session``: each variant's ONNX Runtime session is opened for its turn in a round and closed after
+it, so one session at a time holds memory (three sessions of a big model at batch 32 don't fit in 24 GiB).
+The JSON is rewritten after each backbone, so a run that is stopped keeps the rows it finished. Each
+backbone is built and exported in a process of its own (conversion's memory is not the timing's).
 
 Every model is the binary classifier kbench exports, with seeded random weights (settled by
 ``kbench.backbones.settle_random_weights``: tame batch-norm statistics, an unsaturated head) and ImageNet
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench.backbones import REGISTRY, build_classifier, get_backbone, settle_random_weights  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
+from kbench.errors import KbenchError  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
 PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")
@@ -97,24 +103,34 @@ def session(path: str, settings: dict | None = None):
 
 def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dict[str, float]:
     """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
-    (one untimed warm-up call first), the order rotated every round so that no variant always goes first."""
+    (one untimed warm-up call first), the order rotated every round so that no variant always goes first.
+    A variant given as a file path instead of a session is opened for its turn and closed after it, so that
+    one session at a time holds memory (``--one-session``: big models at big batches); its warm-up call
+    then also pays for that session's first allocations, outside the timings."""
     timings = {name: [] for name in sessions}
     names = list(sessions)
     for name in names:  # warm-up outside the timings
-        sessions[name].run(None, feeds[name])
+        if not isinstance(sessions[name], str):
+            sessions[name].run(None, feeds[name])
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             current, feed = sessions[name], feeds[name]
+            if isinstance(current, str):
+                current = session(current)
             current.run(None, feed)
             for _ in range(runs):
                 start = time.perf_counter()
                 current.run(None, feed)
                 timings[name].append((time.perf_counter() - start) * 1000)
+            del current
     return {name: float(np.median(values)) for name, values in timings.items()}
 
 
 def feed_for(current, batch: int, rng) -> dict:
+    """Seeded pixels for a session (or an ONNX file's path) at ``batch``."""
+    if isinstance(current, str):
+        current = session(current)
     value = current.get_inputs()[0]
     shape = [batch, *[int(d) for d in value.shape[1:]]]
     return {value.name: rng.uniform(0, 255, shape).astype(np.float32)}
@@ -159,22 +175,43 @@ def counts_line(row: dict) -> str:
     )
 
 
-def measure_backbone(name: str, args, folder: str) -> list[dict]:
+def export_variants(name: str, size: int, folder: str) -> dict:
+    """The "before" and "after" files of one backbone in ``folder`` (in the child process: see
+    ``exported_in_child``); returns the "after" export's record."""
     import keras
 
     from kbench.export import export_onnx
 
-    spec = get_backbone(name)
-    size = args.image_size or spec.image_size
     keras.utils.set_random_seed(0)
-    model = build_classifier(spec, 2, size, "none")
+    model = build_classifier(get_backbone(name), 2, size, "none")
     imagenet_normalization(model)
     settle_random_weights(model)  # random weights made numerically tame: see its docstring
+    export_onnx(model, os.path.join(folder, f"{name}-before.onnx"), graph_passes=False)
+    return export_onnx(model, os.path.join(folder, f"{name}.onnx"))
+
+
+def exported_in_child(name: str, size: int, folder: str, backend: str) -> dict:
+    """``export_variants`` in a process of its own. tf2onnx's optimiser deep-copies the graph: converting
+    EfficientNet-B7 peaks at 16.6 GB resident here and the process keeps 11.6 GB after it, which the
+    timing (and the next backbone) would otherwise run beside."""
+    child = [sys.executable, os.path.abspath(__file__), "--backend", backend, "--backbones", name]
+    done = subprocess.run([*child, "--image-size", str(size), "--export-into", folder], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    exported = json.loads(lines[-1]) if lines else {}
+    if "error" in exported:
+        raise SystemExit(f"{name}: {exported['error']}")
+    if done.returncode < 0:
+        raise SystemExit(f"{name}: its export process was killed by signal {-done.returncode} (out of memory?)")
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{name}: its export process exited {done.returncode} without a result")
+    return exported
+
+
+def measure_backbone(name: str, args, folder: str) -> list[dict]:
+    spec = get_backbone(name)
+    size = args.image_size or spec.image_size
+    exported = exported_in_child(name, size, folder, args.backend_name)
     paths = {"before": os.path.join(folder, f"{name}-before.onnx"), "after": os.path.join(folder, f"{name}.onnx")}
-    export_onnx(model, paths["before"], graph_passes=False)
-    exported = export_onnx(model, paths["after"])
-    del model
-    keras.backend.clear_session()
     if args.counts_only:
         counts = {variant: node_counts(path) for variant, path in paths.items()}
         for path in paths.values():
@@ -197,7 +234,7 @@ def measure_backbone(name: str, args, folder: str) -> list[dict]:
     if timm_path:
         paths["timm"] = timm_path
     counts = {variant: node_counts(path) for variant, path in paths.items()}
-    sessions = {variant: session(path) for variant, path in paths.items()}
+    sessions = dict(paths) if args.one_session else {variant: session(path) for variant, path in paths.items()}
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batch_sizes:
@@ -212,6 +249,7 @@ def measure_backbone(name: str, args, folder: str) -> list[dict]:
                 "batch_size": batch,
                 "repeats": args.repeats,
                 "runs_per_repeat": runs,
+                "one_session": args.one_session,
                 "nodes_before": sum(counts["before"].values()),
                 "nodes_after": sum(counts["after"].values()),
                 "nodes_timm": sum(counts["timm"].values()) if "timm" in counts else NOT_AVAILABLE,
@@ -269,26 +307,47 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--big-runs", type=int, default=3)
     parser.add_argument("--session-options", action="store_true", help="also time ONNX Runtime's session options")
     parser.add_argument("--counts-only", action="store_true", help="node counts and parity only: no timing, no peer")
+    parser.add_argument(
+        "--one-session",
+        action="store_true",
+        help="open each variant's session for its turn only (one in memory at a time: big models, big batches)",
+    )
     record.add_json_option(parser, "export_graph")
+    parser.add_argument("--export-into", help=argparse.SUPPRESS)  # the per-backbone child's folder
     args = parser.parse_args(argv)
+    if args.export_into:
+        use_backend(args.backend)
+        size = args.image_size or get_backbone(args.backbones).image_size
+        try:
+            exported = export_variants(args.backbones, size, args.export_into)
+        except Exception as error:  # the parent says which backbone, in one line
+            exported = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        print(json.dumps(exported), flush=True)
+        return {}
+    if args.counts_only and args.session_options:
+        parser.error("--session-options times sessions, --counts-only times nothing: choose one")
+    names = args.backbones.split(",")
+    try:  # every name checked before the first export
+        for name in names:
+            get_backbone(name)
+    except KbenchError as error:
+        parser.exit(2, f"export_graph: error: {str(error).split(';')[0]}\n")
     began = record.Record(__file__, argv)
-    backend = use_backend(args.backend)
+    backend = args.backend_name = use_backend(args.backend)
 
     peer = "timm (" + PEER_PYTHON + ")" if os.path.isfile(PEER_PYTHON) else NOT_AVAILABLE + " (make peer-env)"
     print(f"backend {backend}; peer {peer}")
     print(COUNTS_HEADER if args.counts_only else HEADER, flush=True)
     rows, option_rows = [], []
     with tempfile.TemporaryDirectory() as folder:
-        for name in args.backbones.split(","):
+        for name in names:
             rows.extend(measure_backbone(name, args, folder))
-            if args.counts_only:
-                began.write(args.json, rows, "(partial)", backend=backend, settings=vars(args))
+            began.write(args.json, rows, "(partial)", backend=backend, peer=peer, settings=vars(args))
+        if args.session_options and not args.counts_only:
+            option_rows = measure_session_options(os.path.join(folder, f"{names[0]}.onnx"), args)
     if args.counts_only:
         table = "\n".join([COUNTS_HEADER, *map(counts_line, rows)])
         return began.write(args.json, rows, table, backend=backend, settings=vars(args))
-        if args.session_options:
-            first = args.backbones.split(",")[0]
-            option_rows = measure_session_options(os.path.join(folder, f"{first}.onnx"), args)
     table = "\n".join([HEADER, *map(table_line, rows)])
     first_rows = {}
     for row in rows:  # one line per backbone

@@ -157,6 +157,38 @@ def test_export_graph_rows_match_its_table(tmp_path, capsys):
     assert row["p50_ms_timm"] == "not available"  # timm has no small_cnn, peer environment or not
 
 
+def test_export_graph_one_session_and_session_options(tmp_path, capsys):
+    """--one-session opens each variant for its turn only; --session-options adds its table (it once sat
+    after a return and did nothing, exit 0)."""
+    argv = ["--backbones", "small_cnn", "--image-size", "32", "--batch-sizes", "1", "--repeats", "2", "--runs", "2"]
+    record, _, _ = run_script("export_graph", [*argv, "--one-session", "--session-options"], tmp_path, capsys)
+    (row,) = record["rows"]
+    assert row["one_session"] is True and row["p50_ms_before"] > 0 and row["p50_ms_after"] > 0
+    script = load_script("export_graph")
+    labels = [option["session_options"] for option in record["session_options"]]
+    assert labels == list(script.SESSION_VARIANTS)
+    assert all(option["p50_ms"] > 0 for option in record["session_options"])
+    assert "| kbench's settings | 1 |" in record["table"]
+
+
+def test_export_graph_refuses_before_measuring(tmp_path):
+    script = load_script("export_graph")
+    both = ["--backbones", "small_cnn", "--counts-only", "--session-options"]
+    for wrong in (["--backbones", "small_cnn,nope"], both):
+        with pytest.raises(SystemExit) as stopped:
+            script.main([*wrong, "--json", str(tmp_path / "x.json")])
+        assert stopped.value.code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_export_graph_names_the_backbone_whose_export_failed(tmp_path):
+    """Each backbone exports in a child process; its failure comes back as one line naming it."""
+    with pytest.raises(SystemExit) as stopped:
+        load_script("export_graph").main(
+            ["--backbones", "small_cnn", "--image-size", "8", "--counts-only", "--json", str(tmp_path / "x.json")]
+        )
+    assert str(stopped.value.code).startswith("small_cnn: KbenchError: ") and "8" in str(stopped.value.code)
+
+
 def test_export_graph_counts_only_times_nothing(tmp_path, capsys):
     argv = ["--backbones", "small_cnn", "--image-size", "32", "--counts-only"]
     record, _, body = run_script("export_graph", argv, tmp_path, capsys)
