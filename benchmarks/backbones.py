@@ -236,7 +236,9 @@ def plot(rows: list[dict], path: str, batch: int = 1) -> list[str]:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="*", help="comma-separated names or shell patterns")
-    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's native size")
+    parser.add_argument(
+        "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
+    )
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--budget-seconds", type=float, default=20.0)
     parser.add_argument("--timeout-seconds", type=float, default=1800.0, help="per backbone")

@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("members", nargs="?", help="comma-separated run folders (default: train the demo's)")
     parser.add_argument("--backend", default=None)
-    parser.add_argument("--images", type=int, default=600, help="generated training images, without MEMBERS")
-    parser.add_argument("--member-epochs", type=int, default=None, help="default: the demo study's")
+    parser.add_argument(
+        "--images", type=record.positive_int, default=600, help="generated training images, without MEMBERS"
+    )
+    parser.add_argument("--member-epochs", type=record.positive_int, default=None, help="default: the demo study's")
     parser.add_argument(
         "--head-epochs",
         default=None,

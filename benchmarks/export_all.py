@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None)
     parser.add_argument("--backbones", default=",".join(REGISTRY))
-    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's native size")
+    parser.add_argument(
+        "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     record.add_json_option(parser, "export_all")
     args = parser.parse_args(argv)

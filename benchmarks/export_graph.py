@@ -300,11 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None)
     parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
-    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's native size")
-    parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in text.split(",")], default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--big-runs", type=int, default=3)
+    parser.add_argument(
+        "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
+    )
+    parser.add_argument("--batch-sizes", type=record.positive_ints, default=[1, 32])
+    parser.add_argument("--repeats", type=record.positive_int, default=5)
+    parser.add_argument("--runs", type=record.positive_int, default=10)
+    parser.add_argument("--big-runs", type=record.positive_int, default=3)
     parser.add_argument("--session-options", action="store_true", help="also time ONNX Runtime's session options")
     parser.add_argument("--counts-only", action="store_true", help="node counts and parity only: no timing, no peer")
     parser.add_argument(

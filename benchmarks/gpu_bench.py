@@ -504,13 +504,6 @@ def main(argv=None) -> str:
     return table
 
 
-def _positive_ints(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("use comma-separated positive whole numbers")
-    return values
-
-
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -518,8 +511,10 @@ def _names(text: str) -> list[str]:
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", type=_names, default=_names("efficientnet_b0,mobilenet_v2"))
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-sizes", type=_positive_ints, default=[256, 64], help="training, in priority order")
+    parser.add_argument("--image-size", type=record.positive_int, default=224)
+    parser.add_argument(
+        "--batch-sizes", type=record.positive_ints, default=[256, 64], help="training, in priority order"
+    )
     parser.add_argument("--precisions", type=_names, default=["bfloat16", "float32"])
     parser.add_argument(
         "--backends",
@@ -527,11 +522,13 @@ def parse(argv=None):
         default=["jax", "tensorflow"],
         help="training backends; the first also times the latency",
     )
-    parser.add_argument("--steps", type=int, default=30, help="most timed training steps per feed")
+    parser.add_argument("--steps", type=record.positive_int, default=30, help="most timed training steps per feed")
     parser.add_argument("--measure-seconds", type=float, default=6.0, help="most timed seconds per feed")
-    parser.add_argument("--pipeline-images", type=int, default=4096, help="JPEGs in the zip (one epoch)")
-    parser.add_argument("--latency-batch-sizes", type=_positive_ints, default=[1, 32])
-    parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument(
+        "--pipeline-images", type=record.positive_int, default=4096, help="JPEGs in the zip (one epoch)"
+    )
+    parser.add_argument("--latency-batch-sizes", type=record.positive_ints, default=[1, 32])
+    parser.add_argument("--latency-runs", type=record.positive_int, default=50)
     parser.add_argument("--latency-warmup", type=int, default=5)
     parser.add_argument("--onnx-dir", help="NAME.onnx files exported beforehand (where this machine can't export)")
     parser.add_argument("--budget-seconds", type=float, default=420)

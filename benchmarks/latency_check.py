@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="efficientnet_b0")
     parser.add_argument("--backend", default=None)
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--runs", type=record.positive_int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     record.add_json_option(parser, "latency_check")
     args = parser.parse_args(argv)

@@ -120,11 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--without", required=True, choices=sorted(PASSES), help="the pass left out")
     parser.add_argument("--backend", default=None)
     parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
-    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's native size")
-    parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in text.split(",")], default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--big-runs", type=int, default=2)
+    parser.add_argument(
+        "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
+    )
+    parser.add_argument("--batch-sizes", type=record.positive_ints, default=[1, 32])
+    parser.add_argument("--repeats", type=record.positive_int, default=7)
+    parser.add_argument("--runs", type=record.positive_int, default=10)
+    parser.add_argument("--big-runs", type=record.positive_int, default=2)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
     record.add_json_option(parser, "pass_ablation")
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ benchmarks/README.md quotes ``command`` and the JSON's path under each table.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import shlex
@@ -34,6 +35,27 @@ def add_json_option(parser, script: str) -> None:
         metavar="PATH",
         help=f"write the raw results here as JSON (default: benchmarks/results/{script}.json)",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (runs, repeats, images, sizes): 0 would time nothing and a median of
+    nothing is NaN, printed as a result with exit 0.
+
+    >>> positive_int("3")
+    3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type for a comma-separated list of counts, e.g. batch sizes ``1,32``."""
+    return [positive_int(part) for part in text.split(",")]
 
 
 def _load() -> list[float] | None:
