@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
     )
-    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--batch-sizes", type=record.positive_ints_text, default="1,32")
     parser.add_argument("--budget-seconds", type=float, default=20.0)
     parser.add_argument("--timeout-seconds", type=float, default=1800.0, help="per backbone")
     parser.add_argument("--resume", action="store_true", help="keep rows already in the JSON")

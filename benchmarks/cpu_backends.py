@@ -174,7 +174,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="mobilenet_v2,efficientnet_b0,resnet50")
-    parser.add_argument("--sizes", default="96,224")
+    parser.add_argument("--sizes", type=record.positive_ints_text, default="96,224")
     parser.add_argument("--steps", type=record.positive_int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--batch-size", type=record.positive_int, default=16)
     parser.add_argument("--max-step-seconds", type=float, default=20.0)

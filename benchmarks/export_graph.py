@@ -44,7 +44,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench.backbones import REGISTRY, build_classifier, get_backbone, settle_random_weights  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
-from kbench.errors import KbenchError  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
 PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")
@@ -104,20 +103,21 @@ def session(path: str, settings: dict | None = None):
 def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dict[str, float]:
     """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
     (one untimed warm-up call first), the order rotated every round so that no variant always goes first.
-    A variant given as a file path instead of a session is opened for its turn and closed after it, so that
-    one session at a time holds memory (``--one-session``: big models at big batches); its warm-up call
-    then also pays for that session's first allocations, outside the timings."""
+    A variant given as a file path, or a (path, settings) pair, instead of a session is opened for its
+    turn and closed after it, so that one session at a time holds memory (``--one-session``: big models at
+    big batches); its warm-up call then also pays for that session's first allocations, outside the
+    timings."""
     timings = {name: [] for name in sessions}
     names = list(sessions)
     for name in names:  # warm-up outside the timings
-        if not isinstance(sessions[name], str):
+        if not _unopened(sessions[name]):
             sessions[name].run(None, feeds[name])
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             current, feed = sessions[name], feeds[name]
-            if isinstance(current, str):
-                current = session(current)
+            if _unopened(current):
+                current = session(*current) if isinstance(current, tuple) else session(current)
             current.run(None, feed)
             for _ in range(runs):
                 start = time.perf_counter()
@@ -127,10 +127,20 @@ def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dic
     return {name: float(np.median(values)) for name, values in timings.items()}
 
 
+def _unopened(variant) -> bool:
+    return isinstance(variant, (str, tuple))
+
+
 def feed_for(current, batch: int, rng) -> dict:
-    """Seeded pixels for a session (or an ONNX file's path) at ``batch``."""
-    if isinstance(current, str):
-        current = session(current)
+    """Seeded pixels at ``batch`` for a session, or for an ONNX file (a path or a (path, settings) pair)
+    without opening one."""
+    if _unopened(current):
+        import onnx
+
+        path = current[0] if isinstance(current, tuple) else current
+        value = onnx.load(path, load_external_data=False).graph.input[0]
+        dims = [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+        return {value.name: rng.uniform(0, 255, [batch, *dims[1:]]).astype(np.float32)}
     value = current.get_inputs()[0]
     shape = [batch, *[int(d) for d in value.shape[1:]]]
     return {value.name: rng.uniform(0, 255, shape).astype(np.float32)}
@@ -191,26 +201,18 @@ def export_variants(name: str, size: int, folder: str) -> dict:
 
 
 def exported_in_child(name: str, size: int, folder: str, backend: str) -> dict:
-    """``export_variants`` in a process of its own. tf2onnx's optimiser deep-copies the graph: converting
-    EfficientNet-B7 peaks at 16.6 GB resident here and the process keeps 11.6 GB after it, which the
-    timing (and the next backbone) would otherwise run beside."""
+    """``export_variants`` in a process of its own. tf2onnx's optimiser deep-copies the graph, and a
+    converting process keeps much of what it reached: EfficientNet-B7 at 600 px peaked at 16.6 GB and
+    kept 11.6 GB resident here (before ``kbench.export`` collected between those copies), which the
+    timing, and the next backbone, would otherwise run beside."""
     child = [sys.executable, os.path.abspath(__file__), "--backend", backend, "--backbones", name]
-    done = subprocess.run([*child, "--image-size", str(size), "--export-into", folder], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    exported = json.loads(lines[-1]) if lines else {}
-    if "error" in exported:
-        raise SystemExit(f"{name}: {exported['error']}")
-    if done.returncode < 0:
-        raise SystemExit(f"{name}: its export process was killed by signal {-done.returncode} (out of memory?)")
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{name}: its export process exited {done.returncode} without a result")
-    return exported
+    return record.child_result([*child, "--image-size", str(size), "--export-into", folder], name)
 
 
-def measure_backbone(name: str, args, folder: str) -> list[dict]:
+def measure_backbone(name: str, args, folder: str, backend: str) -> list[dict]:
     spec = get_backbone(name)
     size = args.image_size or spec.image_size
-    exported = exported_in_child(name, size, folder, args.backend_name)
+    exported = exported_in_child(name, size, folder, backend)
     paths = {"before": os.path.join(folder, f"{name}-before.onnx"), "after": os.path.join(folder, f"{name}.onnx")}
     if args.counts_only:
         counts = {variant: node_counts(path) for variant, path in paths.items()}
@@ -284,7 +286,10 @@ OPTION_HEADER = "| session options | batch | p50 ms | / ORT defaults |\n|---|---
 
 
 def measure_session_options(path: str, args) -> list[dict]:
-    sessions = {label: session(path, settings) for label, settings in SESSION_VARIANTS.items()}
+    if args.one_session:
+        sessions = {label: (path, settings) for label, settings in SESSION_VARIANTS.items()}
+    else:
+        sessions = {label: session(path, settings) for label, settings in SESSION_VARIANTS.items()}
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batch_sizes:
@@ -329,13 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.counts_only and args.session_options:
         parser.error("--session-options times sessions, --counts-only times nothing: choose one")
     names = args.backbones.split(",")
-    try:  # every name checked before the first export
-        for name in names:
-            get_backbone(name)
-    except KbenchError as error:
-        parser.exit(2, f"export_graph: error: {str(error).split(';')[0]}\n")
+    record.check_backbones(parser, names)
     began = record.Record(__file__, argv)
-    backend = args.backend_name = use_backend(args.backend)
+    backend = use_backend(args.backend)
 
     peer = "timm (" + PEER_PYTHON + ")" if os.path.isfile(PEER_PYTHON) else NOT_AVAILABLE + " (make peer-env)"
     print(f"backend {backend}; peer {peer}")
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, option_rows = [], []
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            rows.extend(measure_backbone(name, args, folder))
+            rows.extend(measure_backbone(name, args, folder, backend))
             began.write(args.json, rows, "(partial)", backend=backend, peer=peer, settings=vars(args))
         if args.session_options and not args.counts_only:
             option_rows = measure_session_options(os.path.join(folder, f"{names[0]}.onnx"), args)

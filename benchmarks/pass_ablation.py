@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -136,14 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         use_backend(args.backend)
         print(json.dumps(measure_backbone(args.backbones, args)), flush=True)
         return {}
-    from kbench.backbones import get_backbone
-    from kbench.errors import KbenchError
-
-    try:  # every name checked before the first child starts
-        for name in args.backbones.split(","):
-            get_backbone(name)
-    except KbenchError as error:
-        parser.exit(2, f"pass_ablation: error: {str(error).split(';')[0]}\n")
+    record.check_backbones(parser, args.backbones.split(","))
     began = record.Record(__file__, argv)
     print(HEADER, flush=True)
     rows = []
@@ -154,12 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             child[index + 1] = name
         else:
             child += ["--backbones", name]
-        done = subprocess.run([*child, "--one"], capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
-        if done.returncode != 0 or not lines:
-            errors = [line for line in done.stderr.splitlines() if line.strip()]
-            raise SystemExit(f"{name}: {errors[-1] if errors else 'exit ' + str(done.returncode)}")
-        for row in json.loads(lines[-1]):
+        for row in record.child_result([*child, "--one"], name):
             rows.append(row)
             print(table_line(row), flush=True)
         began.write(args.json, rows, "(partial)", without=args.without, settings=vars(args))

@@ -30,6 +30,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.record import positive_int  # noqa: E402
+
 NEW_RANDOM = dict(schedule="cosine", warmup_epochs=1, weight_decay=0.05, early_stopping=2, bn_momentum=0.9)
 NEW_PRETRAINED = dict(schedule="cosine", warmup_epochs=1, weight_decay=0.05, early_stopping=2, head_epochs=1)
 # (name, backbone, weights, epochs, lr)
@@ -42,8 +44,8 @@ CASES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--images", type=positive_int, default=600)
+    parser.add_argument("--image-size", type=positive_int, default=64)
     parser.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "recipe.json"))
     args = parser.parse_args()

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -56,6 +58,42 @@ def positive_int(text: str) -> int:
 def positive_ints(text: str) -> list[int]:
     """argparse type for a comma-separated list of counts, e.g. batch sizes ``1,32``."""
     return [positive_int(part) for part in text.split(",")]
+
+
+def positive_ints_text(text: str) -> str:
+    """``positive_ints`` for options handed on to a child process as text: the same text, checked."""
+    return ",".join(map(str, positive_ints(text)))
+
+
+def check_backbones(parser, names: list[str]) -> None:
+    """Every backbone name known before anything is measured; otherwise kbench's message (with its
+    guess and the valid names) as argparse's one error line, exit 2."""
+    from kbench.backbones import get_backbone
+    from kbench.errors import KbenchError
+
+    try:
+        for name in names:
+            get_backbone(name)
+    except KbenchError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def child_result(command: list[str], label: str):
+    """Run COMMAND (a benchmark script re-run with a hidden flag, so that one model's memory dies with
+    its process) and return the JSON value on the last line of its output that starts with ``{`` or ``[``.
+    A failure raises SystemExit in one line naming LABEL: the child's own ``{"error": ...}``, the signal
+    that killed it, or the last line it wrote to stderr."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
+    value = json.loads(lines[-1]) if lines else None
+    if isinstance(value, dict) and "error" in value:
+        raise SystemExit(f"{label}: {value['error']}")
+    if done.returncode < 0:
+        raise SystemExit(f"{label}: its process was killed by signal {-done.returncode} (out of memory?)")
+    if done.returncode != 0 or value is None:
+        errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        raise SystemExit(f"{label}: its process exited {done.returncode}: {errors[-1] if errors else 'no output'}")
+    return value
 
 
 def _load() -> list[float] | None:

@@ -7,6 +7,7 @@ import pytest
 
 from kbench.backbones import (
     REGISTRY,
+    batch_norm_layers,
     build_classifier,
     build_feature_extractor,
     calibrate_batch_norm,
@@ -256,6 +257,29 @@ def test_calibrate_batch_norm_runs_without_dropout():
     pixels = np.random.default_rng(4).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
     output = np.asarray(model.predict_on_batch(pixels))
     np.testing.assert_allclose(output.var(axis=(0, 1, 2)), 1.0, rtol=5e-2)
+
+
+def test_compiled_calibration_matches_the_eager_pass(monkeypatch):
+    """The compiled pass (tf.function / jax.jit: it frees activations as it goes) stores the statistics
+    the eager call does."""
+    import keras
+
+    from kbench import backbones
+
+    def statistics(model):
+        numpy = keras.ops.convert_to_numpy
+        return [np.concatenate([numpy(n.moving_mean), numpy(n.moving_variance)]) for n in batch_norm_layers(model)]
+
+    model = build_feature_extractor(get_backbone("small_cnn"), 32)
+    initial = model.get_weights()
+    calibrate_batch_norm(model, seed=6)
+    compiled = statistics(model)
+    model.set_weights(initial)
+    monkeypatch.setattr(backbones, "_compiled_training_call", lambda model, pixels: model(pixels, training=True))
+    calibrate_batch_norm(model, seed=6)
+    for got, expected in zip(compiled, statistics(model), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(compiled[0], statistics(build_feature_extractor(get_backbone("small_cnn"), 32))[0])
 
 
 def test_settle_random_weights_keeps_the_tamer_statistics(monkeypatch):

@@ -158,13 +158,30 @@ def test_export_graph_rows_match_its_table(tmp_path, capsys):
 
 
 def test_export_graph_one_session_and_session_options(tmp_path, capsys):
-    """--one-session opens each variant for its turn only; --session-options adds its table (it once sat
-    after a return and did nothing, exit 0)."""
+    """--one-session never has two ONNX Runtime sessions alive, for the variants or the session
+    options; --session-options adds its table (it once sat after a return and did nothing, exit 0)."""
+    import gc
+    import weakref
+
+    script = load_script("export_graph")
+    opened, alive, most = [0], [0], [0]
+
+    def counted(*args, **kwargs):
+        made = real(*args, **kwargs)
+        opened[0] += 1
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(made, lambda: alive.__setitem__(0, alive[0] - 1))
+        return made
+
+    real, script.session = script.session, counted
+    gc.collect()
     argv = ["--backbones", "small_cnn", "--image-size", "32", "--batch-sizes", "1", "--repeats", "2", "--runs", "2"]
-    record, _, _ = run_script("export_graph", [*argv, "--one-session", "--session-options"], tmp_path, capsys)
+    record = script.main([*argv, "--one-session", "--session-options", "--json", str(tmp_path / "g.json")])
+    capsys.readouterr()
     (row,) = record["rows"]
     assert row["one_session"] is True and row["p50_ms_before"] > 0 and row["p50_ms_after"] > 0
-    script = load_script("export_graph")
+    assert most[0] == 1 and opened[0] == 2 * 2 + 2 * len(script.SESSION_VARIANTS)  # one per turn
     labels = [option["session_options"] for option in record["session_options"]]
     assert labels == list(script.SESSION_VARIANTS)
     assert all(option["p50_ms"] > 0 for option in record["session_options"])
@@ -187,6 +204,24 @@ def test_export_graph_names_the_backbone_whose_export_failed(tmp_path):
             ["--backbones", "small_cnn", "--image-size", "8", "--counts-only", "--json", str(tmp_path / "x.json")]
         )
     assert str(stopped.value.code).startswith("small_cnn: KbenchError: ") and "8" in str(stopped.value.code)
+
+
+def test_child_failures_come_back_in_one_line_naming_the_model():
+    import sys
+
+    record = load_script("record")
+    python = [sys.executable, "-c"]
+    assert record.child_result([*python, "print('noise'); print('[1, 2]')"], "m") == [1, 2]
+    cases = {
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)": "m: its process was killed by signal 9",
+        "import sys; sys.exit('boom')": "m: its process exited 1: boom",
+        'print(\'{"error": "KbenchError: too small"}\')': "m: KbenchError: too small",
+        "print('no json')": "m: its process exited 0: no output",
+    }
+    for code, message in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            record.child_result([*python, code], "m")
+        assert str(stopped.value.code).startswith(message)
 
 
 def test_export_graph_counts_only_times_nothing(tmp_path, capsys):

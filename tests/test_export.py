@@ -88,6 +88,15 @@ def test_tf2onnx_optimizers_are_restored_after_conversion():
     assert optimizer._optimizers == before
 
 
+def test_conversion_runs_without_the_hook_where_tf2onnx_has_no_table(monkeypatch):
+    pytest.importorskip("tf2onnx")
+    from tf2onnx import optimizer
+
+    monkeypatch.delattr(optimizer, "_optimizers")
+    with export_module._collected_between_optimizers():
+        pass
+
+
 def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
     model = two_member_ensemble()
     result = export_onnx(model, str(tmp_path / "ensemble.onnx"))
