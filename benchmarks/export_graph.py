@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backbones import REGISTRY, build_classifier, get_backbone, settle_random_weights  # noqa: E402
+from kbench.backbones import build_classifier, get_backbone, settle_random_weights  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
@@ -303,15 +303,7 @@ def measure_session_options(path: str, args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None)
-    parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
-    parser.add_argument(
-        "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
-    )
-    parser.add_argument("--batch-sizes", type=record.positive_ints, default=[1, 32])
-    parser.add_argument("--repeats", type=record.positive_int, default=5)
-    parser.add_argument("--runs", type=record.positive_int, default=10)
-    parser.add_argument("--big-runs", type=record.positive_int, default=3)
+    record.add_backbone_timing_options(parser, repeats=5, big_runs=3)
     parser.add_argument("--session-options", action="store_true", help="also time ONNX Runtime's session options")
     parser.add_argument("--counts-only", action="store_true", help="node counts and parity only: no timing, no peer")
     parser.add_argument(

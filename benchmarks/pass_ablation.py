@@ -112,20 +112,11 @@ def measure_backbone(name: str, args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from kbench.backbones import REGISTRY
     from kbench.graph import PASSES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without", required=True, choices=sorted(PASSES), help="the pass left out")
-    parser.add_argument("--backend", default=None)
-    parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
-    parser.add_argument(
-        "--image-size", type=record.positive_int, default=None, help="default: each backbone's native size"
-    )
-    parser.add_argument("--batch-sizes", type=record.positive_ints, default=[1, 32])
-    parser.add_argument("--repeats", type=record.positive_int, default=7)
-    parser.add_argument("--runs", type=record.positive_int, default=10)
-    parser.add_argument("--big-runs", type=record.positive_int, default=2)
+    record.add_backbone_timing_options(parser, repeats=7, big_runs=2)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
     record.add_json_option(parser, "pass_ablation")
     args = parser.parse_args(argv)

@@ -65,6 +65,20 @@ def positive_ints_text(text: str) -> str:
     return ",".join(map(str, positive_ints(text)))
 
 
+def add_backbone_timing_options(parser, repeats: int, big_runs: int) -> None:
+    """The options of the scripts that time exported backbones interleaved (export_graph, pass_ablation):
+    --backend, --backbones, --image-size, --batch-sizes, --repeats, --runs, --big-runs."""
+    from kbench.backbones import REGISTRY
+
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
+    parser.add_argument("--image-size", type=positive_int, default=None, help="default: each backbone's native size")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 32])
+    parser.add_argument("--repeats", type=positive_int, default=repeats)
+    parser.add_argument("--runs", type=positive_int, default=10)
+    parser.add_argument("--big-runs", type=positive_int, default=big_runs)
+
+
 def check_backbones(parser, names: list[str]) -> None:
     """Every backbone name known before anything is measured; otherwise kbench's message (with its
     guess and the valid names) as argparse's one error line, exit 2."""
