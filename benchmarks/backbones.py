@@ -105,10 +105,11 @@ def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budge
     """One backbone, in this (TensorFlow) process."""
     import keras
 
-    from kbench.backbones import build_feature_extractor, count_flops, get_backbone, settle_random_weights
+    from kbench.backbones import build_feature_extractor, count_flops, get_backbone
     from kbench.export import export_onnx
     from kbench.latency import sample_pixels
     from kbench.runtimes import make_runtime
+    from kbench.settle import settle_random_weights
 
     spec = get_backbone(name)
     size = image_size or spec.image_size

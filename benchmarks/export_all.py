@@ -21,8 +21,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backbones import REGISTRY, build_classifier, get_backbone, settle_random_weights  # noqa: E402
+from kbench.backbones import REGISTRY, build_classifier, get_backbone  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
+from kbench.settle import settle_random_weights  # noqa: E402
 
 HEADER = (
     "| backbone | image size | build s | export s (incl. check) | ONNX MB | largest relative difference |\n"

@@ -15,7 +15,7 @@ The JSON is rewritten after each backbone, so a run that is stopped keeps the ro
 backbone is built and exported in a process of its own (conversion's memory is not the timing's).
 
 Every model is the binary classifier kbench exports, with seeded random weights (settled by
-``kbench.backbones.settle_random_weights``: tame batch-norm statistics, an unsaturated head) and ImageNet
+``kbench.settle.settle_random_weights``: tame batch-norm statistics, an unsaturated head) and ImageNet
 normalisation constants (as ``weights="imagenet"`` has them; with random weights Keras leaves them at
 mean 0, variance 1, which would hide the preprocessing's cost). "before" is the file as converted,
 "after" the file ``kbench export`` writes. The variants of a backbone are timed interleaved: each of
@@ -42,8 +42,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backbones import build_classifier, get_backbone, settle_random_weights  # noqa: E402
+from kbench.backbones import build_classifier, get_backbone  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
+from kbench.settle import settle_random_weights  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
 PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")

@@ -264,8 +264,9 @@ def run_latency_worker(args) -> None:
     use_backend(args.backend)
     import onnxruntime
 
-    from kbench.backbones import build_classifier, get_backbone, settle_random_weights
+    from kbench.backbones import build_classifier, get_backbone
     from kbench.latency import LatencyConfig, iter_latency
+    from kbench.settle import settle_random_weights
 
     cuda_listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     took = 0.0

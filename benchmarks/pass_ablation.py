@@ -7,7 +7,7 @@ checked against Keras and timed by ONNX Runtime, interleaved.
         [--json benchmarks/results/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
-random weights settled by ``kbench.backbones.settle_random_weights`` and ImageNet normalisation constants
+random weights settled by ``kbench.settle.settle_random_weights`` and ImageNet normalisation constants
 (as ``export_graph.py``). Parity: largest |ONNX Runtime - Keras| over the largest |Keras| on three
 seeded images. Timing as ``export_graph.py``: ``--repeats`` rounds, each running both variants ``--runs``
 times (``--big-runs`` at batch >= 8) in a rotated order, p50 = the median of all. Each backbone runs in
@@ -50,8 +50,9 @@ def measure_backbone(name: str, args) -> list[dict]:
 
     from benchmarks import export_graph
     from kbench import graph
-    from kbench.backbones import build_feature_extractor, get_backbone, settle_random_weights
+    from kbench.backbones import build_feature_extractor, get_backbone
     from kbench.export import export_onnx
+    from kbench.settle import settle_random_weights
 
     spec = get_backbone(name)
     size = args.image_size or spec.image_size

@@ -214,7 +214,7 @@ def export_onnx(
                 raise KbenchError(
                     f"{error}. Its batch-norm statistics are keras' initial ones (an untrained model?): "
                     "float32 rounding can then grow layer by layer; train it, or run "
-                    "kbench.backbones.settle_random_weights(model) on random weights, and export again"
+                    "kbench.settle.settle_random_weights(model) on random weights, and export again"
                 ) from None
             raise
         files.write_bytes(output, data)

@@ -102,7 +102,8 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
         name = os.path.basename(model.rstrip("/"))
         name = name if os.path.isdir(model) else os.path.splitext(name)[0]
         return ModelSource(name, path, None, (height, width), members, model)
-    from kbench.backbones import build_classifier, get_backbone, settle_random_weights
+    from kbench.backbones import build_classifier, get_backbone
+    from kbench.settle import settle_random_weights
 
     spec = get_backbone(model)  # KbenchError listing the names if it is none of the above
     path = os.path.join(scratch, f"{spec.name}.keras")

@@ -8,16 +8,10 @@ import pytest
 
 from kbench import export as export_module
 from kbench import graph as graph_module
-from kbench.backbones import (
-    REGISTRY,
-    build_classifier,
-    build_feature_extractor,
-    calibrate_batch_norm,
-    get_backbone,
-    settle_random_weights,
-)
+from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, get_backbone
 from kbench.errors import KbenchError
 from kbench.export import export_onnx, read_metadata
+from kbench.settle import calibrate_batch_norm, settle_random_weights
 from kbench.train import TrainConfig, train
 
 from conftest import BACKEND, run_cli
