@@ -130,9 +130,19 @@ class KerasCompiled(Runtime):
         return self._run(pixels)
 
 
-# The session options that measured fastest for kbench's exported files on CPU (benchmarks/README.md,
-# "ONNX Runtime session options"); OnnxRuntimeCPU uses them unless told otherwise (tuned=False).
-TUNED_CPU_SETTINGS = {"spinning": False, "denormal_as_zero": False, "nhwc": True}
+# The session options kbench's onnxruntime-cpu sets (benchmarks/README.md, "ONNX Runtime session
+# options"): denormals kept and the NHWC layout transformer on (neither measured to matter), and spinning
+# chosen per session by measuring both SPINNING_CANDIDATES, because the faster one depends on whether the
+# machine is shared: on a busy 2-core machine spinning off was 0.53-0.55x at batch 1 (spinning threads
+# steal the cores the work needs), on the same machine idle it was 1.40x (the wake-up latency between
+# small kernels comes back). Turned off outright with OnnxRuntimeCPU(tuned=False) or spinning=...
+TUNED_CPU_SETTINGS = {"denormal_as_zero": False, "nhwc": True, "spinning": "measured"}
+# Each the fastest measured in its regime: an idle machine (ONNX Runtime's defaults; its own thread count
+# beat an explicit one per physical core at batch 1 in all three runs), a shared one (spinning off).
+# ``threads`` None here means "the runtime's own --threads, else one per physical core".
+SPINNING_CANDIDATES = {"spinning on": {"spinning": True, "threads": 0}, "spinning off": {"spinning": False}}
+# Within this ratio the probe keeps spinning off: no faster measured, and kinder to the machine's other work.
+SPINNING_TIE = 1.03
 
 
 def physical_cores() -> int:
@@ -151,11 +161,46 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def interleaved_medians(calls: dict, min_rounds: int = 5, max_rounds: int = 15, budget_s: float = 2.0) -> dict:
+    """Median milliseconds of each zero-argument callable in ``calls``: one untimed call each, then
+    rounds that call every one once, in an order that alternates between rounds, until ``min_rounds``
+    are done and ``budget_s`` has passed (or ``max_rounds``; never fewer than 3 rounds)."""
+    names = list(calls)
+    for name in names:
+        calls[name]()
+    timings = {name: [] for name in names}
+    began = time.perf_counter()
+    for index in range(max_rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            timings[name].append((time.perf_counter() - start) * 1000)
+        done, spent = index + 1, time.perf_counter() - began
+        if (done >= min_rounds and spent >= budget_s) or (done >= 3 and spent >= 3 * budget_s):
+            break
+    return {name: float(np.median(values)) for name, values in timings.items()}
+
+
+def probe_feed(session, image_size: tuple[int, int]) -> dict:
+    """Random pixels for ``session``'s input: the file's batch size where it is fixed, else 1."""
+    first = session.get_inputs()[0]
+    shape = list(first.shape)
+    fixed = [isinstance(d, int) and d > 0 for d in shape]
+    if len(shape) == 4 and not all(fixed[1:3]):
+        shape[1:3] = image_size
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    pixels = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
+    return {first.name: pixels}
+
+
 class OnnxRuntimeCPU(Runtime):
     """An InferenceSession with full graph optimisation, ``threads`` intra-op threads (None: one per
     physical core; 0: ONNX Runtime's choice) and, unless ``tuned`` is False, the session options in
     TUNED_CPU_SETTINGS; ``spinning``, ``denormal_as_zero`` and ``nhwc`` (the NHWC layout transformer)
-    override them one by one. The row's detail names the settings."""
+    override them one by one. Where spinning is left to measuring, ``prepare`` opens a session for each
+    of SPINNING_CANDIDATES, times them interleaved on the file's input shape (batch 1 unless the file
+    fixes it), keeps the faster and closes the other. The row's detail names the settings, and the
+    probe's timings where there was one."""
 
     name = "onnxruntime-cpu"
     needs = "onnx"
@@ -175,19 +220,30 @@ class OnnxRuntimeCPU(Runtime):
         given = {"spinning": spinning, "denormal_as_zero": denormal_as_zero, "nhwc": nhwc}
         chosen.update({key: value for key, value in given.items() if value is not None})
         self.settings = chosen
+        self.probe = ""
         if parallel:
             self.name = self.name + "-parallel"
 
-    def options(self):
+    @property
+    def measures_spinning(self) -> bool:
+        return self.settings.get("spinning") == "measured"
+
+    def options(self, spinning: bool | None = None, threads: int | None = None):
+        """Session options from the settings; ``spinning`` / ``threads`` override them (the probe's
+        candidates). Where spinning is still to be measured and not given, it is left at ONNX Runtime's
+        default."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = physical_cores() if self.threads is None else self.threads
+        threads = self.threads if threads is None else threads
+        options.intra_op_num_threads = physical_cores() if threads is None else threads
         if self.parallel:  # independent branches (ensemble members) run concurrently
             options.execution_mode = onnxruntime.ExecutionMode.ORT_PARALLEL
-        if "spinning" in self.settings:
-            spin = "1" if self.settings["spinning"] else "0"
+        if spinning is None and self.settings.get("spinning") in (True, False):
+            spinning = self.settings["spinning"]
+        if spinning is not None:
+            spin = "1" if spinning else "0"
             options.add_session_config_entry("session.intra_op.allow_spinning", spin)
             options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if self.settings.get("denormal_as_zero"):
@@ -201,7 +257,7 @@ class OnnxRuntimeCPU(Runtime):
             self.threads, str(self.threads)
         )
         parts = [f"intra-op threads {threads}"]
-        if "spinning" in self.settings:
+        if self.settings.get("spinning") in (True, False):
             parts.append("spinning " + ("on" if self.settings["spinning"] else "off"))
         if "denormal_as_zero" in self.settings:
             parts.append("denormals as zero " + ("on" if self.settings["denormal_as_zero"] else "off"))
@@ -209,12 +265,46 @@ class OnnxRuntimeCPU(Runtime):
             parts.append("NHWC transformer " + ("on" if self.settings["nhwc"] else "off"))
         if self.parallel:
             parts.append("parallel mode")
-        return ", ".join(parts)
+        return ", ".join(parts) + (f" ({self.probe})" if self.probe else "")
 
     def prepare(self, model, image_size):
-        self.session = onnx_session(model, [self.provider], self.options())
+        if self.measures_spinning:
+            self.session = self.choose_spinning(model, image_size)
+        else:
+            self.session = onnx_session(model, [self.provider], self.options())
         self.input_name = self.session.get_inputs()[0].name
         self.detail = self.describe()
+
+    def choose_spinning(self, path: str, image_size: tuple[int, int]):
+        """Open a session per spinning candidate, time them interleaved, keep the faster one's session
+        and settings (spinning off on a tie within SPINNING_TIE); the others are closed here."""
+        candidates = {}
+        for label, candidate in SPINNING_CANDIDATES.items():
+            threads = self.threads if self.threads is not None else candidate.get("threads")
+            candidates[label] = (candidate["spinning"], threads)
+        sessions = {
+            label: onnx_session(path, [self.provider], self.options(spinning, threads))
+            for label, (spinning, threads) in candidates.items()
+        }
+        feed = probe_feed(next(iter(sessions.values())), image_size)
+        batch = next(iter(feed.values())).shape[0]
+        try:
+            medians = interleaved_medians(
+                {label: (lambda s=current: s.run(None, feed)) for label, current in sessions.items()}
+            )
+        except Exception as error:  # the timed runs meet the same error and report it in their row
+            self.settings["spinning"], self.threads = candidates["spinning off"]
+            self.probe = f"spinning not measured: {type(error).__name__}"
+            return sessions.pop("spinning off")
+        best = min(medians, key=medians.get)
+        if medians["spinning off"] <= SPINNING_TIE * medians[best]:
+            best = "spinning off"
+        self.settings["spinning"], self.threads = candidates[best]
+        timings = ", ".join(f"{label} {value:.2f} ms" for label, value in medians.items())
+        self.probe = f"spinning chosen by measuring at batch {batch}: {timings}"
+        kept = sessions.pop(best)
+        sessions.clear()
+        return kept
 
     def run(self, pixels):
         return self.session.run(None, {self.input_name: pixels})
@@ -227,6 +317,11 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
     name = "onnxruntime-cuda"
     provider = "CUDAExecutionProvider"
     device = "cuda"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.measures_spinning:  # the CPU threads only feed the GPU here: spinning stays off, unmeasured
+            self.settings["spinning"] = False
 
     def prepare(self, model, image_size):
         import onnxruntime

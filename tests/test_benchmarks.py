@@ -185,7 +185,7 @@ def test_export_graph_one_session_and_session_options(tmp_path, capsys):
     labels = [option["session_options"] for option in record["session_options"]]
     assert labels == list(script.SESSION_VARIANTS)
     assert all(option["p50_ms"] > 0 for option in record["session_options"])
-    assert "| kbench's settings | 1 |" in record["table"]
+    assert "| kbench's settings, spinning off | 1 |" in record["table"]
 
 
 def test_export_graph_refuses_before_measuring(tmp_path):

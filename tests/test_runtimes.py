@@ -1,0 +1,141 @@
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from kbench import runtimes
+from kbench.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, interleaved_medians, make_runtime
+
+
+def tiny_onnx(path, batch="batch", size=("h", "w")) -> str:
+    """A pooling-only ONNX model over NHWC pixels: (batch, h, w, 3) -> (batch, 1, 1, 3); no Keras."""
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, *size, 3])
+    pooled = helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [batch, 1, 1, 3])
+    node = helper.make_node("ReduceMean", ["pixels"], ["pooled"], axes=[1, 2], keepdims=1)
+    graph = helper.make_graph([node], "tiny", [pixels], [pooled])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def spin_entry(runtime) -> str:
+    """The session's spinning entry; "" where none was set (ONNX Runtime's default: on)."""
+    try:
+        return runtime.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:
+        return ""
+
+
+def fake_medians(values: dict, seen: list | None = None):
+    def medians(calls, **_):
+        for call in calls.values():
+            output = call()
+            if seen is not None:
+                seen.append(output[0].shape)
+        return dict(values)
+
+    return medians
+
+
+def test_interleaved_medians_times_each_call_and_alternates_the_order():
+    order = []
+
+    def sleeper(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+
+        return call
+
+    medians = interleaved_medians(
+        {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.012)}, min_rounds=3, max_rounds=9, budget_s=0
+    )
+    assert 0.9 < medians["fast"] < 8 and 11 < medians["slow"] < 40
+    # one untimed call each, then exactly min_rounds rounds (the budget is spent), the order reversed every round
+    assert order == ["fast", "slow"] + ["fast", "slow", "slow", "fast", "fast", "slow"]
+
+
+def test_interleaved_medians_stops_at_max_rounds():
+    calls = []
+    interleaved_medians({"a": lambda: calls.append(1)}, min_rounds=2, max_rounds=3, budget_s=60)
+    assert len(calls) == 1 + 3
+
+
+def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 5.0, "spinning off": 9.0}))
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
+    assert runtime.detail.startswith("intra-op threads ONNX Runtime's default, spinning on, ")
+    assert runtime.detail.endswith(
+        "(spinning chosen by measuring at batch 1: spinning on 5.00 ms, spinning off 9.00 ms)"
+    )
+    pooled = runtime.run(np.full((2, 8, 8, 3), 7.0, np.float32))[0]
+    assert pooled.shape == (2, 1, 1, 3) and np.allclose(pooled, 7.0)
+
+
+def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 5.0, "spinning off": 5.1}))
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    assert spin_entry(runtime) == "0"
+    assert runtime.session.get_session_options().intra_op_num_threads == runtimes.physical_cores()
+    assert runtime.detail.startswith(f"intra-op threads {runtimes.physical_cores()} (physical cores), spinning off")
+
+
+def test_given_threads_are_used_by_both_candidates(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 1.0, "spinning off": 9.0}))
+    runtime = make_runtime("onnxruntime-cpu", threads=1)
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 1
+    assert runtime.detail.startswith("intra-op threads 1, spinning on")
+
+
+def test_the_probe_runs_at_a_fixed_batch_or_at_one(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 2.0, "spinning off": 1.0}, seen))
+    OnnxRuntimeCPU().prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
+    OnnxRuntimeCPU().prepare(tiny_onnx(tmp_path / "free.onnx"), (8, 7))
+    assert seen == [(4, 1, 1, 3), (4, 1, 1, 3), (1, 1, 1, 3), (1, 1, 1, 3)]
+
+
+@pytest.mark.parametrize("settings", [{"spinning": False}, {"spinning": True}, {"tuned": False}])
+def test_no_probe_where_spinning_is_given_or_untuned(tmp_path, monkeypatch, settings):
+    def refuse(*_, **__):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(runtimes, "interleaved_medians", refuse)
+    runtime = OnnxRuntimeCPU(**settings)
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    assert "chosen by measuring" not in runtime.detail
+    expected = {True: "1", False: "0"}.get(settings.get("spinning"), "")
+    assert spin_entry(runtime) == expected
+
+
+def test_a_model_the_probe_cannot_run_keeps_spinning_off_and_fails_in_its_row(tmp_path):
+    """An input the file can't take (here: integer pixels) is not the probe's error to raise: the
+    session with spinning off is kept and the timed runs report the failure."""
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.INT64, ["batch", 4])
+    doubled = helper.make_tensor_value_info("doubled", TensorProto.INT64, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Add", ["pixels", "pixels"], ["doubled"])], "ints", [pixels], [doubled])
+    path = tmp_path / "ints.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(str(path), (8, 8))
+    assert spin_entry(runtime) == "0" and runtime.detail.endswith("(spinning not measured: InvalidArgument)")
+    with pytest.raises(Exception, match="INVALID_ARGUMENT"):
+        runtime.run(np.zeros((1, 4), np.float32))
+
+
+def test_the_probe_really_measures(tmp_path):
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (16, 16))
+    assert runtime.settings["spinning"] in (True, False)
+    assert spin_entry(runtime) == ("1" if runtime.settings["spinning"] else "0")
+    assert "(spinning chosen by measuring at batch 1: spinning on " in runtime.detail
+
+
+def test_cuda_keeps_spinning_off_unmeasured():
+    assert OnnxRuntimeCUDA().options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
