@@ -3,14 +3,15 @@ ONNX file cleaned with every pass ("all") and with every pass but ``--without`` 
 checked against Keras and timed by ONNX Runtime, interleaved.
 
     python benchmarks/pass_ablation.py --without read_input_channels_last [--backend tensorflow]
-        [--backbones a,b] [--batch-sizes 1,32] [--repeats 7] [--runs 10] [--big-runs 2]
+        [--backbones a,b] [--batch-sizes 1,32] [--repeats 7] [--runs 10] [--big-runs 2] [--one-session]
         [--json benchmarks/results/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
 random weights settled by ``kbench.settle.settle_random_weights`` and ImageNet normalisation constants
 (as ``export_graph.py``). Parity: largest |ONNX Runtime - Keras| over the largest |Keras| on three
 seeded images. Timing as ``export_graph.py``: ``--repeats`` rounds, each running both variants ``--runs``
-times (``--big-runs`` at batch >= 8) in a rotated order, p50 = the median of all. Each backbone runs in
+times (``--big-runs`` at batch >= 8) in a rotated order, p50 = the median of all; ``--one-session`` as in
+``export_graph.py`` (EfficientNet-B7's two sessions at batch 32 don't fit in 24 GiB). Each backbone runs in
 a process of its own (TensorFlow's conversions keep memory between models). Tiny mode, for tests:
 --backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 1 --runs 2.
 """
@@ -82,11 +83,13 @@ def measure_backbone(name: str, args) -> list[dict]:
                 rewrites = done[args.without]
             paths[variant] = os.path.join(folder, f"{variant}.onnx")
             onnx.save(cleaned, paths[variant])
-        sessions = {variant: export_graph.session(path) for variant, path in paths.items()}
         parity = {}
-        for variant, current in sessions.items():
+        for variant, path in paths.items():  # one session at a time
+            current = export_graph.session(path)
             got = current.run(None, {current.get_inputs()[0].name: pixels})[0]
             parity[variant] = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+            del current
+        sessions = dict(paths) if args.one_session else {v: export_graph.session(p) for v, p in paths.items()}
         rows = []
         for batch in args.batch_sizes:
             rng = np.random.default_rng(0)
@@ -118,6 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without", required=True, choices=sorted(PASSES), help="the pass left out")
     record.add_backbone_timing_options(parser, repeats=7, big_runs=2)
+    parser.add_argument(
+        "--one-session",
+        action="store_true",
+        help="open each variant's session for its turn only (one in memory at a time: big models, big batches)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
     record.add_json_option(parser, "pass_ablation")
     args = parser.parse_args(argv)

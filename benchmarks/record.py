@@ -70,13 +70,30 @@ def add_backbone_timing_options(parser, repeats: int, big_runs: int) -> None:
     --backend, --backbones, --image-size, --batch-sizes, --repeats, --runs, --big-runs."""
     from kbench.backbones import REGISTRY
 
-    parser.add_argument("--backend", default=None)
-    parser.add_argument("--backbones", default=",".join(name for name in REGISTRY if name != "small_cnn"))
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="jax or tensorflow (default: KERAS_BACKEND, else the machine's: tensorflow without a GPU)",
+    )
+    parser.add_argument(
+        "--backbones",
+        default=",".join(name for name in REGISTRY if name != "small_cnn"),
+        help="comma-separated registry names (default: every registered backbone but small_cnn)",
+    )
     parser.add_argument("--image-size", type=positive_int, default=None, help="default: each backbone's native size")
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 32])
-    parser.add_argument("--repeats", type=positive_int, default=repeats)
-    parser.add_argument("--runs", type=positive_int, default=10)
-    parser.add_argument("--big-runs", type=positive_int, default=big_runs)
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 32], help="comma-separated (default: 1,32)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=repeats, help=f"interleaved rounds per batch size (default: {repeats})"
+    )
+    parser.add_argument(
+        "--runs", type=positive_int, default=10, help="timed runs of each variant per round (default: 10)"
+    )
+    parser.add_argument(
+        "--big-runs",
+        type=positive_int,
+        default=big_runs,
+        help=f"--runs at batch >= 8 for backbones above 260 px (default: {big_runs})",
+    )
 
 
 def check_backbones(parser, names: list[str]) -> None:

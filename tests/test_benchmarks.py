@@ -233,10 +233,11 @@ def test_export_graph_counts_only_times_nothing(tmp_path, capsys):
     assert row["max_relative_difference"] <= 1e-4
 
 
-def test_pass_ablation_rows_match_its_table(tmp_path, capsys):
+@pytest.mark.parametrize("one_session", [[], ["--one-session"]])
+def test_pass_ablation_rows_match_its_table(tmp_path, capsys, one_session):
     """Each backbone in a process of its own: the rows come back through it, as the table prints them."""
     argv = ["--without", "read_input_channels_last", "--backbones", "small_cnn", "--image-size", "32"]
-    argv += ["--batch-sizes", "1", "--repeats", "1", "--runs", "2"]
+    argv += ["--batch-sizes", "1", "--repeats", "1", "--runs", "2", *one_session]
     record, _, body = run_script("pass_ablation", argv, tmp_path, capsys)
     (row,) = record["rows"]
     assert body == [load_script("pass_ablation").table_line(row)]
