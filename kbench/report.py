@@ -62,7 +62,18 @@ def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:
     )
     shown = [c for c in COLUMNS if c not in ("runs", "warmup", "detail")]
     style = "markdown" if output_format == "markdown" else "ascii"
-    return header + "\n\n" + format_table(rows, shown, style=style)
+    return header + "\n\n" + format_table(rows, shown, style=style) + _details_text(rows)
+
+
+def _details_text(rows: list[dict]) -> str:
+    """Each (model, runtime)'s detail (the settings it ran with, what it chose by measuring) once, under
+    the table, where a column would be too wide; "" when no row has one."""
+    details = {}
+    for row in rows:
+        if row.get("detail"):
+            details.setdefault((row["model"], row["runtime"]), row["detail"])
+    lines = [f"{model} {runtime}: {detail}" for (model, runtime), detail in details.items()]
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def _steady_epoch_seconds(row: dict) -> float | None:

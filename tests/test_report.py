@@ -249,3 +249,16 @@ def test_compare_library_refuses_nothing_to_compare(tmp_path):
     with pytest.raises(KbenchError, match="at least one"):
         compare_runs([], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_latency_details_follow_the_table_once_per_model_and_runtime():
+    from kbench.report import latency_text
+
+    machine = {"cpu": "cpu", "cores": 2, "gpu": "none", "threads": 2, "versions": {"onnxruntime": "1"}}
+    row = {"model": "m", "runtime": "onnxruntime-cpu", "batch_size": 1, "p50_ms": 1.0, "status": "ok"}
+    rows = [{**row, "detail": "spinning on"}, {**row, "batch_size": 32, "detail": "spinning on"}]
+    rows.append({**row, "runtime": "keras-predict", "detail": ""})
+    for style in ("table", "markdown"):
+        text = latency_text(rows, style, machine)
+        assert text.endswith("\n\nm onnxruntime-cpu: spinning on") and text.count("spinning on") == 1
+    assert "\n\nm " not in latency_text([rows[-1]], "markdown", machine)
