@@ -288,6 +288,6 @@ def machine_info(threads: int | None = None) -> dict:
         "cores": os.cpu_count(),
         "gpu": gpu,
         "versions": versions,
-        "threads": threads or "one per physical core",
+        "threads": threads or "one per physical core (ONNX Runtime's own count where spinning on is chosen)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }

@@ -66,13 +66,9 @@ def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:
 
 
 def _details_text(rows: list[dict]) -> str:
-    """Each (model, runtime)'s detail (the settings it ran with, what it chose by measuring) once, under
-    the table, where a column would be too wide; "" when no row has one."""
-    details = {}
-    for row in rows:
-        if row.get("detail"):
-            details.setdefault((row["model"], row["runtime"]), row["detail"])
-    lines = [f"{model} {runtime}: {detail}" for (model, runtime), detail in details.items()]
+    """Each distinct (model, runtime, detail) once, as a list under the table (a column would be too
+    wide): the settings a runtime ran with and what it chose by measuring; "" when no row has one."""
+    lines = dict.fromkeys(f"- {row['model']} {row['runtime']}: {row['detail']}" for row in rows if row.get("detail"))
     return "\n\n" + "\n".join(lines) if lines else ""
 
 

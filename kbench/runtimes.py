@@ -141,8 +141,9 @@ TUNED_CPU_SETTINGS = {"denormal_as_zero": False, "nhwc": True, "spinning": "meas
 # beat an explicit one per physical core at batch 1 in all three runs), a shared one (spinning off).
 # ``threads`` None here means "the runtime's own --threads, else one per physical core".
 SPINNING_CANDIDATES = {"spinning on": {"spinning": True, "threads": 0}, "spinning off": {"spinning": False}}
-# Within this ratio the probe keeps spinning off: no faster measured, and kinder to the machine's other work.
-SPINNING_TIE = 1.03
+# How the probe measures (``interleaved_medians``' arguments), and the tie: within that ratio it keeps
+# spinning off (no faster measured, and kinder to the machine's other work).
+SPINNING_PROBE = {"block": 3, "min_rounds": 3, "max_rounds": 8, "budget_s": 2.0, "tie": 1.03}
 
 
 def physical_cores() -> int:
@@ -161,34 +162,41 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def interleaved_medians(calls: dict, min_rounds: int = 5, max_rounds: int = 15, budget_s: float = 2.0) -> dict:
-    """Median milliseconds of each zero-argument callable in ``calls``: one untimed call each, then
-    rounds that call every one once, in an order that alternates between rounds, until ``min_rounds``
-    are done and ``budget_s`` has passed (or ``max_rounds``; never fewer than 3 rounds)."""
+def interleaved_medians(
+    calls: dict, block: int = 3, min_rounds: int = 3, max_rounds: int = 8, budget_s: float = 2.0
+) -> dict:
+    """Median milliseconds of each zero-argument callable in ``calls``. Rounds run each callable in a
+    block: one untimed call, then ``block`` timed ones, the order of the blocks alternating between
+    rounds, until ``min_rounds`` are done and ``budget_s`` has passed (or ``max_rounds``; never fewer
+    than 2 rounds). The untimed call of each block absorbs what the previous block leaves behind (ONNX
+    Runtime's spinning threads keep spinning for a while after a run returns, on the cores the next
+    block needs)."""
     names = list(calls)
-    for name in names:
-        calls[name]()
     timings = {name: [] for name in names}
     began = time.perf_counter()
     for index in range(max_rounds):
         for name in names if index % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
             calls[name]()
-            timings[name].append((time.perf_counter() - start) * 1000)
+            for _ in range(block):
+                start = time.perf_counter()
+                calls[name]()
+                timings[name].append((time.perf_counter() - start) * 1000)
         done, spent = index + 1, time.perf_counter() - began
-        if (done >= min_rounds and spent >= budget_s) or (done >= 3 and spent >= 3 * budget_s):
+        if (done >= min_rounds and spent >= budget_s) or (done >= 2 and spent >= 3 * budget_s):
             break
     return {name: float(np.median(values)) for name, values in timings.items()}
 
 
 def probe_feed(session, image_size: tuple[int, int]) -> dict:
-    """Random pixels for ``session``'s input: the file's batch size where it is fixed, else 1."""
+    """Random pixels for ``session``'s first input: its fixed dimensions, and for unknown ones the batch
+    1, ``image_size`` for the height and width of a 4-D input and 3 for its channels; 1 elsewhere."""
     first = session.get_inputs()[0]
     shape = list(first.shape)
-    fixed = [isinstance(d, int) and d > 0 for d in shape]
-    if len(shape) == 4 and not all(fixed[1:3]):
-        shape[1:3] = image_size
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    if len(shape) == 4:
+        defaults = [1, *image_size, 3]
+    else:
+        defaults = [1] * len(shape)
+    shape = [d if isinstance(d, int) and d > 0 else default for d, default in zip(shape, defaults)]
     pixels = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
     return {first.name: pixels}
 
@@ -198,9 +206,10 @@ class OnnxRuntimeCPU(Runtime):
     physical core; 0: ONNX Runtime's choice) and, unless ``tuned`` is False, the session options in
     TUNED_CPU_SETTINGS; ``spinning``, ``denormal_as_zero`` and ``nhwc`` (the NHWC layout transformer)
     override them one by one. Where spinning is left to measuring, ``prepare`` opens a session for each
-    of SPINNING_CANDIDATES, times them interleaved on the file's input shape (batch 1 unless the file
-    fixes it), keeps the faster and closes the other. The row's detail names the settings, and the
-    probe's timings where there was one."""
+    of SPINNING_CANDIDATES (spinning on with ONNX Runtime's own thread count unless ``threads`` is given,
+    spinning off), times them interleaved at batch 1, keeps the faster and closes the other
+    (``choose_spinning``). The row's detail names the settings, and the probe's timings where there was
+    one."""
 
     name = "onnxruntime-cpu"
     needs = "onnx"
@@ -226,6 +235,7 @@ class OnnxRuntimeCPU(Runtime):
 
     @property
     def measures_spinning(self) -> bool:
+        """Whether ``prepare`` chooses spinning (and with it the thread count) by measuring."""
         return self.settings.get("spinning") == "measured"
 
     def options(self, spinning: bool | None = None, threads: int | None = None):
@@ -277,31 +287,41 @@ class OnnxRuntimeCPU(Runtime):
 
     def choose_spinning(self, path: str, image_size: tuple[int, int]):
         """Open a session per spinning candidate, time them interleaved, keep the faster one's session
-        and settings (spinning off on a tie within SPINNING_TIE); the others are closed here."""
+        and settings (spinning off on a tie within SPINNING_PROBE["tie"]); the others are closed here.
+        A file with a fixed batch above 1 is not probed (two sessions of a big model at a big batch may
+        not fit in memory): spinning off, the detail says why. So is a file the probe can't run: its
+        timed rows then meet the same error and report it."""
         candidates = {}
         for label, candidate in SPINNING_CANDIDATES.items():
             threads = self.threads if self.threads is not None else candidate.get("threads")
             candidates[label] = (candidate["spinning"], threads)
-        sessions = {
-            label: onnx_session(path, [self.provider], self.options(spinning, threads))
-            for label, (spinning, threads) in candidates.items()
-        }
-        feed = probe_feed(next(iter(sessions.values())), image_size)
-        batch = next(iter(feed.values())).shape[0]
+        self.settings["spinning"], self.threads = candidates["spinning off"]
+        kept = onnx_session(path, [self.provider], self.options(*candidates["spinning off"]))
+        try:
+            feed = probe_feed(kept, image_size)
+            batch = next(iter(feed.values())).shape[0]
+        except Exception as error:
+            self.probe = f"spinning not measured: {type(error).__name__}"
+            return kept
+        if batch > 1:
+            self.probe = f"spinning not measured: the file takes batches of {batch} only"
+            return kept
+        sessions = {"spinning on": onnx_session(path, [self.provider], self.options(*candidates["spinning on"]))}
+        sessions["spinning off"] = kept
         try:
             medians = interleaved_medians(
-                {label: (lambda s=current: s.run(None, feed)) for label, current in sessions.items()}
+                {label: (lambda s=current: s.run(None, feed)) for label, current in sessions.items()},
+                **{key: SPINNING_PROBE[key] for key in ("block", "min_rounds", "max_rounds", "budget_s")},
             )
         except Exception as error:  # the timed runs meet the same error and report it in their row
-            self.settings["spinning"], self.threads = candidates["spinning off"]
             self.probe = f"spinning not measured: {type(error).__name__}"
-            return sessions.pop("spinning off")
+            return kept
         best = min(medians, key=medians.get)
-        if medians["spinning off"] <= SPINNING_TIE * medians[best]:
+        if medians["spinning off"] <= SPINNING_PROBE["tie"] * medians[best]:
             best = "spinning off"
         self.settings["spinning"], self.threads = candidates[best]
         timings = ", ".join(f"{label} {value:.2f} ms" for label, value in medians.items())
-        self.probe = f"spinning chosen by measuring at batch {batch}: {timings}"
+        self.probe = f"chosen by measuring at batch {batch}: {timings}"
         kept = sessions.pop(best)
         sessions.clear()
         return kept

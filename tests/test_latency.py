@@ -84,6 +84,6 @@ def test_cli_formats_round_trip(tiny_model, tmp_path):
     text = run_cli("latency", *common, "--format", "markdown", cwd=tmp_path).stdout
     assert text.startswith("machine: ") and "| onnxruntime-cpu |" in text
     # the settings each runtime used, under the table: the spinning probe's choice and timings
-    assert "\ntiny onnxruntime-cpu: intra-op threads " in text and "(spinning chosen by measuring at batch 1: " in text
+    assert "\n- tiny onnxruntime-cpu: intra-op threads " in text and "(chosen by measuring at batch 1: " in text
     bad = run_cli("latency", "no_such_backbone", "--backend", BACKEND)
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr

@@ -258,7 +258,9 @@ def test_latency_details_follow_the_table_once_per_model_and_runtime():
     row = {"model": "m", "runtime": "onnxruntime-cpu", "batch_size": 1, "p50_ms": 1.0, "status": "ok"}
     rows = [{**row, "detail": "spinning on"}, {**row, "batch_size": 32, "detail": "spinning on"}]
     rows.append({**row, "runtime": "keras-predict", "detail": ""})
+    rows.append({**row, "batch_size": 8, "detail": "spinning off"})  # another model of the same name
     for style in ("table", "markdown"):
         text = latency_text(rows, style, machine)
-        assert text.endswith("\n\nm onnxruntime-cpu: spinning on") and text.count("spinning on") == 1
-    assert "\n\nm " not in latency_text([rows[-1]], "markdown", machine)
+        assert text.endswith("\n\n- m onnxruntime-cpu: spinning on\n- m onnxruntime-cpu: spinning off")
+        assert text.count("spinning on") == 1
+    assert "\n\n- " not in latency_text([rows[2]], "markdown", machine)

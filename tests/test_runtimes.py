@@ -39,7 +39,7 @@ def fake_medians(values: dict, seen: list | None = None):
     return medians
 
 
-def test_interleaved_medians_times_each_call_and_alternates_the_order():
+def test_interleaved_medians_times_each_call_in_blocks_and_alternates_the_order():
     order = []
 
     def sleeper(name, seconds):
@@ -50,17 +50,46 @@ def test_interleaved_medians_times_each_call_and_alternates_the_order():
         return call
 
     medians = interleaved_medians(
-        {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.012)}, min_rounds=3, max_rounds=9, budget_s=0
+        {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.012)}, block=2, min_rounds=2, budget_s=0
     )
-    assert 0.9 < medians["fast"] < 8 and 11 < medians["slow"] < 40
-    # one untimed call each, then exactly min_rounds rounds (the budget is spent), the order reversed every round
-    assert order == ["fast", "slow"] + ["fast", "slow", "slow", "fast", "fast", "slow"]
+    assert 1 <= medians["fast"] < medians["slow"] and medians["slow"] >= 12
+    # each block: one untimed call, then two timed; exactly min_rounds rounds (the budget is spent);
+    # the order of the blocks reversed every round
+    assert order == ["fast"] * 3 + ["slow"] * 3 + ["slow"] * 3 + ["fast"] * 3
 
 
 def test_interleaved_medians_stops_at_max_rounds():
     calls = []
-    interleaved_medians({"a": lambda: calls.append(1)}, min_rounds=2, max_rounds=3, budget_s=60)
-    assert len(calls) == 1 + 3
+    interleaved_medians({"a": lambda: calls.append(1)}, block=1, min_rounds=2, max_rounds=3, budget_s=60)
+    assert len(calls) == 3 * 2
+
+
+class FakeInput:
+    def __init__(self, shape):
+        self.name, self.shape = "pixels", shape
+
+
+class FakeSession:
+    def __init__(self, shape):
+        self.shape = shape
+
+    def get_inputs(self):
+        return [FakeInput(self.shape)]
+
+
+@pytest.mark.parametrize(
+    "dims, expected",
+    [
+        (["N", None, 0, 3], (1, 9, 7, 3)),
+        (["N", 5, 6, "C"], (1, 5, 6, 3)),
+        ([4, 8, 8, 3], (4, 8, 8, 3)),
+        (["N", 5], (1, 5)),
+        ([], ()),
+    ],
+)
+def test_probe_feed_keeps_fixed_dimensions_and_fills_the_rest(dims, expected):
+    (pixels,) = runtimes.probe_feed(FakeSession(dims), (9, 7)).values()
+    assert pixels.shape == expected and pixels.dtype == np.float32
 
 
 def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
@@ -69,9 +98,7 @@ def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
     assert runtime.detail.startswith("intra-op threads ONNX Runtime's default, spinning on, ")
-    assert runtime.detail.endswith(
-        "(spinning chosen by measuring at batch 1: spinning on 5.00 ms, spinning off 9.00 ms)"
-    )
+    assert runtime.detail.endswith("(chosen by measuring at batch 1: spinning on 5.00 ms, spinning off 9.00 ms)")
     pooled = runtime.run(np.full((2, 8, 8, 3), 7.0, np.float32))[0]
     assert pooled.shape == (2, 1, 1, 3) and np.allclose(pooled, 7.0)
 
@@ -93,12 +120,38 @@ def test_given_threads_are_used_by_both_candidates(tmp_path, monkeypatch):
     assert runtime.detail.startswith("intra-op threads 1, spinning on")
 
 
-def test_the_probe_runs_at_a_fixed_batch_or_at_one(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 2.0, "spinning off": 1.0}, seen))
-    OnnxRuntimeCPU().prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
-    OnnxRuntimeCPU().prepare(tiny_onnx(tmp_path / "free.onnx"), (8, 7))
-    assert seen == [(4, 1, 1, 3), (4, 1, 1, 3), (1, 1, 1, 3), (1, 1, 1, 3)]
+def test_a_fixed_batch_above_one_is_not_probed(tmp_path, monkeypatch):
+    """Two sessions of a big model at a big batch may not fit in memory: spinning off, said so."""
+
+    def refuse(*_, **__):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(runtimes, "interleaved_medians", refuse)
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
+    assert spin_entry(runtime) == "0"
+    assert runtime.detail.endswith("(spinning not measured: the file takes batches of 4 only)")
+
+
+def test_the_probe_keeps_one_session_alive(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    alive = [0]
+    real = runtimes.onnx_session
+
+    def counted(*args, **kwargs):
+        made = real(*args, **kwargs)
+        alive[0] += 1
+        weakref.finalize(made, lambda: alive.__setitem__(0, alive[0] - 1))
+        return made
+
+    monkeypatch.setattr(runtimes, "onnx_session", counted)
+    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 2.0, "spinning off": 1.0}))
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    gc.collect()
+    assert alive[0] == 1 and spin_entry(runtime) == "0"
 
 
 @pytest.mark.parametrize("settings", [{"spinning": False}, {"spinning": True}, {"tuned": False}])
@@ -130,11 +183,28 @@ def test_a_model_the_probe_cannot_run_keeps_spinning_off_and_fails_in_its_row(tm
 
 
 def test_the_probe_really_measures(tmp_path):
+    import re
+
     runtime = OnnxRuntimeCPU()
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (16, 16))
-    assert runtime.settings["spinning"] in (True, False)
-    assert spin_entry(runtime) == ("1" if runtime.settings["spinning"] else "0")
-    assert "(spinning chosen by measuring at batch 1: spinning on " in runtime.detail
+    found = re.search(
+        r"\(chosen by measuring at batch 1: spinning on ([\d.]+) ms, spinning off ([\d.]+) ms\)$", runtime.detail
+    )
+    on, off = float(found[1]), float(found[2])
+    spinning = off > runtimes.SPINNING_PROBE["tie"] * on
+    assert spin_entry(runtime) == ("1" if spinning else "0") and runtime.settings["spinning"] is spinning
+    assert runtime.session.get_session_options().intra_op_num_threads == (0 if spinning else runtimes.physical_cores())
+
+
+def test_an_input_the_probe_cannot_shape_is_not_probed(tmp_path):
+    scalar = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [])
+    same = helper.make_tensor_value_info("same", TensorProto.FLOAT, [])
+    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], "scalar", [scalar], [same])
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    runtime = OnnxRuntimeCPU()
+    runtime.prepare(str(path), (8, 8))
+    assert spin_entry(runtime) == "0" and runtime.detail.endswith("(spinning not measured: IndexError)")
 
 
 def test_cuda_keeps_spinning_off_unmeasured():
