@@ -248,3 +248,32 @@ def test_pass_ablation_rows_match_its_table(tmp_path, capsys, one_session):
         with pytest.raises(SystemExit) as stopped:
             load_script("pass_ablation").main([*wrong, "--json", str(tmp_path / "x.json")])
         assert stopped.value.code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_pass_ablation_one_session_keeps_one_session_alive(tmp_path, capsys, monkeypatch):
+    """--one-session: the parity check and every turn of the timing open one session at a time (B7's
+    two sessions at batch 32 were killed for memory)."""
+    import gc
+    import weakref
+
+    script = load_script("pass_ablation")
+    from benchmarks import export_graph
+
+    opened, alive, most = [0], [0], [0]
+    real = export_graph.session
+
+    def counted(*args, **kwargs):
+        made = real(*args, **kwargs)
+        opened[0] += 1
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(made, lambda: alive.__setitem__(0, alive[0] - 1))
+        return made
+
+    monkeypatch.setattr(export_graph, "session", counted)
+    gc.collect()
+    argv = ["--without", "read_input_channels_last", "--backbones", "small_cnn", "--image-size", "32"]
+    script.main([*argv, "--batch-sizes", "1", "--repeats", "2", "--runs", "2", "--one-session", "--one"])
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["p50_ms_all"] > 0 and row["p50_ms_without"] > 0
+    assert most[0] == 1 and opened[0] == 2 + 2 * 2  # parity, then one per turn
