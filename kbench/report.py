@@ -368,6 +368,25 @@ def _status_notes(results: dict) -> list[str]:
     return lines
 
 
+def _settings_notes(results: dict) -> list[str]:
+    """Each runtime's settings (its timing rows' detail without the measurements that chose them) with
+    the models that ran with them; bold where one runtime has several."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for row in results["rows"]:
+        for timing in row.get("latency", []):
+            if timing.get("status", "ok") == "ok" and timing.get("detail"):
+                settings = timing["detail"].split(" (chosen by measuring")[0]
+                models = found.setdefault(timing["runtime"], {}).setdefault(settings, [])
+                if row["name"] not in models:
+                    models.append(row["name"])
+    lines = []
+    for runtime, by_settings in found.items():
+        mark = "**" if len(by_settings) > 1 else ""
+        for settings, models in by_settings.items():
+            lines.append(f"- {mark}{runtime}{mark} ({', '.join(models)}): {settings}")
+    return lines
+
+
 def pareto_text(flat: list[dict]) -> str | None:
     """The Pareto front in words: ``On the front: a, b (...)``; None without timed, scored models."""
     key, scored, front = pareto_members(flat)
@@ -439,6 +458,16 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
         notes = _status_notes(results)
         parts += [format_table(wide, style="markdown"), ""]
         parts += ["Empty cells:", "", *notes, ""] if notes else []
+        settings = _settings_notes(results)
+        if settings:
+            parts += ["Settings each runtime ran with (its detail, without the timings it chose them by):", ""]
+            parts += [*settings, ""]
+            if any(line.startswith("- **") for line in settings):
+                parts += [
+                    "**A runtime ran with different settings for different models** (it chooses by measuring, "
+                    "and the machine's load changed during the study): compare those models' times with care.",
+                    "",
+                ]
         parts += [
             f"Every timing (p50, p90, images/s, status), one row per model, runtime and batch size: "
             f"[{LATENCY_CSV}]({LATENCY_CSV}).",

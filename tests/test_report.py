@@ -264,3 +264,24 @@ def test_latency_details_follow_the_table_once_per_model_and_runtime():
         assert text.endswith("\n\n- m onnxruntime-cpu: spinning on\n- m onnxruntime-cpu: spinning off")
         assert text.count("spinning on") == 1
     assert "\n\n- " not in latency_text([rows[2]], "markdown", machine)
+
+
+def test_report_names_the_settings_each_runtime_ran_with_and_flags_a_change(tmp_path):
+    results, out = study_results(tmp_path)
+    on = "intra-op threads ONNX Runtime's default, spinning on (chosen by measuring at batch 1: ...)"
+    for row in results["rows"][:3]:
+        for timing in row["latency"]:
+            timing["detail"] = {"keras-compiled": "tf.function (chosen by measuring: ...)"}.get(timing["runtime"], on)
+            if timing["runtime"] == "onnxruntime-cuda":
+                timing["detail"] = ""
+    inference = section(open(write_report(results, out)["report"]).read(), "Inference time")
+    assert "- keras-compiled (a, b, c): tf.function\n" in inference
+    assert "- onnxruntime-cpu (a, b, c): intra-op threads ONNX Runtime's default, spinning on\n" in inference
+    assert "different settings for different models" not in inference
+    for timing in results["rows"][2]["latency"]:
+        if timing["runtime"] == "onnxruntime-cpu":
+            timing["detail"] = "intra-op threads 2 (physical cores), spinning off (chosen by measuring: ...)"
+    inference = section(open(write_report(results, out)["report"]).read(), "Inference time")
+    assert "- **onnxruntime-cpu** (a, b): intra-op threads ONNX Runtime's default, spinning on\n" in inference
+    assert "- **onnxruntime-cpu** (c): intra-op threads 2 (physical cores), spinning off\n" in inference
+    assert "**A runtime ran with different settings for different models**" in inference
