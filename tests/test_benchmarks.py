@@ -157,13 +157,10 @@ def test_export_graph_rows_match_its_table(tmp_path, capsys):
     assert row["p50_ms_timm"] == "not available"  # timm has no small_cnn, peer environment or not
 
 
-def test_export_graph_one_session_and_session_options(tmp_path, capsys):
-    """--one-session never has two ONNX Runtime sessions alive, for the variants or the session
-    options; --session-options adds its table (it once sat after a return and did nothing, exit 0)."""
-    import gc
+def counted_sessions(real):
+    """``real`` wrapped to count the sessions it opens: (wrapper, [opened], [most alive at once])."""
     import weakref
 
-    script = load_script("export_graph")
     opened, alive, most = [0], [0], [0]
 
     def counted(*args, **kwargs):
@@ -174,7 +171,16 @@ def test_export_graph_one_session_and_session_options(tmp_path, capsys):
         weakref.finalize(made, lambda: alive.__setitem__(0, alive[0] - 1))
         return made
 
-    real, script.session = script.session, counted
+    return counted, opened, most
+
+
+def test_export_graph_one_session_and_session_options(tmp_path, capsys):
+    """--one-session never has two ONNX Runtime sessions alive, for the variants or the session
+    options; --session-options adds its table (it once sat after a return and did nothing, exit 0)."""
+    import gc
+
+    script = load_script("export_graph")
+    script.session, opened, most = counted_sessions(script.session)
     gc.collect()
     argv = ["--backbones", "small_cnn", "--image-size", "32", "--batch-sizes", "1", "--repeats", "2", "--runs", "2"]
     record = script.main([*argv, "--one-session", "--session-options", "--json", str(tmp_path / "g.json")])
@@ -254,22 +260,11 @@ def test_pass_ablation_one_session_keeps_one_session_alive(tmp_path, capsys, mon
     """--one-session: the parity check and every turn of the timing open one session at a time (B7's
     two sessions at batch 32 were killed for memory)."""
     import gc
-    import weakref
 
     script = load_script("pass_ablation")
     from benchmarks import export_graph
 
-    opened, alive, most = [0], [0], [0]
-    real = export_graph.session
-
-    def counted(*args, **kwargs):
-        made = real(*args, **kwargs)
-        opened[0] += 1
-        alive[0] += 1
-        most[0] = max(most[0], alive[0])
-        weakref.finalize(made, lambda: alive.__setitem__(0, alive[0] - 1))
-        return made
-
+    counted, opened, most = counted_sessions(export_graph.session)
     monkeypatch.setattr(export_graph, "session", counted)
     gc.collect()
     argv = ["--without", "read_input_channels_last", "--backbones", "small_cnn", "--image-size", "32"]
