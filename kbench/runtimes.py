@@ -230,6 +230,7 @@ class OnnxRuntimeCPU(Runtime):
         chosen.update({key: value for key, value in given.items() if value is not None})
         self.settings = chosen
         self.probe = ""
+        self.probe_medians: dict[str, float] = {}  # ms per candidate, unrounded (the detail rounds them)
         if parallel:
             self.name = self.name + "-parallel"
 
@@ -316,11 +317,15 @@ class OnnxRuntimeCPU(Runtime):
         except Exception as error:  # the timed runs meet the same error and report it in their row
             self.probe = f"spinning not measured: {type(error).__name__}"
             return kept
+        self.probe_medians = dict(medians)
         best = min(medians, key=medians.get)
         if medians["spinning off"] <= SPINNING_PROBE["tie"] * medians[best]:
             best = "spinning off"
         self.settings["spinning"], self.threads = candidates[best]
-        timings = ", ".join(f"{label} {value:.2f} ms" for label, value in medians.items())
+        # two decimals, or three significant figures under 1 ms (a tiny model's 0.01 ms would round to a tie)
+        timings = ", ".join(
+            f"{label} {value:.2f} ms" if value >= 1 else f"{label} {value:.3g} ms" for label, value in medians.items()
+        )
         self.probe = f"chosen by measuring at batch {batch}: {timings}"
         kept = sessions.pop(best)
         sessions.clear()
