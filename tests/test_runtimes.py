@@ -191,7 +191,7 @@ def test_the_probe_really_measures(tmp_path):
         r"\(chosen by measuring at batch 1: spinning on ([\d.]+) ms, spinning off ([\d.]+) ms\)$", runtime.detail
     )
     # the choice is checked against the unrounded medians: a tiny model runs in ~0.01 ms, where the
-    # detail's 3 significant figures can't decide a 3 % tie (CI failed on that once)
+    # detail's rounding (2 decimals, or 3 significant figures under 1 ms) can't decide a 3 % tie (CI failed once)
     on, off = runtime.probe_medians["spinning on"], runtime.probe_medians["spinning off"]
     assert float(found[1]) == pytest.approx(on, rel=0.01) and float(found[2]) == pytest.approx(off, rel=0.01)
     spinning = off > runtimes.SPINNING_PROBE["tie"] * on
