@@ -109,7 +109,10 @@ def session(path: str, settings: dict | None = None):
 
 def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dict[str, float]:
     """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
-    (one untimed warm-up call first), the order rotated every round so that no variant always goes first.
+    (one untimed warm-up call first). Rounds come in pairs: an order, then the same order reversed, the
+    order rotated by one from pair to pair. In every pair each variant's mean position is the same, so a
+    drift across a round (the machine warming, another process starting) reaches all variants alike;
+    ``record.even_repeats`` makes the count even.
     A variant given as a file path, or a (path, settings) pair, instead of a session is opened for its
     turn and closed after it, so that one session at a time holds memory (``--one-session``: big models at
     big batches); its warm-up call then also pays for that session's first allocations, outside the
@@ -120,8 +123,9 @@ def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dic
         if not _unopened(sessions[name]):
             sessions[name].run(None, feeds[name])
     for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        shift = (round_index // 2) % len(names)
+        order = names[shift:] + names[:shift]
+        for name in order[::-1] if round_index % 2 else order:
             current, feed = sessions[name], feeds[name]
             if _unopened(current):
                 current = session(*current) if isinstance(current, tuple) else session(current)
@@ -310,7 +314,7 @@ def measure_session_options(path: str, args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    record.add_backbone_timing_options(parser, repeats=5, big_runs=3)
+    record.add_backbone_timing_options(parser, repeats=6, big_runs=3)
     parser.add_argument("--session-options", action="store_true", help="also time ONNX Runtime's session options")
     parser.add_argument("--counts-only", action="store_true", help="node counts and parity only: no timing, no peer")
     parser.add_argument(
@@ -321,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     record.add_json_option(parser, "export_graph")
     parser.add_argument("--export-into", help=argparse.SUPPRESS)  # the per-backbone child's folder
     args = parser.parse_args(argv)
+    record.even_repeats(args)
     if args.export_into:
         use_backend(args.backend)
         size = args.image_size or get_backbone(args.backbones).image_size

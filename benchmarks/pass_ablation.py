@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without", required=True, choices=sorted(PASSES), help="the pass left out")
-    record.add_backbone_timing_options(parser, repeats=7, big_runs=2)
+    record.add_backbone_timing_options(parser, repeats=8, big_runs=2)
     parser.add_argument(
         "--one-session",
         action="store_true",
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
     record.add_json_option(parser, "pass_ablation")
     args = parser.parse_args(argv)
+    record.even_repeats(args)
     if args.one:
         from kbench.backend import use_backend
 

@@ -109,6 +109,17 @@ def check_backbones(parser, names: list[str]) -> None:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
+def even_repeats(args) -> None:
+    """Round ``args.repeats`` up to an even number, saying so on stderr: ``interleaved_p50`` balances its
+    order over each pair of rounds (an odd count puts one variant early once more than the others)."""
+    if args.repeats % 2:
+        print(
+            f"--repeats {args.repeats} → {args.repeats + 1}: the order is balanced over pairs of rounds",
+            file=sys.stderr,
+        )
+        args.repeats += 1
+
+
 def child_result(command: list[str], label: str):
     """Run COMMAND (a benchmark script re-run with a hidden flag, so that one model's memory dies with
     its process) and return the JSON value on the last line of its output that starts with ``{`` or ``[``.

@@ -394,9 +394,20 @@ def _convert_in_tensorflow_process(source: str, output: str, opset: int, batch_s
     done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if verbose() and done.stderr:
         sys.stderr.write(done.stderr)
+    if done.returncode < 0:  # its last stderr line would be whatever it printed before the kill
+        hint = " (out of memory?)" if -done.returncode == signal.SIGKILL else ""
+        raise KbenchError(f"ONNX conversion failed: its process was killed by {_signal_name(-done.returncode)}{hint}")
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise KbenchError(f"ONNX conversion failed: {lines[-1] if lines else 'no message'}")
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL (signal 9)`` for 9; ``signal 99`` for a number Python doesn't name."""
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _die_with_parent() -> None:

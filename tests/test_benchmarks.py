@@ -157,6 +157,31 @@ def test_export_graph_rows_match_its_table(tmp_path, capsys):
     assert row["p50_ms_timm"] == "not available"  # timm has no small_cnn, peer environment or not
 
 
+def test_interleaved_p50_balances_the_order_over_each_pair_of_rounds(capsys):
+    """Each pair of rounds runs one order and then its reverse, rotated from pair to pair: every variant's
+    mean position is the same in each pair (with 3 rotated rounds "before" went first twice in three).
+    An odd --repeats is rounded up, and says so."""
+    script = load_script("export_graph")
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feed):
+            calls.append(self.name)
+
+    names = ["a", "b", "c"]
+    script.interleaved_p50({name: Fake(name) for name in names}, dict.fromkeys(names, {}), repeats=6, runs=1)
+    rounds = [calls[3 + 6 * index : 3 + 6 * (index + 1) : 2] for index in range(6)]  # warm-ups, then call + run
+    assert rounds == [list("abc"), list("cba"), list("bca"), list("acb"), list("cab"), list("bac")]
+    for first, second in zip(rounds[::2], rounds[1::2]):
+        assert {name: first.index(name) + second.index(name) for name in names} == dict.fromkeys(names, 2)
+    args = script.argparse.Namespace(repeats=3)
+    script.record.even_repeats(args)
+    assert args.repeats == 4 and "--repeats 3 → 4" in capsys.readouterr().err
+
+
 def counted_sessions(real):
     """``real`` wrapped to count the sessions it opens: (wrapper, [opened], [most alive at once])."""
     import weakref
