@@ -4,7 +4,7 @@ peer environment exists (``make peer-env``), and (``--session-options``) which O
 options are fastest on this CPU.
 
     python benchmarks/export_graph.py [--backend tensorflow] [--backbones a,b] [--image-size N]
-        [--batch-sizes 1,32] [--repeats 5] [--runs 10] [--big-runs 3] [--session-options]
+        [--batch-sizes 1,32] [--repeats 6] [--runs 10] [--big-runs 3] [--session-options]
         [--counts-only] [--one-session] [--json benchmarks/results/export_graph.json]
 
 ``--counts-only``: node counts before and after, the passes' record and parity, no timing and no peer
@@ -20,10 +20,11 @@ normalisation constants (as ``weights="imagenet"`` has them; with random weights
 mean 0, variance 1, which would hide the preprocessing's cost). "before" is the file as converted,
 "after" the file ``kbench export`` writes. The variants of a backbone are timed interleaved: each of
 ``--repeats`` rounds runs every variant ``--runs`` times (``--big-runs`` at batch >= 8 for backbones
-whose native size is above 260 px), in a rotated order; the p50 is the median of all of them. Sessions
+whose native size is above 260 px), the rounds in pairs: an order, then the same order reversed,
+rotated from pair to pair (an odd ``--repeats`` is rounded up); the p50 is the median of all of them. Sessions
 use kbench's onnxruntime-cpu settings (``kbench.runtimes.OnnxRuntimeCPU``) with spinning off. timm's model takes NCHW
 pixels and has one output unit too; its weights are random as well. Tiny mode, for tests:
---backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 1 --runs 2.
+--backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 2 --runs 2.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dic
     """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
     (one untimed warm-up call first). Rounds come in pairs: an order, then the same order reversed, the
     order rotated by one from pair to pair. In every pair each variant's mean position is the same, so a
-    drift across a round (the machine warming, another process starting) reaches all variants alike;
+    linear drift across a pair (the machine warming, another process starting) reaches all variants alike;
     ``record.even_repeats`` makes the count even.
     A variant given as a file path, or a (path, settings) pair, instead of a session is opened for its
     turn and closed after it, so that one session at a time holds memory (``--one-session``: big models at

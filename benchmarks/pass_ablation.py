@@ -3,17 +3,18 @@ ONNX file cleaned with every pass ("all") and with every pass but ``--without`` 
 checked against Keras and timed by ONNX Runtime, interleaved.
 
     python benchmarks/pass_ablation.py --without read_input_channels_last [--backend tensorflow]
-        [--backbones a,b] [--batch-sizes 1,32] [--repeats 7] [--runs 10] [--big-runs 2] [--one-session]
+        [--backbones a,b] [--batch-sizes 1,32] [--repeats 8] [--runs 10] [--big-runs 2] [--one-session]
         [--json benchmarks/results/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
 random weights settled by ``kbench.settle.settle_random_weights`` and ImageNet normalisation constants
 (as ``export_graph.py``). Parity: largest |ONNX Runtime - Keras| over the largest |Keras| on three
 seeded images. Timing as ``export_graph.py``: ``--repeats`` rounds, each running both variants ``--runs``
-times (``--big-runs`` at batch >= 8) in a rotated order, p50 = the median of all; ``--one-session`` as in
-``export_graph.py`` (EfficientNet-B7's two sessions at batch 32 don't fit in 24 GiB). Each backbone runs in
-a process of its own (TensorFlow's conversions keep memory between models). Tiny mode, for tests:
---backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 1 --runs 2.
+times (``--big-runs`` at batch >= 8), in pairs of rounds (an order, then its reverse), p50 = the median
+of all; ``--one-session`` as in ``export_graph.py`` (EfficientNet-B7's two sessions at batch 32 don't fit
+in 24 GiB). Each backbone runs in a process of its own (TensorFlow's conversions keep memory between
+models). Tiny mode, for tests:
+--backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 2 --runs 2.
 """
 
 from __future__ import annotations

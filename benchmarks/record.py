@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -83,7 +84,10 @@ def add_backbone_timing_options(parser, repeats: int, big_runs: int) -> None:
     parser.add_argument("--image-size", type=positive_int, default=None, help="default: each backbone's native size")
     parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 32], help="comma-separated (default: 1,32)")
     parser.add_argument(
-        "--repeats", type=positive_int, default=repeats, help=f"interleaved rounds per batch size (default: {repeats})"
+        "--repeats",
+        type=positive_int,
+        default=repeats,
+        help=f"interleaved rounds per batch size, an even number (odd: rounded up; default: {repeats})",
     )
     parser.add_argument(
         "--runs", type=positive_int, default=10, help="timed runs of each variant per round (default: 10)"
@@ -131,7 +135,11 @@ def child_result(command: list[str], label: str):
     if isinstance(value, dict) and "error" in value:
         raise SystemExit(f"{label}: {value['error']}")
     if done.returncode < 0:
-        raise SystemExit(f"{label}: its process was killed by signal {-done.returncode} (out of memory?)")
+        from kbench.export import signal_name
+
+        number = -done.returncode
+        hint = " (out of memory?)" if number == signal.SIGKILL else ""
+        raise SystemExit(f"{label}: its process was killed by {signal_name(number)}{hint}")
     if done.returncode != 0 or value is None:
         errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
         raise SystemExit(f"{label}: its process exited {done.returncode}: {errors[-1] if errors else 'no output'}")

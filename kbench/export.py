@@ -287,7 +287,7 @@ def convert_keras_file(path: str, opset: int, batch_size: int | None):
     names.update({tensor: _clean(name) for tensor, name in zip(output_tensors, _output_names(model))})
     graph_def = frozen.graph.as_graph_def()
     # Only the GraphDef goes on: the loaded model, its traced function and the frozen graph are freed
-    # before tf2onnx, whose copies make the peak (exporting ConvNeXt-Large: 16.6 GB with them alive, 13.6 without).
+    # before tf2onnx, whose copies make the peak (exporting ConvNeXt-Large: 16.6 GiB with them alive, 13.6 without).
     del model, frozen
     gc.collect()
     with _collected_between_optimizers():
@@ -318,7 +318,6 @@ def _collected_between_optimizers():
     (the rest is TensorFlow's grappler) and 12.5 GB for V2-L; B7 converted in 78-82 s instead of 72.
     ``_optimizers`` is tf2onnx's (1.17) own table of passes; where it is gone, conversion runs as
     tf2onnx has it."""
-
     from tf2onnx import optimizer
 
     def collected(factory):
@@ -405,13 +404,13 @@ def _convert_in_tensorflow_process(source: str, output: str, opset: int, batch_s
         sys.stderr.write(done.stderr)
     if done.returncode < 0:  # its last stderr line would be whatever it printed before the kill
         hint = " (out of memory?)" if -done.returncode == signal.SIGKILL else ""
-        raise KbenchError(f"ONNX conversion failed: its process was killed by {_signal_name(-done.returncode)}{hint}")
+        raise KbenchError(f"ONNX conversion failed: its process was killed by {signal_name(-done.returncode)}{hint}")
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise KbenchError(f"ONNX conversion failed: {lines[-1] if lines else 'no message'}")
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
     """``SIGKILL (signal 9)`` for 9; ``signal 99`` for a number Python doesn't name."""
     try:
         return f"{signal.Signals(number).name} (signal {number})"

@@ -95,16 +95,23 @@ def test_a_killed_conversion_process_is_named_not_its_last_warning(tmp_path, mon
     """Under JAX the conversion runs in a TensorFlow child. When the kernel kills it (the OOM killer's
     SIGKILL), the error names the signal, not the last line the child printed before, which is often an
     unrelated TensorFlow warning."""
-    child = tmp_path / "python"
-    child.write_text("#!/bin/sh\necho 'W0000 some unrelated TensorFlow warning' >&2\nkill -9 $$\n")
-    child.chmod(0o755)
-    monkeypatch.setattr(export_module.sys, "executable", str(child))
-    with pytest.raises(KbenchError, match=r"killed by SIGKILL \(signal 9\) \(out of memory\?\)$") as caught:
-        export_module._convert_in_tensorflow_process("m.keras", str(tmp_path / "m.onnx"), 17, None)
-    assert "warning" not in str(caught.value)
-    child.write_text("#!/bin/sh\necho 'ValueError: the real reason' >&2\nexit 1\n")
+    import subprocess
+
+    def ended(returncode, stderr):
+        return lambda command, **_: subprocess.CompletedProcess(command, returncode, "", stderr)
+
+    convert = lambda: export_module._convert_in_tensorflow_process("m.keras", str(tmp_path / "m.onnx"), 17, None)
+    monkeypatch.setattr(export_module.subprocess, "run", ended(-9, "W0000 some unrelated TensorFlow warning\n"))
+    with pytest.raises(KbenchError) as caught:
+        convert()
+    assert str(caught.value) == "ONNX conversion failed: its process was killed by SIGKILL (signal 9) (out of memory?)"
+    monkeypatch.setattr(export_module.subprocess, "run", ended(-15, "W0000 a warning\n"))
+    with pytest.raises(KbenchError, match=r"killed by SIGTERM \(signal 15\)$"):
+        convert()
+    monkeypatch.setattr(export_module.subprocess, "run", ended(1, "W0000 a warning\nValueError: the real reason\n"))
     with pytest.raises(KbenchError, match=r"^ONNX conversion failed: ValueError: the real reason$"):
-        export_module._convert_in_tensorflow_process("m.keras", str(tmp_path / "m.onnx"), 17, None)
+        convert()
+    assert export_module.signal_name(99) == "signal 99"
 
 
 def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
