@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -135,11 +134,9 @@ def child_result(command: list[str], label: str):
     if isinstance(value, dict) and "error" in value:
         raise SystemExit(f"{label}: {value['error']}")
     if done.returncode < 0:
-        from kbench.export import signal_name
+        from kbench.export import killed_by
 
-        number = -done.returncode
-        hint = " (out of memory?)" if number == signal.SIGKILL else ""
-        raise SystemExit(f"{label}: its process was killed by {signal_name(number)}{hint}")
+        raise SystemExit(f"{label}: its process was {killed_by(-done.returncode)}")
     if done.returncode != 0 or value is None:
         errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
         raise SystemExit(f"{label}: its process exited {done.returncode}: {errors[-1] if errors else 'no output'}")

@@ -403,11 +403,16 @@ def _convert_in_tensorflow_process(source: str, output: str, opset: int, batch_s
     if verbose() and done.stderr:
         sys.stderr.write(done.stderr)
     if done.returncode < 0:  # its last stderr line would be whatever it printed before the kill
-        hint = " (out of memory?)" if -done.returncode == signal.SIGKILL else ""
-        raise KbenchError(f"ONNX conversion failed: its process was killed by {signal_name(-done.returncode)}{hint}")
+        raise KbenchError(f"ONNX conversion failed: its process was {killed_by(-done.returncode)}")
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise KbenchError(f"ONNX conversion failed: {lines[-1] if lines else 'no message'}")
+
+
+def killed_by(number: int) -> str:
+    """``killed by SIGKILL (signal 9) (out of memory?)``: the kernel's OOM killer sends SIGKILL."""
+    hint = " (out of memory?)" if number == signal.SIGKILL else ""
+    return f"killed by {signal_name(number)}{hint}"
 
 
 def signal_name(number: int) -> str:
