@@ -153,13 +153,26 @@ def set_up_process(debug_flag: bool = False, verbose_flag: bool = False) -> None
         signal.signal(signal.SIGTERM, _terminate)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _terminate)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("kbench: %(levelname)s: %(message)s"))
     logger = logging.getLogger("kbench")
     if not logger.handlers:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not the stream of the first set-up
+    (a command run in-process, as the tests do, swaps sys.stderr for each run)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def run(group: click.Group) -> None:

@@ -59,8 +59,10 @@ def class_folders(tmp_path_factory):
     )
 
 
-def run_cli(*args, env=None, timeout=300, cwd=None):
-    """Run `python cli.py ARGS` in a fresh process; returns the CompletedProcess."""
+def run_process(*args, env=None, timeout=300, cwd=None):
+    """Run `python cli.py ARGS` in a fresh process; returns the CompletedProcess. For what is about
+    processes: signals, stderr written by C++ libraries, environment variables read at start-up, locks
+    held by another process, Ray and `kbench launch`."""
     environment = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "cli.py"), *args],
@@ -70,3 +72,44 @@ def run_cli(*args, env=None, timeout=300, cwd=None):
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def run_cli(*args, env=None, timeout=300, cwd=None, process=False):
+    """Run `kbench ARGS` in this process with click's CliRunner (a fresh Python process per call costs
+    seconds of imports); returns an object with returncode, stdout and stderr like run_process's.
+
+    What a command changes in the process is put back afterwards: the environment, the working folder,
+    sys.argv, signal handlers, the stop requests, and keras' dtype policy. With ``env`` (read by libraries
+    at start-up) or ``process=True`` it runs in a real process instead."""
+    if env is not None or process:
+        return run_process(*args, env=env, timeout=timeout, cwd=cwd)
+    import signal
+
+    import keras
+    from click.testing import CliRunner
+
+    from kbench.cli import cli
+    from kbench.errors import STOP_REQUESTS
+
+    saved_environment, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    saved_signals = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["kbench", *map(str, args)]
+        result = CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="kbench")
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_environment)
+        for number, handler in saved_signals.items():
+            signal.signal(number, handler)
+        STOP_REQUESTS.clear()
+        keras.config.set_dtype_policy("float32")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "".join(traceback.format_exception(result.exception))  # what a process would print
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
