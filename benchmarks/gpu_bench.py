@@ -88,7 +88,8 @@ def write_images(path: str, count: int, workers: int) -> None:
 
 def pipeline_rows(data: str, image_size: int, batch_size: int) -> list[dict]:
     """Images/s of one augmented pass of kbench's ImageLoader with all host cores and with its default."""
-    from kbench.data import ImageLoader, find_images
+    from kbench.data import find_images
+    from kbench.loader import ImageLoader
 
     images = find_images(data)
     rows = []
@@ -154,7 +155,7 @@ def measure_training(backbone: str, batch_size: int, args, images) -> dict:
     import keras
 
     from kbench.backbones import build_classifier, get_backbone
-    from kbench.data import ImageLoader
+    from kbench.loader import ImageLoader
     from kbench.train import epoch_batches
 
     model = build_classifier(get_backbone(backbone), 2, args.image_size, "none")

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
-from kbench.data import ImageLoader, augment, decode_image, find_images, resize  # noqa: E402
+from kbench.data import find_images  # noqa: E402
+from kbench.loader import ImageLoader, augment, decode_image, resize  # noqa: E402
 from kbench.synthetic import CLASSES, encode_jpeg, make_image  # noqa: E402
 
 

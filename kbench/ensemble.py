@@ -21,8 +21,9 @@ from kbench import files, metrics
 from kbench.backbones import HEAD_LAYER, feature_model, load_model
 from kbench.backend import use_backend
 from kbench.config import option, positive
-from kbench.data import LAYOUTS, ImageLoader, find_images, indices_of, predict
+from kbench.data import LAYOUTS, find_images, indices_of
 from kbench.errors import KbenchError
+from kbench.loader import ImageLoader, predict
 from kbench.runs import METRICS, Run, data_fingerprint
 
 METHODS = ("stack", "mean")

@@ -13,8 +13,9 @@ import time
 import numpy as np
 
 from kbench import files, metrics
-from kbench.data import ImageLoader, find_images, predict
+from kbench.data import find_images
 from kbench.errors import KbenchError
+from kbench.loader import ImageLoader, predict
 from kbench.runs import SPLIT, Run
 from kbench.runtimes import onnx_session
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from kbench import files, metrics
 from kbench.config import option, positive
-from kbench.data import KAGGLE_NAME, ImageLoader, ImageSet, find_images
+from kbench.data import KAGGLE_NAME, ImageSet, find_images
 from kbench.errors import KbenchError
+from kbench.loader import ImageLoader
 
 TTA_MODES = ("none", "flip")
 
@@ -215,7 +216,7 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def validation_predictions(model: str, runtime: str, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of a run folder's validation split."""
-    from kbench.data import predict
+    from kbench.loader import predict
     from kbench.runs import Run
 
     if not os.path.isdir(model):

@@ -25,9 +25,10 @@ from kbench import distributed, doctor, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
-from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
+from kbench.data import LAYOUTS, ImageSet, find_images, indices_of, split_indices
 from kbench.devices import check_devices, count_devices, process_local_values, training_devices
 from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
+from kbench.loader import ImageLoader, predict
 from kbench.report import write_curves
 from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
 

@@ -15,9 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from kbench.data import ImageLoader, ImageSet
+from kbench.data import ImageSet
 from kbench.distributed import ADDRESS, CLUSTER_VARIABLES, COUNT, INDEX, Cluster, cluster_from_environment
 from kbench.errors import KbenchError
+from kbench.loader import ImageLoader
 from kbench.runs import Run
 
 from conftest import BACKEND, REPO, run_cli

@@ -70,7 +70,7 @@ def test_flip_tta_and_clipping(run, test_folder, tmp_path):
     assert tta.min() >= 0.2 and tta.max() <= 0.8
     model = keras.saving.load_model(os.path.join(run, "model.keras"))
 
-    from kbench.data import decode_image, resize
+    from kbench.loader import decode_image, resize
 
     image = resize(decode_image(open(os.path.join(test_folder, "1.jpg"), "rb").read()), 32).astype("float32")
     both = np.asarray(model.predict_on_batch(np.stack([image, image[:, ::-1]])))[:, 0]

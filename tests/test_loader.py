@@ -1,0 +1,76 @@
+"""How images are read: decoding, augmentation and the batching ImageLoader (kbench.loader)."""
+
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from kbench.data import find_images
+from kbench.loader import BadImage, ImageLoader, augment, decode_image
+from kbench.synthetic import encode_jpeg, make_image
+
+
+def test_decode_converts_gray_alpha_and_16_bit():
+    gray = np.full((5, 7), 100, np.uint8)
+    assert decode_image(cv2.imencode(".png", gray)[1].tobytes()).shape == (5, 7, 3)
+    bgra = np.zeros((4, 4, 4), np.uint8)
+    bgra[..., 2] = 255  # red in OpenCV's BGR(A) order
+    rgb = decode_image(cv2.imencode(".png", bgra)[1].tobytes())
+    assert rgb.shape == (4, 4, 3) and rgb[0, 0].tolist() == [255, 0, 0]
+    deep = np.full((3, 3, 3), 65535, np.uint16)
+    decoded = decode_image(cv2.imencode(".png", deep)[1].tobytes())
+    assert decoded.dtype == np.uint8 and decoded.max() == 255
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", None])
+def test_decode_rejects_broken_files(data):
+    if data is None:  # a truncated JPEG
+        data = encode_jpeg(make_image(1, 64, np.random.default_rng(0)))[:-600]
+    with pytest.raises(BadImage):
+        decode_image(data)
+
+
+def test_augment_keeps_shape_and_is_seeded():
+    image = make_image(0, 32, np.random.default_rng(0))
+    outputs = [augment(image, np.random.default_rng([5, i])) for i in range(40)]
+    assert all(out.shape == image.shape for out in outputs)
+    assert any(not np.array_equal(out, image) for out in outputs)
+    assert np.array_equal(augment(image, np.random.default_rng([5, 1])), outputs[1])
+
+
+def test_loader_is_deterministic_whatever_the_thread_count(kaggle_data):
+    images = find_images(kaggle_data["train"])
+    indices = np.arange(len(images))
+
+    def first_batches(workers, cache):
+        loader = ImageLoader(images, indices, 24, 16, augment=True, shuffle=True, seed=7, workers=workers, cache=cache)
+        try:
+            return [loader.batch(epoch, b) for epoch in (0, 1) for b in (0, 3, 1)]
+        finally:
+            loader.close()
+
+    one, four, cached = first_batches(1, False), first_batches(4, False), first_batches(4, True)
+    for (x1, y1), (x4, y4), (xc, _) in zip(one, four, cached):
+        assert x1.shape == (16, 24, 24, 3) and x1.dtype == np.float32
+        assert np.array_equal(x1, x4) and np.array_equal(y1, y4) and np.array_equal(x1, xc)
+    assert not np.array_equal(one[0][0], one[3][0])  # epochs differ in order and augmentation
+
+
+def test_loader_skips_unreadable_files_with_a_warning(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        (tmp_path / f"cat.{index}.jpg").write_bytes(encode_jpeg(make_image(0, 16, rng)))
+        (tmp_path / f"dog.{index}.jpg").write_bytes(encode_jpeg(make_image(1, 16, rng)))
+    (tmp_path / "dog.90.jpg").write_bytes(b"garbage")
+    (tmp_path / "cat.91.jpg").write_bytes(encode_jpeg(make_image(0, 64, rng))[:-500])
+    (tmp_path / "cat.92.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        images = find_images(str(tmp_path))
+        assert images.skipped == ["cat.92.jpg"] and "cat.92.jpg" not in images.keys
+        loader = ImageLoader(images, np.arange(len(images)), 16, 4)
+        seen = sum(len(labels) for _, labels in loader)
+        loader.close()
+    assert seen == 12
+    assert sorted(images.keys[i] for i in loader.bad) == ["cat.91.jpg", "dog.90.jpg"]
+    assert "dog.90.jpg" in caplog.text and "cat.92.jpg" in caplog.text
