@@ -47,24 +47,28 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/kbench demo
 
-# Lint and format check, the docstring examples, then the suite once per backend.
-test: lint test-jax test-tensorflow
+# Lint and format check, the docstring examples, then the suite: all of it under TensorFlow, and what
+# depends on the backend (not marked `once`) under JAX too. Two test processes (pytest-xdist, a test
+# file each), and the 20 slowest tests printed so that the next slow one is seen. `make test` <= 15 min.
+TEST_PROCESSES ?= 2
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --durations=20
+test: lint test-tensorflow test-jax
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test-jax: install
-	KERAS_BACKEND=jax $(PY) -m pytest -q --doctest-modules kbench
-	KERAS_BACKEND=jax $(PY) -m pytest -q tests
+	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider --doctest-modules kbench
+	KERAS_BACKEND=jax $(PYTEST) -m "not heavy and not once" tests
 
 test-tensorflow: install
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
+	KERAS_BACKEND=tensorflow $(PYTEST) tests
 
-# Real keras.applications backbones at reduced size (slow).
+# Real keras.applications backbones at reduced size, one per family (slow).
 test-heavy: install
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q -m heavy tests
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m heavy tests
+	KERAS_BACKEND=tensorflow $(PYTEST) -m heavy tests
+	KERAS_BACKEND=jax $(PYTEST) -m heavy tests
 
 bench-pipeline: install
 	$(PY) benchmarks/pipeline.py

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import BACKEND, REPO
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))

@@ -13,6 +13,8 @@ from kbench.synthetic import encode_jpeg, make_image
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def test_kaggle_zip_is_read_in_place(kaggle_data):
     folder = os.path.dirname(kaggle_data["train"])

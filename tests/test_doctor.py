@@ -7,6 +7,8 @@ from kbench import doctor
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 H200 = "GPU 0: NVIDIA H200 (UUID: GPU-5d1c1e1e-0000-0000-0000-000000000000)\n"
 CPU_ONLY = {"devices": [{"id": "cpu:0", "kind": "cpu"}]}
 ON_GPU = {"devices": [{"id": "cpu:0"}, {"id": "gpu:0", "kind": "NVIDIA H200"}]}

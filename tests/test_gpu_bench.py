@@ -8,6 +8,8 @@ from kbench.doctor import list_gpus
 
 from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def load_script():
     spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(REPO, "benchmarks", "gpu_bench.py"))

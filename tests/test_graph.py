@@ -10,6 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kbench import graph
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 RNG = np.random.default_rng(0)
 
 

@@ -10,6 +10,8 @@ from kbench.data import find_images
 from kbench.loader import BadImage, ImageLoader, augment, decode_image
 from kbench.synthetic import encode_jpeg, make_image
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def test_decode_converts_gray_alpha_and_16_bit():
     gray = np.full((5, 7), 100, np.uint8)

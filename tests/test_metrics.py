@@ -5,6 +5,8 @@ import pytest
 
 from kbench import metrics
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def test_binary_log_loss_matches_hand_computation():
     expected = -(math.log(0.9) + math.log(0.8)) / 2

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):

@@ -14,6 +14,8 @@ from kbench.report import flat_rows, markdown_report, study_summary, write_curve
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def png_size(path) -> tuple[int, int]:
     """(width, height) from a PNG's header; fails on anything that isn't a PNG."""

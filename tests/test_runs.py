@@ -15,6 +15,8 @@ from kbench.runs import CONFIG, METRICS, OWNED, Run, folder_lock
 
 from conftest import REPO
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 
 def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
     holder = subprocess.Popen(

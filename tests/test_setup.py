@@ -14,7 +14,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+pytestmark = [  # backend-independent: `make test` runs it under TensorFlow only
+    pytest.mark.once,
+    pytest.mark.skipif(shutil.which("make") is None, reason="needs make"),
+]
 
 
 @pytest.fixture

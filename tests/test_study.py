@@ -9,6 +9,8 @@ from kbench.study import load_config, run_study
 
 from conftest import BACKEND, run_cli
 
+pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
 CONFIG = """
 [study]
 name = "tiny"
@@ -137,7 +139,6 @@ def test_bench_command_rejects_a_missing_config(tmp_path):
     assert done.returncode == 2 and "config not found" in done.stderr
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="one backend is enough for the whole demo; test_study covers both")
 def test_demo_command_runs_the_demo_config_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = run_cli("demo", "--out", str(out), "--images", "120", "--backend", BACKEND, timeout=600)
@@ -254,7 +255,7 @@ def test_out_folder_of_another_study_is_refused(study, kaggle_data, tmp_path):
 def test_the_ray_executor_gives_the_sequential_results_and_keeps_member_logs(study, tmp_path):
     config_path, _, sequential = study
     out = tmp_path / "ray"
-    done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray", timeout=240)
+    done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray", timeout=240, process=True)
     assert done.returncode == 1, done.stderr[-2000:]  # "broken" fails, as in the sequential run
     assert "[3/3]" in done.stderr and "ray: 3 backbone entries as tasks on 1 node(s)" in done.stderr
     on_ray = json.load(open(out / "results.json"))
@@ -278,7 +279,7 @@ def test_the_ray_executor_refuses_an_unreachable_cluster_before_anything(study, 
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, not listening: nothing answers there
         done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray",
-                       "--address", f"127.0.0.1:{port}", timeout=60)  # fmt: skip
+                       "--address", f"127.0.0.1:{port}", timeout=60, process=True)  # fmt: skip
     assert done.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1" in done.stderr
     assert not out.exists()
 
