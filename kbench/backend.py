@@ -59,7 +59,8 @@ def _choose(name: str | None) -> tuple[str, str, bool]:
         chosen, reason = default_backend()
         by_default = True
     if chosen not in BACKENDS:
-        raise KbenchError(f"unknown backend {chosen!r}; choose one of: {', '.join(BACKENDS)}")
+        where = "" if name else " in KERAS_BACKEND"  # where the user can't tell where it came from
+        raise KbenchError(f"unknown backend {chosen!r}{where}; choose one of: {', '.join(BACKENDS)}")
     return chosen, reason, by_default
 
 

@@ -236,6 +236,9 @@ def gpu_warnings(
 def diagnose(timeout: float = PROBE_SECONDS) -> dict:
     """Everything ``kbench doctor`` reports, as one JSON-ready dict: versions, gpus (nvidia-smi),
     jax / tensorflow / onnxruntime (what each sees, probed in subprocesses) and warnings."""
+    from kbench.backend import choose_backend
+
+    choose_backend()  # KERAS_BACKEND=bogus: refused in one line as every command does, before probing
     gpus = machine.gpu_details()
     probes = run_probes(timeout=timeout)
     hidden = gpus_hidden()

@@ -154,5 +154,14 @@ def test_the_cli_warns_before_the_commands_work(args, monkeypatch, tmp_path, kbe
     assert kbench_log == [f"unseen by {BACKEND}"] and "kbench: error: " in done.output
 
 
+def test_doctor_refuses_an_unknown_keras_backend_in_one_line(monkeypatch):
+    """As every other command does (#29): not a TensorFlow import error, "no warnings" and exit 0."""
+    monkeypatch.setattr(options, "set_up_process", lambda *flags: None)
+    monkeypatch.setattr(doctor, "run_probes", lambda **kwargs: pytest.fail("probed with KERAS_BACKEND=bogus"))
+    done = CliRunner().invoke(cli, ["doctor"], env={"KERAS_BACKEND": "bogus"})
+    assert done.exit_code == 2
+    assert done.output == "kbench: error: unknown backend 'bogus' in KERAS_BACKEND; choose one of: jax, tensorflow\n"
+
+
 def test_a_probe_that_hangs_is_reported_not_waited_for():
     assert doctor.run_probes(("tensorflow",), timeout=0.05) == {"tensorflow": {"error": "no answer within 0.05 s"}}
