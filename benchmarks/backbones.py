@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench import files  # noqa: E402
 from kbench.backbones import REGISTRY, list_backbones  # noqa: E402
+from kbench.errors import first_line  # noqa: E402
 
 # ImageNet-1k validation top-1 of the keras.applications weights, as their publishers state it:
 #   [keras] keras.io/api/applications, "Available models" (keras-io: templates/api/applications/index.md)
@@ -144,7 +145,7 @@ def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budge
 
 
 def _why(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    text = first_line(error, 200, named=True)
     return "out of memory" if any(word in text.lower() for word in MEMORY_WORDS) else text
 
 

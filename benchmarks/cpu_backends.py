@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import record  # noqa: E402
+from kbench.errors import first_line  # noqa: E402
 
 # What each setting puts in the worker's environment. The jax-* ones are the XLA CPU flags of this
 # jaxlib (0.10.2) that could plausibly speed up convolutions; none beat the default (benchmarks/README.md).
@@ -115,7 +116,7 @@ def worker(args) -> None:
                     row.update(time_steps(backbone, size, args.batch_size, args.steps, args.max_step_seconds))
                     previous = (size, row["median_ms"])
                 except Exception as error:  # one failing case shouldn't lose the others
-                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    row["error"] = first_line(error, 200, named=True)
             print(json.dumps(row), flush=True)
 
 

@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench.backbones import build_classifier, get_backbone  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
+from kbench.errors import first_line  # noqa: E402
 from kbench.settle import settle_random_weights  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             exported = export_variants(args.backbones, size, args.export_into)
         except Exception as error:  # the parent says which backbone, in one line
-            exported = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+            exported = {"error": first_line(error, named=True)}
         print(json.dumps(exported), flush=True)
         return {}
     if args.counts_only and args.session_options:

@@ -38,7 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import record  # noqa: E402
-from kbench import doctor  # noqa: E402
+from kbench import machine  # noqa: E402
+from kbench.errors import first_line  # noqa: E402
 
 TRAIN_COLUMNS = [
     "backend",
@@ -223,7 +224,7 @@ def run_train_worker(args) -> None:
         except KbenchError as error:
             row["status"] = f"refused: {error}"
         except Exception as error:  # out of memory at batch 256, a backend's own failure: the others go on
-            row["status"] = f"failed: {type(error).__name__}: {doctor._first_line(error)}"
+            row["status"] = f"failed: {first_line(error, named=True)}"
         took[backbone] = max(took.get(backbone, 0.0), time.time() - start)
         emit(row)
         keras.backend.clear_session()
@@ -379,16 +380,8 @@ def run_worker(kind: str, backend: str, deadline: float, args, on_row) -> str | 
     return None if process.returncode == 0 else f"{kind} {backend} worker exited with code {process.returncode}"
 
 
-def machine(gpus: list[dict]) -> dict:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"gpus": gpus, "cpu": cpu, "cores": os.cpu_count(), "versions": doctor.versions()}
+def host_facts(gpus: list[dict]) -> dict:
+    return {"gpus": gpus, "cpu": machine.cpu().model, "cores": os.cpu_count(), "versions": machine.versions()}
 
 
 def write_report(result: dict, output_dir: str) -> str:
@@ -451,7 +444,7 @@ def main(argv=None) -> str:
     shares = _shares(args.shares, groups)
     result = {
         "command": record.command_line(__file__, argv),  # benchmarks/README.md quotes it under the tables
-        "machine": machine(doctor.gpu_details()),
+        "machine": host_facts(machine.gpu_details()),
         "image_size": args.image_size,
         "budget_seconds": args.budget_seconds,
         "shares": shares,

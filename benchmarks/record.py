@@ -168,13 +168,13 @@ class Record:
     def write(self, path: str, rows: list[dict], table: str, **extra) -> dict:
         """Write {command, started, seconds, machine, load averages, **extra, rows, table} to ``path``."""
         from kbench.files import write_json
-        from kbench.latency import machine_info
+        from kbench.machine import facts
 
         record = {
             "command": self.command,
             "started": self.started,
             "seconds": round(time.perf_counter() - self._clock, 1),
-            "machine": machine_info(),
+            "machine": facts(),
             "load_average_at_start": self.load_at_start,  # 1, 5, 15 minutes: other work on the machine
             "load_average_at_end": _load(),
             **extra,

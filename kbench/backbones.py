@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, first_line
 
 # How pixels in 0..255 become what the backbone's ImageNet weights were made on (keras.applications'
 # ``preprocess_input`` of the backbone's module, done inside the graph):
@@ -323,12 +323,7 @@ def load_model(path: str, compile: bool = False):
     try:
         return keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as error:
-        raise KbenchError(f"{path} could not be loaded as a Keras model: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(error).__name__
+        raise KbenchError(f"{path} could not be loaded as a Keras model: {first_line(error)}") from None
 
 
 def _load_model_weights(model, path: str) -> None:

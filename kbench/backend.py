@@ -7,13 +7,11 @@ because XLA's CPU backend trains these convolutional backbones several times slo
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
-import subprocess
 import sys
 
 from kbench.errors import KbenchError
+from kbench.machine import gpu_found  # nvidia-smi, asked once a process
 
 BACKENDS = ("jax", "tensorflow")
 GPU_BACKEND, CPU_BACKEND = "jax", "tensorflow"
@@ -24,19 +22,6 @@ CPU_SLOWDOWN = "2-20x"
 # The backend use_backend() picked by default in this process (not asked for), and whether
 # default_notice() has reported it yet.
 _default_choice: dict = {}
-
-
-@functools.lru_cache(maxsize=1)
-def gpu_found() -> bool:
-    """Whether ``nvidia-smi -L`` lists a GPU. Cheap (no JAX or TensorFlow import); asked once a process."""
-    command = shutil.which("nvidia-smi")
-    if command is None:
-        return False
-    try:
-        listing = subprocess.run([command, "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return listing.returncode == 0 and any(line.startswith("GPU ") for line in listing.stdout.splitlines())
 
 
 def default_backend() -> tuple[str, str]:
@@ -74,7 +59,8 @@ def _choose(name: str | None) -> tuple[str, str, bool]:
         chosen, reason = default_backend()
         by_default = True
     if chosen not in BACKENDS:
-        raise KbenchError(f"unknown backend {chosen!r}; choose one of: {', '.join(BACKENDS)}")
+        where = "" if name else " in KERAS_BACKEND"  # where the user can't tell where it came from
+        raise KbenchError(f"unknown backend {chosen!r}{where}; choose one of: {', '.join(BACKENDS)}")
     return chosen, reason, by_default
 
 

@@ -87,6 +87,7 @@ def train(resume, quiet, run_dir, overwrite, **options):
             if required not in given:
                 raise click.UsageError(f"--{required} is required (unless --resume)")
         config = TrainConfig(run_dir=run_dir, **given)
+    opt.warn_if_gpu_unseen(config.backend)
     result = train_run(config, resume=resume, verbose=0 if quiet else "auto", overwrite=overwrite)
     if "process" in result:  # one of several processes training together; process 0 reports
         click.echo(f"process {result['process']} of {result['processes']}: done; process 0 wrote {run_dir}")
@@ -231,15 +232,17 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
     Example:
       kbench latency efficientnet_b0 --runtime keras-compiled,onnxruntime-cpu --batch-size 1,32
     """
-    from kbench.latency import LatencyConfig, machine_info, measure
+    from kbench.latency import LatencyConfig, measure
+    from kbench.machine import facts
     from kbench.report import latency_text
 
     config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights)
+    opt.warn_if_gpu_unseen(backend)
     rows, interrupted = measure(config, output, output_format)
     if output:
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
-        click.echo(latency_text(rows, output_format, machine_info(threads)))
+        click.echo(latency_text(rows, output_format, facts(threads)))
     if interrupted:
         click.echo("kbench: interrupted; the rows above are those finished", err=True)
         sys.exit(130)
@@ -282,6 +285,7 @@ def bench(config_path, out, progress, overwrite, executor, address, **overrides)
     where = _X(executor, address).check()
     config = load_config(config_path, **overrides)
     out = out or os.path.join("reports", config.name)
+    opt.warn_if_gpu_unseen(config.backend)
     verbose = "auto" if progress else 0
     _show_study(run_study(config, out, opt.command_line(), verbose, opt.echo_err, overwrite, where), out)
 
@@ -299,6 +303,7 @@ def demo(out, images, fresh, backend):
     """
     from kbench.study import run_demo
 
+    opt.warn_if_gpu_unseen(backend)
     _show_study(*run_demo(out, images, fresh, backend, echo=opt.echo_err, command=opt.command_line()))
 
 

@@ -17,6 +17,7 @@ backend can't promise. kbench refuses it in one line rather than train something
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from kbench.config import option
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, first_line
 
 ADDRESS, COUNT, INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 CLUSTER_VARIABLES = (ADDRESS, COUNT, INDEX)
@@ -35,6 +36,7 @@ CLUSTER_VARIABLES = (ADDRESS, COUNT, INDEX)
 # evaluates and saves the model alone after the last epoch, which can take minutes on a large model.
 SHUTDOWN_SECONDS = 1800
 GRACE_SECONDS = 10  # after asking the other processes to stop, before killing them
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 _initialized = False
 
@@ -107,7 +109,9 @@ def initialize(backend: str) -> Cluster | None:
         try:
             jax.distributed.initialize(cluster.address, shutdown_timeout_seconds=SHUTDOWN_SECONDS, **arguments)
         except RuntimeError as error:
-            raise KbenchError(f"can't join the training cluster at {cluster.address}: {_first_line(error)}") from None
+            raise KbenchError(
+                f"can't join the training cluster at {cluster.address}: {first_line(error, 200)}"
+            ) from None
     _initialized = True
     return cluster
 
@@ -167,11 +171,6 @@ def same_everywhere(values: list[int], what: str) -> None:
             f"the processes disagree on {what} ({' vs '.join(map(str, sorted(rows)))}); "
             "is the run folder on storage every process sees, and up to date?"
         )
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 # -- kbench launch ------------------------------------------------------------------------------------
@@ -275,7 +274,7 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # a terminal's Ctrl-C reaches them once, through us
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                     text=True,
                     errors="replace",
                 )
@@ -317,13 +316,25 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
             signal.signal(number, handler)
 
 
-def _die_with_parent() -> None:
-    """Linux: the child is killed when the launcher dies, even by SIGKILL (no orphans left training)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """In a child process kbench started: the kernel kills it (SIGKILL) when its parent dies, even by
+    kill -9, so nothing kbench started outlives it: no rank left training, no ONNX conversion left
+    holding memory (Linux; elsewhere nothing happens). Used by ``launch`` and kbench.export's
+    conversion process.
 
-        PR_SET_PDEATHSIG = 1
+    Best called first thing in the child, as the conversion does: a ``preexec_fn`` (as ``launch``
+    uses, in a launcher that hasn't imported JAX) forks the parent, which Python documents as unsafe
+    in a multithreaded one such as a process running JAX. With ``parent_pid``, a child whose parent
+    died before the request exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _status(code: int) -> int:

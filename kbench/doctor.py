@@ -1,11 +1,11 @@
-"""What this machine gives kbench (``kbench doctor``): library versions, the devices JAX and
-TensorFlow each see, ONNX Runtime's providers, the GPUs ``nvidia-smi`` lists, and a warning with the
-fix for every GPU that a backend or ONNX Runtime leaves unused.
+"""``kbench doctor``: what kbench can use here. The facts of the machine (versions, the GPUs
+``nvidia-smi`` lists) come from kbench.machine; this module probes what JAX, TensorFlow and ONNX
+Runtime each see, and gives a warning with the fix for every GPU that one of them leaves unused.
 
 Keras fixes its backend once per process, so ``diagnose`` asks each library in a subprocess of its
-own (with a timeout: a broken driver can hang CUDA's start). ``warn_if_gpu_unseen`` is the cheap
-form that ``train``, ``latency`` and ``bench`` call: it looks further only when ``nvidia-smi -L``
-lists a GPU, and logs at most once per process.
+own (with a timeout: a broken driver can hang CUDA's start). ``gpu_warning`` is the cheap form that
+the CLI prints before ``train``, ``latency`` and ``bench`` (kbench.options): it looks further only
+when ``nvidia-smi`` lists a GPU. The CLI side only: library code never imports this module.
 """
 
 from __future__ import annotations
@@ -14,81 +14,19 @@ import contextlib
 import importlib.metadata
 import io
 import json
-import logging
 import os
-import platform
 import subprocess
 import sys
 import time
 
-log = logging.getLogger("kbench")
+from kbench import machine
+from kbench.errors import KbenchError, first_line
 
 FIX = "run `make install CUDA=1`"
 # JAX's documented minimum for its CUDA 12 wheels; TensorFlow 2.21 and onnxruntime-gpu 1.26 are
 # CUDA 12 builds too (see pyproject.toml).
 MIN_DRIVER = (525, 60, 13)
-PACKAGES = (
-    "kbench",
-    "keras",
-    "jax",
-    "jaxlib",
-    "jax-cuda12-plugin",
-    "jax-cuda13-plugin",
-    "tensorflow",
-    "onnx",
-    "tf2onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "numpy",
-)
 PROBE_SECONDS = 120
-
-_warned = False
-
-
-def _first_line(error: BaseException | str) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
-
-
-def _run(command: list[str], timeout: float = 10) -> str | None:
-    """stdout of ``command``, or None when it is missing, fails or hangs."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def list_gpus() -> list[str]:
-    """The GPU names ``nvidia-smi -L`` lists ("GPU 0: NVIDIA H200 (UUID: ...)"); [] without one."""
-    names = []
-    for line in (_run(["nvidia-smi", "-L"]) or "").splitlines():
-        if line.startswith("GPU ") and ":" in line:
-            names.append(line.split(":", 1)[1].split("(UUID")[0].strip())
-    return names
-
-
-def gpu_details() -> list[dict]:
-    """Name, memory and driver of each GPU, from ``nvidia-smi --query-gpu``."""
-    output = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"])
-    gpus = []
-    for line in (output or "").splitlines():
-        parts = [part.strip() for part in line.split(",")]
-        if len(parts) == 3:
-            gpus.append(
-                {"name": parts[0], "memory_mib": int(parts[1]) if parts[1].isdigit() else parts[1], "driver": parts[2]}
-            )
-    return gpus
-
-
-def versions() -> dict:
-    """Installed versions of the packages kbench cares about (absent ones left out), and Python's."""
-    found = {"python": platform.python_version()}
-    for package in PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[package] = importlib.metadata.version(package)
-    return found
 
 
 def probe_jax() -> dict:
@@ -104,7 +42,7 @@ def probe_jax() -> dict:
         try:
             jax.devices("gpu")
         except RuntimeError as error:
-            result["note"] = _first_line(error)
+            result["note"] = first_line(error)
     return result
 
 
@@ -162,7 +100,7 @@ def cuda_session_status() -> str:
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own pybind types
-        return f"failed: {_first_line(error)}"
+        return f"failed: {first_line(error)}"
     if session.get_providers()[0] != "CUDAExecutionProvider":
         return "failed: the CUDA provider fell back to the CPU" + (f" ({missing})" if missing else "")
     return "ok"
@@ -185,7 +123,7 @@ def _print_probe(name: str) -> None:
         except ImportError as error:
             result = {"error": f"not installed ({error})"}
         except Exception as error:
-            result = {"error": f"{type(error).__name__}: {_first_line(error)}"}
+            result = {"error": first_line(error, named=True)}
     print(json.dumps(result))
 
 
@@ -212,7 +150,7 @@ def run_probes(names=tuple(PROBES), timeout: float = PROBE_SECONDS) -> dict:
             results[name] = json.loads(lines[-1])
         else:
             last = [line for line in stderr.splitlines() if line.strip()]
-            why = _first_line(last[-1]) if last else "no message"
+            why = first_line(last[-1]) if last else "no message"
             results[name] = {"error": f"exit code {process.returncode}: {why}"}
     return results
 
@@ -298,14 +236,17 @@ def gpu_warnings(
 def diagnose(timeout: float = PROBE_SECONDS) -> dict:
     """Everything ``kbench doctor`` reports, as one JSON-ready dict: versions, gpus (nvidia-smi),
     jax / tensorflow / onnxruntime (what each sees, probed in subprocesses) and warnings."""
-    gpus = gpu_details()
+    from kbench.backend import choose_backend
+
+    choose_backend()  # KERAS_BACKEND=bogus: refused in one line as every command does, before probing
+    gpus = machine.gpu_details()
     probes = run_probes(timeout=timeout)
     hidden = gpus_hidden()
     warnings = gpu_warnings(
         [] if hidden else [gpu["name"] for gpu in gpus], drivers=[g["driver"] for g in gpus], **probes
     )
     return {
-        "versions": versions(),
+        "versions": machine.versions(),
         "gpus": gpus,
         **probes,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -351,13 +292,12 @@ def format_doctor(report: dict) -> str:
 
 def gpu_warning(backend: str) -> str | None:
     """The warning for this process's backend and ONNX Runtime, or None: checked in-process and only
-    when ``nvidia-smi -L`` lists a GPU (and the user hasn't hidden it), so a CPU machine pays one
-    failed ``nvidia-smi`` call."""
-    gpus = list_gpus()
+    when ``nvidia-smi`` lists a GPU (and the user hasn't hidden it), so a CPU machine pays the one
+    ``nvidia-smi`` call kbench.machine makes a process."""
+    gpus = machine.list_gpus()
     if not gpus or gpus_hidden(backend):
         return None
     from kbench.distributed import cluster_from_environment
-    from kbench.errors import KbenchError
 
     try:
         clustered = cluster_from_environment() is not None
@@ -369,20 +309,9 @@ def gpu_warning(backend: str) -> str | None:
         try:
             seen[backend] = PROBES[backend]()
         except Exception as error:
-            seen[backend] = {"error": f"{type(error).__name__}: {_first_line(error)}"}
+            seen[backend] = {"error": first_line(error, named=True)}
     try:
         seen["onnxruntime"] = probe_onnxruntime(session=False)
     except ImportError as error:
         seen["onnxruntime"] = {"error": str(error)}
     return "; ".join(gpu_warnings(gpus, **seen)) or None
-
-
-def warn_if_gpu_unseen(backend: str) -> None:
-    """Log ``gpu_warning(backend)`` on the "kbench" logger, at most once per process."""
-    global _warned
-    if _warned:
-        return
-    _warned = True
-    message = gpu_warning(backend)
-    if message:
-        log.warning(message)

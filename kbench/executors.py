@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from kbench.config import option
-from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.errors import KbenchError, TrainingInterrupted, first_line
 
 log = logging.getLogger("kbench")
 
@@ -141,8 +141,7 @@ def _connect(address: str | None) -> None:
             ray.init(num_cpus=os.cpu_count() or 1, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise KbenchError(f"can't start or join {where}: {message}") from None
+        raise KbenchError(f"can't start or join {where}: {first_line(error, 200)}") from None
 
 
 def _check_reachable(address: str) -> None:
@@ -268,11 +267,10 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
 def _failed_row(config, out_dir: str, name: str, error: BaseException) -> dict:
     member = next(m for m in config.backbones if m.name == name)
     cause = getattr(error, "cause", None) or error
-    text = (str(cause).strip().splitlines() or [""])[0][:200]
     return {
         "name": name,
         "kind": "backbone",
         "backbone": member.train.backbone,
         "folder": os.path.join("runs", name),
-        "status": f"failed: {type(cause).__name__}: {text} (see {os.path.join(out_dir, LOGS, name + '.log')})",
+        "status": f"failed: {first_line(cause, 200, named=True)} (see {os.path.join(out_dir, LOGS, name + '.log')})",
     }

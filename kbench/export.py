@@ -36,7 +36,8 @@ import numpy as np
 
 from kbench import __version__, files
 from kbench.backbones import batch_norm_layers, load_model
-from kbench.errors import KbenchError
+from kbench.distributed import die_with_parent
+from kbench.errors import KbenchError, first_line
 from kbench.runs import Run, file_hash
 
 OPSETS = range(13, 19)  # what tf2onnx 1.17 converts to
@@ -206,7 +207,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(onnx_model)
         except onnx.checker.ValidationError as error:
-            raise KbenchError(f"the exported graph is invalid: {str(error).splitlines()[0]}") from None
+            raise KbenchError(f"the exported graph is invalid: {first_line(error)}") from None
         data = onnx_model.SerializeToString()
         try:
             difference = check_parity(model, data, [batch_size] if batch_size else PARITY_BATCHES)
@@ -423,26 +424,6 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _die_with_parent() -> None:
-    """In the conversion subprocess: the kernel kills it when kbench dies (even on kill -9), so a
-    killed study leaves no orphaned conversion behind (Linux; elsewhere nothing happens).
-
-    Asked for here, first thing in the child, not in a ``preexec_fn``: that forks the parent, which
-    under JAX is multithreaded (Python documents it as unsafe there: the child may deadlock before
-    exec; JAX warns about it on stderr). A parent that died before this ran is caught by the
-    parent-pid check.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    parent = os.environ.get(PARENT_PID_ENV, "")
-    if parent.isdigit() and os.getppid() != int(parent):
-        os._exit(1)
-
-
 def _set_metadata(onnx_model, model, backend: str, extra: dict) -> None:
     import keras
     import onnx
@@ -479,7 +460,9 @@ def _main(argv: list[str]) -> None:
     """Subprocess entry: ``python -m kbench.export SOURCE.keras OUTPUT.onnx OPSET BATCH`` (TF backend)."""
     from kbench.quiet import set_up
 
-    _die_with_parent()
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    # First thing, not in a preexec_fn: that would fork this multithreaded (JAX) process.
+    die_with_parent(int(parent) if parent.isdigit() else None)
     set_up()  # before TensorFlow loads: as quiet as the kbench process that started this one
     import onnx
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import doctor, files, metrics
+from kbench import files, metrics
 from kbench.config import option, positive
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, first_line
+from kbench.machine import facts
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
 
 COLUMNS = [
@@ -158,7 +158,6 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
 
     config.check()
     backend = keras.backend.backend()
-    doctor.warn_if_gpu_unseen(backend)
     with files.scratch_folder("latency") as scratch:
         for model in config.models:
             source = resolve_model(model, config.weights, scratch)
@@ -207,8 +206,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                     except Exception as error:  # one row fails, the rest are still measured and kept
                         if isinstance(error, KbenchError):
                             raise
-                        lines = str(error).strip().splitlines() or [type(error).__name__]
-                        failed = f"failed: {type(error).__name__}: {lines[0][:200]}"
+                        failed = f"failed: {first_line(error, 200, named=True)}"
                         yield {**base, "device": runtime.device, "batch_size": batch, "status": failed}
                         continue
                     stats = metrics.latency_stats(timings)
@@ -240,7 +238,7 @@ def measure(
     config.check()
     if output and os.path.isdir(output):
         raise KbenchError(f"-o {output} is a folder; give a file name")
-    machine = machine_info(config.threads)
+    machine = facts(config.threads)
     rows, interrupted = [], False
     try:
         with click.progressbar(length=plan(config), label="timing", file=sys.stderr, hidden=not progress) as bar:
@@ -254,40 +252,3 @@ def measure(
     if output:
         files.write_text(output, latency_text(rows, output_format, machine))
     return rows, interrupted
-
-
-def machine_info(threads: int | None = None) -> dict:
-    """What the numbers were measured on: CPU model, cores, GPU, library versions, thread settings."""
-    import importlib.metadata
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = "none"
-    try:
-        import subprocess
-
-        found = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
-        if found.returncode == 0 and found.stdout.strip():
-            gpu = found.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    versions = {}
-    for package in ("keras", "jax", "tensorflow", "onnxruntime", "onnxruntime-gpu"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "versions": versions,
-        "threads": threads or "one per physical core (ONNX Runtime's own count where spinning on is chosen)",
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-    }

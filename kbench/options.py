@@ -1,6 +1,7 @@
 """The plumbing of ``kbench.cli``: click options built from the config dataclasses (flag, type,
-choices, help and default all come from the field), errors turned into exit codes, and the
-process set-up every command shares.
+choices, help and default all come from the field), errors turned into exit codes, the process
+set-up every command shares, and the warnings a user should see before a command's work (a GPU
+that ``nvidia-smi`` lists and the backend or ONNX Runtime doesn't see).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import typing
 import click
 
 from kbench.config import default, options_of
-from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
+from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 
 
 class Group(click.Group):
@@ -45,9 +46,8 @@ class Group(click.Group):
         except Exception as error:
             if debug():
                 raise
-            message = (str(error).strip().splitlines() or [""])[0][:300]
             click.echo(
-                f"kbench: error: unexpected {type(error).__name__}: {message} (run with --debug for the traceback)",
+                f"kbench: error: unexpected {first_line(error, named=True)} (run with --debug for the traceback)",
                 err=True,
             )
             ctx.exit(1)
@@ -173,6 +173,25 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+
+_gpu_warned = False
+
+
+def warn_if_gpu_unseen(backend: str | None) -> None:
+    """Before ``train``, ``latency``, ``bench`` and ``demo``: log ``kbench.doctor.gpu_warning`` for
+    ``backend`` (None: the one kbench would choose) on the "kbench" logger, at most once per process.
+    Library code never warns about the machine itself: it would need the CLI's doctor."""
+    global _gpu_warned
+    if _gpu_warned:
+        return
+    _gpu_warned = True
+    from kbench.backend import choose_backend
+    from kbench.doctor import gpu_warning
+
+    message = gpu_warning(choose_backend(backend)[0])
+    if message:
+        logging.getLogger("kbench").warning(message)
 
 
 def run(group: click.Group) -> None:

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, first_line
+from kbench.machine import physical_cores
 
 RUNTIMES = ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
 
@@ -31,10 +32,7 @@ def onnx_session(path: str, providers: list[str], options=None):
     try:
         return onnxruntime.InferenceSession(path, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        raise KbenchError(
-            f"{path} is not a model ONNX Runtime can load: {lines[0][:200] if lines else error}"
-        ) from None
+        raise KbenchError(f"{path} is not a model ONNX Runtime can load: {first_line(error, 200)}") from None
 
 
 class Unavailable(Exception):
@@ -144,22 +142,6 @@ SPINNING_CANDIDATES = {"spinning on": {"spinning": True, "threads": 0}, "spinnin
 # How the probe measures (``interleaved_medians``' arguments), and the tie: within that ratio it keeps
 # spinning off (no faster measured, and kinder to the machine's other work).
 SPINNING_PROBE = {"block": 3, "min_rounds": 3, "max_rounds": 8, "budget_s": 2.0, "tie": 1.03}
-
-
-def physical_cores() -> int:
-    """Physical CPU cores (hyper-threads counted once) from /proc/cpuinfo; ``os.cpu_count()`` elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cores, physical = set(), "0"
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() == "physical id":
-                    physical = value.strip()
-                elif key.strip() == "core id":
-                    cores.add((physical, value.strip()))
-        return len(cores) or os.cpu_count() or 1
-    except OSError:
-        return os.cpu_count() or 1
 
 
 def interleaved_medians(
@@ -357,7 +339,7 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
         try:
             self.session = onnx_session(model, [self.provider], self.options())
         except Exception as error:
-            raise Unavailable(f"CUDA session failed: {str(error).splitlines()[0]}") from None
+            raise Unavailable(f"CUDA session failed: {first_line(error)}") from None
         if self.session.get_providers()[0] != self.provider:
             raise Unavailable(
                 "CUDA provider could not be initialised (no GPU, or missing CUDA 12/cuDNN 9 libraries"

@@ -24,10 +24,10 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-from kbench import doctor, files
+from kbench import files
 from kbench.config import check_keys, check_value, field_names, from_dict
 from kbench.ensemble import EnsembleConfig
-from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.errors import KbenchError, TrainingInterrupted, first_line
 from kbench.executors import ExecutorConfig, run_members
 from kbench.latency import LatencyConfig
 from kbench.runs import (
@@ -281,11 +281,6 @@ def check_devices(config: StudyConfig) -> None:
         check(member.train.devices, member.train.batch_size, member.train.mixed_precision)
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _out_of_memory(error: BaseException) -> bool:
     """Resource exhaustion (worth a retry at half the batch), as each backend reports it."""
     if isinstance(error, MemoryError):
@@ -341,7 +336,12 @@ def _train_member(member: Member, run_dir: str, fingerprint: str, verbose) -> di
         if not _out_of_memory(error) or config.batch_size == 1:
             raise
         half = max(1, config.batch_size // 2)
-        log.warning("%s ran out of memory (%s); retrying once at batch size %d", member.name, _one_line(error), half)
+        log.warning(
+            "%s ran out of memory (%s); retrying once at batch size %d",
+            member.name,
+            first_line(error, named=True),
+            half,
+        )
         record = train(dataclasses.replace(config, batch_size=half), overwrite=True, verbose=verbose)
         record["batch_size_halved_from"] = config.batch_size
         run.write_metrics(record)
@@ -429,7 +429,6 @@ def run_study(
     from kbench.data import find_images
 
     config.backend = use_backend(config.backend)
-    doctor.warn_if_gpu_unseen(config.backend)
     images = find_images(config.data, layout=config.layout)  # the layout is checked before any training
     fingerprint = data_fingerprint(images)
     check_devices(config)
@@ -467,7 +466,7 @@ def time_member(row: dict, out_dir: str, latency: LatencyConfig) -> None:
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as error:
-        row["status"] = f"failed: {_one_line(error) if not isinstance(error, KbenchError) else error}"
+        row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
         log.warning("%s %s", row["name"], row["status"])
 
 
@@ -519,15 +518,15 @@ def _run_locked(
         except (TrainingInterrupted, KeyboardInterrupt):
             raise
         except Exception as error:  # the report is still written, with the failure in it
-            results["submission"] = {"model": best["name"], "status": f"failed: {_one_line(error)}"}
+            results["submission"] = {"model": best["name"], "status": f"failed: {first_line(error, named=True)}"}
             log.warning("submission %s", results["submission"]["status"])
     results["failed"] = sum(row["status"] != "ok" for row in rows) + int(
         results.get("submission", {}).get("status", "ok") != "ok"
     )
-    from kbench.latency import machine_info
+    from kbench.machine import facts
     from kbench.report import write_report
 
-    results["machine"] = machine_info(config.latency.threads)
+    results["machine"] = facts(config.latency.threads)
     write_report(results, out_dir)
     return results
 
@@ -546,7 +545,7 @@ def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency: LatencyConf
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as error:
-        row["status"] = f"failed: {_one_line(error) if not isinstance(error, KbenchError) else error}"
+        row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
         log.warning("%s %s", row["name"], row["status"])
         return False
 

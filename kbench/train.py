@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbench import distributed, doctor, metrics
+from kbench import distributed, metrics
 from kbench.backbones import get_backbone, weights_kind
 from kbench.backend import default_notice, use_backend
 from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageSet, find_images, indices_of, split_indices
 from kbench.devices import check_devices, count_devices, process_local_values, training_devices
-from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
+from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 from kbench.loader import ImageLoader, predict
 from kbench.report import write_curves
 from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
@@ -243,7 +243,6 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
     config = config.resolved()
-    doctor.warn_if_gpu_unseen(config.backend)
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
     check_devices(config.devices, config.batch_size, config.mixed_precision)  # before anything is written
@@ -317,7 +316,7 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
             model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
         except Exception as error:
             raise KbenchError(
-                f"the checkpoint in {run.path} can't be loaded ({_first_line(error)}); "
+                f"the checkpoint in {run.path} can't be loaded ({first_line(error, 200, named=True)}); "
                 "remove the folder and train again"
             ) from None
     else:
@@ -414,11 +413,6 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
     if skipped:
         log.warning("%d image file(s) were skipped as unreadable", len(skipped))
     return record
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tuple[np.ndarray, np.ndarray]:

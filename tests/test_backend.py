@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kbench import backend
+from kbench import backend, machine
 from kbench.errors import KbenchError
 
 from conftest import BACKEND, REPO
@@ -50,7 +50,7 @@ def test_unknown_backend_is_refused(fresh):
     with pytest.raises(KbenchError, match="unknown backend 'torch'; choose one of: jax, tensorflow"):
         backend.choose_backend("torch")
     fresh.setenv("KERAS_BACKEND", "theano")
-    with pytest.raises(KbenchError, match="unknown backend 'theano'"):
+    with pytest.raises(KbenchError, match="unknown backend 'theano' in KERAS_BACKEND; choose one of"):
         backend.choose_backend()
 
 
@@ -75,20 +75,20 @@ def test_no_notice_when_the_user_chose(fresh):
 
 def test_gpu_check_reads_nvidia_smi(monkeypatch, tmp_path):
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)'\n")
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559, 570.124.06'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    backend.gpu_found.cache_clear()
+    machine._nvidia_smi.cache_clear()  # asked once a process: each case below starts afresh
     try:
         assert backend.gpu_found() is True
         fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
-        backend.gpu_found.cache_clear()
+        machine._nvidia_smi.cache_clear()
         assert backend.gpu_found() is False
         monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-        backend.gpu_found.cache_clear()
+        machine._nvidia_smi.cache_clear()
         assert backend.gpu_found() is False
     finally:
-        backend.gpu_found.cache_clear()
+        machine._nvidia_smi.cache_clear()
 
 
 def test_kbench_train_says_once_which_backend_it_picked(kaggle_data, tmp_path):

@@ -154,18 +154,18 @@ def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
-    """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9."""
+    """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9. The child
+    asks for it first thing, as the conversion does (kbench.export._main), and says so in pid_file."""
     pid_file = tmp_path / "child.pid"
+    child_code = (
+        "import os, sys, time; from kbench.distributed import die_with_parent; "
+        f"die_with_parent(int(sys.argv[1])); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
     parent = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            (
-                "import subprocess, sys; from kbench.export import _die_with_parent\n"
-                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
-                "preexec_fn=_die_with_parent)\n"
-                f"open({str(pid_file)!r}, 'w').write(str(child.pid)); child.wait()"
-            ),
+            f"import os, subprocess, sys; subprocess.run([sys.executable, '-c', {child_code!r}, str(os.getpid())])",
         ]
     )
     deadline = time.time() + 60

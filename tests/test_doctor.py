@@ -2,14 +2,16 @@ import json
 import logging
 
 import pytest
+from click.testing import CliRunner
 
-from kbench import doctor
+from kbench import doctor, machine, options
+from kbench.cli import cli
 
-from conftest import run_cli
+from conftest import BACKEND, run_cli
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 
-H200 = "GPU 0: NVIDIA H200 (UUID: GPU-5d1c1e1e-0000-0000-0000-000000000000)\n"
+H200 = "NVIDIA H200, 143771, 570.124.06\n"  # nvidia-smi's answer to kbench.machine.GPU_QUERY
 CPU_ONLY = {"devices": [{"id": "cpu:0", "kind": "cpu"}]}
 ON_GPU = {"devices": [{"id": "cpu:0"}, {"id": "gpu:0", "kind": "NVIDIA H200"}]}
 ORT_CPU = {"packages": ["onnxruntime"], "providers": ["CPUExecutionProvider"]}
@@ -57,16 +59,15 @@ def test_warnings_name_the_gpu_and_the_fix():
     assert "share one module" in doctor.gpu_warnings([], onnxruntime=both)[0]
 
 
-def test_nvidia_smi_output_is_parsed(monkeypatch):
-    answers = {
-        "-L": H200 + "GPU 1: NVIDIA H200 (UUID: GPU-2)\n",
-        "--query-gpu=name,memory.total,driver_version": "NVIDIA H200, 143771, 570.124.06\n",
-    }
-    monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: answers[command[1]])
-    assert doctor.list_gpus() == ["NVIDIA H200", "NVIDIA H200"]
-    assert doctor.gpu_details() == [{"name": "NVIDIA H200", "memory_mib": 143771, "driver": "570.124.06"}]
-    monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: None)  # no nvidia-smi
-    assert doctor.list_gpus() == [] and doctor.gpu_details() == []
+@pytest.fixture
+def nvidia_smi(monkeypatch):
+    """nvidia-smi answering ``answer[0]`` (None: missing), calls counted; kbench.machine's
+    once-a-process answer emptied before and after, so no fake GPU leaks into other tests."""
+    calls, answer = [], [None]
+    monkeypatch.setattr(machine, "_run", lambda command, timeout=10: calls.append(command) or answer[0])
+    machine._nvidia_smi.cache_clear()
+    yield answer, calls
+    machine._nvidia_smi.cache_clear()
 
 
 @pytest.fixture
@@ -78,25 +79,25 @@ def probes_must_not_run(monkeypatch):
     monkeypatch.setattr(doctor, "probe_onnxruntime", refuse)
 
 
-def test_gpu_warning_costs_one_nvidia_smi_call_without_a_gpu(monkeypatch, probes_must_not_run):
-    calls = []
-    monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: calls.append(command))
-    assert doctor.gpu_warning("jax") is None and calls == [["nvidia-smi", "-L"]]
+def test_gpu_warning_costs_one_nvidia_smi_call_without_a_gpu(nvidia_smi, probes_must_not_run):
+    _, calls = nvidia_smi
+    assert doctor.gpu_warning("jax") is None and doctor.gpu_warning("tensorflow") is None
+    assert calls == [machine.GPU_QUERY]
 
 
 @pytest.mark.parametrize(
     "hidden", [{"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}, {"JAX_PLATFORMS": "cpu"}]
 )
-def test_no_warning_when_the_user_hid_the_gpu(monkeypatch, probes_must_not_run, hidden):
-    monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: H200)
+def test_no_warning_when_the_user_hid_the_gpu(monkeypatch, nvidia_smi, probes_must_not_run, hidden):
+    nvidia_smi[0][0] = H200
     for name, value in hidden.items():
         monkeypatch.setenv(name, value)
     assert doctor.gpu_warning("jax") is None
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
-def test_gpu_warning_with_a_gpu_listed_checks_the_backend_and_onnxruntime(monkeypatch, backend):
-    monkeypatch.setattr(doctor, "_run", lambda command, timeout=10: H200)
+def test_gpu_warning_with_a_gpu_listed_checks_the_backend_and_onnxruntime(monkeypatch, nvidia_smi, backend):
+    nvidia_smi[0][0] = H200
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
@@ -114,20 +115,54 @@ def test_gpu_warning_with_a_gpu_listed_checks_the_backend_and_onnxruntime(monkey
     assert doctor.gpu_warning(backend) is None
 
 
-def test_the_warning_is_logged_once_per_process(monkeypatch):
+@pytest.fixture
+def kbench_log():
+    """The messages logged on the "kbench" logger at WARNING or above during the test."""
     messages = []
-    handler = logging.Handler()
+    handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: messages.append(record.getMessage())
     logger = logging.getLogger("kbench")
     logger.addHandler(handler)
-    monkeypatch.setattr(doctor, "_warned", False)
-    monkeypatch.setattr(doctor, "gpu_warning", lambda backend: "nvidia-smi lists NVIDIA H200 but JAX sees only CPU")
-    try:
-        for _ in range(3):
-            doctor.warn_if_gpu_unseen("jax")
-    finally:
-        logger.removeHandler(handler)
-    assert messages == ["nvidia-smi lists NVIDIA H200 but JAX sees only CPU"]
+    yield messages
+    logger.removeHandler(handler)
+
+
+def test_the_warning_is_logged_once_per_process(monkeypatch, kbench_log):
+    monkeypatch.setattr(options, "_gpu_warned", False)
+    monkeypatch.setattr(
+        doctor, "gpu_warning", lambda backend: f"nvidia-smi lists NVIDIA H200 but {backend} sees only CPU"
+    )
+    for _ in range(3):
+        options.warn_if_gpu_unseen("jax")
+    assert kbench_log == ["nvidia-smi lists NVIDIA H200 but jax sees only CPU"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--backbone", "small_cnn", "--data", "{tmp}/missing", "--run-dir", "{tmp}/run"],
+        ["latency", "{tmp}/missing.onnx"],
+        ["bench", "--config", "demo", "--data", "{tmp}", "--test-data", "", "--out", "{tmp}/study"],  # no images
+    ],
+)
+def test_the_cli_warns_before_the_commands_work(args, monkeypatch, tmp_path, kbench_log):
+    """The CLI prints the unseen-GPU warning (library code never imports doctor): here before each
+    command refuses its data or model, found missing by the work itself."""
+    monkeypatch.setattr(options, "_gpu_warned", False)
+    monkeypatch.setattr(options, "set_up_process", lambda *flags: None)  # pytest's own signals and stderr
+    monkeypatch.setattr(doctor, "gpu_warning", lambda backend: f"unseen by {backend}")
+    done = CliRunner().invoke(cli, [arg.format(tmp=tmp_path) for arg in args] + ["--backend", BACKEND])
+    assert done.exit_code == 2, done.output
+    assert kbench_log == [f"unseen by {BACKEND}"] and "kbench: error: " in done.output
+
+
+def test_doctor_refuses_an_unknown_keras_backend_in_one_line(monkeypatch):
+    """As every other command does (#29): not a TensorFlow import error, "no warnings" and exit 0."""
+    monkeypatch.setattr(options, "set_up_process", lambda *flags: None)
+    monkeypatch.setattr(doctor, "run_probes", lambda **kwargs: pytest.fail("probed with KERAS_BACKEND=bogus"))
+    done = CliRunner().invoke(cli, ["doctor"], env={"KERAS_BACKEND": "bogus"})
+    assert done.exit_code == 2
+    assert done.output == "kbench: error: unknown backend 'bogus' in KERAS_BACKEND; choose one of: jax, tensorflow\n"
 
 
 def test_a_probe_that_hangs_is_reported_not_waited_for():

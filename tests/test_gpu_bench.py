@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kbench.doctor import list_gpus
+from kbench.machine import list_gpus
 
 from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kbench import runtimes
+from kbench import machine, runtimes
 from kbench.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, interleaved_medians, make_runtime
 
 
@@ -108,8 +108,8 @@ def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
     runtime = OnnxRuntimeCPU()
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "0"
-    assert runtime.session.get_session_options().intra_op_num_threads == runtimes.physical_cores()
-    assert runtime.detail.startswith(f"intra-op threads {runtimes.physical_cores()} (physical cores), spinning off")
+    assert runtime.session.get_session_options().intra_op_num_threads == machine.physical_cores()
+    assert runtime.detail.startswith(f"intra-op threads {machine.physical_cores()} (physical cores), spinning off")
 
 
 def test_given_threads_are_used_by_both_candidates(tmp_path, monkeypatch):
@@ -196,7 +196,7 @@ def test_the_probe_really_measures(tmp_path):
     assert float(found[1]) == pytest.approx(on, rel=0.01) and float(found[2]) == pytest.approx(off, rel=0.01)
     spinning = off > runtimes.SPINNING_PROBE["tie"] * on
     assert spin_entry(runtime) == ("1" if spinning else "0") and runtime.settings["spinning"] is spinning
-    assert runtime.session.get_session_options().intra_op_num_threads == (0 if spinning else runtimes.physical_cores())
+    assert runtime.session.get_session_options().intra_op_num_threads == (0 if spinning else machine.physical_cores())
 
 
 def test_an_input_the_probe_cannot_shape_is_not_probed(tmp_path):
