@@ -9,9 +9,11 @@ is "dog" and a binary model's output is P(dog).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import stat
 import threading
 import zipfile
 from collections import Counter
@@ -30,7 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 class ImageSet:
     """Image files found under ``root``. ``keys`` are paths relative to the folder or zip members;
     ``labels[i]`` indexes ``classes`` (-1 when the set is unlabelled). ``skipped``: image files left
-    out of ``keys`` (empty files of a labelled set)."""
+    out of ``keys`` (empty or unreadable files of a labelled set: dangling symlinks, symlink loops)."""
 
     root: str
     keys: list[str]
@@ -47,7 +49,9 @@ class ImageSet:
 
 
 class ImageReader:
-    """Reads raw bytes by key from a folder or a zip; each thread keeps its own zip handle."""
+    """Reads raw bytes by key from a folder or a zip; each thread keeps its own zip handle. A folder's
+    entry that is not a regular file (a FIFO, a device behind a symlink) raises OSError rather than
+    blocking or reading for ever."""
 
     def __init__(self, root: str):
         self.root = root
@@ -56,7 +60,11 @@ class ImageReader:
 
     def read(self, key: str) -> bytes:
         if not self._zip:
-            with open(os.path.join(self.root, key), "rb") as handle:
+            # O_NONBLOCK: opening a FIFO named x.jpg would otherwise wait for a writer
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+            with open(os.open(os.path.join(self.root, key), flags), "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise OSError(f"{key} is not a regular file")
                 return handle.read()
         archive = getattr(self._local, "archive", None)
         if archive is None:
@@ -93,8 +101,23 @@ def _unsafe_zip_name(name: str) -> bool:
     return normal.startswith("/") or re.match(r"[A-Za-z]:", normal) is not None or ".." in normal.split("/")
 
 
-def _list_files(path: str) -> list[tuple[str, int]]:
-    """(key, size in bytes) of every image file under a folder or in a zip, sorted by key."""
+def _file_size(full: str) -> tuple[int, str]:
+    """(size in bytes, why the file can't be read or ""): a dangling symlink or a symlink loop is
+    listed (it has an image's name) but unreadable, as is anything that is not a regular file."""
+    try:
+        status = os.stat(full)
+    except OSError as error:
+        if os.path.islink(full):
+            return 0, "a symlink loop" if error.errno == errno.ELOOP else "a dangling symlink"
+        return 0, error.strerror or str(error)
+    if not stat.S_ISREG(status.st_mode):
+        return 0, "not a regular file"
+    return status.st_size, ""
+
+
+def _list_files(path: str) -> list[tuple[str, int, str]]:
+    """(key, size in bytes, why it is unreadable or "") of every image file under a folder or in a
+    zip, sorted by key."""
     if os.path.isdir(path):
         found, seen = [], {os.path.realpath(path)}
         for folder, dirs, files in os.walk(path, followlinks=True):  # class folders may be symlinks
@@ -106,7 +129,7 @@ def _list_files(path: str) -> list[tuple[str, int]]:
                 full = os.path.join(folder, name)
                 key = os.path.relpath(full, path).replace(os.sep, "/")
                 if _is_image_name(key):
-                    found.append((key, os.path.getsize(full)))
+                    found.append((key, *_file_size(full)))
         return sorted(found)
     if zipfile.is_zipfile(path):
         try:
@@ -124,7 +147,14 @@ def _list_files(path: str) -> list[tuple[str, int]]:
                 raise KbenchError(f"{path}: the zip holds two entries named {info.filename}")
             seen.add(info.filename)
         return sorted(
-            (info.filename, info.file_size) for info in entries if not info.is_dir() and _is_image_name(info.filename)
+            # a symlink stored in a zip (zip -y) holds its target's path, not an image
+            (
+                info.filename,
+                info.file_size,
+                "a symlink" if info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16) else "",
+            )
+            for info in entries
+            if not info.is_dir() and _is_image_name(info.filename)
         )
     raise KbenchError(f"{path} is neither a folder nor a zip file")
 
@@ -210,9 +240,11 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
     Hidden files and folders and ``__MACOSX`` are ignored; a zip entry naming a path outside the
     archive refuses the zip. A labelled set needs two classes, and (auto, more than
     UNIQUE_LABEL_CHECK_FROM images) no more distinct labels than half its images: mostly unique
-    labels are names, not classes. Empty files are left out (``skipped``) of a labelled set.
+    labels are names, not classes. Empty files are left out (``skipped``) of a labelled set, as are
+    unreadable ones (a dangling symlink, a symlink loop), each named in a warning.
 
-    With ``labelled=False`` (a test set) every image is kept, empty files included, and labels are -1.
+    With ``labelled=False`` (a test set) every image is kept, empty and unreadable files included (the
+    loader fails on them and prediction gives them the uniform row), and labels are -1.
     Every refusal is a one-line KbenchError that says what was found and what is accepted.
     """
     if layout not in LAYOUTS:
@@ -225,7 +257,7 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}; expected train/cat.N.jpg "
             "files (Kaggle layout) or one folder per class"
         )
-    keys = [key for key, _ in files]
+    keys = [key for key, _, _ in files]
     if not labelled:
         return ImageSet(path, keys, np.full(len(keys), -1, dtype=np.int64), [], "unlabelled")
 
@@ -246,13 +278,18 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
             f"labels this unique are names, not classes; {EXPECTED}; {FORCE}"
         )
     index = {name: i for i, name in enumerate(classes)}
-    sizes = [size for _, size in files]
-    skipped = [key for key, size in zip(keys, sizes) if size == 0]
-    for key in skipped:
-        log.warning("skipped empty image file %s", key)
-    kept = [i for i, size in enumerate(sizes) if size > 0]
+    kept, skipped = [], []
+    for i, (key, size, problem) in enumerate(files):
+        if problem:
+            log.warning("skipped unreadable image file %s (%s)", key, problem)
+        elif size == 0:
+            log.warning("skipped empty image file %s", key)
+        else:
+            kept.append(i)
+            continue
+        skipped.append(key)
     if not kept:
-        raise KbenchError(f"{path}: all {len(keys)} image files are empty")
+        raise KbenchError(f"{path}: all {len(keys)} image files are empty or unreadable")
     labels = np.array([index[names[i]] for i in kept], dtype=np.int64)
     return ImageSet(path, [keys[i] for i in kept], labels, classes, kind, skipped)
 

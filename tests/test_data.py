@@ -1,6 +1,8 @@
+import logging
 import os
 import re
 import shutil
+import stat
 import zipfile
 
 import numpy as np
@@ -236,3 +238,53 @@ def test_train_refuses_a_test_set_through_the_cli(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kbench: error: ") and "29 images in one folder" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def write_links(root):
+    """A dangling symlink, a loop of two symlinks and a folder symlinked to itself among the images."""
+    os.symlink(os.path.join(str(root), "missing", "x.jpg"), os.path.join(root, "dog.90.jpg"))
+    os.symlink("cat.92.jpg", os.path.join(root, "cat.91.jpg"))
+    os.symlink("cat.91.jpg", os.path.join(root, "cat.92.jpg"))
+    os.symlink(".", os.path.join(root, "again"))
+
+
+def write_zip_with_links(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in KAGGLE:
+            archive.writestr(f"train/{name}", JPEG)
+        links = {"dog.90.jpg": "../missing/x.jpg", "cat.91.jpg": "cat.92.jpg", "cat.92.jpg": "cat.91.jpg"}
+        for name, target in links.items():
+            info = zipfile.ZipInfo(f"train/{name}")
+            info.create_system = 3  # Unix, as `zip -y` writes a symlink
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, target)
+    return str(path)
+
+
+@pytest.mark.parametrize("where", ["folder", "symlinked folder", "zip"])
+def test_dangling_symlinks_and_loops_are_skipped_by_name(tmp_path, caplog, where):
+    if where == "zip":
+        root, prefix = write_zip_with_links(tmp_path / "data.zip"), "train/"
+    else:
+        root, prefix = write_tree(tmp_path / "data", KAGGLE), ""
+        write_links(root)
+        if where == "symlinked folder":
+            os.symlink(root, tmp_path / "link")
+            root = str(tmp_path / "link")
+    links = [f"{prefix}{name}" for name in ("cat.91.jpg", "cat.92.jpg", "dog.90.jpg")]
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        images = find_images(root)
+    assert images.layout == "kaggle" and images.keys == [prefix + name for name in sorted(KAGGLE)]
+    assert images.skipped == links and len(images.labels) == len(KAGGLE)
+    reasons = {"folder": ("a symlink loop", "a symlink loop", "a dangling symlink"), "zip": ("a symlink",) * 3}
+    for link, reason in zip(links, reasons["zip" if where == "zip" else "folder"]):
+        assert f"skipped unreadable image file {link} ({reason})" in caplog.text
+    assert find_images(root, labelled=False).keys == sorted(images.keys + links)  # a test set keeps them
+
+
+def test_a_data_set_of_only_broken_links_is_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in KAGGLE:
+        os.symlink(str(tmp_path / "gone" / name), tmp_path / "data" / name)
+    with pytest.raises(KbenchError, match=r"all 12 image files are empty or unreadable"):
+        find_images(str(tmp_path / "data"))

@@ -1,6 +1,8 @@
 """How images are read: decoding, augmentation and the batching ImageLoader (kbench.loader)."""
 
 import logging
+import os
+import threading
 
 import cv2
 import numpy as np
@@ -74,3 +76,46 @@ def test_loader_skips_unreadable_files_with_a_warning(tmp_path, caplog):
     assert seen == 12
     assert sorted(images.keys[i] for i in loader.bad) == ["cat.91.jpg", "dog.90.jpg"]
     assert "dog.90.jpg" in caplog.text and "cat.92.jpg" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "1.jpg")
+    (tmp_path / "2.jpg").write_bytes(encode_jpeg(make_image(0, 16, np.random.default_rng(0))))
+    images = find_images(str(tmp_path), labelled=False)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(read=list(ImageLoader(images, np.arange(2), 16, 2))))
+    worker.daemon = True  # on a regression it stays blocked in open(); the test fails instead of hanging
+    worker.start()
+    worker.join(30)
+    assert "read" in result, "reading a FIFO blocked"
+    assert [len(pixels) for pixels, _ in result["read"]] == [1]
+
+
+def test_dangling_symlinks_are_skipped_in_training_and_uniform_in_prediction(tmp_path, caplog):
+    from kbench.submission import predict_test_set
+    from kbench.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    for index in range(8):
+        for label, name in enumerate(("cat", "dog")):
+            (tmp_path / "train" / f"{name}.{index}.jpg").write_bytes(encode_jpeg(make_image(label, 32, rng)))
+    for index in range(1, 5):
+        (tmp_path / "test" / f"{index}.jpg").write_bytes(encode_jpeg(make_image(index % 2, 32, rng)))
+    os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "train" / "dog.99.jpg")
+    os.symlink("cat.98.jpg", tmp_path / "train" / "cat.98.jpg")  # a link to itself: a loop
+    os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "test" / "5.jpg")
+    config = TrainConfig(
+        backbone="small_cnn", data=str(tmp_path / "train"), run_dir=str(tmp_path / "run"), epochs=1, image_size=32
+    )
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        record = train(config, verbose=0)
+    assert record["skipped_images"] == ["cat.98.jpg", "dog.99.jpg"]
+    assert record["train_images"] + record["val_images"] == 16
+    assert "dog.99.jpg (a dangling symlink)" in caplog.text and "cat.98.jpg (a symlink loop)" in caplog.text
+    result = predict_test_set(str(tmp_path / "run"), str(tmp_path / "test"), str(tmp_path / "submission.csv"))
+    rows = (tmp_path / "submission.csv").read_text().splitlines()
+    assert result["skipped"] == 1 and result["predicted"] == 4 and len(rows) == 6
+    assert rows[-1] == "5,0.500000" and all(row != "5,0.500000" for row in rows[1:-1])
