@@ -2,6 +2,7 @@
 
 import logging
 import os
+import struct
 import threading
 
 import cv2
@@ -76,6 +77,63 @@ def test_loader_skips_unreadable_files_with_a_warning(tmp_path, caplog):
     assert seen == 12
     assert sorted(images.keys[i] for i in loader.bad) == ["cat.91.jpg", "dog.90.jpg"]
     assert "dog.90.jpg" in caplog.text and "cat.92.jpg" in caplog.text
+
+
+def with_orientation(jpeg: bytes, orientation: int, byte_order: str = "MM") -> bytes:
+    """``jpeg`` with an EXIF APP1 segment right after SOI whose IFD0 holds only Orientation (0x0112)."""
+    e = ">" if byte_order == "MM" else "<"
+    tiff = byte_order.encode() + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1)
+    tiff += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0)
+    payload = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+# What EXIF orientation N asks a viewer to do with the stored pixels to show them upright.
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # the phone was held upright: turn 90° clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def quadrants(height: int = 32, width: int = 48) -> np.ndarray:
+    """RGB with four differently coloured quadrants: every one of the eight orientations looks different."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    image[height // 2 :, : width // 2] = (0, 0, 255)
+    image[height // 2 :, width // 2 :] = (255, 255, 255)
+    return image
+
+
+@pytest.mark.parametrize("byte_order", ["MM", "II"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_applies_the_exif_orientation(orientation, byte_order):
+    stored = quadrants()  # 32 high, 48 wide as stored, like a phone's sensor
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(stored, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    decoded = decode_image(with_orientation(jpeg.tobytes(), orientation, byte_order))
+    upright = UPRIGHT[orientation](stored)
+    assert decoded.shape == upright.shape == ((48, 32, 3) if orientation >= 5 else (32, 48, 3))
+    assert np.abs(decoded.astype(int) - upright).mean() < 4  # pixels in place, up to JPEG's rounding
+    if orientation == 6:  # stored top-left (red) shows at the top right, stored bottom-left (blue) top left
+        assert decoded[2, -3].tolist() == pytest.approx([255, 0, 0], abs=8)
+        assert decoded[2, 2].tolist() == pytest.approx([0, 0, 255], abs=8)
+
+
+def test_training_and_prediction_read_a_phone_photo_upright(tmp_path):
+    stored = quadrants()
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(stored, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    (tmp_path / "1.jpg").write_bytes(with_orientation(jpeg.tobytes(), 6))
+    loader = ImageLoader(find_images(str(tmp_path), labelled=False), np.arange(1), 16, 1)
+    pixels, _ = loader.batch(0, 0)  # the one path of train, evaluate and predict
+    loader.close()
+    upright = cv2.resize(np.rot90(stored, -1), (16, 16), interpolation=cv2.INTER_AREA)
+    assert np.abs(pixels[0] - upright).mean() < 4
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
