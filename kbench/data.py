@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import lzma
 import os
 import re
 import stat
 import threading
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -48,10 +50,16 @@ class ImageSet:
         return ImageReader(self.root)
 
 
+def _zip_key(name: str) -> str:
+    """A zip entry's key: old Windows tools wrote ``train\\cat.0.jpg`` for ``train/cat.0.jpg``."""
+    return name.replace("\\", "/")
+
+
 class ImageReader:
     """Reads raw bytes by key from a folder or a zip; each thread keeps its own zip handle. A folder's
     entry that is not a regular file (a FIFO, a device behind a symlink) raises OSError rather than
-    blocking or reading for ever."""
+    blocking or reading for ever; a damaged zip entry raises OSError too. A zip's keys are its entry
+    names with ``/`` for ``\\``."""
 
     def __init__(self, root: str):
         self.root = root
@@ -69,7 +77,11 @@ class ImageReader:
         archive = getattr(self._local, "archive", None)
         if archive is None:
             archive = self._local.archive = zipfile.ZipFile(self.root)
-        return archive.read(key)
+            self._local.names = {_zip_key(name): name for name in archive.namelist()}
+        try:
+            return archive.read(self._local.names.get(key, key))
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError) as error:  # a bad CRC, a corrupt stream
+            raise OSError(f"damaged zip entry: {error}") from None
 
 
 LAYOUTS = ("auto", "kaggle", "folders")
@@ -79,6 +91,10 @@ KAGGLE_NAME = re.compile(r"([^\W\d_][\w-]*)\.(\d+)\.[^.]+")
 UNIQUE_LABEL_CHECK_FROM = 10
 EXPECTED = "expected <folder>/<label>.<n>.jpg (Kaggle: train/cat.0.jpg) or one folder per class (<class>/<name>.jpg)"
 FORCE = "pass --layout kaggle|folders to force one"
+# What Python's zipfile decompresses; Windows may write Deflate64 (method 9), which it can't.
+READABLE_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA} | {
+    getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)
+}
 
 
 def _parts(key: str) -> list[str]:
@@ -143,19 +159,30 @@ def _list_files(path: str) -> list[tuple[str, int, str]]:
                 raise KbenchError(
                     f"{path}: unsafe entry {info.filename!r} (absolute or outside the archive); refusing the zip"
                 )
-            if info.filename in seen and not info.is_dir():
-                raise KbenchError(f"{path}: the zip holds two entries named {info.filename}")
-            seen.add(info.filename)
+            if _zip_key(info.filename) in seen and not info.is_dir():
+                raise KbenchError(f"{path}: the zip holds two entries named {_zip_key(info.filename)}")
+            seen.add(_zip_key(info.filename))
+        images = [info for info in entries if not info.is_dir() and _is_image_name(_zip_key(info.filename))]
+        for info in images:
+            if info.flag_bits & 1:
+                raise KbenchError(
+                    f"{path}: {info.filename} is encrypted; kbench reads zips without a password: extract it "
+                    "and give the folder"
+                )
+            if info.compress_type not in READABLE_COMPRESSION:
+                method = " (Deflate64)" if info.compress_type == 9 else ""
+                raise KbenchError(
+                    f"{path}: {info.filename} is compressed with method {info.compress_type}{method}, which "
+                    "Python's zipfile can't read: extract it and give the folder"
+                )
+        # a symlink stored in a zip (zip -y) holds its target's path, not an image
+        links = {info.filename for info in images if info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)}
         return sorted(
-            # a symlink stored in a zip (zip -y) holds its target's path, not an image
-            (
-                info.filename,
-                info.file_size,
-                "a symlink" if info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16) else "",
-            )
-            for info in entries
-            if not info.is_dir() and _is_image_name(info.filename)
+            (_zip_key(info.filename), info.file_size, "a symlink" if info.filename in links else "") for info in images
         )
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":
+            raise KbenchError(f"{path}: damaged or truncated zip file (its directory at the end is missing)")
     raise KbenchError(f"{path} is neither a folder nor a zip file")
 
 
@@ -290,6 +317,12 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
         skipped.append(key)
     if not kept:
         raise KbenchError(f"{path}: all {len(keys)} image files are empty or unreadable")
+    lost = sorted(set(names) - {names[i] for i in kept})
+    if lost:
+        raise KbenchError(
+            f"{path}: every image file of class {lost[0]!r} is empty or unreadable{_and_more(lost)}; a "
+            "classifier needs images of each class"
+        )
     labels = np.array([index[names[i]] for i in kept], dtype=np.int64)
     return ImageSet(path, [keys[i] for i in kept], labels, classes, kind, skipped)
 

@@ -288,3 +288,69 @@ def test_a_data_set_of_only_broken_links_is_one_line(tmp_path):
         os.symlink(str(tmp_path / "gone" / name), tmp_path / "data" / name)
     with pytest.raises(KbenchError, match=r"all 12 image files are empty or unreadable"):
         find_images(str(tmp_path / "data"))
+
+
+def damaged_zip(tmp_path, damage):
+    """A Kaggle train zip, then damaged: an encrypted entry, Deflate64 (as Windows may write), cut short."""
+    path = write_tree(tmp_path / "train.zip", [f"train/{name}" for name in KAGGLE])
+    data = bytearray(open(path, "rb").read())
+    local, central = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+    if damage == "encrypted":
+        data[local + 6] |= 1
+        data[central + 8] |= 1
+    elif damage == "deflate64":
+        data[local + 8 : local + 10] = data[central + 10 : central + 12] = (9).to_bytes(2, "little")
+    else:
+        data = data[: len(data) // 2]
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("encrypted", r"train/cat.0.jpg is encrypted; kbench reads zips without a password: extract it"),
+        ("deflate64", r"train/cat.0.jpg is compressed with method 9 \(Deflate64\), which Python's zipfile can't"),
+        ("truncated", r"damaged or truncated zip file"),
+    ],
+)
+def test_zips_python_cannot_read_are_refused_in_one_line(tmp_path, damage, message):
+    root = damaged_zip(tmp_path, damage)
+    for labelled in (True, False):
+        with pytest.raises(KbenchError, match=message):
+            find_images(root, labelled=labelled)
+
+
+def test_a_class_left_without_readable_images_is_refused(tmp_path):
+    root = write_tree(tmp_path / "data", [name for name in KAGGLE if name.startswith("cat")])
+    (tmp_path / "data" / "dog.0.jpg").write_bytes(b"")
+    os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "data" / "dog.1.jpg")
+    with pytest.raises(KbenchError, match=r"every image file of class 'dog' is empty or unreadable; a classifier"):
+        find_images(root)
+
+
+def test_zip_names_with_backslashes_read_as_folders(tmp_path):
+    with zipfile.ZipFile(tmp_path / "old.zip", "w") as archive:  # as old Windows tools wrote them
+        for index, name in enumerate(KAGGLE):
+            archive.writestr(f"train\\{name}", JPEG + bytes([index]))
+    images = find_images(str(tmp_path / "old.zip"))
+    assert images.layout == "kaggle" and images.keys == sorted(f"train/{name}" for name in KAGGLE)
+    assert images.reader().read("train/dog.5.jpg") == JPEG + bytes([KAGGLE.index("dog.5.jpg")])
+    assert find_images(str(tmp_path / "old.zip"), labelled=False).keys == images.keys
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_damaged_zip_entry_is_an_unreadable_image(tmp_path, method):
+    with zipfile.ZipFile(tmp_path / "train.zip", "w", compression=method) as archive:
+        for name in KAGGLE:
+            archive.writestr(f"train/{name}", JPEG)
+    data = bytearray((tmp_path / "train.zip").read_bytes())
+    start = data.find(b"PK\x03\x04") + 30 + len("train/cat.0.jpg") + 40  # inside the first entry's data
+    data[start : start + 40] = bytes(byte ^ 0x5A for byte in data[start : start + 40])
+    (tmp_path / "train.zip").write_bytes(bytes(data))
+    images = find_images(str(tmp_path / "train.zip"))
+    with pytest.raises(OSError, match="damaged zip entry|Invalid data stream"):  # bz2 says the latter itself
+        images.reader().read("train/cat.0.jpg")
+    loader = ImageLoader(images, np.arange(len(images)), 16, 4)
+    assert sum(len(labels) for _, labels in loader) == len(KAGGLE) - 1
+    assert [images.keys[i] for i in loader.bad] == ["train/cat.0.jpg"]
