@@ -20,6 +20,9 @@ log = logging.getLogger("kbench")
 
 # Decoding and resizing run on our own threads; OpenCV's internal ones would only compete with them.
 cv2.setNumThreads(1)
+# An image OpenCV can't decode is reported once, by name, as a kbench warning; OpenCV's own lines
+# ("[ WARN:0@5.6] ... PNG input buffer is incomplete") would only repeat it without the name.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class BadImage(ValueError):
@@ -37,7 +40,10 @@ def decode_image(data: bytes) -> np.ndarray:
         raise BadImage("truncated JPEG")
     # IMREAD_UNCHANGED would ignore the EXIF orientation; ANYCOLOR | ANYDEPTH applies it and keeps
     # gray and 16-bit images as they are, dropping only an alpha channel (kbench drops it anyway)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error as error:  # e.g. a header claiming more than OpenCV's 2^30 pixels
+        raise BadImage(f"OpenCV refused it: {error.err}") from None
     if image is None or image.size == 0:
         raise BadImage("not a decodable image")
     if image.dtype == np.uint16:

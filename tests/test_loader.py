@@ -4,6 +4,7 @@ import logging
 import os
 import struct
 import threading
+import zlib
 
 import cv2
 import numpy as np
@@ -177,3 +178,22 @@ def test_dangling_symlinks_are_skipped_in_training_and_uniform_in_prediction(tmp
     rows = (tmp_path / "submission.csv").read_text().splitlines()
     assert result["skipped"] == 1 and result["predicted"] == 4 and len(rows) == 6
     assert rows[-1] == "5,0.500000" and all(row != "5,0.500000" for row in rows[1:-1])
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels over a few bytes of data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def test_oversized_and_truncated_images_are_one_quiet_line(capfd):
+    with pytest.raises(BadImage, match=r"^OpenCV refused it: pixels <= CV_IO_MAX_IMAGE_PIXELS$"):
+        decode_image(png_claiming(40000, 40000))  # 1.6 Gpx: a decompression bomb
+    png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    with pytest.raises(BadImage, match="not a decodable image"):
+        decode_image(png[: len(png) // 2])
+    assert capfd.readouterr().err == ""  # OpenCV's own "[ WARN ...]" lines stay off the terminal
