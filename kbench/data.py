@@ -9,11 +9,15 @@ is "dog" and a binary model's output is P(dog).
 
 from __future__ import annotations
 
+import errno
 import logging
+import lzma
 import os
 import re
+import stat
 import threading
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,7 +34,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 class ImageSet:
     """Image files found under ``root``. ``keys`` are paths relative to the folder or zip members;
     ``labels[i]`` indexes ``classes`` (-1 when the set is unlabelled). ``skipped``: image files left
-    out of ``keys`` (empty files of a labelled set)."""
+    out of ``keys`` (empty or unreadable files of a labelled set: dangling symlinks, symlink loops)."""
 
     root: str
     keys: list[str]
@@ -46,8 +50,16 @@ class ImageSet:
         return ImageReader(self.root)
 
 
+def _zip_key(name: str) -> str:
+    """A zip entry's key: old Windows tools wrote ``train\\cat.0.jpg`` for ``train/cat.0.jpg``."""
+    return name.replace("\\", "/")
+
+
 class ImageReader:
-    """Reads raw bytes by key from a folder or a zip; each thread keeps its own zip handle."""
+    """Reads raw bytes by key from a folder or a zip; each thread keeps its own zip handle. A folder's
+    entry that is not a regular file (a FIFO, a device behind a symlink) raises OSError rather than
+    blocking or reading for ever; a damaged zip entry raises OSError too. A zip's keys are its entry
+    names with ``/`` for ``\\``."""
 
     def __init__(self, root: str):
         self.root = root
@@ -56,12 +68,20 @@ class ImageReader:
 
     def read(self, key: str) -> bytes:
         if not self._zip:
-            with open(os.path.join(self.root, key), "rb") as handle:
+            # O_NONBLOCK: opening a FIFO named x.jpg would otherwise wait for a writer
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+            with open(os.open(os.path.join(self.root, key), flags), "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise OSError(f"{key} is not a regular file")
                 return handle.read()
         archive = getattr(self._local, "archive", None)
         if archive is None:
             archive = self._local.archive = zipfile.ZipFile(self.root)
-        return archive.read(key)
+            self._local.names = {_zip_key(name): name for name in archive.namelist()}
+        try:
+            return archive.read(self._local.names.get(key, key))
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError) as error:  # a bad CRC, a corrupt stream
+            raise OSError(f"damaged zip entry: {error}") from None
 
 
 LAYOUTS = ("auto", "kaggle", "folders")
@@ -71,6 +91,10 @@ KAGGLE_NAME = re.compile(r"([^\W\d_][\w-]*)\.(\d+)\.[^.]+")
 UNIQUE_LABEL_CHECK_FROM = 10
 EXPECTED = "expected <folder>/<label>.<n>.jpg (Kaggle: train/cat.0.jpg) or one folder per class (<class>/<name>.jpg)"
 FORCE = "pass --layout kaggle|folders to force one"
+# What Python's zipfile decompresses; Windows may write Deflate64 (method 9), which it can't.
+READABLE_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA} | {
+    getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)
+}
 
 
 def _parts(key: str) -> list[str]:
@@ -93,8 +117,23 @@ def _unsafe_zip_name(name: str) -> bool:
     return normal.startswith("/") or re.match(r"[A-Za-z]:", normal) is not None or ".." in normal.split("/")
 
 
-def _list_files(path: str) -> list[tuple[str, int]]:
-    """(key, size in bytes) of every image file under a folder or in a zip, sorted by key."""
+def _file_size(full: str) -> tuple[int, str]:
+    """(size in bytes, why the file can't be read or ""): a dangling symlink or a symlink loop is
+    listed (it has an image's name) but unreadable, as is anything that is not a regular file."""
+    try:
+        status = os.stat(full)
+    except OSError as error:
+        if os.path.islink(full):
+            return 0, "a symlink loop" if error.errno == errno.ELOOP else "a dangling symlink"
+        return 0, error.strerror or str(error)
+    if not stat.S_ISREG(status.st_mode):
+        return 0, "not a regular file"
+    return status.st_size, ""
+
+
+def _list_files(path: str) -> list[tuple[str, int, str]]:
+    """(key, size in bytes, why it is unreadable or "") of every image file under a folder or in a
+    zip, sorted by key."""
     if os.path.isdir(path):
         found, seen = [], {os.path.realpath(path)}
         for folder, dirs, files in os.walk(path, followlinks=True):  # class folders may be symlinks
@@ -106,7 +145,7 @@ def _list_files(path: str) -> list[tuple[str, int]]:
                 full = os.path.join(folder, name)
                 key = os.path.relpath(full, path).replace(os.sep, "/")
                 if _is_image_name(key):
-                    found.append((key, os.path.getsize(full)))
+                    found.append((key, *_file_size(full)))
         return sorted(found)
     if zipfile.is_zipfile(path):
         try:
@@ -120,12 +159,30 @@ def _list_files(path: str) -> list[tuple[str, int]]:
                 raise KbenchError(
                     f"{path}: unsafe entry {info.filename!r} (absolute or outside the archive); refusing the zip"
                 )
-            if info.filename in seen and not info.is_dir():
-                raise KbenchError(f"{path}: the zip holds two entries named {info.filename}")
-            seen.add(info.filename)
+            if _zip_key(info.filename) in seen and not info.is_dir():
+                raise KbenchError(f"{path}: the zip holds two entries named {_zip_key(info.filename)}")
+            seen.add(_zip_key(info.filename))
+        images = [info for info in entries if not info.is_dir() and _is_image_name(_zip_key(info.filename))]
+        for info in images:
+            if info.flag_bits & 1:
+                raise KbenchError(
+                    f"{path}: {info.filename} is encrypted; kbench reads zips without a password: extract it "
+                    "and give the folder"
+                )
+            if info.compress_type not in READABLE_COMPRESSION:
+                method = " (Deflate64)" if info.compress_type == 9 else ""
+                raise KbenchError(
+                    f"{path}: {info.filename} is compressed with method {info.compress_type}{method}, which "
+                    "Python's zipfile can't read: extract it and give the folder"
+                )
+        # a symlink stored in a zip (zip -y) holds its target's path, not an image
+        links = {info.filename for info in images if info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)}
         return sorted(
-            (info.filename, info.file_size) for info in entries if not info.is_dir() and _is_image_name(info.filename)
+            (_zip_key(info.filename), info.file_size, "a symlink" if info.filename in links else "") for info in images
         )
+    with open(path, "rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":
+            raise KbenchError(f"{path}: damaged or truncated zip file (its directory at the end is missing)")
     raise KbenchError(f"{path} is neither a folder nor a zip file")
 
 
@@ -210,9 +267,11 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
     Hidden files and folders and ``__MACOSX`` are ignored; a zip entry naming a path outside the
     archive refuses the zip. A labelled set needs two classes, and (auto, more than
     UNIQUE_LABEL_CHECK_FROM images) no more distinct labels than half its images: mostly unique
-    labels are names, not classes. Empty files are left out (``skipped``) of a labelled set.
+    labels are names, not classes. Empty files are left out (``skipped``) of a labelled set, as are
+    unreadable ones (a dangling symlink, a symlink loop), each named in a warning.
 
-    With ``labelled=False`` (a test set) every image is kept, empty files included, and labels are -1.
+    With ``labelled=False`` (a test set) every image is kept, empty and unreadable files included (the
+    loader fails on them and prediction gives them the uniform row), and labels are -1.
     Every refusal is a one-line KbenchError that says what was found and what is accepted.
     """
     if layout not in LAYOUTS:
@@ -225,7 +284,7 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}; expected train/cat.N.jpg "
             "files (Kaggle layout) or one folder per class"
         )
-    keys = [key for key, _ in files]
+    keys = [key for key, _, _ in files]
     if not labelled:
         return ImageSet(path, keys, np.full(len(keys), -1, dtype=np.int64), [], "unlabelled")
 
@@ -246,13 +305,24 @@ def find_images(path: str, labelled: bool = True, layout: str = "auto") -> Image
             f"labels this unique are names, not classes; {EXPECTED}; {FORCE}"
         )
     index = {name: i for i, name in enumerate(classes)}
-    sizes = [size for _, size in files]
-    skipped = [key for key, size in zip(keys, sizes) if size == 0]
-    for key in skipped:
-        log.warning("skipped empty image file %s", key)
-    kept = [i for i, size in enumerate(sizes) if size > 0]
+    kept, skipped = [], []
+    for i, (key, size, problem) in enumerate(files):
+        if problem:
+            log.warning("skipped unreadable image file %s (%s)", key, problem)
+        elif size == 0:
+            log.warning("skipped empty image file %s", key)
+        else:
+            kept.append(i)
+            continue
+        skipped.append(key)
     if not kept:
-        raise KbenchError(f"{path}: all {len(keys)} image files are empty")
+        raise KbenchError(f"{path}: all {len(keys)} image files are empty or unreadable")
+    lost = sorted(set(names) - {names[i] for i in kept})
+    if lost:
+        raise KbenchError(
+            f"{path}: every image file of class {lost[0]!r} is empty or unreadable{_and_more(lost)}; a "
+            "classifier needs images of each class"
+        )
     labels = np.array([index[names[i]] for i in kept], dtype=np.int64)
     return ImageSet(path, [keys[i] for i in kept], labels, classes, kind, skipped)
 

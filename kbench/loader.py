@@ -20,6 +20,9 @@ log = logging.getLogger("kbench")
 
 # Decoding and resizing run on our own threads; OpenCV's internal ones would only compete with them.
 cv2.setNumThreads(1)
+# An image OpenCV can't decode is reported once, by name, as a kbench warning; OpenCV's own lines
+# ("[ WARN:0@5.6] ... PNG input buffer is incomplete") would only repeat it without the name.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class BadImage(ValueError):
@@ -27,14 +30,20 @@ class BadImage(ValueError):
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Bytes of an image file -> RGB uint8 array (H, W, 3). Grayscale, alpha and 16-bit images are
-    converted; anything undecodable or truncated raises BadImage."""
+    """Bytes of an image file -> RGB uint8 array (H, W, 3), turned upright by its EXIF orientation as
+    image viewers and ``cv2.imread`` show it (a phone's portrait photo is taller than wide).
+    Grayscale, alpha and 16-bit images are converted; anything undecodable or truncated raises BadImage."""
     if not data:
         raise BadImage("empty file")
     # libjpeg fills a truncated JPEG with grey and only warns; its end-of-image marker tells.
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
         raise BadImage("truncated JPEG")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # IMREAD_UNCHANGED would ignore the EXIF orientation; ANYCOLOR | ANYDEPTH applies it and keeps
+    # gray and 16-bit images as they are, dropping only an alpha channel (kbench drops it anyway)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error as error:  # e.g. a header claiming more than OpenCV's 2^30 pixels
+        raise BadImage(f"OpenCV refused it: {error.err}") from None
     if image is None or image.size == 0:
         raise BadImage("not a decodable image")
     if image.dtype == np.uint16:
@@ -43,8 +52,6 @@ def decode_image(data: bytes) -> np.ndarray:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if image.ndim == 2 or image.shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

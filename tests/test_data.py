@@ -1,6 +1,8 @@
+import logging
 import os
 import re
 import shutil
+import stat
 import zipfile
 
 import numpy as np
@@ -238,3 +240,119 @@ def test_train_refuses_a_test_set_through_the_cli(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kbench: error: ") and "29 images in one folder" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def write_links(root):
+    """A dangling symlink, a loop of two symlinks and a folder symlinked to itself among the images."""
+    os.symlink(os.path.join(str(root), "missing", "x.jpg"), os.path.join(root, "dog.90.jpg"))
+    os.symlink("cat.92.jpg", os.path.join(root, "cat.91.jpg"))
+    os.symlink("cat.91.jpg", os.path.join(root, "cat.92.jpg"))
+    os.symlink(".", os.path.join(root, "again"))
+
+
+def write_zip_with_links(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in KAGGLE:
+            archive.writestr(f"train/{name}", JPEG)
+        links = {"dog.90.jpg": "../missing/x.jpg", "cat.91.jpg": "cat.92.jpg", "cat.92.jpg": "cat.91.jpg"}
+        for name, target in links.items():
+            info = zipfile.ZipInfo(f"train/{name}")
+            info.create_system = 3  # Unix, as `zip -y` writes a symlink
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, target)
+    return str(path)
+
+
+@pytest.mark.parametrize("where", ["folder", "symlinked folder", "zip"])
+def test_dangling_symlinks_and_loops_are_skipped_by_name(tmp_path, caplog, where):
+    if where == "zip":
+        root, prefix = write_zip_with_links(tmp_path / "data.zip"), "train/"
+    else:
+        root, prefix = write_tree(tmp_path / "data", KAGGLE), ""
+        write_links(root)
+        if where == "symlinked folder":
+            os.symlink(root, tmp_path / "link")
+            root = str(tmp_path / "link")
+    links = [f"{prefix}{name}" for name in ("cat.91.jpg", "cat.92.jpg", "dog.90.jpg")]
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        images = find_images(root)
+    assert images.layout == "kaggle" and images.keys == [prefix + name for name in sorted(KAGGLE)]
+    assert images.skipped == links and len(images.labels) == len(KAGGLE)
+    reasons = {"folder": ("a symlink loop", "a symlink loop", "a dangling symlink"), "zip": ("a symlink",) * 3}
+    for link, reason in zip(links, reasons["zip" if where == "zip" else "folder"]):
+        assert f"skipped unreadable image file {link} ({reason})" in caplog.text
+    assert find_images(root, labelled=False).keys == sorted(images.keys + links)  # a test set keeps them
+
+
+def test_a_data_set_of_only_broken_links_is_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in KAGGLE:
+        os.symlink(str(tmp_path / "gone" / name), tmp_path / "data" / name)
+    with pytest.raises(KbenchError, match=r"all 12 image files are empty or unreadable"):
+        find_images(str(tmp_path / "data"))
+
+
+def damaged_zip(tmp_path, damage):
+    """A Kaggle train zip, then damaged: an encrypted entry, Deflate64 (as Windows may write), cut short."""
+    path = write_tree(tmp_path / "train.zip", [f"train/{name}" for name in KAGGLE])
+    data = bytearray(open(path, "rb").read())
+    local, central = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+    if damage == "encrypted":
+        data[local + 6] |= 1
+        data[central + 8] |= 1
+    elif damage == "deflate64":
+        data[local + 8 : local + 10] = data[central + 10 : central + 12] = (9).to_bytes(2, "little")
+    else:
+        data = data[: len(data) // 2]
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("encrypted", r"train/cat.0.jpg is encrypted; kbench reads zips without a password: extract it"),
+        ("deflate64", r"train/cat.0.jpg is compressed with method 9 \(Deflate64\), which Python's zipfile can't"),
+        ("truncated", r"damaged or truncated zip file"),
+    ],
+)
+def test_zips_python_cannot_read_are_refused_in_one_line(tmp_path, damage, message):
+    root = damaged_zip(tmp_path, damage)
+    for labelled in (True, False):
+        with pytest.raises(KbenchError, match=message):
+            find_images(root, labelled=labelled)
+
+
+def test_a_class_left_without_readable_images_is_refused(tmp_path):
+    root = write_tree(tmp_path / "data", [name for name in KAGGLE if name.startswith("cat")])
+    (tmp_path / "data" / "dog.0.jpg").write_bytes(b"")
+    os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "data" / "dog.1.jpg")
+    with pytest.raises(KbenchError, match=r"every image file of class 'dog' is empty or unreadable; a classifier"):
+        find_images(root)
+
+
+def test_zip_names_with_backslashes_read_as_folders(tmp_path):
+    with zipfile.ZipFile(tmp_path / "old.zip", "w") as archive:  # as old Windows tools wrote them
+        for index, name in enumerate(KAGGLE):
+            archive.writestr(f"train\\{name}", JPEG + bytes([index]))
+    images = find_images(str(tmp_path / "old.zip"))
+    assert images.layout == "kaggle" and images.keys == sorted(f"train/{name}" for name in KAGGLE)
+    assert images.reader().read("train/dog.5.jpg") == JPEG + bytes([KAGGLE.index("dog.5.jpg")])
+    assert find_images(str(tmp_path / "old.zip"), labelled=False).keys == images.keys
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_damaged_zip_entry_is_an_unreadable_image(tmp_path, method):
+    with zipfile.ZipFile(tmp_path / "train.zip", "w", compression=method) as archive:
+        for name in KAGGLE:
+            archive.writestr(f"train/{name}", JPEG)
+    data = bytearray((tmp_path / "train.zip").read_bytes())
+    start = data.find(b"PK\x03\x04") + 30 + len("train/cat.0.jpg") + 40  # inside the first entry's data
+    data[start : start + 40] = bytes(byte ^ 0x5A for byte in data[start : start + 40])
+    (tmp_path / "train.zip").write_bytes(bytes(data))
+    images = find_images(str(tmp_path / "train.zip"))
+    with pytest.raises(OSError, match="damaged zip entry|Invalid data stream"):  # bz2 says the latter itself
+        images.reader().read("train/cat.0.jpg")
+    loader = ImageLoader(images, np.arange(len(images)), 16, 4)
+    assert sum(len(labels) for _, labels in loader) == len(KAGGLE) - 1
+    assert [images.keys[i] for i in loader.bad] == ["train/cat.0.jpg"]

@@ -1,6 +1,10 @@
 """How images are read: decoding, augmentation and the batching ImageLoader (kbench.loader)."""
 
 import logging
+import os
+import struct
+import threading
+import zlib
 
 import cv2
 import numpy as np
@@ -76,3 +80,122 @@ def test_loader_skips_unreadable_files_with_a_warning(tmp_path, caplog):
     assert seen == 12
     assert sorted(images.keys[i] for i in loader.bad) == ["cat.91.jpg", "dog.90.jpg"]
     assert "dog.90.jpg" in caplog.text and "cat.92.jpg" in caplog.text
+
+
+def with_orientation(jpeg: bytes, orientation: int, byte_order: str = "MM") -> bytes:
+    """``jpeg`` with an EXIF APP1 segment right after SOI whose IFD0 holds only Orientation (0x0112)."""
+    e = ">" if byte_order == "MM" else "<"
+    tiff = byte_order.encode() + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1)
+    tiff += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0)
+    payload = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+# What EXIF orientation N asks a viewer to do with the stored pixels to show them upright.
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # the phone was held upright: turn 90° clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def quadrants(height: int = 32, width: int = 48) -> np.ndarray:
+    """RGB with four differently coloured quadrants: every one of the eight orientations looks different."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    image[height // 2 :, : width // 2] = (0, 0, 255)
+    image[height // 2 :, width // 2 :] = (255, 255, 255)
+    return image
+
+
+@pytest.mark.parametrize("byte_order", ["MM", "II"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_applies_the_exif_orientation(orientation, byte_order):
+    stored = quadrants()  # 32 high, 48 wide as stored, like a phone's sensor
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(stored, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    decoded = decode_image(with_orientation(jpeg.tobytes(), orientation, byte_order))
+    upright = UPRIGHT[orientation](stored)
+    assert decoded.shape == upright.shape == ((48, 32, 3) if orientation >= 5 else (32, 48, 3))
+    assert np.abs(decoded.astype(int) - upright).mean() < 4  # pixels in place, up to JPEG's rounding
+    if orientation == 6:  # stored top-left (red) shows at the top right, stored bottom-left (blue) top left
+        assert decoded[2, -3].tolist() == pytest.approx([255, 0, 0], abs=8)
+        assert decoded[2, 2].tolist() == pytest.approx([0, 0, 255], abs=8)
+
+
+def test_training_and_prediction_read_a_phone_photo_upright(tmp_path):
+    stored = quadrants()
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(stored, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    (tmp_path / "1.jpg").write_bytes(with_orientation(jpeg.tobytes(), 6))
+    loader = ImageLoader(find_images(str(tmp_path), labelled=False), np.arange(1), 16, 1)
+    pixels, _ = loader.batch(0, 0)  # the one path of train, evaluate and predict
+    loader.close()
+    upright = cv2.resize(np.rot90(stored, -1), (16, 16), interpolation=cv2.INTER_AREA)
+    assert np.abs(pixels[0] - upright).mean() < 4
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "1.jpg")
+    (tmp_path / "2.jpg").write_bytes(encode_jpeg(make_image(0, 16, np.random.default_rng(0))))
+    images = find_images(str(tmp_path), labelled=False)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(read=list(ImageLoader(images, np.arange(2), 16, 2))))
+    worker.daemon = True  # on a regression it stays blocked in open(); the test fails instead of hanging
+    worker.start()
+    worker.join(30)
+    assert "read" in result, "reading a FIFO blocked"
+    assert [len(pixels) for pixels, _ in result["read"]] == [1]
+
+
+def test_dangling_symlinks_are_skipped_in_training_and_uniform_in_prediction(tmp_path, caplog):
+    from kbench.submission import predict_test_set
+    from kbench.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    for index in range(8):
+        for label, name in enumerate(("cat", "dog")):
+            (tmp_path / "train" / f"{name}.{index}.jpg").write_bytes(encode_jpeg(make_image(label, 32, rng)))
+    for index in range(1, 5):
+        (tmp_path / "test" / f"{index}.jpg").write_bytes(encode_jpeg(make_image(index % 2, 32, rng)))
+    os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "train" / "dog.99.jpg")
+    os.symlink("cat.98.jpg", tmp_path / "train" / "cat.98.jpg")  # a link to itself: a loop
+    os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "test" / "5.jpg")
+    config = TrainConfig(
+        backbone="small_cnn", data=str(tmp_path / "train"), run_dir=str(tmp_path / "run"), epochs=1, image_size=32
+    )
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        record = train(config, verbose=0)
+    assert record["skipped_images"] == ["cat.98.jpg", "dog.99.jpg"]
+    assert record["train_images"] + record["val_images"] == 16
+    assert "dog.99.jpg (a dangling symlink)" in caplog.text and "cat.98.jpg (a symlink loop)" in caplog.text
+    result = predict_test_set(str(tmp_path / "run"), str(tmp_path / "test"), str(tmp_path / "submission.csv"))
+    rows = (tmp_path / "submission.csv").read_text().splitlines()
+    assert result["skipped"] == 1 and result["predicted"] == 4 and len(rows) == 6
+    assert rows[-1] == "5,0.500000" and all(row != "5,0.500000" for row in rows[1:-1])
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels over a few bytes of data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def test_oversized_and_truncated_images_are_one_quiet_line(capfd):
+    with pytest.raises(BadImage, match=r"^OpenCV refused it: pixels <= CV_IO_MAX_IMAGE_PIXELS$"):
+        decode_image(png_claiming(40000, 40000))  # 1.6 Gpx: a decompression bomb
+    png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    with pytest.raises(BadImage, match="not a decodable image"):
+        decode_image(png[: len(png) // 2])
+    assert capfd.readouterr().err == ""  # OpenCV's own "[ WARN ...]" lines stay off the terminal
