@@ -53,7 +53,8 @@ def main() -> None:
     import keras
 
     from kbench.synthetic import write_kaggle_dataset
-    from kbench.train import TrainConfig, train
+    from kbench.train import train
+    from kbench.trainconfig import TrainConfig
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kbench-recipe-") as scratch:

@@ -22,7 +22,7 @@ from kbench.errors import KbenchError
 from kbench.executors import ExecutorConfig as _X
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
-from kbench.train import TrainConfig as _T
+from kbench.trainconfig import TrainConfig as _T
 
 
 @click.group(cls=opt.Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -74,8 +74,8 @@ def train(resume, quiet, run_dir, overwrite, **options):
     Ctrl-C saves a checkpoint; `--resume` continues it.
     """
     from kbench.report import train_summary
-    from kbench.train import TrainConfig, resume_config
     from kbench.train import train as train_run
+    from kbench.trainconfig import TrainConfig, resume_config
 
     given = {name: value for name, value in options.items() if value is not None}
     if resume:

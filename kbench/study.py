@@ -43,7 +43,7 @@ from kbench.runs import (
     folder_lock,
 )
 from kbench.submission import SubmissionConfig
-from kbench.train import TrainConfig
+from kbench.trainconfig import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -7,7 +7,8 @@ import pytest
 from kbench.ensemble import EnsembleConfig, train_ensemble
 from kbench.errors import KbenchError
 from kbench.export import export_onnx
-from kbench.train import TrainConfig, train
+from kbench.train import train
+from kbench.trainconfig import TrainConfig
 
 from conftest import BACKEND, run_cli
 

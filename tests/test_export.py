@@ -12,7 +12,8 @@ from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor
 from kbench.errors import KbenchError
 from kbench.export import export_onnx, read_metadata
 from kbench.settle import calibrate_batch_norm, settle_random_weights
-from kbench.train import TrainConfig, train
+from kbench.train import train
+from kbench.trainconfig import TrainConfig
 
 from conftest import BACKEND, run_cli
 

@@ -11,8 +11,10 @@ import pytest
 
 from kbench.backbones import HEAD_LAYER, build_classifier, get_backbone
 from kbench.errors import KbenchError, TrainingInterrupted
+from kbench.recipe import scheduled_lr
 from kbench.runs import Run
-from kbench.train import TrainConfig, resume_config, scheduled_lr, train
+from kbench.train import train
+from kbench.trainconfig import TrainConfig, resume_config
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +212,23 @@ def test_label_smoothing_records_the_true_log_loss(kaggle_data, tmp_path):
     best = int(np.argmin([float(row["val_log_loss"]) for row in rows])) + 1
     assert result["best_epoch"] == best
     assert result["recipe"]["optimizer"] == "adamw" and result["recipe"]["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("schedule, warmup_epochs", [("constant", 1), ("cosine", 0), ("cosine", 2)])
+def test_the_keras_schedule_is_the_formula_scheduled_lr_computes(schedule, warmup_epochs, kaggle_data, tmp_path):
+    """One formula: the optimizer's schedule (keras ops, float32) and scheduled_lr (numpy) agree at every
+    step, from any epoch a phase starts at, and the schedule reloads under its registered name."""
+    import keras
+
+    from kbench.recipe import schedule_class
+
+    config = _config(kaggle_data, tmp_path, epochs=4, schedule=schedule, warmup_epochs=warmup_epochs)
+    steps = 7
+    schedule_fn = schedule_class()(config.lr, warmup_epochs * steps, 4 * steps, schedule == "cosine", 2 * steps)
+    serialised = keras.saving.serialize_keras_object(schedule_fn)
+    assert serialised["registered_name"] == "kbench>WarmupSchedule"  # what existing checkpoints name
+    reloaded = keras.saving.deserialize_keras_object(serialised, safe_mode=True)
+    for step in range(2 * steps):  # optimizer steps of a phase that began with epoch 3
+        expected = scheduled_lr(config, 2 * steps + step, steps)
+        for schedule_of in (schedule_fn, reloaded):
+            assert float(keras.ops.convert_to_numpy(schedule_of(step))) == pytest.approx(expected, rel=1e-6, abs=1e-8)

@@ -158,7 +158,8 @@ def test_without_a_folder_the_report_has_plain_names_and_no_front_without_timing
 @pytest.fixture(scope="module")
 def two_runs(kaggle_data, tmp_path_factory):
     """Two small_cnn runs trained by hand (no study); the first one timed, as a study leaves it."""
-    from kbench.train import TrainConfig, train
+    from kbench.train import train
+    from kbench.trainconfig import TrainConfig
 
     root = tmp_path_factory.mktemp("runs")
     paths = []

@@ -9,7 +9,8 @@ import pytest
 from kbench.errors import KbenchError
 from kbench.submission import apply_temperature, fit_temperature, predict_test_set, score_submission
 from kbench.synthetic import encode_jpeg, make_image
-from kbench.train import TrainConfig, train
+from kbench.train import train
+from kbench.trainconfig import TrainConfig
 
 from conftest import BACKEND, run_cli
 

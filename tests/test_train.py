@@ -11,7 +11,8 @@ import pytest
 
 from kbench.backbones import build_classifier, get_backbone
 from kbench.errors import KbenchError
-from kbench.train import TrainConfig, train
+from kbench.train import train
+from kbench.trainconfig import TrainConfig
 
 from conftest import BACKEND, REPO, run_cli
 
@@ -235,7 +236,7 @@ def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path):
         backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24, epochs=3, lr=2e-3
     ).resolved()
     (run_dir / "config.json").write_text(json.dumps(config.record()))
-    from kbench.train import resume_config
+    from kbench.trainconfig import resume_config
 
     assert resume_config(str(run_dir), {"epochs": 5, "lr": 2e-3}).epochs == 5  # same value: fine
     with pytest.raises(KbenchError, match="--lr 0.01 differs from the recorded 0.002 and would be ignored"):
@@ -250,7 +251,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(kaggle_data, tmp_path,
     function of (seed, epoch), not of a process's random state."""
     from kbench.errors import TrainingInterrupted
     from kbench.runs import Run
-    from kbench.train import resume_config
+    from kbench.trainconfig import resume_config
 
     def config(name):
         return TrainConfig(
