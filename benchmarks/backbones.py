@@ -88,18 +88,15 @@ MEMORY_WORDS = ("out of memory", "resourceexhausted", "oom", "bad_alloc", "memor
 
 
 def timed_calls(run, pixels, budget_seconds: float) -> list[float]:
-    """Milliseconds of each timed call, after one untimed warm-up."""
-    run(pixels)
-    timings: list[float] = []
-    began = time.perf_counter()
-    while len(timings) < 30:
-        start = time.perf_counter()
-        run(pixels)
-        timings.append((time.perf_counter() - start) * 1000)
-        elapsed = time.perf_counter() - began
-        if (len(timings) >= 3 and elapsed >= 2) or elapsed >= budget_seconds:
-            break
-    return timings
+    """Milliseconds of each timed call (at most 30), after one untimed warm-up: at least 3 and 2 s of
+    them, or ``budget_seconds`` of them."""
+    from kbench import timing
+
+    def spent(timings: list[float]) -> bool:
+        seconds = sum(timings) / 1000
+        return (len(timings) >= 3 and seconds >= 2) or seconds >= budget_seconds
+
+    return timing.time_calls(lambda: run(pixels), 30, warmup=1, stop=spent)
 
 
 def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budget_seconds: float) -> dict:

@@ -65,6 +65,8 @@ def time_steps(backbone: str, image_size: int, batch_size: int, steps: int, max_
     import keras
     import numpy as np
 
+    from kbench import timing
+
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = build_model(backbone, image_size)
@@ -72,16 +74,13 @@ def time_steps(backbone: str, image_size: int, batch_size: int, steps: int, max_
     rng = np.random.default_rng(0)
     pixels = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
     labels = rng.integers(0, 2, (batch_size, 1)).astype("float32")
-    start = time.perf_counter()
-    model.train_on_batch(pixels, labels)  # compiles; the returned loss waits for the step to finish
-    first_seconds = time.perf_counter() - start
-    step_ms = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model.train_on_batch(pixels, labels)
-        step_ms.append((time.perf_counter() - start) * 1000)
-        if step_ms[-1] > max_step_seconds * 1000:
-            break
+
+    def step():
+        return model.train_on_batch(pixels, labels)  # the returned loss waits for the step to finish
+
+    (first_ms,) = timing.time_calls(step, 1)  # compiles
+    step_ms = timing.time_calls(step, steps, stop=lambda timings: timings[-1] > max_step_seconds * 1000)
+    first_seconds = first_ms / 1000
     return {
         "first_step_s": round(first_seconds, 1),
         "step_ms": [round(ms, 1) for ms in step_ms],

@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -111,33 +110,27 @@ def session(path: str, settings: dict | None = None):
 
 def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dict[str, float]:
     """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
-    (one untimed warm-up call first). Rounds come in pairs: an order, then the same order reversed, the
-    order rotated by one from pair to pair. In every pair each variant's mean position is the same, so a
-    linear drift across a pair (the machine warming, another process starting) reaches all variants alike;
-    ``record.even_repeats`` makes the count even.
+    (one untimed warm-up call first), by ``kbench.timing.interleaved``. Rounds come in pairs: an order,
+    then the same order reversed, the order rotated by one from pair to pair. In every pair each variant's
+    mean position is the same, so a linear drift across a pair (the machine warming, another process
+    starting) reaches all variants alike; ``record.even_repeats`` makes the count even.
     A variant given as a file path, or a (path, settings) pair, instead of a session is opened for its
     turn and closed after it, so that one session at a time holds memory (``--one-session``: big models at
     big batches); its warm-up call then also pays for that session's first allocations, outside the
     timings."""
-    timings = {name: [] for name in sessions}
-    names = list(sessions)
-    for name in names:  # warm-up outside the timings
-        if not _unopened(sessions[name]):
-            sessions[name].run(None, feeds[name])
-    for round_index in range(repeats):
-        shift = (round_index // 2) % len(names)
-        order = names[shift:] + names[:shift]
-        for name in order[::-1] if round_index % 2 else order:
-            current, feed = sessions[name], feeds[name]
-            if _unopened(current):
-                current = session(*current) if isinstance(current, tuple) else session(current)
-            current.run(None, feed)
-            for _ in range(runs):
-                start = time.perf_counter()
-                current.run(None, feed)
-                timings[name].append((time.perf_counter() - start) * 1000)
-            del current
-    return {name: float(np.median(values)) for name, values in timings.items()}
+    from kbench import timing
+
+    calls = {name: (name, current) for name, current in sessions.items()}
+
+    def open_block(variant):
+        name, current = variant
+        if _unopened(current):
+            current = session(*current) if isinstance(current, tuple) else session(current)
+        return lambda: current.run(None, feeds[name])
+
+    opened = not any(_unopened(current) for current in sessions.values())
+    timings = timing.interleaved(calls, repeats, runs, warmup=1 if opened else 0, open_block=open_block)
+    return timing.medians(timings)
 
 
 def _unopened(variant) -> bool:

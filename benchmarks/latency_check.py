@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,20 +30,14 @@ def bare_loop(onnx_path: str, runs: int, warmup: int) -> list[float]:
     """Milliseconds of each ``session.run`` on the same pixels kbench times, nothing around it."""
     import onnxruntime
 
+    from kbench import timing
     from kbench.latency import sample_pixels
 
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     shape = session.get_inputs()[0].shape
     pixels = sample_pixels(1, (int(shape[1]), int(shape[2])))
-    for _ in range(warmup):
-        session.run(None, {name: pixels})
-    timings = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {name: pixels})
-        timings.append((time.perf_counter() - start) * 1000)
-    return timings
+    return timing.time_calls(lambda: session.run(None, {name: pixels}), runs, warmup)
 
 
 def _yes(met: bool) -> str:
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     began = record.Record(__file__, argv)
     backend = use_backend(args.backend)
 
-    from kbench import metrics
+    from kbench import timing
     from kbench.latency import LatencyConfig, iter_latency
     from kbench.report import format_table
 
@@ -114,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": 1,
             "runs": args.runs,
             "warmup": args.warmup,
-            **metrics.latency_stats(bare),
+            **timing.stats(bare),
             "status": "ok",
         }
     )

@@ -69,9 +69,10 @@ def threaded(images, indices, image_size: int, batch_size: int, seed: int, worke
 
 def training_steps(images, indices, backbone: str, image_size: int, batch_size: int, steps: int, seed: int):
     """(steps/s from memory, from the loader, from the loader with --cache warm); the same model,
-    alternating blocks of steps."""
+    interleaved blocks of steps."""
     import keras
 
+    from kbench import timing
     from kbench.backbones import build_classifier, get_backbone
 
     model = build_classifier(get_backbone(backbone), 2, image_size, "none")
@@ -97,20 +98,16 @@ def training_steps(images, indices, backbone: str, image_size: int, batch_size: 
         x, y = cached.batch(1, step % len(cached))
         return model.train_on_batch(x, y.astype("float32")[:, None])
 
-    def time_block(step_function):
-        start = time.perf_counter()
-        for step in range(steps):
-            step_function(step)
-        return steps / (time.perf_counter() - start)
+    def block(step_function):
+        return lambda: [step_function(step) for step in range(steps)]
 
-    memory, fed, warm = [], [], []
-    for _ in range(3):  # alternate to spread the machine's noise over all three
-        memory.append(time_block(memory_step))
-        fed.append(time_block(loader_step))
-        warm.append(time_block(cached_step))
+    # interleaved to spread the machine's noise over all three: 4 rounds (two balanced pairs), one
+    # timed block each, no untimed call first (the model is warm)
+    blocks = {"memory": block(memory_step), "fed": block(loader_step), "warm": block(cached_step)}
+    timings = timing.interleaved(blocks, rounds=4, runs=1, warmup=0, block_warmup=0)
     loader.close()
     cached.close()
-    return statistics.median(memory), statistics.median(fed), statistics.median(warm)
+    return tuple(statistics.median(1000 * steps / ms for ms in timings[name]) for name in blocks)
 
 
 TARGET_SPEEDUP = 1.8  # the pipeline issue's targets

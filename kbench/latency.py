@@ -1,8 +1,8 @@
 """The timing loop over models x runtimes x batch sizes; flat rows out.
 
-Method (timm's benchmark harness, nanoGPT's bench.py): warm-up runs outside the timings, every run
-timed on its own with the device synchronised inside the timed region, inputs of real image pixels at
-the model's size, statistics over the individual timings.
+Method (``kbench.timing``, after timm's benchmark harness and nanoGPT's bench.py): warm-up runs outside
+the timings, every run timed on its own with the device synchronised inside the timed region, inputs of
+real image pixels at the model's size, statistics over the individual timings.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from kbench import files, metrics
+from kbench import files, timing
 from kbench.config import option, positive
 from kbench.errors import KbenchError, first_line
 from kbench.machine import facts
@@ -136,18 +136,6 @@ def sample_pixels(batch_size: int, image_size: tuple[int, int]) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
-def time_runs(run, pixels: np.ndarray, runs: int, warmup: int) -> list[float]:
-    """Milliseconds of each of ``runs`` calls of ``run(pixels)`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run(pixels)
-    timings = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(pixels)
-        timings.append((time.perf_counter() - start) * 1000)
-    return timings
-
-
 def plan(config: LatencyConfig) -> int:
     return len(config.models) * len(config.runtimes) * len(config.batch_sizes)
 
@@ -202,14 +190,14 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         continue
                     try:
                         pixels = sample_pixels(batch, source.image_size)
-                        timings = time_runs(runtime.run, pixels, config.runs, config.warmup)
+                        timings = timing.time_calls(partial(runtime.run, pixels), config.runs, config.warmup)
                     except Exception as error:  # one row fails, the rest are still measured and kept
                         if isinstance(error, KbenchError):
                             raise
                         failed = f"failed: {first_line(error, 200, named=True)}"
                         yield {**base, "device": runtime.device, "batch_size": batch, "status": failed}
                         continue
-                    stats = metrics.latency_stats(timings)
+                    stats = timing.stats(timings)
                     yield {
                         **base,
                         "device": runtime.device,

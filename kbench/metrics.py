@@ -42,22 +42,3 @@ def predicted_classes(probabilities) -> np.ndarray:
 def accuracy(labels, probabilities) -> float:
     labels = np.asarray(labels, dtype=np.int64)
     return float(np.mean(predicted_classes(probabilities) == labels))
-
-
-def latency_stats(milliseconds) -> dict:
-    """Summary of individually timed runs (milliseconds): min, p50, p90, p99, mean, std (population).
-
-    >>> latency_stats([1.0, 2.0, 3.0, 4.0])["p50_ms"]
-    2.5
-    """
-    timings = np.asarray(milliseconds, dtype=np.float64)
-    if timings.size == 0:
-        raise ValueError("no timings")
-    return {
-        "min_ms": float(timings.min()),
-        "p50_ms": float(np.percentile(timings, 50)),
-        "p90_ms": float(np.percentile(timings, 90)),
-        "p99_ms": float(np.percentile(timings, 99)),
-        "mean_ms": float(timings.mean()),
-        "std_ms": float(timings.std()),
-    }

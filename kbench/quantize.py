@@ -7,12 +7,10 @@ written beside it and both are scored on the same validation images and timed th
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import numpy as np
 
-from kbench import files, metrics
+from kbench import files, metrics, timing
 from kbench.data import find_images
 from kbench.errors import KbenchError
 from kbench.loader import ImageLoader, predict
@@ -41,14 +39,7 @@ def _calibration_images(calibration_data: str | None, run_dir: str | None, count
 def median_latency_ms(session, image_size: tuple[int, int], runs: int = 30) -> float:
     name = session.get_inputs()[0].name
     pixels = np.random.default_rng(0).uniform(0, 255, (1, *image_size, 3)).astype(np.float32)
-    for _ in range(3):
-        session.run(None, {name: pixels})
-    timings = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {name: pixels})
-        timings.append((time.perf_counter() - start) * 1000)
-    return statistics.median(timings)
+    return timing.stats(timing.time_calls(lambda: session.run(None, {name: pixels}), runs, warmup=3))["p50_ms"]
 
 
 def quantize_int8(

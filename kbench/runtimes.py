@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import time
 
 import numpy as np
 
+from kbench import timing
 from kbench.errors import KbenchError, first_line
 from kbench.machine import physical_cores
 
@@ -110,16 +110,12 @@ class KerasCompiled(Runtime):
     def choose(self, pixels) -> None:
         """TF: time each candidate on this input (after tracing) and keep the faster one."""
         timings = {}
-        for label, function in self._candidates.items():
-            function(pixels).numpy()  # trace and compile
-            start = time.perf_counter()
-            for _ in range(3):
-                function(pixels).numpy()
-            timings[label] = time.perf_counter() - start
+        for label, function in self._candidates.items():  # the warm-up call traces and compiles
+            timings[label] = timing.stats(timing.time_calls(lambda f=function: f(pixels).numpy(), 3, 1))["mean_ms"]
         best = min(timings, key=timings.get)
         function = self._candidates[best]
         self._run = lambda x: function(x).numpy()
-        others = ", ".join(f"{label} {1000 * s / 3:.1f} ms" for label, s in timings.items())
+        others = ", ".join(f"{label} {ms:.1f} ms" for label, ms in timings.items())
         self.detail = f"{best} (chosen by measuring: {others})"
 
     def run(self, pixels):
@@ -139,34 +135,10 @@ TUNED_CPU_SETTINGS = {"denormal_as_zero": False, "nhwc": True, "spinning": "meas
 # beat an explicit one per physical core at batch 1 in all three runs), a shared one (spinning off).
 # ``threads`` None here means "the runtime's own --threads, else one per physical core".
 SPINNING_CANDIDATES = {"spinning on": {"spinning": True, "threads": 0}, "spinning off": {"spinning": False}}
-# How the probe measures (``interleaved_medians``' arguments), and the tie: within that ratio it keeps
-# spinning off (no faster measured, and kinder to the machine's other work).
-SPINNING_PROBE = {"block": 3, "min_rounds": 3, "max_rounds": 8, "budget_s": 2.0, "tie": 1.03}
-
-
-def interleaved_medians(
-    calls: dict, block: int = 3, min_rounds: int = 3, max_rounds: int = 8, budget_s: float = 2.0
-) -> dict:
-    """Median milliseconds of each zero-argument callable in ``calls``. Rounds run each callable in a
-    block: one untimed call, then ``block`` timed ones, the order of the blocks alternating between
-    rounds, until ``min_rounds`` are done and ``budget_s`` has passed (or ``max_rounds``; never fewer
-    than 2 rounds). The untimed call of each block absorbs what the previous block leaves behind (ONNX
-    Runtime's spinning threads keep spinning for a while after a run returns, on the cores the next
-    block needs)."""
-    names = list(calls)
-    timings = {name: [] for name in names}
-    began = time.perf_counter()
-    for index in range(max_rounds):
-        for name in names if index % 2 == 0 else names[::-1]:
-            calls[name]()
-            for _ in range(block):
-                start = time.perf_counter()
-                calls[name]()
-                timings[name].append((time.perf_counter() - start) * 1000)
-        done, spent = index + 1, time.perf_counter() - began
-        if (done >= min_rounds and spent >= budget_s) or (done >= 2 and spent >= 3 * budget_s):
-            break
-    return {name: float(np.median(values)) for name, values in timings.items()}
+# How the probe measures (``kbench.timing.interleaved``: timed runs a block, pairs of rounds, seconds),
+# and the tie: within that ratio it keeps spinning off (no faster measured, and kinder to the machine's
+# other work).
+SPINNING_PROBE = {"block": 3, "min_rounds": 4, "max_rounds": 8, "budget_s": 2.0, "tie": 1.03}
 
 
 def probe_feed(session, image_size: tuple[int, int]) -> dict:
@@ -292,9 +264,15 @@ class OnnxRuntimeCPU(Runtime):
         sessions = {"spinning on": onnx_session(path, [self.provider], self.options(*candidates["spinning on"]))}
         sessions["spinning off"] = kept
         try:
-            medians = interleaved_medians(
-                {label: (lambda s=current: s.run(None, feed)) for label, current in sessions.items()},
-                **{key: SPINNING_PROBE[key] for key in ("block", "min_rounds", "max_rounds", "budget_s")},
+            calls = {label: (lambda s=current: s.run(None, feed)) for label, current in sessions.items()}
+            medians = timing.medians(
+                timing.interleaved(
+                    calls,
+                    SPINNING_PROBE["max_rounds"],
+                    SPINNING_PROBE["block"],
+                    min_rounds=SPINNING_PROBE["min_rounds"],
+                    budget_s=SPINNING_PROBE["budget_s"],
+                )
             )
         except Exception as error:  # the timed runs meet the same error and report it in their row
             self.probe = f"spinning not measured: {type(error).__name__}"

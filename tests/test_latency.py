@@ -2,27 +2,12 @@ import csv
 import io
 import json
 
-import numpy as np
 import pytest
 
 from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import COLUMNS, LatencyConfig, iter_latency, time_runs
-from kbench.metrics import latency_stats
+from kbench.latency import COLUMNS, LatencyConfig, iter_latency
 
 from conftest import BACKEND, onnxruntime_cuda, run_cli
-
-
-def test_latency_statistics_from_known_timings():
-    stats = latency_stats([4.0, 1.0, 3.0, 2.0, 100.0])
-    assert stats["min_ms"] == 1.0 and stats["p50_ms"] == 3.0 and stats["mean_ms"] == 22.0
-    assert stats["p90_ms"] == pytest.approx(61.6) and stats["p99_ms"] == pytest.approx(96.16)
-    assert stats["std_ms"] == pytest.approx(np.std([4, 1, 3, 2, 100]))
-
-
-def test_time_runs_excludes_warmup_and_times_each_run():
-    calls = []
-    timings = time_runs(lambda pixels: calls.append(1), None, runs=5, warmup=3)
-    assert len(calls) == 8 and len(timings) == 5 and all(t >= 0 for t in timings)
 
 
 @pytest.fixture(scope="module")

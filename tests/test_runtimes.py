@@ -1,12 +1,10 @@
-import time
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from kbench import machine, runtimes
-from kbench.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, interleaved_medians, make_runtime
+from kbench.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, make_runtime
 
 
 def tiny_onnx(path, batch="batch", size=("h", "w")) -> str:
@@ -28,40 +26,15 @@ def spin_entry(runtime) -> str:
         return ""
 
 
-def fake_medians(values: dict, seen: list | None = None):
-    def medians(calls, **_):
+def fake_interleaved(values: dict):
+    """A stand-in for kbench.timing.interleaved that calls each variant once and returns ``values`` (ms)."""
+
+    def interleaved(calls, *_, **__):
         for call in calls.values():
-            output = call()
-            if seen is not None:
-                seen.append(output[0].shape)
-        return dict(values)
+            call()
+        return {name: [value] for name, value in values.items()}
 
-    return medians
-
-
-def test_interleaved_medians_times_each_call_in_blocks_and_alternates_the_order():
-    order = []
-
-    def sleeper(name, seconds):
-        def call():
-            order.append(name)
-            time.sleep(seconds)
-
-        return call
-
-    medians = interleaved_medians(
-        {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.012)}, block=2, min_rounds=2, budget_s=0
-    )
-    assert 1 <= medians["fast"] < medians["slow"] and medians["slow"] >= 12
-    # each block: one untimed call, then two timed; exactly min_rounds rounds (the budget is spent);
-    # the order of the blocks reversed every round
-    assert order == ["fast"] * 3 + ["slow"] * 3 + ["slow"] * 3 + ["fast"] * 3
-
-
-def test_interleaved_medians_stops_at_max_rounds():
-    calls = []
-    interleaved_medians({"a": lambda: calls.append(1)}, block=1, min_rounds=2, max_rounds=3, budget_s=60)
-    assert len(calls) == 3 * 2
+    return interleaved
 
 
 class FakeInput:
@@ -93,7 +66,7 @@ def test_probe_feed_keeps_fixed_dimensions_and_fills_the_rest(dims, expected):
 
 
 def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 5.0, "spinning off": 9.0}))
+    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 9.0}))
     runtime = OnnxRuntimeCPU()
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
@@ -104,7 +77,7 @@ def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
 
 
 def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 5.0, "spinning off": 5.1}))
+    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 5.1}))
     runtime = OnnxRuntimeCPU()
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "0"
@@ -113,7 +86,7 @@ def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
 
 
 def test_given_threads_are_used_by_both_candidates(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 1.0, "spinning off": 9.0}))
+    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 1.0, "spinning off": 9.0}))
     runtime = make_runtime("onnxruntime-cpu", threads=1)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 1
@@ -126,7 +99,7 @@ def test_a_fixed_batch_above_one_is_not_probed(tmp_path, monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(runtimes, "interleaved_medians", refuse)
+    monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
     runtime = OnnxRuntimeCPU()
     runtime.prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
     assert spin_entry(runtime) == "0"
@@ -147,7 +120,7 @@ def test_the_probe_keeps_one_session_alive(tmp_path, monkeypatch):
         return made
 
     monkeypatch.setattr(runtimes, "onnx_session", counted)
-    monkeypatch.setattr(runtimes, "interleaved_medians", fake_medians({"spinning on": 2.0, "spinning off": 1.0}))
+    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 2.0, "spinning off": 1.0}))
     runtime = OnnxRuntimeCPU()
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     gc.collect()
@@ -159,7 +132,7 @@ def test_no_probe_where_spinning_is_given_or_untuned(tmp_path, monkeypatch, sett
     def refuse(*_, **__):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(runtimes, "interleaved_medians", refuse)
+    monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
     runtime = OnnxRuntimeCPU(**settings)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert "chosen by measuring" not in runtime.detail

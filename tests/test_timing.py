@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+
+from kbench import timing
+
+
+class FakeClock:
+    """A clock that moves only when told: each fake call advances it by that call's duration (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, seconds: float, log: list | None = None, label: str = ""):
+        def call():
+            self.now += seconds
+            if log is not None:
+                log.append(label)
+
+        return call
+
+
+def test_time_calls_times_each_run_and_leaves_the_warmup_out():
+    clock, log = FakeClock(), []
+    durations = iter([5.0, 5.0, 0.001, 0.002, 0.003])  # two slow warm-up calls, then three timed ones
+
+    def call():
+        clock.now += next(durations)
+        log.append("call")
+
+    synced = []
+    timings = timing.time_calls(call, runs=3, warmup=2, clock=clock, sync=lambda: synced.append(clock.now))
+    assert log == ["call"] * 5 and len(synced) == 5  # the warm-up calls are synchronised too
+    assert timings == pytest.approx([1.0, 2.0, 3.0])  # milliseconds, the warm-up's 5 s in none of them
+
+
+def test_the_sync_is_inside_the_timed_region():
+    clock = FakeClock()
+    timings = timing.time_calls(clock.work(0.001), runs=2, sync=clock.work(0.004), clock=clock)
+    assert timings == pytest.approx([5.0, 5.0])  # a dispatch of 1 ms whose work ends 4 ms later: 5 ms
+
+
+def test_stop_ends_the_loop_early():
+    clock = FakeClock()
+    timings = timing.time_calls(clock.work(0.5), runs=30, clock=clock, stop=lambda t: sum(t) >= 1500)
+    assert len(timings) == 3
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_paired_order_balances_each_pair_and_rotates(count):
+    names = [f"v{i}" for i in range(count)]
+    orders = timing.paired_order(names, 2 * count)
+    for first, second in zip(orders[::2], orders[1::2]):
+        assert second == first[::-1]  # an order, then its reverse
+        positions = {name: first.index(name) + second.index(name) for name in names}
+        assert len(set(positions.values())) == 1  # every variant's mean position the same in each pair
+    assert [order[0] for order in orders[::2]] == names  # each variant opens one pair of rounds
+
+
+def test_interleaved_counts_warmups_and_timed_calls_in_paired_order():
+    clock, log = FakeClock(), []
+    variants = {name: clock.work(ms / 1000, log, name) for name, ms in (("a", 1.0), ("b", 2.0), ("c", 4.0))}
+    timings = timing.interleaved(variants, rounds=4, runs=2, warmup=1, block_warmup=1, clock=clock)
+    assert {name: len(values) for name, values in timings.items()} == {"a": 8, "b": 8, "c": 8}
+    assert timings["a"] == pytest.approx([1.0] * 8) and timings["c"] == pytest.approx([4.0] * 8)
+    assert log[:3] == ["a", "b", "c"]  # the first warm-up of each
+    blocks = [log[3 + 3 * i : 3 + 3 * (i + 1)] for i in range(12)]  # then blocks: 1 untimed + 2 timed calls
+    assert all(len(set(block)) == 1 for block in blocks)
+    assert [block[0] for block in blocks] == list("abc" + "cba" + "bca" + "acb")
+    assert len(log) == 3 + 4 * 3 * 3
+    assert timing.medians(timings) == pytest.approx({"a": 1.0, "b": 2.0, "c": 4.0})
+
+
+def test_interleaved_opens_each_block_and_drops_it_after():
+    opened, alive, most = [], [0], [0]
+
+    class Session:
+        def __init__(self, name):
+            opened.append(name)
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+
+        def __del__(self):
+            alive[0] -= 1
+
+        def run(self):
+            pass
+
+    def open_block(name):
+        session = Session(name)
+        return lambda: session.run()
+
+    timing.interleaved({"a": "a", "b": "b"}, rounds=2, runs=1, warmup=0, open_block=open_block)
+    assert opened == ["a", "b", "b", "a"] and most[0] == 1 and alive[0] == 0
+
+
+def test_interleaved_stops_after_a_pair_once_the_budget_is_spent():
+    clock = FakeClock()
+    timings = timing.interleaved(
+        {"a": clock.work(0.1), "b": clock.work(0.1)}, rounds=8, runs=1, min_rounds=2, budget_s=1.0, clock=clock
+    )
+    assert len(timings["a"]) == 4  # 0.4 s a round: the budget was spent in round 3, its pair finishes
+    clock = FakeClock()
+    few = timing.interleaved({"a": clock.work(0.001)}, rounds=8, runs=1, min_rounds=4, budget_s=60, clock=clock)
+    assert len(few["a"]) == 8  # the budget never spent: every round
+
+
+@pytest.mark.parametrize("rounds, min_rounds", [(3, None), (1, None), (4, 3)])
+def test_interleaved_refuses_rounds_that_are_not_pairs(rounds, min_rounds):
+    with pytest.raises(ValueError, match="pairs"):
+        timing.interleaved({"a": lambda: None}, rounds=rounds, runs=1, min_rounds=min_rounds, budget_s=1)
+
+
+def test_stats_from_known_timings():
+    stats = timing.stats([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert stats["min_ms"] == 1.0 and stats["p50_ms"] == 3.0 and stats["mean_ms"] == 22.0
+    assert stats["p90_ms"] == pytest.approx(61.6) and stats["p99_ms"] == pytest.approx(96.16)
+    assert stats["std_ms"] == pytest.approx(np.std([4, 1, 3, 2, 100]))
+    with pytest.raises(ValueError):
+        timing.stats([])
