@@ -161,7 +161,7 @@ class Record:
 
     def __init__(self, script_file: str, argv: list[str] | None = None):
         self.command = command_line(script_file, argv)
-        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.load_at_start = _load()
         self._clock = time.perf_counter()
 

@@ -23,7 +23,6 @@ from kbench.errors import KbenchError, first_line
 #   "builtin": the keras.applications model rescales and normalises inside, and its preprocess_input
 #              passes pixels through (EfficientNet, EfficientNetV2, ConvNeXt, MobileNetV3)
 #   "unit":    x / 255 (small_cnn)
-PREPROCESSING = ("tf", "caffe", "torch", "builtin", "unit")
 # The classifier's last layer. Ensembles take each member's features from this layer's input.
 HEAD_LAYER = "probability"
 

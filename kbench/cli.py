@@ -20,6 +20,9 @@ from kbench.distributed import LaunchConfig as _D
 from kbench.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
 from kbench.errors import KbenchError
 from kbench.executors import ExecutorConfig as _X
+from kbench.export import DEFAULT_EXPORT_DIR as _EXPORT_DIR
+from kbench.export import OPSETS as _OPSETS
+from kbench.export import ExportOptions as _X1
 from kbench.latency import LatencyConfig as _L
 from kbench.submission import SubmissionConfig as _S
 from kbench.trainconfig import TrainConfig as _T
@@ -124,15 +127,17 @@ def export():
 
 @export.command("onnx")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", type=click.Path(), help="ONNX file to write.  [default: exports/NAME.onnx]")
+@click.option("-o", "--output", type=click.Path(), help=f"ONNX file to write.  [default: {_EXPORT_DIR}/NAME.onnx]")
 @opt.backend_option
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..18).")
+@click.option(
+    "--opset", type=int, default=_X1.opset, show_default=True, help=f"ONNX opset ({_OPSETS.start}..{_OPSETS.stop - 1})."
+)
 @click.option("--batch-size", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a statically quantized copy.")
 @click.option("--calibration-data", type=click.Path(), help="Images to calibrate int8 on.  [default: training split]")
 @click.option(
     "--graph-passes/--no-graph-passes",
-    default=True,
+    default=_X1.graph_passes,
     show_default=True,
     help="Clean the converted graph (kbench.graph: Pad into Conv, no-op reshapes, preprocessing "
     "folded, onnxslim) before the parity check. --no-graph-passes keeps tf2onnx's graph as written.",

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import socket
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 
@@ -44,11 +44,6 @@ from kbench.runs import (
 )
 from kbench.submission import SubmissionConfig
 from kbench.trainconfig import TrainConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger("kbench")
 

@@ -3,16 +3,11 @@
 import os
 import shutil
 import subprocess
-import sys
+import tomllib
 
 import pytest
 
 from conftest import REPO
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 pytestmark = [  # backend-independent: `make test` runs it under TensorFlow only
     pytest.mark.once,
