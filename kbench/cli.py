@@ -218,10 +218,10 @@ def score(submission, answers):
 @click.argument("models", nargs=-1, required=True)
 @opt.from_config(_L, "runtimes")
 @opt.backend_option
-@opt.from_config(_L, "batch_sizes", "runs", "warmup", "threads", "weights")
+@opt.from_config(_L, "batch_sizes", "runs", "warmup", "threads", "weights", "tune")
 @opt.format_option("table", "markdown", "csv", "json")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here (after every row), not stdout.")
-def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, output_format, output, backend):
+def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune, output_format, output, backend):
     """Time inference of MODELS on Keras and ONNX Runtime (CPU and CUDA).
 
     \b
@@ -234,7 +234,7 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
     from kbench.latency import LatencyConfig, machine_info, measure
     from kbench.report import latency_text
 
-    config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights)
+    config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights, tune)
     rows, interrupted = measure(config, output, output_format)
     if output:
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)

@@ -49,8 +49,13 @@ class LatencyConfig:
     batch_sizes: list[int] = option([1, 8, 32], "Comma-separated batch sizes.", flag="batch_size")
     runs: int = option(100, "Timed runs per row, each timed on its own.")
     warmup: int = option(10, "Untimed runs first.")
-    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="one per physical core")
+    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="ONNX Runtime's own count")
     weights: str = option("none", "For backbone names: imagenet or none.", choices=("none", "imagenet"))
+    tune: bool = option(
+        False,
+        "Choose settings per model by measuring (onnxruntime-cpu's thread spinning, keras-compiled's XLA "
+        "under TensorFlow) instead of the fixed ones, which are the quiet machine's fastest.",
+    )
     export_dir: str = "exports"
 
     def check(self) -> "LatencyConfig":
@@ -155,7 +160,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
             if source.members > 1 and "onnxruntime-cpu" in names:
                 names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
             for runtime_name in names:
-                runtime = make_runtime(runtime_name, config.threads)
+                runtime = make_runtime(runtime_name, config.threads, config.tune)
                 base = {
                     "model": source.name,
                     "runtime": runtime.name,
@@ -276,6 +281,6 @@ def machine_info(threads: int | None = None) -> dict:
         "cores": os.cpu_count(),
         "gpu": gpu,
         "versions": versions,
-        "threads": threads or "one per physical core (ONNX Runtime's own count where spinning on is chosen)",
+        "threads": threads or "ONNX Runtime's own count (one per physical core where spinning is off)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }

@@ -33,6 +33,14 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
             assert row["device"].startswith("cuda")
         assert row["status"] == "ok" and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
+    # by default each runtime runs with fixed settings, named in the detail; nothing measured per model
+    details = {row["runtime"]: row["detail"] for row in rows if row["status"] == "ok"}
+    assert details["onnxruntime-cpu"] == (
+        "intra-op threads ONNX Runtime's default, spinning on, denormals as zero off, NHWC transformer on "
+        "(fixed; --tune measures spinning per model)"
+    )
+    fixed = {"jax": "jax.jit(stateless_call)", "tensorflow": "tf.function without XLA (fixed; --tune also "}
+    assert details["keras-compiled"].startswith(fixed[BACKEND])
     assert {r["backend"] for r in rows if r["runtime"].startswith("keras")} == {BACKEND}
     assert (tmp_path / "tiny.onnx").exists()  # exported once for the ONNX runtimes
 
@@ -59,16 +67,54 @@ def test_cli_formats_round_trip(tiny_model, tmp_path):
         "--backend",
         BACKEND,
     ]
-    done = run_cli("latency", *common, "--format", "json", "-o", str(tmp_path / "rows.json"), cwd=tmp_path)
+    json_file = str(tmp_path / "rows.json")
+    done = run_cli("latency", *common, "--tune", "--format", "json", "-o", json_file, cwd=tmp_path)
     assert (tmp_path / "exports" / "tiny.onnx").exists()  # the default export folder, reused below
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["runtime"] for r in rows] == ["onnxruntime-cpu", "onnxruntime-cuda"]
+    # --tune: the spinning probe measured this model, and the detail names its choice and timings
+    assert "(chosen by measuring at batch 1: spinning on " in rows[0]["detail"]
     table = csv.DictReader(io.StringIO(run_cli("latency", *common, "--format", "csv", cwd=tmp_path).stdout))
     assert table.fieldnames == COLUMNS and len(list(table)) == 2
     text = run_cli("latency", *common, "--format", "markdown", cwd=tmp_path).stdout
     assert text.startswith("machine: ") and "| onnxruntime-cpu |" in text
-    # the settings each runtime used, under the table: the spinning probe's choice and timings
-    assert "\n- tiny onnxruntime-cpu: intra-op threads " in text and "(chosen by measuring at batch 1: " in text
+    # the settings each runtime used, under the table: by default the fixed ones, nothing measured
+    assert "\n- tiny onnxruntime-cpu: intra-op threads ONNX Runtime's default, spinning on, " in text
+    assert "(fixed; --tune measures spinning per model)" in text and "chosen by measuring" not in text
     bad = run_cli("latency", "no_such_backbone", "--backend", BACKEND)
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr
+
+
+def test_tune_is_part_of_the_study_latency_cache_key(tmp_path, monkeypatch):
+    """A study's timings are reused only under the same settings: --tune times again."""
+    from kbench import latency, study
+
+    (tmp_path / "model.keras").write_bytes(b"a model")
+    timed = []
+    monkeypatch.setattr(latency, "iter_latency", lambda config: timed.append(config.tune) or iter([{"row": 1}]))
+    settings = LatencyConfig(models=[])
+    for tune in (False, False, True, True):
+        settings.tune = tune
+        assert study._latency_rows(str(tmp_path), str(tmp_path / "onnx"), settings) == [{"row": 1}]
+    assert timed == [False, True]
+
+
+def test_keras_compiled_measures_xla_only_when_tuned(tiny_model):
+    import keras
+    import numpy as np
+
+    from kbench.runtimes import KerasCompiled
+
+    model = keras.models.load_model(tiny_model)
+    pixels = np.zeros((1, 24, 24, 3), np.float32)
+    for tune in (False, True):
+        runtime = KerasCompiled(tune)
+        runtime.prepare(model, (24, 24))
+        assert runtime.run(pixels).shape == (1, 1)
+        if BACKEND == "jax":  # one way to compile: nothing to choose
+            assert runtime.detail == "jax.jit(stateless_call)"
+        elif tune:
+            assert runtime.detail.startswith("tf.function") and "(chosen by measuring: tf.function " in runtime.detail
+        else:
+            assert runtime.detail == "tf.function without XLA (fixed; --tune also measures tf.function+XLA)"
