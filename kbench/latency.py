@@ -37,6 +37,8 @@ COLUMNS = [
     "mean_ms",
     "std_ms",
     "images_per_second",
+    "other_cpu_cores",
+    "busy",
     "status",
     "detail",
 ]
@@ -196,7 +198,8 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         continue
                     try:
                         pixels = sample_pixels(batch, source.image_size)
-                        timings = timing.time_calls(partial(runtime.run, pixels), config.runs, config.warmup)
+                        with timing.watch_load() as load:  # other processes' CPU use meanwhile
+                            timings = timing.time_calls(partial(runtime.run, pixels), config.runs, config.warmup)
                     except Exception as error:  # one row fails, the rest are still measured and kept
                         if isinstance(error, KbenchError):
                             raise
@@ -211,6 +214,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         "batch_size": batch,
                         **stats,
                         "images_per_second": 1000 * batch / stats["p50_ms"],
+                        **load,
                         "status": "ok",
                         "detail": runtime.detail,
                     }
