@@ -224,10 +224,10 @@ def score(submission, answers):
 @click.argument("models", nargs=-1, required=True)
 @opt.from_config(_L, "runtimes")
 @opt.backend_option
-@opt.from_config(_L, "batch_sizes", "runs", "warmup", "threads", "weights")
+@opt.from_config(_L, "batch_sizes", "runs", "warmup", "threads", "weights", "tune")
 @opt.format_option("table", "markdown", "csv", "json")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here (after every row), not stdout.")
-def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, output_format, output, backend):
+def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune, output_format, output, backend):
     """Time inference of MODELS on Keras and ONNX Runtime (CPU and CUDA).
 
     \b
@@ -241,7 +241,7 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
     from kbench.machine import facts
     from kbench.report import latency_text
 
-    config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights)
+    config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights, tune)
     opt.warn_if_gpu_unseen(backend)
     rows, interrupted = measure(config, output, output_format)
     if output:

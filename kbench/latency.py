@@ -37,6 +37,8 @@ COLUMNS = [
     "mean_ms",
     "std_ms",
     "images_per_second",
+    "other_cpu_cores",
+    "busy",
     "status",
     "detail",
 ]
@@ -49,8 +51,13 @@ class LatencyConfig:
     batch_sizes: list[int] = option([1, 8, 32], "Comma-separated batch sizes.", flag="batch_size")
     runs: int = option(100, "Timed runs per row, each timed on its own.")
     warmup: int = option(10, "Untimed runs first.")
-    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="one per physical core")
+    threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="ONNX Runtime's own count")
     weights: str = option("none", "For backbone names: imagenet or none.", choices=("none", "imagenet"))
+    tune: bool = option(
+        False,
+        "Choose settings per model by measuring (onnxruntime-cpu's thread spinning, keras-compiled's XLA "
+        "under TensorFlow) instead of the fixed ones, which are the quiet machine's fastest.",
+    )
     export_dir: str = "exports"
 
     def check(self) -> "LatencyConfig":
@@ -154,7 +161,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
             if source.members > 1 and "onnxruntime-cpu" in names:
                 names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
             for runtime_name in names:
-                runtime = make_runtime(runtime_name, config.threads)
+                runtime = make_runtime(runtime_name, config.threads, config.tune)
                 base = {
                     "model": source.name,
                     "runtime": runtime.name,
@@ -190,7 +197,8 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         continue
                     try:
                         pixels = sample_pixels(batch, source.image_size)
-                        timings = timing.time_calls(partial(runtime.run, pixels), config.runs, config.warmup)
+                        with timing.watch_load() as load:  # other processes' CPU use meanwhile
+                            timings = timing.time_calls(partial(runtime.run, pixels), config.runs, config.warmup)
                     except Exception as error:  # one row fails, the rest are still measured and kept
                         if isinstance(error, KbenchError):
                             raise
@@ -204,6 +212,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         "batch_size": batch,
                         **stats,
                         "images_per_second": 1000 * batch / stats["p50_ms"],
+                        **load,
                         "status": "ok",
                         "detail": runtime.detail,
                     }

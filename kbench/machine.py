@@ -172,6 +172,6 @@ def facts(threads: int | None = None) -> dict:
         "cores": os.cpu_count(),
         "gpu": names[0] if names else "none",
         "versions": versions(FACT_PACKAGES),
-        "threads": threads or "one per physical core (ONNX Runtime's own count where spinning on is chosen)",
+        "threads": threads or "ONNX Runtime's own count (one per physical core where spinning is off)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }

@@ -60,9 +60,26 @@ def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:
         f"machine: {machine['cpu']}, {machine['cores']} cores; GPU: {machine['gpu']}; "
         f"ONNX Runtime threads: {machine['threads']}; {versions}"
     )
-    shown = [c for c in COLUMNS if c not in ("runs", "warmup", "detail")]
+    shown = [c for c in COLUMNS if c not in ("runs", "warmup", "other_cpu_cores", "busy", "detail")]
     style = "markdown" if output_format == "markdown" else "ascii"
-    return header + "\n\n" + format_table(rows, shown, style=style) + _details_text(rows)
+    return header + "\n\n" + format_table(rows, shown, style=style) + _busy_text(rows) + _details_text(rows)
+
+
+def _busy_text(rows: list[dict]) -> str:
+    """A warning under the table when other processes were busy on the cores timed on (rows' ``busy``,
+    from ``kbench.timing.watch_load``); "" when none was."""
+    from kbench.timing import BUSY_CORES
+
+    busy = [row for row in rows if row.get("busy")]
+    if not busy:
+        return ""
+    timed = [row for row in rows if row.get("status") == "ok"]
+    most = max(row["other_cpu_cores"] for row in busy)
+    return (
+        f"\n\nwarning: the machine was busy while {len(busy)} of {len(timed)} rows were timed (other "
+        f"processes used up to {most:.2f} cores of those timed on; busy is more than {BUSY_CORES:g}): "
+        "those times may be slow and noisy; time them again on a quiet machine"
+    )
 
 
 def _details_text(rows: list[dict]) -> str:
@@ -387,6 +404,26 @@ def _settings_notes(results: dict) -> list[str]:
     return lines
 
 
+def _busy_note(results: dict) -> list[str]:
+    """report.md's warning when other processes were busy while some rows were timed; [] when none."""
+    from kbench.timing import BUSY_CORES
+
+    busy = [
+        f"{row['name']} {timing['runtime']} b{timing['batch_size']}"
+        for row in results["rows"]
+        for timing in row.get("latency", [])
+        if timing.get("busy")
+    ]
+    if not busy:
+        return []
+    return [
+        f"**The machine was busy while timing** {', '.join(busy)} (other processes used more than "
+        f"{BUSY_CORES:g} of a core of those timed on): those times may be slow; time them again on a quiet "
+        "machine.",
+        "",
+    ]
+
+
 def pareto_text(flat: list[dict]) -> str | None:
     """The Pareto front in words: ``On the front: a, b (...)``; None without timed, scored models."""
     key, scored, front = pareto_members(flat)
@@ -468,6 +505,7 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
                     "and the machine's load changed during the study): compare those models' times with care.",
                     "",
                 ]
+        parts += _busy_note(results)
         parts += [
             f"Every timing (p50, p90, images/s, status), one row per model, runtime and batch size: "
             f"[{LATENCY_CSV}]({LATENCY_CSV}).",

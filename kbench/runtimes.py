@@ -74,10 +74,14 @@ class KerasPredict(Runtime):
 
 class KerasCompiled(Runtime):
     """The fastest way Keras serves the model on this backend: under JAX a ``jax.jit`` over
-    ``stateless_call`` with the variables passed in; under TensorFlow a ``tf.function``, with or
+    ``stateless_call`` with the variables passed in; under TensorFlow a ``tf.function`` without XLA
+    (XLA measured slower on CPUs for every backbone: benchmarks/README.md), or with ``tune`` with or
     without XLA, whichever measures faster here on the first batch size prepared."""
 
     name = "keras-compiled"
+
+    def __init__(self, tune: bool = False):
+        self.tune = tune
 
     def prepare(self, model, image_size):
         import keras
@@ -106,6 +110,10 @@ class KerasCompiled(Runtime):
         }
         self._candidates = candidates
         self._run = None
+        if not self.tune:
+            function = candidates["tf.function"]
+            self._run = lambda x: function(x).numpy()
+            self.detail = "tf.function without XLA (fixed; --tune also measures tf.function+XLA)"
 
     def choose(self, pixels) -> None:
         """TF: time each candidate on this input (after tracing) and keep the faster one."""
@@ -124,13 +132,15 @@ class KerasCompiled(Runtime):
         return self._run(pixels)
 
 
-# The session options kbench's onnxruntime-cpu sets (benchmarks/README.md, "ONNX Runtime session
-# options"): denormals kept and the NHWC layout transformer on (neither measured to matter), and spinning
-# chosen per session by measuring both SPINNING_CANDIDATES, because the faster one depends on whether the
-# machine is shared: on a busy 2-core machine spinning off was 0.53-0.55x at batch 1 (spinning threads
-# steal the cores the work needs), on the same machine idle it was 1.40x (the wake-up latency between
-# small kernels comes back). Turned off outright with OnnxRuntimeCPU(tuned=False) or spinning=...
-TUNED_CPU_SETTINGS = {"denormal_as_zero": False, "nhwc": True, "spinning": "measured"}
+# The session options kbench's onnxruntime-cpu runs with, the same for every model so that rows compare
+# like for like (benchmarks/README.md, "ONNX Runtime session options" and "kbench latency's spinning
+# probe"): the quiet machine's fastest, spinning on with ONNX Runtime's own thread count (unless
+# --threads is given; spinning off was 1.40x slower at batch 1 on an idle machine), denormals kept and the
+# NHWC layout transformer on (neither measured to matter). On a busy machine spinning off is faster
+# (0.53-0.55x: spinning threads steal the cores the work needs): OnnxRuntimeCPU(tune=True), `kbench
+# latency --tune`, measures both SPINNING_CANDIDATES per model instead. ONNX Runtime's own defaults with
+# OnnxRuntimeCPU(tuned=False); one setting at a time with spinning=..., denormal_as_zero=..., nhwc=...
+FIXED_CPU_SETTINGS = {"denormal_as_zero": False, "nhwc": True, "spinning": True}
 # Each the fastest measured in its regime: an idle machine (ONNX Runtime's defaults; its own thread count
 # beat an explicit one per physical core at batch 1 in all three runs), a shared one (spinning off).
 # ``threads`` None here means "the runtime's own --threads, else one per physical core".
@@ -156,11 +166,12 @@ def probe_feed(session, image_size: tuple[int, int]) -> dict:
 
 
 class OnnxRuntimeCPU(Runtime):
-    """An InferenceSession with full graph optimisation, ``threads`` intra-op threads (None: one per
-    physical core; 0: ONNX Runtime's choice) and, unless ``tuned`` is False, the session options in
-    TUNED_CPU_SETTINGS; ``spinning``, ``denormal_as_zero`` and ``nhwc`` (the NHWC layout transformer)
-    override them one by one. Where spinning is left to measuring, ``prepare`` opens a session for each
-    of SPINNING_CANDIDATES (spinning on with ONNX Runtime's own thread count unless ``threads`` is given,
+    """An InferenceSession with full graph optimisation, ``threads`` intra-op threads (None: ONNX
+    Runtime's own count where kbench turns spinning on, else one per physical core; 0: ONNX Runtime's
+    choice) and, unless ``tuned`` is False, the session options in FIXED_CPU_SETTINGS; ``spinning``,
+    ``denormal_as_zero`` and ``nhwc`` (the NHWC layout transformer) override them one by one. With
+    ``tune`` (and spinning not given), ``prepare`` instead opens a session for each of
+    SPINNING_CANDIDATES (spinning on with ONNX Runtime's own thread count unless ``threads`` is given,
     spinning off), times them interleaved at batch 1, keeps the faster and closes the other
     (``choose_spinning``). The row's detail names the settings, and the probe's timings where there was
     one."""
@@ -177,12 +188,18 @@ class OnnxRuntimeCPU(Runtime):
         spinning: bool | None = None,
         denormal_as_zero: bool | None = None,
         nhwc: bool | None = None,
+        tune: bool = False,
     ):
         self.threads, self.parallel = threads, parallel
-        chosen = dict(TUNED_CPU_SETTINGS) if tuned else {}
+        chosen = dict(FIXED_CPU_SETTINGS) if tuned else {}
+        if tuned and tune:
+            chosen["spinning"] = "measured"
         given = {"spinning": spinning, "denormal_as_zero": denormal_as_zero, "nhwc": nhwc}
         chosen.update({key: value for key, value in given.items() if value is not None})
         self.settings = chosen
+        self.fixed = tuned and chosen == FIXED_CPU_SETTINGS  # kbench's fixed settings, as they are
+        if threads is None and chosen.get("spinning") is True:  # as the "spinning on" candidate
+            self.threads = SPINNING_CANDIDATES["spinning on"]["threads"]
         self.probe = ""
         self.probe_medians: dict[str, float] = {}  # ms per candidate, unrounded (the detail rounds them)
         if parallel:
@@ -230,7 +247,9 @@ class OnnxRuntimeCPU(Runtime):
             parts.append("NHWC transformer " + ("on" if self.settings["nhwc"] else "off"))
         if self.parallel:
             parts.append("parallel mode")
-        return ", ".join(parts) + (f" ({self.probe})" if self.probe else "")
+        if self.probe:
+            return ", ".join(parts) + f" ({self.probe})"
+        return ", ".join(parts) + (" (fixed; --tune measures spinning per model)" if self.fixed else "")
 
     def prepare(self, model, image_size):
         if self.measures_spinning:
@@ -303,10 +322,11 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
     provider = "CUDAExecutionProvider"
     device = "cuda"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.measures_spinning:  # the CPU threads only feed the GPU here: spinning stays off, unmeasured
-            self.settings["spinning"] = False
+    def __init__(self, threads: int | None = None, *args, **kwargs):
+        super().__init__(threads, *args, **kwargs)
+        if kwargs.get("spinning") is None and "spinning" in self.settings:
+            # the CPU threads only feed the GPU here: spinning off, one thread per physical core, unmeasured
+            self.settings["spinning"], self.threads, self.fixed = False, threads, False
 
     def prepare(self, model, image_size):
         import onnxruntime
@@ -362,15 +382,17 @@ def preload_cuda_libraries() -> str:
     return failures[0] if failures else ""
 
 
-def make_runtime(name: str, threads: int | None = None) -> Runtime:
+def make_runtime(name: str, threads: int | None = None, tune: bool = False) -> Runtime:
+    """The runtime ``name`` with its fixed settings, or with ``tune`` choosing some per model by
+    measuring (onnxruntime-cpu's spinning, keras-compiled's XLA under TensorFlow)."""
     if name == "keras-predict":
         return KerasPredict()
     if name == "keras-compiled":
-        return KerasCompiled()
+        return KerasCompiled(tune)
     if name == "onnxruntime-cpu":
-        return OnnxRuntimeCPU(threads)
+        return OnnxRuntimeCPU(threads, tune=tune)
     if name == "onnxruntime-cpu-parallel":
-        return OnnxRuntimeCPU(threads, parallel=True)
+        return OnnxRuntimeCPU(threads, parallel=True, tune=tune)
     if name == "onnxruntime-cuda":
         return OnnxRuntimeCUDA(threads)
     raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")

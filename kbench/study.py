@@ -347,7 +347,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
     """Timing rows of one model, kept in its folder under the model's hash and the settings."""
     from kbench import __version__
     from kbench.latency import iter_latency
-    from kbench.runtimes import SPINNING_CANDIDATES, SPINNING_PROBE, TUNED_CPU_SETTINGS
+    from kbench.runtimes import FIXED_CPU_SETTINGS, SPINNING_CANDIDATES, SPINNING_PROBE
 
     run = Run(model_dir)
     key = {
@@ -359,7 +359,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
         "host": socket.gethostname(),
         "kbench": __version__,
         "onnxruntime_cpu_settings": {
-            **TUNED_CPU_SETTINGS,
+            **FIXED_CPU_SETTINGS,
             "spinning_candidates": SPINNING_CANDIDATES,
             "spinning_probe": SPINNING_PROBE,
         },

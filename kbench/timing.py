@@ -4,7 +4,8 @@ statistics of the individual timings as flat dict values.
 
 Method as in timm's ``benchmark.py`` and nanoGPT's ``bench.py``. Every timing in kbench and in
 ``benchmarks/`` goes through ``time_calls`` (one thing timed) or ``interleaved`` (several, compared);
-both take a ``clock`` so that tests can give them a fake one.
+both take a ``clock`` so that tests can give them a fake one. ``watch_load`` says whether other
+processes were busy on the cores timed on meanwhile, as pyperf checks a benchmark's machine.
 
 >>> calls = []
 >>> timings = time_calls(lambda: calls.append(1), runs=3, warmup=2)
@@ -14,8 +15,11 @@ both take a ``clock`` so that tests can give them a fake one.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -142,3 +146,87 @@ def stats(milliseconds) -> dict[str, float]:
 def medians(timings: dict[str, list[float]]) -> dict[str, float]:
     """Median milliseconds of each variant of ``interleaved``'s result."""
     return {name: float(np.median(values)) for name, values in timings.items()}
+
+
+# -- the machine's load --------------------------------------------------------------------------
+
+# Other processes' CPU use, in cores, above which the machine counts as busy while timing. Half a core
+# taken from the cores being timed on moves a multi-threaded runtime's timings (ONNX Runtime with its
+# threads spinning ran 1.8x slower beside other work: benchmarks/README.md), while an idle machine's
+# daemons use a few hundredths of a core.
+BUSY_CORES = 0.5
+# The shortest window the load is read over: /proc/stat counts in ticks of 10 ms, so 0.25 s holds 25 a
+# core and half a core shows as about 12 of them, well clear of a tick's rounding. A timing that lasts
+# longer is its own window and costs nothing more.
+LOAD_WINDOW_S = 0.25
+
+
+class CpuSample(NamedTuple):
+    busy_s: float  # CPU seconds anyone spent busy on the cores this process may run on
+    own_s: float  # CPU seconds of this process (all its threads) and of its children waited for
+    wall_s: float  # time.monotonic()
+
+
+def busy_seconds(stat_text: str, cpus: set[int] | None = None) -> float:
+    """Busy CPU seconds in the text of /proc/stat, summed over ``cpus`` (None: all): user, nice,
+    system, irq, softirq and steal (time the hypervisor gave another machine is taken from us too)."""
+    total = 0
+    for line in stat_text.splitlines():
+        name, _, values = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        ticks = [int(value) for value in values.split()] + [0] * 8
+        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
+        total += user + nice + system + irq + softirq + steal
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_sample() -> CpuSample | None:
+    """The CPU counters now; None where /proc/stat can't be read (not Linux): the load is then unknown."""
+    try:
+        with open("/proc/stat") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    own = os.times()
+    own_s = own.user + own.system + own.children_user + own.children_system
+    return CpuSample(busy_seconds(text, cpus), own_s, time.monotonic())
+
+
+def other_cores(first: CpuSample | None, last: CpuSample | None) -> float | None:
+    """Cores' worth of CPU that other processes used between two samples, on the cores this process
+    may run on (a container's neighbours included where they share those cores)."""
+    if first is None or last is None or last.wall_s <= first.wall_s:
+        return None
+    others = (last.busy_s - first.busy_s) - (last.own_s - first.own_s)
+    return max(0.0, others / (last.wall_s - first.wall_s))
+
+
+def machine_load(window_s: float = LOAD_WINDOW_S) -> float | None:
+    """Other processes' CPU use, in cores, over the next ``window_s`` seconds (this one sleeping)."""
+    first = cpu_sample()
+    time.sleep(window_s)
+    return other_cores(first, cpu_sample())
+
+
+@contextlib.contextmanager
+def watch_load(min_seconds: float = LOAD_WINDOW_S) -> Iterator[dict]:
+    """Read the CPU counters before and after the block: the dict it yields then holds
+    ``other_cpu_cores``, other processes' CPU use on the cores timed on over the block (stretched by
+    waiting to ``min_seconds``, too short a window says nothing), and ``busy``, whether that is over
+    BUSY_CORES; both None where the load can't be read. A block that raises is not measured.
+
+    >>> with watch_load(0.01) as load:
+    ...     pass
+    >>> sorted(load)
+    ['busy', 'other_cpu_cores']
+    """
+    load: dict = {"other_cpu_cores": None, "busy": None}
+    first = cpu_sample()
+    yield load
+    if first is not None:
+        time.sleep(max(0.0, min_seconds - (time.monotonic() - first.wall_s)))
+        cores = other_cores(first, cpu_sample())
+        if cores is not None:
+            load.update(other_cpu_cores=round(cores, 2), busy=cores > BUSY_CORES)

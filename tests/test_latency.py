@@ -6,6 +6,8 @@ import pytest
 
 from kbench.backbones import build_classifier, get_backbone
 from kbench.latency import COLUMNS, LatencyConfig, iter_latency
+from kbench.report import latency_text, markdown_report
+from kbench.timing import BUSY_CORES
 
 from conftest import BACKEND, onnxruntime_cuda, run_cli
 
@@ -33,6 +35,15 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
             assert row["device"].startswith("cuda")
         assert row["status"] == "ok" and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
+        assert row["busy"] is (row["other_cpu_cores"] > BUSY_CORES)  # the machine's load, read around the timing
+    # by default each runtime runs with fixed settings, named in the detail; nothing measured per model
+    details = {row["runtime"]: row["detail"] for row in rows if row["status"] == "ok"}
+    assert details["onnxruntime-cpu"] == (
+        "intra-op threads ONNX Runtime's default, spinning on, denormals as zero off, NHWC transformer on "
+        "(fixed; --tune measures spinning per model)"
+    )
+    fixed = {"jax": "jax.jit(stateless_call)", "tensorflow": "tf.function without XLA (fixed; --tune also "}
+    assert details["keras-compiled"].startswith(fixed[BACKEND])
     assert {r["backend"] for r in rows if r["runtime"].startswith("keras")} == {BACKEND}
     assert (tmp_path / "tiny.onnx").exists()  # exported once for the ONNX runtimes
 
@@ -59,16 +70,90 @@ def test_cli_formats_round_trip(tiny_model, tmp_path):
         "--backend",
         BACKEND,
     ]
-    done = run_cli("latency", *common, "--format", "json", "-o", str(tmp_path / "rows.json"), cwd=tmp_path)
+    json_file = str(tmp_path / "rows.json")
+    done = run_cli("latency", *common, "--tune", "--format", "json", "-o", json_file, cwd=tmp_path)
     assert (tmp_path / "exports" / "tiny.onnx").exists()  # the default export folder, reused below
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["runtime"] for r in rows] == ["onnxruntime-cpu", "onnxruntime-cuda"]
+    # --tune: the spinning probe measured this model, and the detail names its choice and timings
+    assert "(chosen by measuring at batch 1: spinning on " in rows[0]["detail"]
+    assert isinstance(rows[0]["busy"], bool) and rows[0]["other_cpu_cores"] >= 0
     table = csv.DictReader(io.StringIO(run_cli("latency", *common, "--format", "csv", cwd=tmp_path).stdout))
     assert table.fieldnames == COLUMNS and len(list(table)) == 2
     text = run_cli("latency", *common, "--format", "markdown", cwd=tmp_path).stdout
     assert text.startswith("machine: ") and "| onnxruntime-cpu |" in text
-    # the settings each runtime used, under the table: the spinning probe's choice and timings
-    assert "\n- tiny onnxruntime-cpu: intra-op threads " in text and "(chosen by measuring at batch 1: " in text
+    # the settings each runtime used, under the table: by default the fixed ones, nothing measured
+    assert "\n- tiny onnxruntime-cpu: intra-op threads ONNX Runtime's default, spinning on, " in text
+    assert "(fixed; --tune measures spinning per model)" in text and "chosen by measuring" not in text
     bad = run_cli("latency", "no_such_backbone", "--backend", BACKEND)
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr
+
+
+def busy_rows(busy: bool) -> list[dict]:
+    row = {"model": "m", "runtime": "onnxruntime-cpu", "batch_size": 1, "p50_ms": 1.0, "status": "ok"}
+    return [
+        {**row, "other_cpu_cores": 1.37 if busy else 0.02, "busy": busy},
+        {**row, "batch_size": 8, "other_cpu_cores": 0.1, "busy": False},
+        {**row, "batch_size": 32, "status": "unavailable: no"},
+    ]
+
+
+@pytest.mark.parametrize("output_format", ["table", "markdown"])
+def test_a_busy_machine_is_said_under_the_table_and_in_the_rows(output_format):
+    machine = {"cpu": "c", "cores": 2, "gpu": "none", "threads": 2, "versions": {}}
+    text = latency_text(busy_rows(True), output_format, machine)
+    assert "\n\nwarning: the machine was busy while 1 of 2 rows were timed (other processes used up to 1.37 " in text
+    assert "busy" not in latency_text(busy_rows(False), output_format, machine)
+    rows = json.loads(latency_text(busy_rows(True), "json", machine))
+    assert [row.get("busy") for row in rows] == [True, False, None]
+    table = csv.DictReader(io.StringIO(latency_text(busy_rows(True), "csv", machine)))
+    assert [row["busy"] for row in table] == ["True", "False", ""]
+
+
+def test_the_study_report_says_which_timings_a_busy_machine_made():
+    results = {"name": "s", "backend": "jax", "rows": []}
+    for name, busy in (("quiet", False), ("loaded", True)):
+        timings = [{**row, "model": name} for row in busy_rows(busy)]
+        results["rows"].append({"name": name, "kind": "backbone", "status": "ok", "latency": timings})
+    from kbench.report import flat_rows
+
+    report = markdown_report(results, flat_rows(results))
+    assert "**The machine was busy while timing** loaded onnxruntime-cpu b1 (other processes used more " in report
+    assert "quiet onnxruntime-cpu" not in report.split("busy while timing")[1].split("\n")[0]
+    results["rows"].pop()
+    assert "busy while timing" not in markdown_report(results, flat_rows(results))
+
+
+def test_tune_is_part_of_the_study_latency_cache_key(tmp_path, monkeypatch):
+    """A study's timings are reused only under the same settings: --tune times again."""
+    from kbench import latency, study
+
+    (tmp_path / "model.keras").write_bytes(b"a model")
+    timed = []
+    monkeypatch.setattr(latency, "iter_latency", lambda config: timed.append(config.tune) or iter([{"row": 1}]))
+    settings = LatencyConfig(models=[])
+    for tune in (False, False, True, True):
+        settings.tune = tune
+        assert study._latency_rows(str(tmp_path), str(tmp_path / "onnx"), settings) == [{"row": 1}]
+    assert timed == [False, True]
+
+
+def test_keras_compiled_measures_xla_only_when_tuned(tiny_model):
+    import keras
+    import numpy as np
+
+    from kbench.runtimes import KerasCompiled
+
+    model = keras.models.load_model(tiny_model)
+    pixels = np.zeros((1, 24, 24, 3), np.float32)
+    for tune in (False, True):
+        runtime = KerasCompiled(tune)
+        runtime.prepare(model, (24, 24))
+        assert runtime.run(pixels).shape == (1, 1)
+        if BACKEND == "jax":  # one way to compile: nothing to choose
+            assert runtime.detail == "jax.jit(stateless_call)"
+        elif tune:
+            assert runtime.detail.startswith("tf.function") and "(chosen by measuring: tf.function " in runtime.detail
+        else:
+            assert runtime.detail == "tf.function without XLA (fixed; --tune also measures tf.function+XLA)"

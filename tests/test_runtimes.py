@@ -67,7 +67,7 @@ def test_probe_feed_keeps_fixed_dimensions_and_fills_the_rest(dims, expected):
 
 def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 9.0}))
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
     assert runtime.detail.startswith("intra-op threads ONNX Runtime's default, spinning on, ")
@@ -78,7 +78,7 @@ def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
 
 def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 5.1}))
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "0"
     assert runtime.session.get_session_options().intra_op_num_threads == machine.physical_cores()
@@ -87,7 +87,7 @@ def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
 
 def test_given_threads_are_used_by_both_candidates(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 1.0, "spinning off": 9.0}))
-    runtime = make_runtime("onnxruntime-cpu", threads=1)
+    runtime = make_runtime("onnxruntime-cpu", threads=1, tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 1
     assert runtime.detail.startswith("intra-op threads 1, spinning on")
@@ -100,7 +100,7 @@ def test_a_fixed_batch_above_one_is_not_probed(tmp_path, monkeypatch):
         raise AssertionError("probed")
 
     monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
     assert spin_entry(runtime) == "0"
     assert runtime.detail.endswith("(spinning not measured: the file takes batches of 4 only)")
@@ -121,13 +121,32 @@ def test_the_probe_keeps_one_session_alive(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runtimes, "onnx_session", counted)
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 2.0, "spinning off": 1.0}))
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     gc.collect()
     assert alive[0] == 1 and spin_entry(runtime) == "0"
 
 
-@pytest.mark.parametrize("settings", [{"spinning": False}, {"spinning": True}, {"tuned": False}])
+def test_the_fixed_settings_by_default_named_in_the_detail(tmp_path, monkeypatch):
+    def refuse(*_, **__):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
+    runtime = make_runtime("onnxruntime-cpu")
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
+    assert runtime.detail == (
+        "intra-op threads ONNX Runtime's default, spinning on, denormals as zero off, NHWC transformer on "
+        "(fixed; --tune measures spinning per model)"
+    )
+    given = make_runtime("onnxruntime-cpu", threads=1)
+    given.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    assert given.session.get_session_options().intra_op_num_threads == 1 and spin_entry(given) == "1"
+
+
+@pytest.mark.parametrize(
+    "settings", [{"spinning": False}, {"spinning": True}, {"tuned": False}, {"tune": True, "spinning": False}]
+)
 def test_no_probe_where_spinning_is_given_or_untuned(tmp_path, monkeypatch, settings):
     def refuse(*_, **__):
         raise AssertionError("probed")
@@ -148,7 +167,7 @@ def test_a_model_the_probe_cannot_run_keeps_spinning_off_and_fails_in_its_row(tm
     graph = helper.make_graph([helper.make_node("Add", ["pixels", "pixels"], ["doubled"])], "ints", [pixels], [doubled])
     path = tmp_path / "ints.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(str(path), (8, 8))
     assert spin_entry(runtime) == "0" and runtime.detail.endswith("(spinning not measured: InvalidArgument)")
     with pytest.raises(Exception, match="INVALID_ARGUMENT"):
@@ -158,7 +177,7 @@ def test_a_model_the_probe_cannot_run_keeps_spinning_off_and_fails_in_its_row(tm
 def test_the_probe_really_measures(tmp_path):
     import re
 
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (16, 16))
     found = re.search(
         r"\(chosen by measuring at batch 1: spinning on ([\d.]+) ms, spinning off ([\d.]+) ms\)$", runtime.detail
@@ -178,7 +197,7 @@ def test_an_input_the_probe_cannot_shape_is_not_probed(tmp_path):
     graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], "scalar", [scalar], [same])
     path = tmp_path / "scalar.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    runtime = OnnxRuntimeCPU()
+    runtime = OnnxRuntimeCPU(tune=True)
     runtime.prepare(str(path), (8, 8))
     assert spin_entry(runtime) == "0" and runtime.detail.endswith("(spinning not measured: IndexError)")
 

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -120,3 +125,51 @@ def test_stats_from_known_timings():
     assert stats["std_ms"] == pytest.approx(np.std([4, 1, 3, 2, 100]))
     with pytest.raises(ValueError):
         timing.stats([])
+
+
+STAT = """cpu  500 0 100 900 0 0 0 0 0 0
+cpu0 100 10 20 300 5 1 2 3 0 0
+cpu1 400 0 80 600 0 0 0 0 0 0
+intr 1 2 3
+"""
+
+
+def test_busy_seconds_counts_the_busy_ticks_of_the_cores_asked_for():
+    tick = os.sysconf("SC_CLK_TCK")
+    assert timing.busy_seconds(STAT, {0}) == pytest.approx((100 + 10 + 20 + 1 + 2 + 3) / tick)  # idle, iowait out
+    assert timing.busy_seconds(STAT) == pytest.approx((136 + 480) / tick)  # the "cpu" total line not counted twice
+
+
+def test_other_cores_subtracts_this_process_and_never_goes_negative():
+    first = timing.CpuSample(busy_s=10.0, own_s=2.0, wall_s=100.0)
+    assert timing.other_cores(first, timing.CpuSample(11.5, 2.5, 101.0)) == pytest.approx(1.0)  # 1.5 busy, 0.5 ours
+    assert timing.other_cores(first, timing.CpuSample(10.5, 3.0, 101.0)) == 0.0  # ticks rounded the other way
+    assert timing.other_cores(first, None) is None and timing.other_cores(first, first) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the load is read from /proc/stat")
+def test_the_load_check_flags_a_machine_that_other_processes_keep_busy():
+    """Busy-looping children, one per core timed on (at most 4), for about a second: the check says
+    busy. (Whether an idle machine reads as idle is not asserted: a shared CI machine may never be.)"""
+    spin = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end:\n    pass"
+    children = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(min(len(cpus()), 4))]
+    try:
+        time.sleep(0.2)  # started
+        with timing.watch_load(0.6) as load:
+            pass
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert load["busy"] is True and load["other_cpu_cores"] > timing.BUSY_CORES
+
+
+def cpus() -> set:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
+
+
+def test_a_block_that_raises_is_not_measured():
+    with pytest.raises(RuntimeError):
+        with timing.watch_load(5.0) as load:  # no 5 s wait either
+            raise RuntimeError("failed row")
+    assert load == {"other_cpu_cores": None, "busy": None}
