@@ -21,25 +21,7 @@ from kbench import doctor, files, metrics
 from kbench.config import option, positive
 from kbench.errors import KbenchError
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
-
-COLUMNS = [
-    "model",
-    "runtime",
-    "backend",
-    "device",
-    "batch_size",
-    "runs",
-    "warmup",
-    "min_ms",
-    "p50_ms",
-    "p90_ms",
-    "p99_ms",
-    "mean_ms",
-    "std_ms",
-    "images_per_second",
-    "status",
-    "detail",
-]
+from kbench.tables import latency_text
 
 
 @dataclass
@@ -234,8 +216,6 @@ def measure(
     row, so finished rows survive a kill (out of memory, ...). Returns (rows, interrupted): Ctrl-C
     stops the loop and keeps the rows finished so far."""
     import click
-
-    from kbench.report import latency_text
 
     config.check()
     if output and os.path.isdir(output):

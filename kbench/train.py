@@ -28,7 +28,7 @@ from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS, ImageLoader, ImageSet, find_images, indices_of, predict, split_indices
 from kbench.devices import check_devices, count_devices, process_local_values, training_devices
 from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted
-from kbench.report import write_curves
+from kbench.plots import write_curves
 from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
 
 log = logging.getLogger("kbench")

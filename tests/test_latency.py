@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import COLUMNS, LatencyConfig, iter_latency, time_runs
+from kbench.latency import LatencyConfig, iter_latency, time_runs
 from kbench.metrics import latency_stats
+from kbench.tables import LATENCY_COLUMNS
 
 from conftest import BACKEND, onnxruntime_cuda, run_cli
 
@@ -80,7 +81,7 @@ def test_cli_formats_round_trip(tiny_model, tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["runtime"] for r in rows] == ["onnxruntime-cpu", "onnxruntime-cuda"]
     table = csv.DictReader(io.StringIO(run_cli("latency", *common, "--format", "csv", cwd=tmp_path).stdout))
-    assert table.fieldnames == COLUMNS and len(list(table)) == 2
+    assert table.fieldnames == LATENCY_COLUMNS and len(list(table)) == 2
     text = run_cli("latency", *common, "--format", "markdown", cwd=tmp_path).stdout
     assert text.startswith("machine: ") and "| onnxruntime-cpu |" in text
     # the settings each runtime used, under the table: the spinning probe's choice and timings
