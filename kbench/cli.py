@@ -199,7 +199,9 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
     from kbench.submission import predict_command
     from kbench.summaries import predict_summary
 
-    result = predict_command(model, data, output, _S(tta, clip, batch_size), runtime, calibrate, echo=click.echo)
+    settings = _S(tta, clip, batch_size)
+    with opt.ProgressBar("predicting") as bar:
+        result = predict_command(model, data, output, settings, runtime, calibrate, echo=click.echo, progress=bar)
     click.echo(predict_summary(result))
 
 
@@ -235,7 +237,8 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, outpu
     from kbench.tables import latency_text
 
     config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights)
-    rows, interrupted = measure(config, output, output_format)
+    with opt.ProgressBar("timing") as bar:
+        rows, interrupted = measure(config, output, output_format, progress=bar)
     if output:
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:

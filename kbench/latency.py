@@ -10,9 +10,8 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,25 +209,29 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
 
 
 def measure(
-    config: LatencyConfig, output: str | None = None, output_format: str = "table", progress: bool = True
+    config: LatencyConfig,
+    output: str | None = None,
+    output_format: str = "table",
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict], bool]:
-    """Time every row with a progress bar on stderr; with ``output``, rewrite that file after each
-    row, so finished rows survive a kill (out of memory, ...). Returns (rows, interrupted): Ctrl-C
-    stops the loop and keeps the rows finished so far."""
-    import click
-
+    """Time every row; with ``output``, rewrite that file after each row, so finished rows survive a
+    kill (out of memory, ...). ``progress(done, total)``, when given, is called before the first row
+    and after each (the CLI draws its bar from it). Returns (rows, interrupted): Ctrl-C stops the
+    loop and keeps the rows finished so far."""
     config.check()
     if output and os.path.isdir(output):
         raise KbenchError(f"-o {output} is a folder; give a file name")
     machine = machine_info(config.threads)
-    rows, interrupted = [], False
+    rows, interrupted, total = [], False, plan(config)
     try:
-        with click.progressbar(length=plan(config), label="timing", file=sys.stderr, hidden=not progress) as bar:
-            for row in iter_latency(config):
-                rows.append(row)
-                bar.update(1)
-                if output:
-                    files.write_text(output, latency_text(rows, output_format, machine))
+        if progress:
+            progress(0, total)
+        for row in iter_latency(config):
+            rows.append(row)
+            if progress:
+                progress(len(rows), total)
+            if output:
+                files.write_text(output, latency_text(rows, output_format, machine))
     except KeyboardInterrupt:
         interrupted = True
     if output:

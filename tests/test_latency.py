@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import LatencyConfig, iter_latency, time_runs
+from kbench.latency import LatencyConfig, iter_latency, measure, time_runs
 from kbench.metrics import latency_stats
 from kbench.tables import LATENCY_COLUMNS
 
@@ -51,6 +51,15 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
     assert {r["backend"] for r in rows if r["runtime"].startswith("keras")} == {BACKEND}
     assert (tmp_path / "tiny.onnx").exists()  # exported once for the ONNX runtimes
+
+
+def test_measure_reports_progress_and_rewrites_the_output_after_each_row(tiny_model, tmp_path):
+    calls, output = [], str(tmp_path / "rows.csv")
+    config = LatencyConfig([tiny_model], ["keras-predict"], [1, 2], 1, 0)
+    rows, interrupted = measure(config, output, "csv", progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 2), (1, 2), (2, 2)] and not interrupted  # the CLI draws its bar from these
+    with open(output) as handle:
+        assert [row["batch_size"] for row in csv.DictReader(handle)] == ["1", "2"]
 
 
 def test_onnx_file_gets_onnx_rows_and_says_why_not_keras(tiny_model, tmp_path):
