@@ -20,7 +20,7 @@ from kbench import doctor, files, metrics
 from kbench.config import option, positive
 from kbench.errors import KbenchError
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
-from kbench.tables import latency_text
+from kbench.tables import distinct_names, latency_text
 
 
 @dataclass
@@ -65,6 +65,23 @@ class ModelSource:
     batch_size: int | None = None  # an ONNX file's fixed batch size; None: dynamic
 
 
+def _is_model_file(model: str) -> bool:
+    return os.path.exists(model) or model.endswith(".keras") or os.sep in model
+
+
+def model_name(model: str) -> str:
+    """The name of a MODEL argument: an ONNX file's name, a folder's or ``.keras`` file's name
+    without the extension, or the registry's name (KbenchError for none of these)."""
+    if model.endswith(".onnx"):
+        return os.path.basename(model)
+    if _is_model_file(model):
+        name = os.path.basename(model.rstrip("/"))
+        return name if os.path.isdir(model) else os.path.splitext(name)[0]
+    from kbench.backbones import get_backbone
+
+    return get_backbone(model).name
+
+
 def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     """MODEL: a run/ensemble folder, a ``.keras`` file, an ``.onnx`` file, or a registry name (the
     backbone at its native size with a fresh two-class head)."""
@@ -75,14 +92,12 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
 
         shape = onnx_session(model, ["CPUExecutionProvider"]).get_inputs()[0].shape
         fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-        return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])), batch_size=fixed)
-    if os.path.exists(model) or model.endswith(".keras") or os.sep in model:
+        return ModelSource(model_name(model), None, model, (int(shape[1]), int(shape[2])), batch_size=fixed)
+    if _is_model_file(model):
         path = model_file(model)
         _, (height, width, _) = describe_inputs(load_model(path))
         members = len(run_metadata(model).get("backbones", [])) or 1
-        name = os.path.basename(model.rstrip("/"))
-        name = name if os.path.isdir(model) else os.path.splitext(name)[0]
-        return ModelSource(name, path, None, (height, width), members, model)
+        return ModelSource(model_name(model), path, None, (height, width), members, model)
     from kbench.backbones import build_classifier, get_backbone
     from kbench.settle import settle_random_weights
 
@@ -140,8 +155,10 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
     config.check()
     backend = keras.backend.backend()
     doctor.warn_if_gpu_unseen(backend)
+    # rows name their model; two models of one name (runs/a/m, runs/b/m) are named by their paths
+    labels = distinct_names([model_name(model) for model in config.models], config.models)
     with files.scratch_folder("latency") as scratch:
-        for model in config.models:
+        for model, label in zip(config.models, labels):
             source = resolve_model(model, config.weights, scratch)
             keras_model = None
             names = list(config.runtimes)
@@ -150,7 +167,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
             for runtime_name in names:
                 runtime = make_runtime(runtime_name, config.threads)
                 base = {
-                    "model": source.name,
+                    "model": label,
                     "runtime": runtime.name,
                     "backend": backend if runtime.needs == "keras" else "onnxruntime",
                     "runs": config.runs,

@@ -1,5 +1,6 @@
 """Rows (lists of flat dicts) -> text: ASCII and markdown tables, the latency rows as a table, CSV or
-JSON, a study's results as one flat or wide row per model, and the Pareto front in words.
+JSON, a study's results as one flat or wide row per model, the Pareto front in words, and row labels
+that can be told apart.
 
 Nothing here imports the rest of kbench: the timing loop, the plots, the study's report and the CLI
 all lay their rows out with these functions.
@@ -8,6 +9,7 @@ all lay their rows out with these functions.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 LATENCY_COLUMNS = [  # one timing row of kbench.latency, in the order latency.csv and the tables show it
@@ -61,6 +63,16 @@ def format_table(rows: list[dict], columns: list[str] | None = None, style: str 
         return "| " + " | ".join(value.ljust(width) for value, width in zip(values, widths)) + " |"
 
     return "\n".join([rule, line(columns), rule, *(line(values) for values in cells), rule])
+
+
+def distinct_names(names: list[str], paths: list[str]) -> list[str]:
+    """Row labels that can be told apart: each name, or where two share one, the paths they came
+    from as given (normalised). ``kbench compare`` and ``kbench latency`` label their rows so.
+
+    >>> distinct_names(["m", "m", "b0"], ["runs/a/m/", "runs/b/m", "runs/b0"])
+    ['runs/a/m', 'runs/b/m', 'b0']
+    """
+    return [name if names.count(name) == 1 else os.path.normpath(path) for name, path in zip(names, paths)]
 
 
 def latency_text(rows: list[dict], output_format: str, machine: dict) -> str:

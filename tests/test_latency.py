@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -51,6 +52,16 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
     assert {r["backend"] for r in rows if r["runtime"].startswith("keras")} == {BACKEND}
     assert (tmp_path / "tiny.onnx").exists()  # exported once for the ONNX runtimes
+
+
+def test_two_models_of_one_name_get_rows_told_apart(tiny_model, tmp_path):
+    """`kbench latency runs/a/m runs/b/m`: each row is labelled with its path, as `kbench compare` does."""
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(shutil.copy(tiny_model, str(tmp_path / folder / "m.keras")))
+    rows = list(iter_latency(LatencyConfig([*paths, tiny_model], ["keras-predict"], [1], 1, 0)))
+    assert [row["model"] for row in rows] == [*paths, "tiny"] and {row["status"] for row in rows} == {"ok"}
 
 
 def test_measure_reports_progress_and_rewrites_the_output_after_each_row(tiny_model, tmp_path):

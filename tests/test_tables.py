@@ -1,4 +1,5 @@
-"""Rows -> text: tables, the latency rows in each format, one row per model, the Pareto front."""
+"""Rows -> text: tables, the latency rows in each format, one row per model, the Pareto front and row
+labels that can be told apart."""
 
 import csv
 import io
@@ -6,6 +7,7 @@ import json
 
 from kbench.tables import (
     LATENCY_COLUMNS,
+    distinct_names,
     flat_rows,
     format_table,
     latency_text,
@@ -61,3 +63,8 @@ def test_one_row_per_model_with_steady_epochs_and_the_front_in_words():
     ]
     assert pareto_text(flat).startswith("On the front: a, b (") and "onnxruntime-cpu batch 1" in pareto_text(flat)
     assert pareto_text(flat_rows({"rows": results["rows"][2:]})) is None
+
+
+def test_rows_of_models_with_one_name_are_labelled_by_their_paths():
+    assert distinct_names(["m", "m", "b0"], ["runs/a/m/", "runs/b/./m", "runs/b0"]) == ["runs/a/m", "runs/b/m", "b0"]
+    assert distinct_names(["m"], ["runs/a/m"]) == ["m"]
