@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from kbench.ensemble import EnsembleConfig, train_ensemble
     from kbench.files import read_json
-    from kbench.report import format_table
     from kbench.runs import METRICS
+    from kbench.tables import format_table
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:

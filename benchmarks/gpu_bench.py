@@ -386,7 +386,7 @@ def host_facts(gpus: list[dict]) -> dict:
 
 def write_report(result: dict, output_dir: str) -> str:
     from kbench.files import write_text
-    from kbench.report import format_table
+    from kbench.tables import format_table
 
     host = result["machine"]
     card = "; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in host["gpus"])

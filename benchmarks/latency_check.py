@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from kbench import timing
     from kbench.latency import LatencyConfig, iter_latency
-    from kbench.report import format_table
+    from kbench.tables import format_table
 
     with tempfile.TemporaryDirectory() as folder:
         config = LatencyConfig(

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0
         )
 
-    from kbench.report import format_table
+    from kbench.tables import format_table
 
     result = {
         "backend": backend,

@@ -1,5 +1,5 @@
 """The ``kbench`` command line: each command parses its options, calls one library function and
-prints what it returns (laid out by ``kbench.report``).
+prints what it returns (worded by ``kbench.summaries``).
 
 Keras reads its backend once, on first import: ``--backend`` is handled eagerly, before any command
 body runs, and nothing here imports keras at module level. Option defaults are read from the
@@ -49,7 +49,7 @@ def backbones(pattern, output_format):
     headless backbone at its native size, feature width, preprocessing. PATTERN filters names with
     shell wildcards: kbench backbones 'efficientnet_v2*'."""
     from kbench.backbones import list_backbones
-    from kbench.report import backbone_text
+    from kbench.summaries import backbone_text
 
     specs = list_backbones(pattern)
     if not specs:
@@ -76,7 +76,7 @@ def train(resume, quiet, run_dir, overwrite, **options):
       kbench train --backbone efficientnet_b0 --data train.zip --epochs 10 --run-dir runs/b0
     Ctrl-C saves a checkpoint; `--resume` continues it.
     """
-    from kbench.report import train_summary
+    from kbench.summaries import train_summary
     from kbench.train import train as train_run
     from kbench.trainconfig import TrainConfig, resume_config
 
@@ -154,7 +154,7 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
     """
     from kbench.export import ExportOptions, onnx_for
     from kbench.quantize import quantize_export
-    from kbench.report import export_summary, quantize_summary
+    from kbench.summaries import export_summary, quantize_summary
 
     result = onnx_for(model, output, ExportOptions.parse(opset, batch_size, graph_passes))
     click.echo(export_summary(result))
@@ -179,7 +179,7 @@ def ensemble(members, run_dir, quiet, backend, overwrite, **options):
       kbench ensemble --members runs/b0,runs/b1 --run-dir runs/b0+b1
     """
     from kbench.ensemble import EnsembleConfig, train_ensemble
-    from kbench.report import ensemble_summary
+    from kbench.summaries import ensemble_summary
 
     config = EnsembleConfig([m.strip() for m in members.split(",") if m.strip()], run_dir, backend=backend, **options)
     result = train_ensemble(config, verbose=0 if quiet else "auto", overwrite=overwrite)
@@ -202,10 +202,12 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
     Example:
       kbench predict runs/b0 --data test.zip -o submission.csv --tta flip --clip 0.005
     """
-    from kbench.report import predict_summary
     from kbench.submission import predict_command
+    from kbench.summaries import predict_summary
 
-    result = predict_command(model, data, output, _S(tta, clip, batch_size), runtime, calibrate, echo=click.echo)
+    settings = _S(tta, clip, batch_size)
+    with opt.ProgressBar("predicting") as bar:
+        result = predict_command(model, data, output, settings, runtime, calibrate, echo=click.echo, progress=bar)
     click.echo(predict_summary(result))
 
 
@@ -214,8 +216,8 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
 @click.option("--answers", type=click.Path(), required=True, help="CSV with id,label (1 for the second class).")
 def score(submission, answers):
     """Score a submission's log loss and accuracy as Kaggle does, after a grader's checks."""
-    from kbench.report import score_summary
     from kbench.submission import score_submission
+    from kbench.summaries import score_summary
 
     click.echo(score_summary(submission, score_submission(submission, answers)))
 
@@ -239,11 +241,12 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune,
     """
     from kbench.latency import LatencyConfig, measure
     from kbench.machine import facts
-    from kbench.report import latency_text
+    from kbench.tables import latency_text
 
     config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights, tune)
     opt.warn_if_gpu_unseen(backend)
-    rows, interrupted = measure(config, output, output_format)
+    with opt.ProgressBar("timing") as bar:
+        rows, interrupted = measure(config, output, output_format, progress=bar)
     if output:
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
@@ -254,7 +257,7 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune,
 
 
 def _show_study(results: dict, out: str) -> None:
-    from kbench.report import study_summary
+    from kbench.summaries import study_summary
 
     click.echo(study_summary(results, out))
     if results.get("failed"):

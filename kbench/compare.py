@@ -13,6 +13,7 @@ from kbench import files
 from kbench.errors import KbenchError
 from kbench.report import RESULTS_JSON, write_report
 from kbench.runs import CONFIG, Run, ensure_writable_folder
+from kbench.tables import distinct_names
 
 DEFAULT_OUT = os.path.join("reports", "compare")
 KIND = "comparison"  # results.json's kind: what compare may overwrite
@@ -37,7 +38,7 @@ def compare_runs(paths: list[str], out_dir: str = DEFAULT_OUT, command: str = ""
             raise KbenchError(f"{run.path} is given twice (as {seen[real]})")
         seen[real] = run.path
     _check_out(out_dir, seen)
-    names = _names(runs)
+    names = distinct_names([run.name for run in runs], [run.path for run in runs])  # runs/a/m, runs/b/m
     rows = [_row(run, name, out_dir) for run, name in zip(runs, names)]
     results = {
         "kind": KIND,
@@ -69,12 +70,6 @@ def _check_out(out_dir: str, runs: dict[str, str]) -> None:
             raise KbenchError(
                 f"--out {out_dir} holds a study's report, which compare would overwrite; choose another --out"
             )
-
-
-def _names(runs: list[Run]) -> list[str]:
-    """Folder names; where two runs share one, their paths as given."""
-    names = [run.name for run in runs]
-    return [name if names.count(name) == 1 else os.path.normpath(run.path) for name, run in zip(names, runs)]
 
 
 def _row(run: Run, name: str, out_dir: str) -> dict:

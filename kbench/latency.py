@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,27 +20,7 @@ from kbench.config import option, positive
 from kbench.errors import KbenchError, first_line
 from kbench.machine import facts
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
-
-COLUMNS = [
-    "model",
-    "runtime",
-    "backend",
-    "device",
-    "batch_size",
-    "runs",
-    "warmup",
-    "min_ms",
-    "p50_ms",
-    "p90_ms",
-    "p99_ms",
-    "mean_ms",
-    "std_ms",
-    "images_per_second",
-    "other_cpu_cores",
-    "busy",
-    "status",
-    "detail",
-]
+from kbench.tables import distinct_names, latency_text
 
 
 @dataclass
@@ -91,6 +70,23 @@ class ModelSource:
     batch_size: int | None = None  # an ONNX file's fixed batch size; None: dynamic
 
 
+def _is_model_file(model: str) -> bool:
+    return os.path.exists(model) or model.endswith(".keras") or os.sep in model
+
+
+def model_name(model: str) -> str:
+    """The name of a MODEL argument: an ONNX file's name, a folder's or ``.keras`` file's name
+    without the extension, or the registry's name (KbenchError for none of these)."""
+    if model.endswith(".onnx"):
+        return os.path.basename(model)
+    if _is_model_file(model):
+        name = os.path.basename(model.rstrip("/"))
+        return name if os.path.isdir(model) else os.path.splitext(name)[0]
+    from kbench.backbones import get_backbone
+
+    return get_backbone(model).name
+
+
 def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     """MODEL: a run/ensemble folder, a ``.keras`` file, an ``.onnx`` file, or a registry name (the
     backbone at its native size with a fresh two-class head)."""
@@ -101,14 +97,12 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
 
         shape = onnx_session(model, ["CPUExecutionProvider"]).get_inputs()[0].shape
         fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-        return ModelSource(os.path.basename(model), None, model, (int(shape[1]), int(shape[2])), batch_size=fixed)
-    if os.path.exists(model) or model.endswith(".keras") or os.sep in model:
+        return ModelSource(model_name(model), None, model, (int(shape[1]), int(shape[2])), batch_size=fixed)
+    if _is_model_file(model):
         path = model_file(model)
         _, (height, width, _) = describe_inputs(load_model(path))
         members = len(run_metadata(model).get("backbones", [])) or 1
-        name = os.path.basename(model.rstrip("/"))
-        name = name if os.path.isdir(model) else os.path.splitext(name)[0]
-        return ModelSource(name, path, None, (height, width), members, model)
+        return ModelSource(model_name(model), path, None, (height, width), members, model)
     from kbench.backbones import build_classifier, get_backbone
     from kbench.settle import settle_random_weights
 
@@ -153,8 +147,10 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
 
     config.check()
     backend = keras.backend.backend()
+    # rows name their model; two models of one name (runs/a/m, runs/b/m) are named by their paths
+    labels = distinct_names([model_name(model) for model in config.models], config.models)
     with files.scratch_folder("latency") as scratch:
-        for model in config.models:
+        for model, label in zip(config.models, labels):
             source = resolve_model(model, config.weights, scratch)
             keras_model = None
             names = list(config.runtimes)
@@ -163,7 +159,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
             for runtime_name in names:
                 runtime = make_runtime(runtime_name, config.threads, config.tune)
                 base = {
-                    "model": source.name,
+                    "model": label,
                     "runtime": runtime.name,
                     "backend": backend if runtime.needs == "keras" else "onnxruntime",
                     "runs": config.runs,
@@ -223,27 +219,29 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
 
 
 def measure(
-    config: LatencyConfig, output: str | None = None, output_format: str = "table", progress: bool = True
+    config: LatencyConfig,
+    output: str | None = None,
+    output_format: str = "table",
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict], bool]:
-    """Time every row with a progress bar on stderr; with ``output``, rewrite that file after each
-    row, so finished rows survive a kill (out of memory, ...). Returns (rows, interrupted): Ctrl-C
-    stops the loop and keeps the rows finished so far."""
-    import click
-
-    from kbench.report import latency_text
-
+    """Time every row; with ``output``, rewrite that file after each row, so finished rows survive a
+    kill (out of memory, ...). ``progress(done, total)``, when given, is called before the first row
+    and after each (the CLI draws its bar from it). Returns (rows, interrupted): Ctrl-C stops the
+    loop and keeps the rows finished so far."""
     config.check()
     if output and os.path.isdir(output):
         raise KbenchError(f"-o {output} is a folder; give a file name")
     machine = facts(config.threads)
-    rows, interrupted = [], False
+    rows, interrupted, total = [], False, plan(config)
     try:
-        with click.progressbar(length=plan(config), label="timing", file=sys.stderr, hidden=not progress) as bar:
-            for row in iter_latency(config):
-                rows.append(row)
-                bar.update(1)
-                if output:
-                    files.write_text(output, latency_text(rows, output_format, machine))
+        if progress:
+            progress(0, total)
+        for row in iter_latency(config):
+            rows.append(row)
+            if progress:
+                progress(len(rows), total)
+            if output:
+                files.write_text(output, latency_text(rows, output_format, machine))
     except KeyboardInterrupt:
         interrupted = True
     if output:

@@ -232,3 +232,28 @@ def command_line() -> str:
 
 def echo_err(line: str) -> None:
     click.echo(line, err=True)
+
+
+class ProgressBar:
+    """A click progress bar on stderr, drawn from a library function's ``progress(done, total)``
+    callback: opened at the first call (after the function's own checks), closed on leaving.
+
+    >>> with ProgressBar("timing") as bar:  # doctest: +SKIP
+    ...     rows, interrupted = measure(config, progress=bar)
+    """
+
+    def __init__(self, label: str, hidden: bool = False):
+        self.label, self.hidden, self.bar = label, hidden, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, hidden=self.hidden)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *error) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*error)

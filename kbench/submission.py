@@ -11,7 +11,7 @@ import io
 import math
 import os
 import re
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,19 +139,23 @@ def predict_test_set(
     batch_size: int = 32,
     runtime: str = "keras",
     temperature: float | None = None,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write the submission for the images in ``data`` (folder or ``test.zip``) to ``output``.
 
     Binary models: ``id,label`` with label = P(second class), e.g. P(dog). More classes: ``id`` and
     one column per class. Rows sorted by numeric id; an unreadable image gets the uniform
-    probability (so every id is present) and is counted as skipped.
+    probability (so every id is present) and is counted as skipped. ``progress(done, total)``, when
+    given, is called before the model is loaded and after each batch (images predicted so far).
     """
     if tta not in ("none", "flip"):
         raise KbenchError(f"unknown --tta {tta!r}; choose none or flip")
     if clip is not None and not 0 <= clip < 0.5:
         raise KbenchError(f"--clip must be in [0, 0.5); got {clip}")
     images = find_test_images(data)  # before the model: a bad test set is refused at once
+    done = 0
+    if progress:
+        progress(done, len(images))
     predictor = _Predictor(model, runtime)
     order = sorted(range(len(images)), key=lambda i: _id_order(image_id(images.keys[i])))
     loader = ImageLoader(images, np.array(order), predictor.image_size, batch_size)
@@ -163,8 +167,9 @@ def predict_test_set(
             if tta == "flip":
                 p = (p + _as_matrix(predictor(np.ascontiguousarray(pixels[:, :, ::-1])))) / 2
             found.update(zip(kept.tolist(), p))
+            done += len(pixels)
             if progress:
-                progress(len(pixels))
+                progress(done, len(images))
     finally:
         loader.close()
     width = next(iter(found.values())).shape[0] if found else 1
@@ -345,27 +350,26 @@ def predict_command(
     runtime: str = "keras",
     calibrate: bool = False,
     echo=print,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """``kbench predict``: optional temperature calibration, then the submission, with a progress bar."""
-    import click
-
+    """``kbench predict``: optional temperature calibration, then the submission (``progress`` as
+    for predict_test_set)."""
     settings.check()
     if os.path.isdir(output):
         raise KbenchError(f"-o {output} is a folder; give the CSV file's name")
-    total = len(find_test_images(data))  # ids checked before any model is loaded
+    find_test_images(data)  # ids checked before any model (or the calibration) is loaded
     temperature = None
     if calibrate:
         temperature, before, after = calibrate_temperature(model, runtime, settings.batch_size)
         echo(f"calibration: temperature {temperature:.3f}; validation log loss {before:.4f} -> {after:.4f}")
-    with click.progressbar(length=total, label="predicting", file=sys.stderr) as bar:
-        return predict_test_set(
-            model,
-            data,
-            output,
-            settings.tta,
-            settings.clip,
-            settings.batch_size,
-            runtime,
-            temperature,
-            progress=bar.update,
-        )
+    return predict_test_set(
+        model,
+        data,
+        output,
+        settings.tta,
+        settings.clip,
+        settings.batch_size,
+        runtime,
+        temperature,
+        progress=progress,
+    )

@@ -27,7 +27,7 @@ from kbench.data import ImageSet, find_images, indices_of, split_indices
 from kbench.devices import check_devices, process_local_values, training_devices
 from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 from kbench.loader import ImageLoader, predict
-from kbench.report import write_curves
+from kbench.plots import write_curves
 from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
 from kbench.trainconfig import TrainConfig
 

@@ -86,9 +86,9 @@ def test_export_without_graph_passes_keeps_the_converted_graph_and_is_its_own_fi
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     # A bug kbench doesn't foresee, planted through sitecustomize in the child process only.
     (tmp_path / "sitecustomize.py").write_text(
-        "import kbench.report\n"
+        "import kbench.summaries\n"
         "def broken(*args, **kwargs):\n    raise RuntimeError('planted bug')\n"
-        "kbench.report.backbone_text = broken\n"
+        "kbench.summaries.backbone_text = broken\n"
     )
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     quiet = run_cli("backbones", env=env)

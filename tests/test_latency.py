@@ -1,12 +1,14 @@
 import csv
 import io
 import json
+import shutil
 
 import pytest
 
 from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import COLUMNS, LatencyConfig, iter_latency
-from kbench.report import latency_text, markdown_report
+from kbench.latency import LatencyConfig, iter_latency, measure
+from kbench.report import markdown_report
+from kbench.tables import LATENCY_COLUMNS, latency_text
 from kbench.timing import BUSY_CORES
 
 from conftest import BACKEND, onnxruntime_cuda, run_cli
@@ -48,6 +50,25 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
     assert (tmp_path / "tiny.onnx").exists()  # exported once for the ONNX runtimes
 
 
+def test_two_models_of_one_name_get_rows_told_apart(tiny_model, tmp_path):
+    """`kbench latency runs/a/m runs/b/m`: each row is labelled with its path, as `kbench compare` does."""
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(shutil.copy(tiny_model, str(tmp_path / folder / "m.keras")))
+    rows = list(iter_latency(LatencyConfig([*paths, tiny_model], ["keras-predict"], [1], 1, 0)))
+    assert [row["model"] for row in rows] == [*paths, "tiny"] and {row["status"] for row in rows} == {"ok"}
+
+
+def test_measure_reports_progress_and_rewrites_the_output_after_each_row(tiny_model, tmp_path):
+    calls, output = [], str(tmp_path / "rows.csv")
+    config = LatencyConfig([tiny_model], ["keras-predict"], [1, 2], 1, 0)
+    rows, interrupted = measure(config, output, "csv", progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 2), (1, 2), (2, 2)] and not interrupted  # the CLI draws its bar from these
+    with open(output) as handle:
+        assert [row["batch_size"] for row in csv.DictReader(handle)] == ["1", "2"]
+
+
 def test_onnx_file_gets_onnx_rows_and_says_why_not_keras(tiny_model, tmp_path):
     list(iter_latency(LatencyConfig([tiny_model], ["onnxruntime-cpu"], [1], 2, 0, export_dir=str(tmp_path))))
     rows = list(
@@ -80,7 +101,7 @@ def test_cli_formats_round_trip(tiny_model, tmp_path):
     assert "(chosen by measuring at batch 1: spinning on " in rows[0]["detail"]
     assert isinstance(rows[0]["busy"], bool) and rows[0]["other_cpu_cores"] >= 0
     table = csv.DictReader(io.StringIO(run_cli("latency", *common, "--format", "csv", cwd=tmp_path).stdout))
-    assert table.fieldnames == COLUMNS and len(list(table)) == 2
+    assert table.fieldnames == LATENCY_COLUMNS and len(list(table)) == 2
     text = run_cli("latency", *common, "--format", "markdown", cwd=tmp_path).stdout
     assert text.startswith("machine: ") and "| onnxruntime-cpu |" in text
     # the settings each runtime used, under the table: by default the fixed ones, nothing measured

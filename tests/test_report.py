@@ -1,56 +1,23 @@
-"""What a reader sees: training curves, one-row-per-model timing tables, the Pareto front in words,
-links to run folders, and `kbench compare` on runs trained outside a study."""
+"""What a reader sees in a study's report folder: one-row-per-model timing tables, the Pareto front in
+words, links to run folders and their curves, and `kbench compare` on runs trained outside a study."""
 
 import csv
 import json
 import os
 import re
-import struct
 
 import pytest
 
 from kbench.errors import KbenchError
-from kbench.report import flat_rows, markdown_report, study_summary, write_curves, write_report
+from kbench.plots import write_curves
+from kbench.report import markdown_report, write_report
+from kbench.summaries import study_summary
+from kbench.tables import flat_rows
 
 from conftest import run_cli
+from test_plots import history, png_size
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
-
-
-def png_size(path) -> tuple[int, int]:
-    """(width, height) from a PNG's header; fails on anything that isn't a PNG."""
-    with open(path, "rb") as handle:
-        head = handle.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
-    return struct.unpack(">II", head[16:24])
-
-
-def history(epochs: int, lr: bool = False) -> list[dict]:
-    rows = []
-    for epoch in range(1, epochs + 1):
-        row = {
-            "epoch": float(epoch),
-            "epoch_seconds": 1.0,
-            "loss": 0.7 / epoch,
-            "accuracy": 0.5 + 0.04 * epoch,
-            "val_loss": 0.75 / epoch**0.5,
-            "val_accuracy": 0.5 + 0.03 * epoch,
-        }
-        if lr:
-            row.update(lr=1e-3 if epoch <= 2 else 1e-4, phase="head" if epoch <= 2 else "fine-tune")
-        rows.append(row)
-    return rows
-
-
-def test_curves_are_a_png_with_a_learning_rate_panel_when_recorded(tmp_path):
-    plain, scheduled = str(tmp_path / "plain.png"), str(tmp_path / "scheduled.png")
-    assert write_curves(history(5), plain, "small_cnn: a") == plain
-    assert write_curves(history(5, lr=True), scheduled) == scheduled
-    (width, height), (_, height_lr) = png_size(plain), png_size(scheduled)
-    assert width > 400 and height > 300
-    assert height_lr > height * 1.3  # a third panel: the learning rate
-    assert write_curves([], str(tmp_path / "none.png")) is None and not (tmp_path / "none.png").exists()
-    assert sorted(os.listdir(tmp_path)) == ["plain.png", "scheduled.png"]  # no temporary left behind
 
 
 def timing(runtime: str, batch: int, p50, status="ok") -> dict:
@@ -252,21 +219,6 @@ def test_compare_library_refuses_nothing_to_compare(tmp_path):
     with pytest.raises(KbenchError, match="at least one"):
         compare_runs([], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-
-
-def test_latency_details_follow_the_table_once_per_model_and_runtime():
-    from kbench.report import latency_text
-
-    machine = {"cpu": "cpu", "cores": 2, "gpu": "none", "threads": 2, "versions": {"onnxruntime": "1"}}
-    row = {"model": "m", "runtime": "onnxruntime-cpu", "batch_size": 1, "p50_ms": 1.0, "status": "ok"}
-    rows = [{**row, "detail": "spinning on"}, {**row, "batch_size": 32, "detail": "spinning on"}]
-    rows.append({**row, "runtime": "keras-predict", "detail": ""})
-    rows.append({**row, "batch_size": 8, "detail": "spinning off"})  # another model of the same name
-    for style in ("table", "markdown"):
-        text = latency_text(rows, style, machine)
-        assert text.endswith("\n\n- m onnxruntime-cpu: spinning on\n- m onnxruntime-cpu: spinning off")
-        assert text.count("spinning on") == 1
-    assert "\n\n- " not in latency_text([rows[2]], "markdown", machine)
 
 
 def test_report_names_the_settings_each_runtime_ran_with_and_flags_a_change(tmp_path):

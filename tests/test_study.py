@@ -4,7 +4,6 @@ import socket
 
 import pytest
 
-from kbench.report import pareto_front
 from kbench.study import load_config, run_study
 
 from conftest import BACKEND, run_cli
@@ -127,11 +126,6 @@ def test_rerun_resumes_without_redoing_finished_members(study):
     results = run_study(load_config(config_path), out, echo=lines.append)
     assert (os.path.getmtime(model), os.path.getmtime(ensemble)) == before
     assert {row["name"]: row["status"] for row in results["rows"]}["small_cnn"] == "ok"
-
-
-def test_pareto_front():
-    assert pareto_front([(1, 5), (2, 3), (3, 4), (4, 1)]) == [0, 1, 3]
-    assert pareto_front([(1, 1), (2, 2)]) == [0]
 
 
 def test_bench_command_rejects_a_missing_config(tmp_path):
