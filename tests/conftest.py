@@ -70,3 +70,23 @@ def run_cli(*args, env=None, timeout=300, cwd=None):
         timeout=timeout,
         cwd=cwd,
     )
+
+
+# The smallest study: one small_cnn entry, one epoch (tests/test_studyconfig.py, tests/test_study.py).
+MINIMAL_STUDY = """
+[study]
+data = "{data}"
+[train]
+epochs = 1
+image_size = 24
+weights = "none"
+[[backbones]]
+backbone = "small_cnn"
+"""
+
+
+def write_study(tmp_path, text, **paths) -> str:
+    """``text`` formatted with ``paths``, written to tmp_path/study.toml; returns its path."""
+    path = tmp_path / "study.toml"
+    path.write_text(text.format(**paths))
+    return str(path)
