@@ -32,7 +32,7 @@ COLUMNS = ["head_epochs", "wall_seconds", "feature_seconds", "head_seconds", "va
 def demo_members(folder: str, images: int, member_epochs: int | None, backend: str) -> tuple[list[dict], int]:
     """Train the demo's stacked ensemble's members on the demo's generated images; returns their
     records ({name, run_dir, val_log_loss, ...}) and the ensemble's head epochs."""
-    from kbench.study import load_config
+    from kbench.studyconfig import load_config
     from kbench.synthetic import write_kaggle_dataset
     from kbench.train import train
 

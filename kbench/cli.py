@@ -265,7 +265,7 @@ def _show_study(results: dict, out: str) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", required=True, help="Study TOML, or a study kbench ships (seed, demo).")
+@click.option("--config", "config_path", required=True, help="Study TOML, or one kbench ships: seed, demo, modern.")
 @click.option("--data", type=click.Path(), help="Training images (overrides the config).")
 @click.option("--test-data", type=click.Path(), help="Test images for the submission ('' for none).")
 @click.option("--answers", type=click.Path(), help="id,label CSV to score the submission (overrides the config).")
@@ -288,7 +288,8 @@ def bench(config_path, out, progress, overwrite, executor, address, **overrides)
     With --executor ray each backbone entry is a Ray task (one GPU each where there are GPUs);
     --out must then be on storage every Ray node sees (checked first).
     """
-    from kbench.study import load_config, run_study
+    from kbench.study import run_study
+    from kbench.studyconfig import load_config
 
     where = _X(executor, address).check()
     config = load_config(config_path, **overrides)

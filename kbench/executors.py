@@ -1,9 +1,9 @@
 """Where a study's backbone entries run: one after another in this process (``sequential``), or
 as Ray tasks (``ray``), one per entry, each asking for a GPU where the cluster has GPUs.
 
-Both run the same function, ``kbench.study.member_row`` (train or reuse, export, time), so results,
-resume (a finished member is reused, keyed by its settings, data and weights) and failure marking
-are the sequential study's. Under Ray each entry runs in a fresh worker process (``max_calls=1``:
+Both run the function the study hands them (``kbench.study.member_row``: train or reuse, export,
+time), so results, resume (a finished member is reused, keyed by its settings, data and weights) and
+failure marking are the sequential study's. Under Ray each entry runs in a fresh worker process (``max_calls=1``:
 no backend state or GPU memory carries over) whose output goes to ``OUT/logs/NAME.log``; the
 study folder must be on storage every Ray node sees, which is checked before anything trains.
 Ensembles and the submission run in the calling process once the entries are done.
@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kbench.config import option
@@ -55,24 +56,36 @@ class ExecutorConfig:
         return self
 
 
-def run_members(config, out_dir: str, fingerprint: str, verbose, echo, executor: ExecutorConfig) -> list[dict]:
-    """The results rows of ``config.backbones``, in the config's order."""
-    if executor.executor == "ray":
-        return _run_on_ray(config, out_dir, fingerprint, echo, executor.address)
-    from kbench.study import member_row
+def run_members(
+    members: list,
+    run_member: Callable[..., dict],
+    time_member: Callable[[dict], None],
+    out_dir: str,
+    backend: str,
+    verbose,
+    echo,
+    executor: ExecutorConfig,
+) -> list[dict]:
+    """The results rows of ``members`` (the study's backbone entries), in their order.
 
+    ``run_member(member, verbose=..., timing=...)`` trains (or reuses), exports and, with ``timing``,
+    times one entry into its row; ``time_member(row)`` times a finished row afterwards (Ray: in this
+    process, once no entry trains beside it). Under Ray, ``run_member`` is sent to the workers, so it
+    must pickle (a module-level function, or a ``functools.partial`` of one)."""
+    if executor.executor == "ray":
+        return _run_on_ray(members, run_member, time_member, out_dir, backend, echo, executor.address)
     rows = []
-    for index, member in enumerate(config.backbones, 1):
-        echo(f"[{index}/{len(config.backbones)}] {member.name}: training, exporting, timing")
-        rows.append(member_row(member, out_dir, fingerprint, config.latency, verbose))
+    for index, member in enumerate(members, 1):
+        echo(f"[{index}/{len(members)}] {member.name}: training, exporting, timing")
+        rows.append(run_member(member, verbose=verbose))
     return rows
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
 
 
-def _member_task(member, out_dir: str, fingerprint: str, latency, backend: str) -> dict:
-    """One backbone entry in a Ray worker: its output to OUT/logs/NAME.log, then ``member_row``."""
+def _member_task(run_member, member, out_dir: str, backend: str) -> dict:
+    """One backbone entry in a Ray worker: its output to OUT/logs/NAME.log, then ``run_member``."""
     log_path = os.path.join(out_dir, LOGS, f"{member.name}.log")
     with open(log_path, "a", buffering=1) as handle, _output_to(handle):
         print(f"kbench: {member.name} on {socket.gethostname()} (pid {os.getpid()})", flush=True)
@@ -81,14 +94,12 @@ def _member_task(member, out_dir: str, fingerprint: str, latency, backend: str) 
         for name in (*CLUSTER_VARIABLES, "SLURM_STEP_NUM_TASKS"):  # each entry trains as one process
             os.environ.pop(name, None)
         from kbench.backend import use_backend
-        from kbench.options import set_up_process
+        from kbench.process import set_up
 
         use_backend(backend)  # before keras is imported in this worker
-        set_up_process(False, False)
-        from kbench.study import member_row
-
+        set_up()
         started = time.perf_counter()
-        row = member_row(member, out_dir, fingerprint, latency, verbose=0, timing=False)
+        row = run_member(member, verbose=0, timing=False)
         print(f"kbench: {member.name}: {row['status']} in {time.perf_counter() - started:.1f} s", flush=True)
         return row
 
@@ -204,12 +215,14 @@ def _check_storage(out_dir: str) -> None:
                     os.remove(os.path.join(out_dir, name))
 
 
-def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | None) -> list[dict]:
+def _run_on_ray(
+    members: list, run_member, time_member, out_dir: str, backend: str, echo, address: str | None
+) -> list[dict]:
     import ray
 
     out_dir = os.path.abspath(out_dir)  # workers start elsewhere
     os.makedirs(os.path.join(out_dir, LOGS), exist_ok=True)
-    several = [m for m in config.backbones if m.train.devices not in (None, "1")]
+    several = [m for m in members if m.train.devices not in (None, "1")]
     if several:
         raise KbenchError(
             f"--executor ray gives each backbone entry one device; {several[0].name} asks for "
@@ -224,15 +237,15 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
         )
         cpus = int(ray.cluster_resources().get("CPU", 0))
         echo(
-            f"ray: {len(config.backbones)} backbone entries as tasks on {len(ray.nodes())} node(s), {cpus} CPUs, "
+            f"ray: {len(members)} backbone entries as tasks on {len(ray.nodes())} node(s), {cpus} CPUs, "
             f"{int(gpus)} GPUs; logs in {os.path.join(out_dir, LOGS)}"
         )
         pending = {}
-        for member in config.backbones:
+        for member in members:
             member = dataclasses.replace(
                 member, train=dataclasses.replace(member.train, data=os.path.abspath(member.train.data))
             )
-            pending[task.remote(member, out_dir, fingerprint, config.latency, config.backend)] = member.name
+            pending[task.remote(run_member, member, out_dir, backend)] = member.name
         rows = {}
         try:
             while pending:
@@ -243,9 +256,9 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
                 except ray.exceptions.RayError as error:  # the worker died (killed, out of memory)
                     if isinstance(getattr(error, "cause", None), TrainingInterrupted | KeyboardInterrupt):
                         raise TrainingInterrupted(f"{name} was interrupted; its checkpoint is kept") from None
-                    rows[name] = _failed_row(config, out_dir, name, error)
+                    rows[name] = _failed_row(members, out_dir, name, error)
                     log.warning("%s %s", name, rows[name]["status"])
-                echo(f"[{len(rows)}/{len(config.backbones)}] {name}: {rows[name]['status']}")
+                echo(f"[{len(rows)}/{len(members)}] {name}: {rows[name]['status']}")
         except (KeyboardInterrupt, TrainingInterrupted):
             for reference in pending:
                 ray.cancel(reference, force=True)
@@ -254,18 +267,16 @@ def _run_on_ray(config, out_dir: str, fingerprint: str, echo, address: str | Non
         ray.shutdown()
     # Timed here, one model at a time, once no entry trains: a timing taken while other entries train
     # on the same machine would be wrong, and the report's machine is this one.
-    from kbench.study import time_member
-
-    ordered = [rows[member.name] for member in config.backbones]
+    ordered = [rows[member.name] for member in members]
     for index, row in enumerate(ordered, 1):
         if row["status"] == "ok":
             echo(f"[{index}/{len(ordered)}] {row['name']}: timing")
-        time_member(row, out_dir, config.latency)
+        time_member(row)
     return ordered
 
 
-def _failed_row(config, out_dir: str, name: str, error: BaseException) -> dict:
-    member = next(m for m in config.backbones if m.name == name)
+def _failed_row(members: list, out_dir: str, name: str, error: BaseException) -> dict:
+    member = next(m for m in members if m.name == name)
     cause = getattr(error, "cause", None) or error
     return {
         "name": name,

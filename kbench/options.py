@@ -57,12 +57,6 @@ def debug() -> bool:
     return os.environ.get("KBENCH_DEBUG", "") not in ("", "0")
 
 
-def _terminate(signal_number, frame):
-    # SIGTERM unwinds like Ctrl-C, so temporary folders and locks are released on the way out.
-    STOP_REQUESTS.append(signal_number)
-    raise KeyboardInterrupt
-
-
 def _set_backend(ctx, param, value):
     from kbench.backend import use_backend
 
@@ -142,37 +136,13 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 
 
 def set_up_process(debug_flag: bool = False, verbose_flag: bool = False) -> None:
-    """--debug, --verbose (else other libraries' start-up lines are kept off stderr), SIGTERM
-    unwinding like Ctrl-C, and kbench's log lines on stderr."""
-    from kbench.quiet import set_up
+    """--debug, then --verbose (else other libraries' start-up lines are kept off stderr), SIGTERM
+    unwinding like Ctrl-C, and kbench's log lines on stderr (``kbench.process.set_up``)."""
+    from kbench.process import set_up
 
     if debug_flag:
         os.environ["KBENCH_DEBUG"] = "1"
     set_up(verbose_flag)  # before --backend is read: kbench.backend's defaults must not win
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _terminate)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("kbench: %(levelname)s: %(message)s"))
-    logger = logging.getLogger("kbench")
-    if not logger.handlers:
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a line is logged, not the stream of the first set-up
-    (a command run in-process, as the tests do, swaps sys.stderr for each run)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
 
 
 _gpu_warned = False

@@ -113,3 +113,23 @@ def run_cli(*args, env=None, timeout=300, cwd=None, process=False):
 
         stderr += "".join(traceback.format_exception(result.exception))  # what a process would print
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+
+# The smallest study: one small_cnn entry, one epoch (tests/test_studyconfig.py, tests/test_study.py).
+MINIMAL_STUDY = """
+[study]
+data = "{data}"
+[train]
+epochs = 1
+image_size = 24
+weights = "none"
+[[backbones]]
+backbone = "small_cnn"
+"""
+
+
+def write_study(tmp_path, text, **paths) -> str:
+    """``text`` formatted with ``paths``, written to tmp_path/study.toml; returns its path."""
+    path = tmp_path / "study.toml"
+    path.write_text(text.format(**paths))
+    return str(path)

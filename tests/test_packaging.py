@@ -44,7 +44,7 @@ def wheel(tmp_path_factory):
 
 def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "kbench/studies/demo.toml" in names and "kbench/studies/seed.toml" in names
+    assert {f"kbench/studies/{name}.toml" for name in ("demo", "seed", "modern")} <= set(names)
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
@@ -54,7 +54,7 @@ def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_pa
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = (
-        "import sys; from kbench.study import load_config; "
+        "import sys; from kbench.studyconfig import load_config; "
         "c = load_config('demo', data=sys.argv[1], test_data='', answers=''); "
         "import kbench; print(kbench.__file__); print(c.name, [m.name for m in c.backbones])"
     )

@@ -192,11 +192,9 @@ def test_a_scheduled_model_loads_without_kbench(phased_runs):
 
 
 def test_the_modern_study_carries_the_recipe():
-    from kbench.study import load_config
+    from kbench.studyconfig import load_config
 
-    from conftest import REPO
-
-    config = load_config(os.path.join(REPO, "benchmarks", "modern.toml"), data=__file__)
+    config = load_config("modern", data=__file__)
     member = config.backbones[0]
     assert member.name == "efficientnet_b0"
     assert (member.train.head_epochs, member.train.schedule, member.train.early_stopping) == (1, "cosine", 3)

@@ -4,9 +4,10 @@ import socket
 
 import pytest
 
-from kbench.study import load_config, run_study
+from kbench.study import run_study
+from kbench.studyconfig import load_config
 
-from conftest import BACKEND, run_cli
+from conftest import BACKEND, MINIMAL_STUDY, run_cli, write_study
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 
@@ -152,79 +153,16 @@ def test_demo_command_runs_the_demo_config_end_to_end(tmp_path):
     assert all(row["status"] == "ok" for row in results["rows"])
 
 
-def _write(tmp_path, text, **paths):
-    path = tmp_path / "study.toml"
-    path.write_text(text.format(**paths))
-    return str(path)
-
-
-MINIMAL = """
-[study]
-data = "{data}"
-[train]
-epochs = 1
-image_size = 24
-weights = "none"
-[[backbones]]
-backbone = "small_cnn"
-"""
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (("epochs = 1", "epoch = 1"), "[train]: unknown key 'epoch'; did you mean 'epochs'?"),
-        (("epochs = 1", "batch_sise = 8"), "unknown key 'batch_sise'; did you mean 'batch_size'?"),
-        (("[train]", "[trian]"), "unknown key 'trian'; did you mean 'train'?"),
-        (("epochs = 1", 'epochs = "ten"'), "[train]: epochs = 'ten' is not a valid int"),
-        (("epochs = 1", "lr = -1.0"), "--lr must be a positive number"),
-        (('backbone = "small_cnn"', 'backbone = "resnet9"'), "unknown backbone 'resnet9'"),
-        (('data = "{data}"', 'data = "missing.zip"'), "training data not found"),
-        (("[[backbones]]", "[latency]\nrunz = 3\n[[backbones]]"), "[latency]: unknown key 'runz'"),
-        (
-            ("[[backbones]]", '[[ensembles]]\nname = "e"\nmembers = ["small_cnn", "x"]\n[[backbones]]'),
-            "names unknown members x",
-        ),
-    ],
-)
-def test_study_config_is_strict_and_checked_at_load(edit, message, kaggle_data, tmp_path):
-    path = _write(tmp_path, MINIMAL.replace(*edit), data=kaggle_data["train"])
-    done = run_cli("bench", "--config", path, "--out", str(tmp_path / "out"), "--backend", BACKEND)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "out" / "runs").exists()  # found before anything trained
-
-
-def test_missing_test_data_and_impossible_devices_are_found_before_training(kaggle_data, tmp_path):
-    path = _write(tmp_path, MINIMAL, data=kaggle_data["train"])
-    out = str(tmp_path / "out")
-    done = run_cli(
-        "bench", "--config", path, "--test-data", str(tmp_path / "test.zip"), "--out", out, "--backend", BACKEND
-    )
-    assert done.returncode == 2 and "test data not found" in done.stderr and "--test-data ''" in done.stderr
-    done = run_cli("bench", "--config", path, "--devices", "64", "--out", out, "--backend", BACKEND)
-    assert done.returncode == 2 and "--devices 64: only" in done.stderr
-    assert not os.path.exists(os.path.join(out, "runs"))
-
-
-def test_the_shipped_seed_study_needs_data_and_loads_by_name():
-    done = run_cli("bench", "--config", "seed", "--backend", BACKEND)
-    assert done.returncode == 2 and "no training data" in done.stderr
-    config = load_config("seed", data=__file__)
-    assert [m.name for m in config.backbones][:3] == ["mobilenet_v2", "inception_v3", "xception"]
-    assert config.test_data == "" and config.backbones[0].train.lr == 1e-4
-
-
 def test_resume_is_keyed_by_configuration(kaggle_data, tmp_path):
     """A finished member is reused only while its settings are unchanged; a changed one retrains."""
-    path = _write(tmp_path, MINIMAL, data=kaggle_data["train"])
+    path = write_study(tmp_path, MINIMAL_STUDY, data=kaggle_data["train"])
     out = str(tmp_path / "out")
     run_study(load_config(path), out, echo=lambda line: None)
     model = os.path.join(out, "runs", "small_cnn", "model.keras")
     first = os.path.getmtime(model)
     run_study(load_config(path), out, echo=lambda line: None)
     assert os.path.getmtime(model) == first
-    changed = _write(tmp_path, MINIMAL.replace("epochs = 1", "epochs = 2"), data=kaggle_data["train"])
+    changed = write_study(tmp_path, MINIMAL_STUDY.replace("epochs = 1", "epochs = 2"), data=kaggle_data["train"])
     results = run_study(load_config(changed), out, echo=lambda line: None)
     assert os.path.getmtime(model) != first
     assert results["rows"][0]["epochs"] == 2 and results["failed"] == 0
@@ -241,7 +179,7 @@ def test_failures_exit_1_and_the_report_is_still_written(study, tmp_path):
 
 def test_out_folder_of_another_study_is_refused(study, kaggle_data, tmp_path):
     _, out, _ = study
-    path = _write(tmp_path, MINIMAL, data=kaggle_data["train"])
+    path = write_study(tmp_path, MINIMAL_STUDY, data=kaggle_data["train"])
     done = run_cli("bench", "--config", path, "--out", out, "--backend", BACKEND)
     assert done.returncode == 2 and "holds the results of study 'tiny'" in done.stderr
 
