@@ -1,4 +1,5 @@
-"""Training-step time on the CPU: Keras on TensorFlow, on JAX as shipped, and on JAX with XLA flags.
+"""Training-step time on the CPU: Keras on TensorFlow, on JAX as shipped, on JAX with XLA flags, and
+in bfloat16 mixed precision (``tensorflow-bf16``, ``jax-bf16``; benchmarks/docs/cpu-bf16.md).
 
     python benchmarks/cpu_backends.py [--backbones mobilenet_v2,efficientnet_b0,resnet50]
         [--sizes 96,224] [--steps 3] [--max-step-seconds 20] [--settings tensorflow,jax]
@@ -10,8 +11,9 @@ trainable, one sigmoid unit. Each setting runs in its own process (Keras fixes t
 compiles) and then ``--steps`` timed steps, of which the median is kept. Sizes run smallest first;
 a larger size is skipped when the smaller one's step, scaled by the pixel count, predicts more than
 ``--max-step-seconds``, and timing stops after one step that takes longer. Writes the raw rows as
-JSON and prints a markdown table with each setting's step time relative to TensorFlow's. Tiny mode,
-for tests: --backbones small_cnn --sizes 32 --steps 1 --settings tensorflow.
+JSON and prints a markdown table with each setting's step time relative to TensorFlow's (a bf16
+setting's: its float32 setting's step time over its own, the speed-up). Tiny mode, for tests:
+--backbones small_cnn --sizes 32 --steps 1 --settings tensorflow.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ SETTINGS = {
     },
     "jax-eigen-1-thread": {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
 }
+# Settings that train under keras' mixed_bfloat16 policy, each beside its float32 setting.
+BF16_SETTINGS = {"tensorflow-bf16": "tensorflow", "jax-bf16": "jax"}
+SETTINGS.update({name: SETTINGS[base] for name, base in BF16_SETTINGS.items()})
 DEFAULT_SETTINGS = "tensorflow,jax"
 
 
@@ -61,13 +66,16 @@ def build_model(backbone: str, image_size: int):
     return keras.Model(features.input, probability, name=f"{backbone}_classifier")
 
 
-def time_steps(backbone: str, image_size: int, batch_size: int, steps: int, max_step_seconds: float) -> dict:
+def time_steps(
+    backbone: str, image_size: int, batch_size: int, steps: int, max_step_seconds: float, policy: str = "float32"
+) -> dict:
     import keras
     import numpy as np
 
     from kbench import timing
 
     keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
     model = build_model(backbone, image_size)
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
@@ -93,6 +101,7 @@ def worker(args) -> None:
     from kbench.backend import use_backend
 
     backend = use_backend()  # from the environment the parent set
+    policy = "mixed_bfloat16" if args.worker in BF16_SETTINGS else "float32"
     for backbone in args.backbones.split(","):
         previous = None  # (size, median ms) of the last size measured
         for size in sorted(int(s) for s in args.sizes.split(",")):
@@ -103,6 +112,7 @@ def worker(args) -> None:
                 "backbone": backbone,
                 "image_size": size,
                 "batch_size": args.batch_size,
+                "dtype_policy": policy,
             }
             predicted_ms = previous and previous[1] * (size / previous[0]) ** 2
             if predicted_ms and predicted_ms > args.max_step_seconds * 1000:
@@ -112,7 +122,7 @@ def worker(args) -> None:
                 )
             else:
                 try:
-                    row.update(time_steps(backbone, size, args.batch_size, args.steps, args.max_step_seconds))
+                    row.update(time_steps(backbone, size, args.batch_size, args.steps, args.max_step_seconds, policy))
                     previous = (size, row["median_ms"])
                 except Exception as error:  # one failing case shouldn't lose the others
                     row["error"] = first_line(error, 200, named=True)
@@ -149,7 +159,8 @@ def run_setting(name: str, environment: dict, args) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One line per backbone and size; a column per setting: median step ms and the ratio to TF."""
+    """One line per backbone and size; a column per setting: median step ms and the ratio to TF (for
+    a bf16 setting: the speed-up over its float32 setting)."""
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     cases = list(dict.fromkeys((row["backbone"], row["image_size"]) for row in rows))
     by_key = {(row["setting"], row["backbone"], row["image_size"]): row for row in rows}
@@ -163,7 +174,11 @@ def markdown(rows: list[dict]) -> str:
         for setting in settings:
             row = by_key.get((setting, backbone, size), {})
             if "median_ms" in row:
-                ratio = f" ({row['median_ms'] / reference:.1f}×)" if reference and setting != "tensorflow" else ""
+                float32 = by_key.get((BF16_SETTINGS.get(setting), backbone, size), {}).get("median_ms")
+                if setting in BF16_SETTINGS:
+                    ratio = f" (speed-up {float32 / row['median_ms']:.2f})" if float32 else ""
+                else:
+                    ratio = f" ({row['median_ms'] / reference:.1f}×)" if reference and setting != "tensorflow" else ""
                 cells.append(f"{row['median_ms']:,.0f}{ratio}")
             else:
                 cells.append("skipped" if "skipped" in row else ("error" if "error" in row else "-"))

@@ -13,8 +13,8 @@ budget (--shares), measures in priority order (largest batch, first backbone, bf
 stops starting new measures when the next one would not fit; what didn't fit is reported as skipped.
 Training is timed as `kbench train` runs it: `model.fit` over kbench's batches, one step after
 another (kbench's epoch clock synchronises every step), after two untimed steps that compile.
-On a CPU it runs too (the tests use it at tiny sizes); mixed precision is then refused, as
-`kbench train` refuses it.
+On a CPU it runs too (the tests use it at tiny sizes); mixed precision is then refused where
+`kbench train` refuses it (everywhere but bfloat16 on a CPU with native bf16).
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ def held_stderr():
             os.write(2, DISCARD)
         os.dup2(saved, 2)
         os.close(saved)
-        if faults_were_on:
-            faulthandler.enable(file=sys.stderr)
+        if faults_were_on:  # on fd 2: sys.stderr may have no descriptor (click's CliRunner, in tests)
+            faulthandler.enable(file=2)
         else:
             faulthandler.disable()
         real_stderr.close()

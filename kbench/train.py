@@ -45,7 +45,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     config = config.resolved()
     images = find_images(config.data, layout=config.layout)
     binary = len(images.classes) == 2
-    check_devices(config.devices, config.batch_size, config.mixed_precision)  # before anything is written
+    if notice := check_devices(config.devices, config.batch_size, config.mixed_precision, config.backbone):
+        log.info(notice)  # bfloat16 on a CPU: what to expect; checked before anything is written
     if config.label_smoothing and not binary:
         raise KbenchError(f"--label-smoothing works with two classes; {config.data} has {len(images.classes)}")
     # several processes training together (kbench.distributed): process 0 alone writes the folder

@@ -53,7 +53,8 @@ class TrainConfig:
     devices: str | None = option(None, "Data parallel over 'all' local devices or N of them.", shown_default="one")
     mixed_precision: str | None = option(
         None,
-        "Mixed-precision compute on GPUs (float32 head and loss).",
+        "Half-precision compute, float32 head and loss: on a GPU or TPU, or bfloat16 on a CPU with "
+        "AMX-BF16 or AVX512-BF16 (faster there only for some backbones).",
         choices=("bfloat16", "float16"),
         flag_value="bfloat16",
     )

@@ -119,6 +119,18 @@ def test_cpu_backends_rows_match_its_table(tmp_path, capsys):
     assert body == [f"| small_cnn | 32 | {row['median_ms']:,.0f} |"]
 
 
+def test_cpu_backends_bf16_settings_show_their_speed_up_over_float32():
+    script = load_script("cpu_backends")
+    rows = [
+        {"setting": setting, "backbone": "resnet50", "image_size": 96, "median_ms": ms}
+        for setting, ms in (("tensorflow", 2700), ("tensorflow-bf16", 2033), ("jax", 5400), ("jax-bf16", 10800))
+    ]
+    assert script.markdown(rows).splitlines()[-1] == (
+        "| resnet50 | 96 | 2,700 | 2,033 (speed-up 1.33) | 5,400 (2.0×) | 10,800 (speed-up 0.50) |"
+    )
+    assert script.SETTINGS["jax-bf16"] == {"KERAS_BACKEND": "jax"}
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the script runs each backbone in its own TensorFlow process")
 def test_backbones_table_rows_plot_and_resume(tmp_path, capsys):
     script = load_script("backbones")

@@ -4,10 +4,12 @@ import os
 
 import pytest
 
-from kbench.devices import count_devices
+from kbench import machine
+from kbench.backbones import get_backbone
+from kbench.devices import CPU_BF16_MEASURED, CPU_BF16_PAGE, count_devices, cpu_bf16_expectation
 from kbench.errors import KbenchError
 
-from conftest import BACKEND, CPU_ONLY, accelerator, run_cli
+from conftest import BACKEND, CPU_ONLY, REPO, accelerator, run_cli
 
 
 def test_device_counts():
@@ -42,9 +44,52 @@ def train_args(kaggle_data, run_dir, *extra):
     )
 
 
-def test_mixed_precision_is_refused_on_a_cpu(kaggle_data, tmp_path):
-    done = run_cli(*train_args(kaggle_data, str(tmp_path / "run"), "--mixed-precision"), env=CPU_ONLY)
-    assert done.returncode == 2 and "--mixed-precision needs a GPU" in done.stderr
+def test_float16_is_refused_on_a_cpu(kaggle_data, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli(*train_args(kaggle_data, str(run_dir), "--mixed-precision", "float16"), env=CPU_ONLY)
+    assert done.returncode == 2 and "--mixed-precision float16 needs a GPU or TPU" in done.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(accelerator(), reason="trains on the CPU only where the backend sees no GPU or TPU")
+def test_bfloat16_is_refused_on_a_cpu_without_native_bf16(kaggle_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "has_native_bf16", lambda: False)
+    run_dir = tmp_path / "run"
+    done = run_cli(*train_args(kaggle_data, str(run_dir), "--mixed-precision", "bfloat16"))
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr
+    assert "needs AMX-BF16 or AVX512-BF16, which this CPU lacks" in errors[0]
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(accelerator(), reason="trains on the CPU only where the backend sees no GPU or TPU")
+def test_bfloat16_trains_on_a_cpu_with_native_bf16_and_says_what_to_expect(kaggle_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "has_native_bf16", lambda: True)
+    run_dir = tmp_path / "run"
+    done = run_cli(*train_args(kaggle_data, str(run_dir), "--mixed-precision"))
+    assert done.returncode == 0, done.stderr
+    notices = [line for line in done.stderr.splitlines() if "bfloat16 on a CPU" in line]
+    assert notices == [f"kbench: INFO: {cpu_bf16_expectation('small_cnn', BACKEND)}"]
+    assert f"under {BACKEND} (" in notices[0]  # measured under both backends
+    metrics = json.load(open(run_dir / "metrics.json"))
+    assert metrics["mixed_precision"] == "bfloat16" and metrics["devices"][0].lower().startswith("cpu")
+    assert metrics["val_log_loss"] < 0.6  # it learns (log 2 = 0.69 is chance)
+
+
+def test_cpu_bf16_expectation_names_the_family_its_measurement_and_the_page():
+    resnet = cpu_bf16_expectation("resnet152", "tensorflow")
+    assert "resnet family measured at 1.33x float32's training speed under tensorflow (faster; resnet50" in resnet
+    assert "0.68x float32's training speed under tensorflow (slower" in cpu_bf16_expectation(
+        "efficientnet_b3", "tensorflow"
+    )
+    elsewhere = cpu_bf16_expectation("resnet50", "jax")
+    assert elsewhere.startswith("bfloat16 on a CPU: the resnet family is not measured under jax; 1.33x float32's")
+    unmeasured = cpu_bf16_expectation("densenet121", "tensorflow")
+    assert unmeasured == f"bfloat16 on a CPU: the densenet family is not measured on a CPU; see {CPU_BF16_PAGE}"
+    assert os.path.exists(os.path.join(REPO, CPU_BF16_PAGE))
+    for (family, backend), measured in CPU_BF16_MEASURED.items():  # each names a real backbone of its family
+        spec = get_backbone(measured.backbone)
+        assert (spec.module or spec.name) == family and backend in ("tensorflow", "jax")
 
 
 @pytest.mark.skipif(not accelerator(), reason="mixed precision trains only on a GPU or TPU")
