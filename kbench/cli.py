@@ -106,7 +106,7 @@ def launch(processes, port, log_dir, command):
 
     \b
     Each gets JAX_COORDINATOR_ADDRESS (127.0.0.1:PORT), JAX_NUM_PROCESSES and its own
-    JAX_PROCESS_ID, the variables the README's SLURM and Kubernetes examples set. Output is
+    JAX_PROCESS_ID, the variables the SLURM and Kubernetes examples in docs/backends-and-devices.md set. Output is
     prefixed by rank; when one process fails the others are stopped, and the exit status is
     the first failure's. Ctrl-C reaches every process once.
     Example:

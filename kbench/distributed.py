@@ -1,7 +1,7 @@
 """Several training processes as one: the cluster environment, JAX's initialisation, and
 ``kbench launch``, which starts N local processes with that environment.
 
-The environment is the same everywhere (``kbench launch``, SLURM, Kubernetes; see the README)::
+The environment is the same everywhere (``kbench launch``, SLURM, Kubernetes; see docs/backends-and-devices.md)::
 
     JAX_COORDINATOR_ADDRESS   host:port of process 0's coordinator
     JAX_NUM_PROCESSES         how many processes train together

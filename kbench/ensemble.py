@@ -46,7 +46,7 @@ class EnsembleConfig:
     tta_passes: int = option(0, "Augmented passes of the training split added to the head's features.")
     seed: int = option(0, "Seed for the head and the augmented passes.")
     workers: int | None = None
-    layout: str = option("auto", "How labels are read from the data (see README).", choices=LAYOUTS)
+    layout: str = option("auto", "How labels are read from the data (see docs/data.md).", choices=LAYOUTS)
 
     def check(self) -> "EnsembleConfig":
         if self.method not in METHODS:

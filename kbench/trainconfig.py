@@ -59,7 +59,7 @@ class TrainConfig:
         flag_value="bfloat16",
     )
     layout: str = option(
-        "auto", "How labels are read from the data (see README).", choices=("auto", "kaggle", "folders")
+        "auto", "How labels are read from the data (see docs/data.md).", choices=("auto", "kaggle", "folders")
     )
     # The fine-tuning recipe. The defaults are the reference study's: every layer trains from the first
     # step at a constant Adam rate for a fixed number of epochs (seed.toml adds train_bn = true).

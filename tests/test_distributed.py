@@ -144,10 +144,10 @@ def test_multi_process_training_under_tensorflow_is_refused_in_one_line(kaggle_d
     assert len(done.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "r")
 
 
-def test_the_readme_examples_set_the_variables_kbench_reads():
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    section = text[text.index("### Several devices") :]
-    section = section[: section.index("\n### ", 10)]
+def test_the_documented_examples_set_the_variables_kbench_reads():
+    text = open(os.path.join(REPO, "docs", "backends-and-devices.md"), encoding="utf-8").read()
+    section = text[text.index("## Several devices") :]
+    section = section[: section.index("\n## ", 10)]
     slurm = section[section.index("# SLURM") : section.index("# Kubernetes")]
     kubernetes = section[section.index("# Kubernetes") : section.index("```", section.index("# Kubernetes"))]
     for example in (slurm, kubernetes):

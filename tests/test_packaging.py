@@ -1,6 +1,8 @@
-"""The wheel works outside a clone: the packaged studies ship with it."""
+"""The wheel works outside a clone: the packaged studies ship with it; and the docs' list of modules is
+kbench's."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,3 +72,19 @@ def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_pa
     location, study = done.stdout.strip().splitlines()
     assert location.startswith(str(site))  # the installed copy, not the clone
     assert study.startswith("demo ['small_cnn'")
+
+
+def test_the_code_layout_in_the_docs_names_every_module_once():
+    """docs/development.md lists kbench's modules one a line: a module added, renamed or removed without
+    its line fails here, so the list can't go stale."""
+    text = open(os.path.join(REPO, "docs", "development.md"), encoding="utf-8").read()
+    block = text[text.index("```\nkbench/\n") :]
+    block = block[: block.index("```", 3)]
+    listed = re.findall(r"^  (\w+)\.py ", block, flags=re.MULTILINE)
+    modules = [
+        name[: -len(".py")]
+        for name in os.listdir(os.path.join(REPO, "kbench"))
+        if name.endswith(".py") and name not in ("__init__.py", "__main__.py")
+    ]
+    assert len(listed) == len(set(listed)), "a module listed twice"
+    assert sorted(listed) == sorted(modules)
