@@ -20,10 +20,11 @@ from kbench.machine import cpu, has_native_bf16, physical_cores
 
 # Fixed, named settings (measured once on a 2-core Xeon with AMX, benchmarks/docs/openvino.md): the
 # LATENCY hint (one stream, all threads on one request: kbench times one synchronous request at a time,
-# where THROUGHPUT's several streams leave cores idle) and one inference thread per physical core, as
-# onnxruntime-cpu. The model is compiled for each batch size's static shape on its first call (a
-# dynamic-batch compile measured slower), so the first call of a new batch size is a warm-up.
-SETTINGS = {"PERFORMANCE_HINT": "LATENCY"}
+# where THROUGHPUT's several streams leave cores idle), threads not pinned to cores (pinned, EfficientNet-B0
+# ran 1.44x slower on the shared machine: a pinned thread waits for its core) and one inference thread per
+# physical core, as onnxruntime-cpu. The model is compiled for each batch size's static shape on its first
+# call (a dynamic-batch compile measured slower), so the first call of a new batch size is a warm-up.
+SETTINGS = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": "NO"}
 # Largest |OpenVINO - Keras| relative to the output's scale (kbench.metrics.relative_difference) a row
 # may show: float32 as the ONNX export's own check; bf16 keeps 8 bits of mantissa (measured on small_cnn,
 # EfficientNet-B0, MobileNetV2 and ResNet-50: benchmarks/docs/openvino.md).
@@ -86,7 +87,7 @@ class OpenVinoCPU:
         threads = f"{physical_cores()} (physical cores)" if self.threads is None else str(self.threads)
         return (
             f"{self.precision} inference precision, performance hint {SETTINGS['PERFORMANCE_HINT']}, "
-            f"inference threads {threads}, compiled per batch size"
+            f"inference threads {threads}, not pinned, compiled per batch size"
         )
 
     def prepare(self, model: str, image_size: tuple[int, int]) -> None:

@@ -202,7 +202,11 @@ def test_openvino_f32_runs_the_onnx_file_in_float32_with_its_settings_named(tmp_
     assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
     assert compiled.get_property("INFERENCE_NUM_THREADS") == machine.physical_cores()
     threads = f"inference threads {machine.physical_cores()} (physical cores)"
-    assert runtime.detail == f"f32 inference precision, performance hint LATENCY, {threads}, compiled per batch size"
+    assert (
+        runtime.detail
+        == f"f32 inference precision, performance hint LATENCY, {threads}, not pinned, compiled per batch size"
+    )
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
     assert runtime.tolerance == 1e-4 and runtime.needs == "onnx" and runtime.library == "openvino"
 
 
