@@ -24,6 +24,7 @@ from kbench.export import DEFAULT_EXPORT_DIR as _EXPORT_DIR
 from kbench.export import OPSETS as _OPSETS
 from kbench.export import ExportOptions as _X1
 from kbench.latency import LatencyConfig as _L
+from kbench.submission import PREDICT_RUNTIMES
 from kbench.submission import SubmissionConfig as _S
 from kbench.trainconfig import TrainConfig as _T
 
@@ -192,13 +193,19 @@ def ensemble(members, run_dir, quiet, backend, overwrite, **options):
 @click.option("-o", "--output", type=click.Path(), default="submission.csv", show_default=True)
 @opt.backend_option
 @opt.from_config(_S, "tta", "clip", "batch_size")
-@click.option("--runtime", type=click.Choice(["keras", "onnxruntime"]), default="keras", show_default=True)
+@click.option(
+    "--runtime",
+    type=click.Choice(list(PREDICT_RUNTIMES)),
+    default="keras",
+    show_default=True,
+    help="Keras, or the checked ONNX export on ONNX Runtime or OpenVINO (f32, bf16).",
+)
 @opt.flag("--calibrate", "Apply a temperature fitted on the run's validation split.")
 def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, backend):
     """Predict a test set into a Kaggle submission (id,label = P(second class)).
 
     \b
-    MODEL: a run or ensemble folder, a .keras file, or an .onnx file (ONNX Runtime only).
+    MODEL: a run or ensemble folder, a .keras file, or an .onnx file (ONNX Runtime or OpenVINO).
     Example:
       kbench predict runs/b0 --data test.zip -o submission.csv --tta flip --clip 0.005
     """
@@ -237,7 +244,7 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune,
     fresh head). Keras models are exported to exports/NAME.onnx for the ONNX runtimes (reused
     while made from the same model). Ctrl-C prints the rows finished so far.
     Example:
-      kbench latency efficientnet_b0 --runtime keras-compiled,onnxruntime-cpu --batch-size 1,32
+      kbench latency efficientnet_b0 --runtime onnxruntime-cpu,openvino-cpu,openvino-cpu-bf16 --batch-size 1,32
     """
     from kbench.latency import LatencyConfig, measure
     from kbench.machine import facts

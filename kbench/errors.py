@@ -5,6 +5,11 @@ class KbenchError(Exception):
     """A problem with the user's input or environment, reported as one line (exit code 2)."""
 
 
+class Unavailable(Exception):
+    """An inference runtime can't serve the model on this machine; the message says why (its rows say
+    ``unavailable: <why>``, never a quiet fallback)."""
+
+
 # A SIGINT/SIGTERM that arrived (signal number), kept even where Python swallowed the KeyboardInterrupt
 # it raised (in a garbage-collection callback, say): training stops at its first batch, and the CLI
 # never reports success after it.

@@ -38,6 +38,7 @@ from kbench import __version__, files
 from kbench.backbones import batch_norm_layers, load_model
 from kbench.distributed import die_with_parent
 from kbench.errors import KbenchError, first_line
+from kbench.metrics import relative_difference
 from kbench.runs import Run, file_hash
 
 OPSETS = range(13, 19)  # what tf2onnx 1.17 converts to
@@ -261,11 +262,7 @@ def check_parity(model, onnx_bytes: bytes, batch_sizes, tolerance: float = PARIT
         expected = [np.asarray(e) for e in (expected if isinstance(expected, (list, tuple)) else [expected])]
         got = session.run(None, {session.get_inputs()[0].name: pixels})
         for keras_output, onnx_output in zip(expected, got):
-            # Probabilities live on [0, 1]: their scale is 1, even when a confident model's outputs
-            # on random pixels are all ~1e-5 (a relative measure would then flag float rounding).
-            probability = keras_output.min() >= 0 and keras_output.max() <= 1
-            scale = 1.0 if probability else max(float(np.max(np.abs(keras_output))), 1e-6)
-            worst = max(worst, float(np.max(np.abs(onnx_output - keras_output))) / scale)
+            worst = max(worst, relative_difference(keras_output, onnx_output))
     if not worst <= tolerance:
         raise KbenchError(
             f"ONNX Runtime and Keras disagree: largest relative difference {worst:.2e} > {tolerance:.0e}; "

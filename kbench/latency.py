@@ -19,6 +19,7 @@ from kbench import files, timing
 from kbench.config import option, positive
 from kbench.errors import KbenchError, first_line
 from kbench.machine import facts
+from kbench.metrics import relative_difference
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
 from kbench.tables import distinct_names, latency_text
 
@@ -137,6 +138,50 @@ def sample_pixels(batch_size: int, image_size: tuple[int, int]) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
+class Reference:
+    """What a checked runtime's rows (those with a ``tolerance``: OpenVINO's) are compared with, on the
+    pixels they were timed on: Keras' outputs where MODEL is a Keras model, else ONNX Runtime's on the
+    same file (checked against Keras when it was exported). The Keras model is loaded once, on first
+    use, for the Keras runtimes too."""
+
+    def __init__(self, source: ModelSource):
+        self.source, self.model, self.outputs = source, None, {}
+        self.label = "Keras" if source.keras_path else "ONNX Runtime"
+
+    def keras_model(self):
+        if self.model is None:
+            from kbench.export import load_model
+
+            self.model = load_model(self.source.keras_path)
+        return self.model
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        if pixels.shape not in self.outputs:
+            if self.source.keras_path:
+                outputs = self.keras_model().predict_on_batch(pixels)
+            else:
+                from kbench.runtimes import onnx_session
+
+                session = onnx_session(self.source.onnx_path, ["CPUExecutionProvider"])
+                outputs = session.run(None, {session.get_inputs()[0].name: pixels})
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            self.outputs[pixels.shape] = [np.array(output) for output in outputs]
+        return self.outputs[pixels.shape]
+
+    def check(self, runtime, pixels: np.ndarray) -> dict:
+        """The row's ``parity`` (largest relative difference) and, above the runtime's tolerance, its
+        failed status; the detail names the reference and the tolerance."""
+        expected = self(pixels)
+        difference = max(relative_difference(e, got) for e, got in zip(expected, runtime.run(pixels)))
+        fields = {
+            "parity": difference,
+            "detail": f"{runtime.detail}; checked against {self.label} within {runtime.tolerance:.0e}",
+        }
+        if not difference <= runtime.tolerance:
+            fields["status"] = f"failed: differs from {self.label} by {difference:.1e} > {runtime.tolerance:.0e}"
+        return fields
+
+
 def plan(config: LatencyConfig) -> int:
     return len(config.models) * len(config.runtimes) * len(config.batch_sizes)
 
@@ -152,7 +197,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
     with files.scratch_folder("latency") as scratch:
         for model, label in zip(config.models, labels):
             source = resolve_model(model, config.weights, scratch)
-            keras_model = None
+            reference = Reference(source)
             names = list(config.runtimes)
             if source.members > 1 and "onnxruntime-cpu" in names:
                 names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
@@ -161,7 +206,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                 base = {
                     "model": label,
                     "runtime": runtime.name,
-                    "backend": backend if runtime.needs == "keras" else "onnxruntime",
+                    "backend": backend if runtime.needs == "keras" else getattr(runtime, "library", "onnxruntime"),
                     "runs": config.runs,
                     "warmup": config.warmup,
                 }
@@ -169,11 +214,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                     if runtime.needs == "keras":
                         if source.keras_path is None:
                             raise Unavailable("MODEL is an ONNX file")
-                        if keras_model is None:
-                            from kbench.export import load_model
-
-                            keras_model = load_model(source.keras_path)
-                        runtime.prepare(keras_model, source.image_size)
+                        runtime.prepare(reference.keras_model(), source.image_size)
                     else:
                         runtime.prepare(onnx_file(source, config.export_dir), source.image_size)
                 except Unavailable as reason:
@@ -195,6 +236,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         pixels = sample_pixels(batch, source.image_size)
                         with timing.watch_load() as load:  # other processes' CPU use meanwhile
                             timings = timing.time_calls(partial(runtime.run, pixels), config.runs, config.warmup)
+                        checked = reference.check(runtime, pixels) if getattr(runtime, "tolerance", None) else {}
                     except Exception as error:  # one row fails, the rest are still measured and kept
                         if isinstance(error, KbenchError):
                             raise
@@ -211,9 +253,10 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
                         **load,
                         "status": "ok",
                         "detail": runtime.detail,
+                        **checked,
                     }
                 del runtime
-            del keras_model
+            del reference
             gc.collect()
             keras.backend.clear_session()  # free the compiled graphs before the next model
 

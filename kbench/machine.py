@@ -36,9 +36,10 @@ PACKAGES = (
     "tf2onnx",
     "onnxruntime",
     "onnxruntime-gpu",
+    "openvino",
     "numpy",
 )
-FACT_PACKAGES = ("keras", "jax", "tensorflow", "onnxruntime", "onnxruntime-gpu")  # beside each timing
+FACT_PACKAGES = ("keras", "jax", "tensorflow", "onnxruntime", "onnxruntime-gpu", "openvino")  # beside each timing
 GPU_QUERY = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"]
 
 

@@ -42,3 +42,18 @@ def predicted_classes(probabilities) -> np.ndarray:
 def accuracy(labels, probabilities) -> float:
     labels = np.asarray(labels, dtype=np.int64)
     return float(np.mean(predicted_classes(probabilities) == labels))
+
+
+def relative_difference(expected, got) -> float:
+    """Largest |got - expected| relative to the output's scale: 1 for probabilities (values in [0, 1],
+    even a confident model's ~1e-5 outputs, where a relative measure would flag float rounding), else
+    the largest |expected|. How kbench compares a runtime's outputs with Keras'.
+
+    >>> round(relative_difference([0.2, 0.9], [0.2, 0.91]), 6)
+    0.01
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    probability = expected.min() >= 0 and expected.max() <= 1
+    scale = 1.0 if probability else max(float(np.max(np.abs(expected))), 1e-6)
+    return float(np.max(np.abs(got - expected))) / scale

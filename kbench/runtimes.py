@@ -14,10 +14,18 @@ import os
 import numpy as np
 
 from kbench import timing
-from kbench.errors import KbenchError, first_line
+from kbench.errors import KbenchError, Unavailable, first_line
 from kbench.machine import physical_cores
+from kbench.ovruntime import OpenVinoCPU, OpenVinoCPUBf16
 
-RUNTIMES = ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
+RUNTIMES = (
+    "keras-predict",
+    "keras-compiled",
+    "onnxruntime-cpu",
+    "openvino-cpu",
+    "openvino-cpu-bf16",
+    "onnxruntime-cuda",
+)
 
 
 def onnx_session(path: str, providers: list[str], options=None):
@@ -33,10 +41,6 @@ def onnx_session(path: str, providers: list[str], options=None):
         return onnxruntime.InferenceSession(path, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
         raise KbenchError(f"{path} is not a model ONNX Runtime can load: {first_line(error, 200)}") from None
-
-
-class Unavailable(Exception):
-    """This runtime can't serve the model on this machine; the message says why."""
 
 
 class Runtime:
@@ -395,4 +399,8 @@ def make_runtime(name: str, threads: int | None = None, tune: bool = False) -> R
         return OnnxRuntimeCPU(threads, parallel=True, tune=tune)
     if name == "onnxruntime-cuda":
         return OnnxRuntimeCUDA(threads)
+    if name == "openvino-cpu":
+        return OpenVinoCPU(threads)
+    if name == "openvino-cpu-bf16":
+        return OpenVinoCPUBf16(threads)
     raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")

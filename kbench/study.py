@@ -115,6 +115,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
     """Timing rows of one model, kept in its folder under the model's hash and the settings."""
     from kbench import __version__
     from kbench.latency import iter_latency
+    from kbench.ovruntime import SETTINGS, TOLERANCES
     from kbench.runtimes import FIXED_CPU_SETTINGS, SPINNING_CANDIDATES, SPINNING_PROBE
 
     run = Run(model_dir)
@@ -131,6 +132,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
             "spinning_candidates": SPINNING_CANDIDATES,
             "spinning_probe": SPINNING_PROBE,
         },
+        "openvino_settings": {**SETTINGS, "tolerances": TOLERANCES},
     }
     if run.exists(LATENCY):
         try:

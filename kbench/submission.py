@@ -23,6 +23,13 @@ from kbench.errors import KbenchError
 from kbench.loader import ImageLoader
 
 TTA_MODES = ("none", "flip")
+# ``kbench predict --runtime``: Keras, or kbench's checked ONNX export on ONNX Runtime or OpenVINO.
+PREDICT_RUNTIMES = {
+    "keras": None,
+    "onnxruntime": None,
+    "openvino": "openvino-cpu",
+    "openvino-bf16": "openvino-cpu-bf16",
+}
 
 
 @dataclass
@@ -94,8 +101,10 @@ class _Predictor:
     """probabilities = predictor(pixels); ``image_size`` and ``classes`` describe the model."""
 
     def __init__(self, model: str, runtime: str):
-        if model.endswith(".onnx") or runtime == "onnxruntime":
-            self._load_onnx(model)
+        if runtime not in PREDICT_RUNTIMES:
+            raise KbenchError(f"unknown --runtime {runtime!r}; choose from {', '.join(PREDICT_RUNTIMES)}")
+        if model.endswith(".onnx") or runtime != "keras":
+            self._load_onnx(model, PREDICT_RUNTIMES[runtime])
         else:
             from kbench.export import load_model, model_file, run_metadata
 
@@ -104,7 +113,7 @@ class _Predictor:
             self.classes = run_metadata(model).get("classes")
             self._run = lambda pixels: np.asarray(self.keras_model.predict_on_batch(pixels))
 
-    def _load_onnx(self, model: str) -> None:
+    def _load_onnx(self, model: str, openvino: str | None = None) -> None:
         import json
 
         from kbench.runtimes import onnx_session
@@ -120,9 +129,35 @@ class _Predictor:
         properties = session.get_modelmeta().custom_metadata_map
         self.classes = json.loads(properties["classes"]) if "classes" in properties else None
         self._run = lambda pixels: session.run(None, {name: pixels})[0]
+        if openvino:
+            self._run = openvino_predictor(openvino, path, session, self.image_size)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self._run(pixels)
+
+
+def openvino_predictor(name: str, path: str, session, image_size: int):
+    """probabilities = f(pixels) on OpenVINO (``kbench.ovruntime``), after the check the latency rows
+    make: its outputs on random pixels within the runtime's tolerance of ONNX Runtime's on the same file
+    (itself checked against Keras when it was exported), else a KbenchError saying by how much."""
+    from kbench.errors import Unavailable
+    from kbench.metrics import relative_difference
+    from kbench.runtimes import make_runtime
+
+    runtime = make_runtime(name)
+    try:
+        runtime.prepare(path, (image_size, image_size))
+    except Unavailable as why:
+        raise KbenchError(f"--runtime {name}: {why}") from None
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3)).astype(np.float32)
+    expected = session.run(None, {session.get_inputs()[0].name: pixels})
+    difference = max(relative_difference(e, got) for e, got in zip(expected, runtime.run(pixels)))
+    if not difference <= runtime.tolerance:
+        raise KbenchError(
+            f"{name} differs from ONNX Runtime on {path} by {difference:.1e} > {runtime.tolerance:.0e}; "
+            "predict with --runtime onnxruntime"
+        )
+    return lambda pixels: np.array(runtime.run(pixels)[0])
 
 
 def _as_matrix(probabilities: np.ndarray) -> np.ndarray:

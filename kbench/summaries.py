@@ -72,14 +72,30 @@ def export_summary(result: dict) -> str:
 
 
 def quantize_summary(record: dict) -> str:
+    """``export onnx --quantize int8``'s lines: the int8 file kept (its configuration, float vs int8
+    batch-1 time and validation log loss), or one line saying why none was written."""
+    best = record["candidates"][0] if record["candidates"] else None
+    if record["int8_path"] is None:
+        removed = f" (removed the earlier {record['removed']})" if record.get("removed") else ""
+        if best is None or not any("val_log_loss" in row for row in record["candidates"]):
+            return (
+                f"no int8 file written: no int8 configuration was faster than the float file at batch 1 "
+                f"(float {record['float_ms']:.2f} ms; fastest int8, {best['config']}, {best['ms']:.2f} ms){removed}"
+            )
+        return (
+            f"no int8 file written: the int8 configurations faster than the float file lose too much validation "
+            f"log loss ({best['config']}: {record['float_val_log_loss']:.4f} -> {best['val_log_loss']:.4f}, "
+            f"bound {record['log_loss_bound']:.4f}){removed}"
+        )
     lines = [
-        f"wrote {record['int8_path']} (calibrated on {record['calibration_images']} images); batch-1 latency "
-        f"{record['float_ms']:.2f} ms -> {record['int8_ms']:.2f} ms ({record['speedup']:.2f}x)"
+        f"wrote {record['int8_path']} ({record['config']}, calibrated on {record['calibration_images']} images); "
+        f"batch-1 latency {record['float_ms']:.2f} ms -> {record['int8_ms']:.2f} ms ({record['speedup']:.2f}x)"
     ]
     if "int8_val_log_loss" in record:
         lines.append(
-            f"validation log loss {record['float_val_log_loss']:.4f} -> {record['int8_val_log_loss']:.4f}, "
-            f"accuracy {record['float_val_accuracy']:.3f} -> {record['int8_val_accuracy']:.3f}"
+            f"validation log loss {record['float_val_log_loss']:.4f} -> {record['int8_val_log_loss']:.4f} "
+            f"(bound {record['log_loss_bound']:.4f}), accuracy {record['float_val_accuracy']:.3f} -> "
+            f"{record['int8_val_accuracy']:.3f}"
         )
     else:
         lines.append("no validation split to compare float and int8 accuracy on")

@@ -29,6 +29,7 @@ LATENCY_COLUMNS = [  # one timing row of kbench.latency, in the order latency.cs
     "images_per_second",
     "other_cpu_cores",
     "busy",
+    "parity",
     "status",
     "detail",
 ]
@@ -183,7 +184,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def _latency_key(flat: list[dict]) -> str | None:
     """The runtime column that the quality/latency trade-off is plotted against."""
-    for runtime in ("onnxruntime-cuda", "onnxruntime-cpu", "keras-compiled", "keras-predict"):
+    for runtime in ("onnxruntime-cuda", "onnxruntime-cpu", "openvino-cpu", "keras-compiled", "keras-predict"):
         key = f"{runtime}_b1_p50_ms"
         if any(row.get(key) is not None for row in flat):
             return key

@@ -313,3 +313,14 @@ def test_pass_ablation_one_session_keeps_one_session_alive(tmp_path, capsys, mon
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["p50_ms_all"] > 0 and row["p50_ms_without"] > 0
     assert most[0] == 1 and opened[0] == 2 + 2 * 2  # parity, then one per turn
+
+
+def test_openvino_bench_rows_match_its_table(tmp_path, capsys):
+    argv = ["--backbones", "small_cnn", "--batch-sizes", "1", "--rounds", "2", "--runs", "2", "--int8-backbones", ""]
+    argv += ["--calibration-images", "4", "--small-cnn-epochs", "1", "--export-dir", str(tmp_path / "files")]
+    record, _, body = run_script("openvino_bench", argv, tmp_path, capsys)
+    assert [row["runtime"] for row in record["rows"]] == ["onnxruntime-cpu", "openvino-cpu", "openvino-cpu-bf16"]
+    assert len(body) == 3 and all(row["parity_with_keras"] <= 2e-2 for row in record["rows"] if row["status"] == "ok")
+    (trained,) = record["int8"]
+    assert trained["model"] == "small_cnn (trained)" and trained["float_val_log_loss"] > 0
+    assert len(trained["candidates"]) == 4 and "| small_cnn (trained) | float |" in record["table"]

@@ -135,8 +135,12 @@ def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle
     onnx = str(tmp_path / "m.onnx")
     done = run_cli("export", "onnx", run_dir, "-o", onnx, "--quantize", "int8", "--backend", BACKEND)
     assert done.returncode == 0, done.stderr
-    assert "calibrated on" in done.stdout and "no validation split to compare" in done.stdout
-    assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx", "run"]
+    if os.path.exists(tmp_path / "m.int8.onnx"):  # kept only where int8 measured faster (tests/test_quantize.py)
+        assert "calibrated on" in done.stdout and "no validation split to compare" in done.stdout
+        assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx", "run"]
+    else:
+        assert "no int8 file written: no int8 configuration was faster" in done.stdout
+        assert sorted(os.listdir(tmp_path)) == ["m.onnx", "run"]
     done = run_cli(
         "predict",
         run_dir,

@@ -201,11 +201,14 @@ def test_cli_exports_a_run_and_quantizes_it(kaggle_data, tmp_path):
     output = str(tmp_path / "out" / "run.onnx")
     done = run_cli("export", "onnx", run_dir, "-o", output, "--quantize", "int8", "--backend", BACKEND)
     assert done.returncode == 0, done.stderr
-    assert "largest relative difference" in done.stdout and "validation log loss" in done.stdout
-    assert os.path.exists(output) and os.path.exists(str(tmp_path / "out" / "run.int8.onnx"))
+    assert "largest relative difference" in done.stdout and os.path.exists(output)
     assert json.loads(read_metadata(output)["backbones"]) == ["small_cnn"]
-    int8 = onnx.load(str(tmp_path / "out" / "run.int8.onnx"))
-    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+    if os.path.exists(str(tmp_path / "out" / "run.int8.onnx")):  # only where int8 measured faster
+        assert "validation log loss" in done.stdout
+        int8 = onnx.load(str(tmp_path / "out" / "run.int8.onnx"))
+        assert any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in int8.graph.node)
+    else:
+        assert "no int8 file written: " in done.stdout
 
     missing = run_cli("export", "onnx", str(tmp_path / "nothing"), "--backend", BACKEND)
     assert missing.returncode == 2 and "model not found" in missing.stderr and "Traceback" not in missing.stderr

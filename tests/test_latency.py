@@ -6,7 +6,9 @@ import shutil
 import pytest
 
 from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import LatencyConfig, iter_latency, measure
+from kbench.latency import LatencyConfig, ModelSource, Reference, iter_latency, measure
+from kbench.machine import has_native_bf16
+from kbench.ovruntime import TOLERANCES
 from kbench.report import markdown_report
 from kbench.tables import LATENCY_COLUMNS, latency_text
 from kbench.timing import BUSY_CORES
@@ -26,13 +28,25 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
     rows = list(iter_latency(config))
     assert [(r["runtime"], r["batch_size"]) for r in rows] == [
         (runtime, batch)
-        for runtime in ("keras-predict", "keras-compiled", "onnxruntime-cpu", "onnxruntime-cuda")
+        for runtime in (
+            "keras-predict",
+            "keras-compiled",
+            "onnxruntime-cpu",
+            "openvino-cpu",
+            "openvino-cpu-bf16",
+            "onnxruntime-cuda",
+        )
         for batch in (1, 2)
     ]
     for row in rows:
-        if row["runtime"] == "onnxruntime-cuda" and not onnxruntime_cuda():
-            assert row["status"].startswith("unavailable: ") and "p50_ms" not in row  # never a quiet CPU run
+        missing = {"onnxruntime-cuda": not onnxruntime_cuda(), "openvino-cpu-bf16": not has_native_bf16()}
+        if missing.get(row["runtime"]):
+            assert row["status"].startswith("unavailable: ") and "p50_ms" not in row  # never a quiet fallback
             continue
+        if row["runtime"].startswith("openvino"):  # checked against Keras on the timed pixels
+            tolerance = TOLERANCES["bf16" if row["runtime"].endswith("bf16") else "f32"]
+            assert 0 <= row["parity"] <= tolerance and row["backend"] == "openvino"
+            assert row["detail"].endswith(f"; checked against Keras within {tolerance:.0e}")
         if row["runtime"] == "onnxruntime-cuda":
             assert row["device"].startswith("cuda")
         assert row["status"] == "ok" and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
@@ -75,6 +89,33 @@ def test_onnx_file_gets_onnx_rows_and_says_why_not_keras(tiny_model, tmp_path):
         iter_latency(LatencyConfig([str(tmp_path / "tiny.onnx")], ["keras-predict", "onnxruntime-cpu"], [1], 2, 0))
     )
     assert rows[0]["status"] == "unavailable: MODEL is an ONNX file" and rows[1]["status"] == "ok"
+
+
+def test_openvino_rows_on_an_onnx_file_are_checked_against_onnx_runtime(tiny_model, tmp_path):
+    list(iter_latency(LatencyConfig([tiny_model], ["onnxruntime-cpu"], [1], 2, 0, export_dir=str(tmp_path))))
+    (row,) = iter_latency(LatencyConfig([str(tmp_path / "tiny.onnx")], ["openvino-cpu"], [3], 2, 0))
+    assert row["status"] == "ok" and row["parity"] <= 1e-4 and row["batch_size"] == 3
+    assert row["detail"].endswith("; checked against ONNX Runtime within 1e-04")
+
+
+class Disagreeing:
+    """A runtime whose outputs are 0.5 off the reference's."""
+
+    detail, tolerance = "fake", 2e-2
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def run(self, pixels):
+        return [output + 0.5 for output in self.reference(pixels)]
+
+
+def test_a_row_over_its_tolerance_fails_and_says_by_how_much(tiny_model):
+    import numpy as np
+
+    reference = Reference(ModelSource("tiny", tiny_model, None, (24, 24)))
+    fields = reference.check(Disagreeing(reference), np.zeros((2, 24, 24, 3), np.float32))
+    assert fields["status"] == "failed: differs from Keras by 5.0e-01 > 2e-02" and fields["parity"] == 0.5
 
 
 def test_cli_formats_round_trip(tiny_model, tmp_path):

@@ -1,9 +1,12 @@
+import os
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kbench import machine, runtimes
+from kbench import machine, ovruntime, runtimes
+from kbench.errors import KbenchError
 from kbench.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, make_runtime
 
 
@@ -204,3 +207,65 @@ def test_an_input_the_probe_cannot_shape_is_not_probed(tmp_path):
 
 def test_cuda_keeps_spinning_off_unmeasured():
     assert OnnxRuntimeCUDA().options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_openvino_f32_runs_the_onnx_file_in_float32_with_its_settings_named(tmp_path):
+    runtime = make_runtime("openvino-cpu")
+    runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    pooled = runtime.run(pixels)[0]
+    assert pooled.shape == (2, 1, 1, 3) and np.allclose(pooled, pixels.mean(axis=(1, 2), keepdims=True), rtol=1e-5)
+    assert runtime.run(pixels[:1])[0].shape == (1, 1, 1, 3)  # another batch size: compiled for its shape
+    compiled = runtime.request((2, 8, 8, 3)).get_compiled_model()
+    # explicit: OpenVINO's CPU plugin would infer in bf16 on a CPU with AMX
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == machine.physical_cores()
+    threads = f"inference threads {machine.physical_cores()} (physical cores)"
+    assert (
+        runtime.detail
+        == f"f32 inference precision, performance hint LATENCY, {threads}, not pinned, compiled per batch size"
+    )
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert runtime.tolerance == 1e-4 and runtime.needs == "onnx" and runtime.library == "openvino"
+
+
+def test_openvino_bf16_runs_only_where_the_cpu_has_bf16(tmp_path, monkeypatch):
+    path = tiny_onnx(tmp_path / "tiny.onnx")
+    if machine.has_native_bf16():  # only there: a bf16 compile
+        runtime = make_runtime("openvino-cpu-bf16", threads=1)
+        runtime.prepare(path, (8, 8))
+        runtime.run(np.ones((1, 8, 8, 3), np.float32))
+        compiled = runtime.request((1, 8, 8, 3)).get_compiled_model()
+        assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
+        assert runtime.detail.startswith("bf16 inference precision") and "inference threads 1," in runtime.detail
+    monkeypatch.setattr(ovruntime, "has_native_bf16", lambda: False)
+    with pytest.raises(runtimes.Unavailable, match="has no native bf16 .* would be emulated"):
+        make_runtime("openvino-cpu-bf16").prepare(path, (8, 8))
+
+
+def test_openvino_refuses_a_file_it_cannot_read_in_one_line(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(KbenchError, match="bad.onnx is not a model OpenVINO can read: ") as error:
+        make_runtime("openvino-cpu").prepare(str(tmp_path / "bad.onnx"), (8, 8))
+    assert "\n" not in str(error.value)
+
+
+def test_openvino_is_imported_without_its_telemetry(tmp_path):
+    """``import openvino`` imports its converter, whose import sends a usage event unless a consent file
+    in the home folder says no; kbench's import must neither load the telemetry nor write that folder."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from kbench.runtimes import make_runtime\n"
+        f"make_runtime('openvino-cpu').prepare({tiny_onnx(tmp_path / 'tiny.onnx')!r}, (8, 8))\n"
+        "print('openvino_telemetry' in sys.modules, 'openvino' in sys.modules)\n"
+        "print(sys.modules.get('openvino.tools.ovc', 'importable'))\n"  # the refusal isn't left behind
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "CI": ""}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "importable"] and not (home / "intel").exists()

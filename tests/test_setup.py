@@ -96,7 +96,16 @@ def test_the_extras_hold_one_onnxruntime_each_and_constraints_pin_them():
     assert "onnxruntime-gpu" in names["cuda"] and "onnxruntime" not in names["cuda"]
     with open(os.path.join(REPO, "constraints.txt")) as handle:
         pinned = dict(line.strip().split("==") for line in handle if "==" in line and not line.startswith("#"))
-    for package in ("onnxruntime", "onnxruntime-gpu", "jax-cuda12-plugin", "jax", "jaxlib", "tensorflow", "sympy"):
+    for package in (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "jax-cuda12-plugin",
+        "jax",
+        "jaxlib",
+        "tensorflow",
+        "sympy",
+        "openvino",
+    ):
         assert package in pinned, package
     assert "jax2onnx" not in pinned
     assert pinned["jax-cuda12-plugin"] == pinned["jax"] == pinned["jaxlib"]

@@ -89,6 +89,32 @@ def test_onnx_and_keras_submissions_agree(run, test_folder, tmp_path):
     assert np.allclose([float(r["label"]) for r in keras_rows], [float(r["label"]) for r in onnx_rows], atol=2e-5)
 
 
+@pytest.mark.parametrize("runtime", ["openvino", "openvino-bf16"])
+def test_openvino_submissions_agree_with_keras_within_the_runtime_tolerance(
+    run, runtime, test_folder, tmp_path, monkeypatch
+):
+    from kbench import machine
+    from kbench.ovruntime import TOLERANCES
+
+    monkeypatch.chdir(tmp_path)  # the checked export goes to exports/run.onnx here
+    if runtime == "openvino-bf16" and not machine.has_native_bf16():
+        with pytest.raises(KbenchError, match="no native bf16"):
+            predict_test_set(run, test_folder, str(tmp_path / "ov.csv"), runtime=runtime)
+        return
+    predict_test_set(run, test_folder, str(tmp_path / "keras.csv"))
+    result = predict_test_set(run, test_folder, str(tmp_path / "ov.csv"), runtime=runtime)
+    keras_rows, ov_rows = read(tmp_path / "keras.csv"), read(tmp_path / "ov.csv")
+    assert result["predicted"] == 12 and [r["id"] for r in keras_rows] == [r["id"] for r in ov_rows]
+    tolerance = TOLERANCES["bf16" if runtime.endswith("bf16") else "f32"]
+    keras_labels = np.array([float(r["label"]) for r in keras_rows])
+    assert np.abs(keras_labels - np.array([float(r["label"]) for r in ov_rows])).max() <= tolerance
+
+
+def test_an_unknown_predict_runtime_is_refused(run, test_folder, tmp_path):
+    with pytest.raises(KbenchError, match="unknown --runtime 'tensorrt'; choose from keras, onnxruntime, openvino"):
+        predict_test_set(run, test_folder, str(tmp_path / "x.csv"), runtime="tensorrt")
+
+
 def test_temperature_fit_improves_overconfident_predictions():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)

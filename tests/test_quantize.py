@@ -1,0 +1,105 @@
+import os
+import re
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from kbench import quantize
+from kbench.train import train
+from kbench.trainconfig import TrainConfig
+
+from conftest import BACKEND, run_cli
+
+# Two configurations are enough to show the choice (the timings are faked); fewer calibrations.
+TWO = {label: quantize.CANDIDATES[label] for label in ("QDQ S8S8 per-channel", "QOperator U8S8 per-channel")}
+
+
+@pytest.fixture(scope="module")
+def exported(kaggle_data, tmp_path_factory):
+    """A small_cnn run with a validation split and its float ONNX file."""
+    folder = tmp_path_factory.mktemp("quantize")
+    run_dir = str(folder / "run")
+    config = TrainConfig(
+        backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=2, image_size=32, lr=2e-3
+    )
+    train(config, verbose=0)
+    done = run_cli("export", "onnx", run_dir, "-o", str(folder / "m.onnx"), "--backend", BACKEND)
+    assert done.returncode == 0, done.stderr
+    return run_dir, str(folder / "m.onnx")
+
+
+def fake_timings(float_ms: float, int8_ms: float):
+    def time_against_float(paths, image_size):
+        assert list(paths)[0] == "float" and all(os.path.isfile(path) for path in paths.values())
+        return {label: float_ms if label == "float" else int8_ms + index for index, label in enumerate(paths)}
+
+    return time_against_float
+
+
+def export_int8(run_dir, float_path):
+    return run_cli("export", "onnx", run_dir, "-o", float_path, "--quantize", "int8", "--backend", BACKEND)
+
+
+def test_the_fastest_configuration_within_the_log_loss_bound_is_kept(exported, monkeypatch):
+    run_dir, float_path = exported
+    monkeypatch.setattr(quantize, "CANDIDATES", TWO)
+    monkeypatch.setattr(quantize, "time_against_float", fake_timings(10.0, 4.0))
+    done = export_int8(run_dir, float_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()[-2:]
+    assert lines[0].startswith(f"wrote {quantize.int8_path(float_path)} (QDQ S8S8 per-channel, calibrated on ")
+    assert lines[0].endswith("batch-1 latency 10.00 ms -> 5.00 ms (2.00x)")  # QDQ first: 4 + 1
+    scores = re.match(r"validation log loss ([0-9.]+) -> ([0-9.]+) \(bound ([0-9.]+)\), accuracy ", lines[1])
+    before, after, bound = map(float, scores.groups())
+    assert after <= bound == pytest.approx(quantize.log_loss_bound(before), abs=1e-4)
+    int8 = onnx.load(quantize.int8_path(float_path))
+    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+
+
+def test_no_faster_configuration_writes_no_file_in_one_line(exported, monkeypatch):
+    run_dir, float_path = exported
+    with open(quantize.int8_path(float_path), "wb") as handle:  # an earlier run's file
+        handle.write(b"old")
+    monkeypatch.setattr(quantize, "CANDIDATES", TWO)
+    monkeypatch.setattr(quantize, "time_against_float", fake_timings(1.0, 1.0))  # within the margin: a tie
+    done = export_int8(run_dir, float_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == (
+        "no int8 file written: no int8 configuration was faster than the float file at batch 1 (float 1.00 ms; "
+        f"fastest int8, QDQ S8S8 per-channel, 2.00 ms) (removed the earlier {quantize.int8_path(float_path)})"
+    )
+    assert not os.path.exists(quantize.int8_path(float_path)) and os.path.exists(float_path)
+
+
+def test_a_faster_configuration_that_loses_log_loss_is_not_kept(exported, monkeypatch):
+    run_dir, float_path = exported
+    monkeypatch.setattr(quantize, "CANDIDATES", TWO)
+    monkeypatch.setattr(quantize, "time_against_float", fake_timings(10.0, 4.0))
+    monkeypatch.setattr(quantize, "LOG_LOSS_BOUND", {"absolute": -1.0, "relative": -1.0})  # nothing fits
+    done = export_int8(run_dir, float_path)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("no int8 file written: the int8 configurations faster than the float file lose too much")
+    assert not os.path.exists(quantize.int8_path(float_path))
+
+
+def test_float_parts_are_depthwise_and_squeeze_excite_convolutions():
+    def conv(name, source, groups=1):
+        return helper.make_node("Conv", [source, f"{name}_w"], [name], name=name, group=groups)
+
+    nodes = [
+        conv("stem", "pixels"),
+        conv("depthwise", "stem", groups=8),
+        helper.make_node("GlobalAveragePool", ["depthwise"], ["pooled"], name="pool"),
+        conv("se_reduce", "pooled"),
+        helper.make_node("Relu", ["se_reduce"], ["relu"], name="relu"),
+        conv("se_expand", "relu"),
+        helper.make_node("Sigmoid", ["se_expand"], ["gate"], name="sigmoid"),
+        helper.make_node("Mul", ["depthwise", "gate"], ["excited"], name="mul"),
+        conv("project", "excited"),
+    ]
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 8, 4, 4])
+    out = helper.make_tensor_value_info("project", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "se", [pixels], [out]))
+    assert quantize.float_nodes(model) == ["depthwise", "se_reduce", "se_expand"]
