@@ -19,8 +19,8 @@ time change only, as random weights have no log loss worth the name. Then the sa
 trained for ``--small-cnn-epochs`` on generated cats and dogs (64 px): time and validation log-loss
 change, and whether kbench keeps the int8 file.
 
-Tiny mode, for tests: --backbones small_cnn --batch-sizes 1 --rounds 2 --runs 2 --int8-backbones small_cnn
---calibration-images 4 --small-cnn-epochs 1.
+Tiny mode, for tests: --backbones small_cnn --batch-sizes 1 --rounds 2 --runs 2
+--int8-backbones none --calibration-images 4 --small-cnn-epochs 1.
 """
 
 from __future__ import annotations
@@ -139,6 +139,25 @@ def trained_small_cnn(folder: str, epochs: int) -> tuple[str, str]:
     return run_dir, onnx_for(run_dir, os.path.join(folder, "small_cnn_trained.onnx"))["path"]
 
 
+def precision_log_loss(run_dir: str, onnx_path: str) -> list[dict]:
+    """Validation log loss of a trained run's ONNX file on ONNX Runtime and on OpenVINO in f32 and bf16."""
+    from kbench.loader import ImageLoader, predict
+    from kbench.metrics import log_loss
+    from kbench.runs import Run
+
+    images, indices = Run(run_dir).images("val")
+    rows = []
+    for name in RUNTIMES:
+        runtime = runtime_for(name)
+        runtime.prepare(onnx_path, (64, 64))
+        probabilities, labels = predict(
+            lambda x, r=runtime: np.array(r.run(x)[0]), ImageLoader(images, indices, 64, 32)
+        )
+        rows.append({"runtime": name, "val_log_loss": log_loss(labels, probabilities), "images": len(indices)})
+    print("log loss", [(row["runtime"], round(row["val_log_loss"], 5)) for row in rows], flush=True)
+    return rows
+
+
 def markdown(latency: list[dict], int8: list[dict]) -> str:
     lines = ["| model | batch | runtime | p50 ms | img/s | × ORT | parity |", "|---|---|---|---|---|---|---|"]
     for row in latency:
@@ -172,10 +191,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=record.positive_int, default=4)
     parser.add_argument("--runs", type=record.positive_int, default=5)
     parser.add_argument("--budget-s", type=float, default=20.0)
-    parser.add_argument("--int8-backbones", type=lambda s: [n for n in s.split(",") if n], default=None)
+    parser.add_argument(
+        "--int8-backbones",
+        type=lambda s: [] if s == "none" else s.split(","),
+        default=None,
+        help="Default: --backbones.",
+    )
     parser.add_argument("--calibration-images", type=record.positive_int, default=16)
     parser.add_argument("--small-cnn-epochs", type=record.positive_int, default=3)
     parser.add_argument("--export-dir", default=os.path.join("/tmp", "kbench-openvino"))
+    parser.add_argument(
+        "--log-loss-only",
+        action="store_true",
+        help="Only the precisions' log loss, on the trained run in --export-dir.",
+    )
     record.add_json_option(parser, "openvino")
     args = parser.parse_args(argv)
     args.rounds += args.rounds % 2
@@ -184,6 +213,14 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.export_dir, exist_ok=True)
     from kbench.synthetic import write_class_folders
 
+    if args.log_loss_only:
+        run_dir = os.path.join(args.export_dir, "small_cnn_run")
+        rows = precision_log_loss(run_dir, os.path.join(args.export_dir, "small_cnn_trained.onnx"))
+        table = "| runtime | small_cnn val log loss |\n|---|---|\n" + "\n".join(
+            f"| {row['runtime']} | {row['val_log_loss']:.5f} |" for row in rows
+        )
+        print(table)
+        return started.write(args.json, rows, table)
     latency = [row for name in args.backbones for row in latency_rows(name, args)]
     calibration = write_class_folders(os.path.join(args.export_dir, "calibration"), per_class=8, image_size=96)
     int8 = []
@@ -191,9 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
         int8.append(int8_row(name, exported(name, args.export_dir)[0], calibration, None, args))
     run_dir, trained = trained_small_cnn(args.export_dir, args.small_cnn_epochs)
     int8.append(int8_row("small_cnn (trained)", trained, None, run_dir, args))
+    precisions = precision_log_loss(run_dir, trained)
     table = markdown(latency, int8)
     print(table)
-    return started.write(args.json, latency, table, int8=int8)
+    return started.write(args.json, latency, table, int8=int8, precision_log_loss=precisions)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ from kbench.machine import cpu, has_native_bf16, physical_cores
 # call (a dynamic-batch compile measured slower), so the first call of a new batch size is a warm-up.
 SETTINGS = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": "NO"}
 # Largest |OpenVINO - Keras| relative to the output's scale (kbench.metrics.relative_difference) a row
-# may show: float32 as the ONNX export's own check; bf16 keeps 8 bits of mantissa (measured on small_cnn,
-# EfficientNet-B0, MobileNetV2 and ResNet-50: benchmarks/docs/openvino.md).
-TOLERANCES = {"f32": 1e-4, "bf16": 2e-2}
+# may show: float32 as the ONNX export's own check; bf16 keeps 8 bits of mantissa, and on random-weight
+# probabilities measured 2.2e-3 (ResNet-50), 4.4e-3 (EfficientNet-B0) and 1.9e-2 (MobileNetV2, batch 32):
+# 5e-2 leaves MobileNetV2 a margin (benchmarks/docs/openvino.md).
+TOLERANCES = {"f32": 1e-4, "bf16": 5e-2}
 
 
 def import_openvino():

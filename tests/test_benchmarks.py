@@ -4,6 +4,7 @@
 import importlib.util
 import json
 import os
+import shlex
 
 import pytest
 
@@ -26,7 +27,7 @@ def run_script(name, argv, tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads(path.read_text())
     assert returned == record
-    assert record["command"] == "python " + " ".join([f"benchmarks/{name}.py", *argv, "--json", str(path)])
+    assert record["command"] == "python " + shlex.join([f"benchmarks/{name}.py", *argv, "--json", str(path)])
     assert record["machine"]["cores"] == os.cpu_count()
     assert record["table"] in printed  # the table printed is the one kept
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left
@@ -316,11 +317,22 @@ def test_pass_ablation_one_session_keeps_one_session_alive(tmp_path, capsys, mon
 
 
 def test_openvino_bench_rows_match_its_table(tmp_path, capsys):
-    argv = ["--backbones", "small_cnn", "--batch-sizes", "1", "--rounds", "2", "--runs", "2", "--int8-backbones", ""]
+    argv = [
+        "--backbones",
+        "small_cnn",
+        "--batch-sizes",
+        "1",
+        "--rounds",
+        "2",
+        "--runs",
+        "2",
+        "--int8-backbones",
+        "none",
+    ]
     argv += ["--calibration-images", "4", "--small-cnn-epochs", "1", "--export-dir", str(tmp_path / "files")]
     record, _, body = run_script("openvino_bench", argv, tmp_path, capsys)
     assert [row["runtime"] for row in record["rows"]] == ["onnxruntime-cpu", "openvino-cpu", "openvino-cpu-bf16"]
-    assert len(body) == 3 and all(row["parity_with_keras"] <= 2e-2 for row in record["rows"] if row["status"] == "ok")
+    assert len(body) == 3 and all(row["parity_with_keras"] <= 5e-2 for row in record["rows"] if row["status"] == "ok")
     (trained,) = record["int8"]
     assert trained["model"] == "small_cnn (trained)" and trained["float_val_log_loss"] > 0
     assert len(trained["candidates"]) == 4 and "| small_cnn (trained) | float |" in record["table"]
