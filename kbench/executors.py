@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from kbench.config import option
 from kbench.errors import KbenchError, TrainingInterrupted, first_line
+from kbench.process import stop_if_requested
 
 log = logging.getLogger("kbench")
 
@@ -76,6 +78,7 @@ def run_members(
         return _run_on_ray(members, run_member, time_member, out_dir, backend, echo, executor.address)
     rows = []
     for index, member in enumerate(members, 1):
+        stop_if_requested()
         echo(f"[{index}/{len(members)}] {member.name}: training, exporting, timing")
         rows.append(run_member(member, verbose=verbose))
     return rows
@@ -254,8 +257,10 @@ def _run_on_ray(
                 try:
                     rows[name] = ray.get(finished[0])
                 except ray.exceptions.RayError as error:  # the worker died (killed, out of memory)
-                    if isinstance(getattr(error, "cause", None), TrainingInterrupted | KeyboardInterrupt):
-                        raise TrainingInterrupted(f"{name} was interrupted; its checkpoint is kept") from None
+                    cause = getattr(error, "cause", None)
+                    if isinstance(cause, TrainingInterrupted | KeyboardInterrupt):
+                        number = getattr(cause, "signal_number", signal.SIGINT)
+                        raise TrainingInterrupted(f"{name} was interrupted; its checkpoint is kept", number) from None
                     rows[name] = _failed_row(members, out_dir, name, error)
                     log.warning("%s %s", name, rows[name]["status"])
                 echo(f"[{len(rows)}/{len(members)}] {name}: {rows[name]['status']}")

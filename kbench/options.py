@@ -166,8 +166,11 @@ def warn_if_gpu_unseen(backend: str | None) -> None:
 
 def run(group: click.Group) -> None:
     """The console entry point: Ctrl-C or SIGTERM outside a command's own handling (while loading,
-    say) is one line and exit 130, its traceback only with --debug."""
+    say) is one line and exit 130 (143), its traceback only with --debug. A stopped command ends
+    without the interpreter's teardown (``kbench.process.exit_now``)."""
     import traceback
+
+    from kbench.process import exit_now
 
     try:
         group(prog_name="kbench")
@@ -175,7 +178,11 @@ def run(group: click.Group) -> None:
         click.echo("kbench: interrupted", err=True)
         if debug():
             traceback.print_exc()
-        sys.exit(130)
+        exit_now(128 + (STOP_REQUESTS[0] if STOP_REQUESTS else signal.SIGINT))
+    except SystemExit as done:
+        if STOP_REQUESTS or done.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            exit_now(done.code)
+        raise
 
 
 def flag(declaration: str, help: str, name: str | None = None):

@@ -16,13 +16,15 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 
 from kbench import files
 from kbench.ensemble import EnsembleConfig
-from kbench.errors import KbenchError, TrainingInterrupted, first_line
+from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 from kbench.executors import ExecutorConfig, run_members
 from kbench.latency import LatencyConfig
+from kbench.process import stop_if_requested
 from kbench.runs import (
     CHECKPOINT_STATE,
     CONFIG,
@@ -142,7 +144,10 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
         if isinstance(saved, dict) and saved.get("key") == key:
             return saved["rows"]
     config = dataclasses.replace(settings, models=[model_dir], export_dir=onnx_dir)
-    rows = list(iter_latency(config))
+    rows = []
+    for row in iter_latency(config):
+        rows.append(row)
+        stop_if_requested()  # between rows: a stop request whose KeyboardInterrupt was lost waits no longer
     files.write_json(run.file(LATENCY), {"key": key, "rows": rows})
     return rows
 
@@ -198,9 +203,13 @@ def run_study(
     fingerprint = data_fingerprint(images)
     check_devices(config)
     prepare_out(config, out_dir, overwrite)
-    with folder_lock(out_dir, what="--out folder"):
-        files.remove_stale_temporaries(out_dir)
-        return _run_locked(config, out_dir, fingerprint, command, verbose, echo, executor)
+    try:
+        with folder_lock(out_dir, what="--out folder"):
+            files.remove_stale_temporaries(out_dir)
+            return _run_locked(config, out_dir, fingerprint, command, verbose, echo, executor)
+    except (TrainingInterrupted, KeyboardInterrupt) as stopped:
+        number = getattr(stopped, "signal_number", None) or (STOP_REQUESTS[0] if STOP_REQUESTS else signal.SIGINT)
+        raise TrainingInterrupted("interrupted; run the same command again to resume the study", number) from None
 
 
 def member_row(
@@ -227,10 +236,12 @@ def time_member(row: dict, out_dir: str, latency: LatencyConfig) -> None:
     if row["status"] != "ok":
         return
     try:
+        stop_if_requested()
         row["latency"] = _latency_rows(os.path.join(out_dir, row["folder"]), os.path.join(out_dir, "onnx"), latency)
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as error:
+        _stop_if_requested_from(error)
         row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
         log.warning("%s %s", row["name"], row["status"])
 
@@ -287,11 +298,13 @@ def _run_locked(
     if finished and config.test_data:
         best = min(finished, key=lambda row: row["val_log_loss"])
         try:
+            stop_if_requested()
             results["submission"] = _submit(config, done[best["name"]], best["name"], out_dir)
             echo(f"submission from {best['name']}: {results['submission']['path']}")
         except (TrainingInterrupted, KeyboardInterrupt):
             raise
         except Exception as error:  # the report is still written, with the failure in it
+            _stop_if_requested_from(error)
             results["submission"] = {"model": best["name"], "status": f"failed: {first_line(error, named=True)}"}
             log.warning("submission %s", results["submission"]["status"])
     results["failed"] = sum(row["status"] != "ok" for row in rows) + int(
@@ -301,6 +314,7 @@ def _run_locked(
     from kbench.report import write_report
 
     results["machine"] = facts(config.latency.threads)
+    stop_if_requested()
     write_report(results, out_dir)
     return results
 
@@ -310,8 +324,11 @@ def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency: LatencyConf
     failure marks the row with its reason instead of stopping the study; returns whether the model
     finished."""
     try:
+        stop_if_requested()  # a stop request stops the study between stages, even one Python swallowed
         row.update(fit())
+        stop_if_requested()
         row["onnx"] = _export(model_dir, onnx_dir)
+        stop_if_requested()
         if latency is not None:
             row["latency"] = _latency_rows(model_dir, onnx_dir, latency)
         row["status"] = "ok"
@@ -319,9 +336,17 @@ def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency: LatencyConf
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as error:
+        _stop_if_requested_from(error)
         row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
         log.warning("%s %s", row["name"], row["status"])
         return False
+
+
+def _stop_if_requested_from(error: Exception) -> None:
+    """A failure that came with a stop request (a library turned the KeyboardInterrupt into its own
+    error) stops the study rather than marking a failed row."""
+    if STOP_REQUESTS:
+        raise KeyboardInterrupt from error
 
 
 def _ensemble(config: EnsembleConfig, verbose) -> dict:

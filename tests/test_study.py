@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import socket
 
 import pytest
@@ -223,3 +224,28 @@ def test_a_node_that_cannot_read_the_study_folder_is_named(tmp_path):
     (tmp_path / ".kbench-probe-token").write_text("token")
     written = _probe_task(str(tmp_path), "token")
     assert open(written).read() == "token"
+
+
+def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, tmp_path, monkeypatch):
+    """A SIGTERM whose KeyboardInterrupt Python swallowed (in a gc callback, while exporting) stops
+    the study there: no timing, no next member, exit status 143."""
+    from kbench import study
+    from kbench.errors import STOP_REQUESTS, TrainingInterrupted
+
+    trained = []
+    monkeypatch.setattr(study, "_train_member", lambda member, *args: trained.append(member.name) or {})
+
+    def export_meeting_a_signal(model_dir, onnx_dir):
+        STOP_REQUESTS.append(signal.SIGTERM)  # recorded by the handler; its KeyboardInterrupt lost
+        return "model.onnx"
+
+    monkeypatch.setattr(study, "_export", export_meeting_a_signal)
+    monkeypatch.setattr(study, "_latency_rows", lambda *args: pytest.fail("timed after a stop request"))
+    two = MINIMAL_STUDY + '[[backbones]]\nname = "second"\nbackbone = "small_cnn"\n'
+    config = load_config(write_study(tmp_path, two, data=kaggle_data["train"]))
+    try:
+        with pytest.raises(TrainingInterrupted, match="run the same command again to resume") as stopped:
+            run_study(config, str(tmp_path / "out"), echo=lambda line: None)
+    finally:
+        STOP_REQUESTS.clear()
+    assert trained == ["small_cnn"] and stopped.value.signal_number == signal.SIGTERM
