@@ -50,10 +50,10 @@ def choose_backend(name: str | None = None) -> tuple[str, str]:
 
 
 def _choose(name: str | None) -> tuple[str, str, bool]:
-    environment = (os.environ.get("KERAS_BACKEND") or "").lower()
+    environment = named_backend()
     if name:
         chosen, reason, by_default = name.lower(), "asked for", False
-    elif environment and environment != _default_choice.get("name"):
+    elif environment:
         chosen, reason, by_default = environment, "KERAS_BACKEND is set", False
     else:  # nothing set, or only what use_backend() itself set as this process's default
         chosen, reason = default_backend()
@@ -62,6 +62,13 @@ def _choose(name: str | None) -> tuple[str, str, bool]:
         where = "" if name else " in KERAS_BACKEND"  # where the user can't tell where it came from
         raise KbenchError(f"unknown backend {chosen!r}{where}; choose one of: {', '.join(BACKENDS)}")
     return chosen, reason, by_default
+
+
+def named_backend() -> str | None:
+    """The backend ``KERAS_BACKEND`` names, when the user set it: None when it is unset or holds the
+    default ``use_backend()`` chose (and wrote there) for this process."""
+    environment = (os.environ.get("KERAS_BACKEND") or "").lower()
+    return environment if environment and environment != _default_choice.get("name") else None
 
 
 def use_backend(name: str | None = None) -> str:

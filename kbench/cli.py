@@ -75,7 +75,7 @@ def train(resume, quiet, run_dir, overwrite, **options):
     \b
     Example:
       kbench train --backbone efficientnet_b0 --data train.zip --epochs 10 --run-dir runs/b0
-    Ctrl-C saves a checkpoint; `--resume` continues it.
+    Ctrl-C stops it; `--resume` continues it, redoing the interrupted epoch from its start.
     """
     from kbench.summaries import train_summary
     from kbench.train import train as train_run
@@ -85,6 +85,8 @@ def train(resume, quiet, run_dir, overwrite, **options):
     if resume:
         if overwrite:
             raise click.UsageError("--resume and --overwrite contradict each other")
+        if click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.COMMANDLINE:
+            given.pop("backend", None)  # the machine's default, not asked for: the run's own applies
         config = resume_config(run_dir, given)
     else:
         for required in ("backbone", "data"):

@@ -4,8 +4,9 @@ What a run is (its options) is ``kbench.trainconfig``; how its model is set up a
 phases, the optimizer, the learning-rate schedule) is ``kbench.recipe``. This module runs it: the
 folder (whose files and lock belong to ``kbench.runs``), the one-``fit``-per-epoch loop, the
 checkpoints, and the stop requests. ``config.json`` holds every resolved option (the run can be
-repeated from it, and ``--resume`` compares new options with it); a checkpoint is written after
-every epoch and on Ctrl-C / SIGTERM, which ``resume=True`` continues.
+repeated from it, and ``--resume`` compares new options with it); a checkpoint is written at every
+epoch's start, and never mid-epoch: after Ctrl-C / SIGTERM (or kill -9) ``resume=True`` redoes the
+interrupted epoch from it, as the uninterrupted run trained it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from kbench.devices import check_devices, process_local_values, training_devices
 from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 from kbench.loader import ImageLoader, predict
 from kbench.plots import write_curves
-from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, METRICS, Run, data_fingerprint, file_hash
+from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, HISTORY, METRICS, Run, data_fingerprint, file_hash
 from kbench.trainconfig import TrainConfig
 
 log = logging.getLogger("kbench")
@@ -37,8 +38,8 @@ log = logging.getLogger("kbench")
 def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto", overwrite: bool = False) -> dict:
     """Train ``config.backbone`` on ``config.data``; returns the metrics written to metrics.json.
 
-    Raises KbenchError for bad input (before any model is built) and TrainingInterrupted after
-    saving a checkpoint when SIGINT/SIGTERM arrives.
+    Raises KbenchError for bad input (before any model is built) and TrainingInterrupted when
+    SIGINT/SIGTERM arrives, leaving the checkpoint of the interrupted epoch's start to resume from.
     """
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
@@ -64,14 +65,14 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
             # every process resumes from the same checkpoint (process 0 alone wrote it), or none does
             resumed = [len(state["history"]), int(file_hash(run.file(CHECKPOINT))[:7], 16)] if state else [0, 0]
             distributed.same_everywhere(resumed, "the checkpoint to resume from (epochs, content)")
-            return _train_prepared(run, config, images, state, binary, resume, verbose)
+            return _train_prepared(run, config, images, state, resume, verbose)
     except Exception:
         if not agreed:  # every process meets process 0's decision once, refused or not
             distributed.agree(False, f"--run-dir {run.path}")
         raise
 
 
-def _train_prepared(run: Run, config: TrainConfig, images, state, binary, resume, verbose) -> dict:
+def _train_prepared(run: Run, config: TrainConfig, images, state, resume, verbose) -> dict:
     try:
         train_idx, val_idx = _split(images, config, run if resume else None)
         run.write_config(config.record())
@@ -80,14 +81,15 @@ def _train_prepared(run: Run, config: TrainConfig, images, state, binary, resume
 
         keras.utils.set_random_seed(config.seed)  # the same initial weights in every process
         with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
-            return _train_on(run, devices, config, images, train_idx, val_idx, state, binary, verbose)
-    except BaseException:
-        if not resume and not run.exists(CHECKPOINT_STATE) and not run.exists(METRICS):
-            run.clear()  # failed before its first checkpoint: nothing half-written stays
+            return _train_on(run, devices, config, images, train_idx, val_idx, state, verbose)
+    except BaseException as error:
+        interrupted = isinstance(error, (TrainingInterrupted, KeyboardInterrupt)) and run.exists(CHECKPOINT_STATE)
+        if not (resume or interrupted or run.exists(HISTORY) or run.exists(METRICS)):
+            run.clear()  # failed in its first epoch: nothing half-written stays
         raise
 
 
-def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, binary, verbose) -> dict:
+def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verbose) -> dict:
     import keras
 
     processes = distributed.process_count()
@@ -118,7 +120,7 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
             ) from None
     else:
         model = recipe.build_model(config, feed.num_classes)
-        recipe.compile_model(model, config, feed.num_classes, feed.steps_per_epoch, 0)
+        recipe.compile_model(model, config, feed.num_classes, len(feed.train), 0)
 
     progress = _Progress.resumed(config, state)
     history = progress.history
@@ -143,9 +145,9 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, bina
             # kbench's schedule class would make model.keras unreadable by keras.saving.load_model
             # elsewhere (compile=True): the finished model carries a fresh optimizer at a plain rate
             plain = dataclasses.replace(config, schedule="constant", warmup_epochs=0, lr=history[-1]["lr"] or config.lr)
-            recipe.compile_model(model, plain, feed.num_classes, feed.steps_per_epoch, 0)
+            recipe.compile_model(model, plain, feed.num_classes, len(feed.train), 0)
         run.save_model(model)
-        result = _evaluate(model, val_loader, binary)
+        result = _evaluate(model, val_loader, feed.binary)
     finally:
         alone.close()
         train_loader.close()
@@ -264,15 +266,8 @@ class _Feed:
     def binary(self) -> bool:
         return self.num_classes == 2
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.train)
-
-    def batches(self, epoch: int):
-        return epoch_batches(self.train, epoch, self.binary, self.devices)
-
-    def val_batches(self):
-        return epoch_batches(self.val, 0, self.binary, self.devices) if self.val is not None else None
+    def batches(self, loader: ImageLoader, epoch: int):
+        return epoch_batches(loader, epoch, self.binary, self.devices)
 
 
 @dataclass
@@ -285,6 +280,7 @@ class _Progress:
     compiled: list[int] = field(default_factory=list)  # epochs (1-based) in which a process compiled
     best_epoch: int | None = None
     best_val_loss: float | None = None
+    saved: int | None = None  # the epochs done of the checkpoint in the run folder
 
     @classmethod
     def resumed(cls, config: TrainConfig, state: dict | None) -> "_Progress":
@@ -298,6 +294,7 @@ class _Progress:
             [*state.get("epochs_with_compilation", [1]), len(history) + 1],
             state.get("best_epoch"),
             state.get("best_val_loss"),
+            state.get("epochs_done", len(history)),
         )
 
     def state(self) -> dict:
@@ -314,7 +311,8 @@ class _Progress:
 
 def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress, stop, verbose) -> None:
     """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
-    resumed run replays exactly the epochs it missed. ``progress`` goes into every checkpoint."""
+    resumed run replays exactly the epochs it missed. The checkpoint (with ``progress``) is written as
+    each epoch begins, never mid-epoch: a stopped epoch is redone from the state it began with."""
     import keras
 
     history = progress.history
@@ -348,18 +346,24 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
 
     clock = EpochClock()
     callbacks = [clock] + ([Progress()] if verbose else [])
-    val_data = feed.val_batches()
+    val_data = feed.batches(feed.val, 0) if feed.val is not None else None
     monitor = "val_log_loss" if config.label_smoothing else "val_loss"  # the log loss, not the smoothed loss
     for epoch in range(len(history), config.epochs):
+        if progress.saved != epoch:  # before a phase switch: a resumed run recompiles as this one does
+            if not model.optimizer.built:  # a new run's: saved with its (zero) state, which loads as is
+                model.optimizer.build(model.trainable_variables)
+            with process_local_values(model):
+                run.save_checkpoint(model, progress.state())
+            progress.saved = epoch
         if stop.signal is None and recipe.phase(config, epoch) != progress.phase:  # head -> full
             progress.phase = recipe.phase(config, epoch)
             recipe.set_phase(model, progress.phase, config.frozen_bn)
             # a fresh optimizer whenever the phase starts
-            recipe.compile_model(model, config, feed.num_classes, feed.steps_per_epoch, epoch)
+            recipe.compile_model(model, config, feed.num_classes, len(feed.train), epoch)
             progress.compiled.append(epoch + 1)
         if stop.signal is None:
             logs = model.fit(
-                feed.batches(epoch),
+                feed.batches(feed.train, epoch),
                 validation_data=val_data,
                 initial_epoch=epoch,
                 epochs=epoch + 1,
@@ -368,12 +372,10 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
                 callbacks=callbacks,
                 verbose=verbose,
             ).history
-        if stop.signal is not None:  # the interrupted epoch is redone on resume
-            with process_local_values(model):
-                run.save_checkpoint(model, progress.state())
+        if stop.signal is not None:  # the checkpoint of this epoch's start stays: --resume redoes it
             raise TrainingInterrupted(
-                f"interrupted in epoch {epoch + 1}/{config.epochs}; checkpoint saved in {run.path}; "
-                f"continue with: kbench train --run-dir {run.path} --resume",
+                f"interrupted in epoch {epoch + 1}/{config.epochs}; the checkpoint of its start is in "
+                f"{run.path}; continue with: kbench train --run-dir {run.path} --resume",
                 stop.signal,
             )
         row = {
@@ -401,9 +403,6 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
                 progress.best_epoch,
             )
             break
-        if epoch + 1 < config.epochs:
-            with process_local_values(model):
-                run.save_checkpoint(model, progress.state())
 
 
 def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
@@ -430,7 +429,7 @@ class _StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal_number
-        log.warning("stopping after this batch to save a checkpoint (Ctrl-C again aborts without one)")
+        log.warning("stopping after this batch; --resume redoes this epoch from its start (Ctrl-C again: at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

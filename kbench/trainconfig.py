@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from kbench.backbones import get_backbone, weights_kind
-from kbench.backend import use_backend
+from kbench.backend import named_backend, use_backend
 from kbench.config import from_dict, option, positive
 from kbench.data import LAYOUTS
 from kbench.devices import count_devices
@@ -177,11 +177,21 @@ class TrainConfig:
 
 def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
     """The config of an interrupted run. ``given`` options must agree with it (a run can't resume
-    with a different learning rate or data); only its length (``epochs``) may change."""
+    with a different learning rate or data); only its length (``epochs``) may change.
+
+    The run continues under its recorded backend (``train`` selects it before keras is imported), not
+    this machine's default: only a backend the user names, in ``given`` or ``KERAS_BACKEND``, can
+    differ from it, and is refused as any other option would be."""
     config = TrainConfig.load(run_dir)
     config.run_dir = run_dir
     changes = {}
-    for key, value in (given or {}).items():
+    given = dict(given or {})
+    if "backend" not in given and config.backend and (named := named_backend()) not in (None, config.backend):
+        raise KbenchError(
+            f"--resume continues {run_dir} with its own settings; KERAS_BACKEND={named} differs from the "
+            f"recorded {config.backend} and would be ignored: unset it, or train a new --run-dir"
+        )
+    for key, value in given.items():
         if key == "data":
             value = os.path.abspath(value)
         recorded = getattr(config, key)
@@ -192,7 +202,9 @@ def resume_config(run_dir: str, given: dict | None = None) -> TrainConfig:
                     f"laid out over its {recorded} epochs"
                 )
             changes[key] = value
-        elif value != recorded and not (key == "backend" and value == use_backend(recorded)):
+        elif key == "backend" and recorded is None:  # a run recorded before backends were: as asked
+            changes[key] = value
+        elif value != recorded:
             option = "--" + key.replace("_", "-")
             raise KbenchError(
                 f"--resume continues {run_dir} with its own settings; {option} {value} differs from "

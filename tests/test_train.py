@@ -125,50 +125,33 @@ def test_model_trained_here_predicts_the_same_under_the_other_backend(trained_ru
     assert np.allclose(np.load(tmp_path / "there.npy"), here, atol=1e-5)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(kaggle_data, tmp_path):
+def test_sigterm_in_a_real_process_resumes_to_the_uninterrupted_history(tiny_data, uninterrupted, tmp_path):
+    """SIGTERM from outside, as a scheduler sends it: exit 143 with the --resume line, and the resumed run
+    is the uninterrupted one."""
     run_dir = str(tmp_path / "run")
-    command = [
-        sys.executable,
-        os.path.join(REPO, "cli.py"),
-        "train",
-        "--backbone",
-        "small_cnn",
-        "--data",
-        kaggle_data["train"],
-        "--image-size",
-        "24",
-        "--epochs",
-        "40",
-        "--batch-size",
-        "16",
-        "--lr",
-        "3e-3",
-        "--run-dir",
-        run_dir,
-        "--quiet",
-        "--backend",
-        BACKEND,
-    ]
+    options = ["--epochs", "3", "--batch-size", "16", "--image-size", "16", "--lr", "3e-3", "--val-split", "0.2"]
+    options += ["--schedule", "cosine", "--warmup-epochs", "1", "--head-epochs", "1", "--backend", BACKEND]
+    command = [sys.executable, os.path.join(REPO, "cli.py"), "train", "--backbone", "small_cnn"]
+    command += ["--data", tiny_data["train"], "--run-dir", run_dir, "--quiet", *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = os.path.join(run_dir, "history.csv")
     deadline = time.time() + 240
-    while not os.path.exists(os.path.join(run_dir, "checkpoint.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    while not os.path.exists(history) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # in the second epoch: its checkpoint, the recompile for the full phase
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
-    assert os.path.exists(os.path.join(run_dir, "checkpoint.keras"))
     done_before = json.load(open(os.path.join(run_dir, "checkpoint.json")))["epochs_done"]
-    assert 1 <= done_before < 40
+    assert done_before == len(list(csv.DictReader(open(history)))) in (1, 2)
 
-    resumed = run_cli(
-        "train", "--run-dir", run_dir, "--resume", "--epochs", str(done_before + 2), "--quiet", "--backend", BACKEND
-    )
+    resumed = run_cli("train", "--run-dir", run_dir, "--resume", "--quiet", "--backend", BACKEND)
     assert resumed.returncode == 0, resumed.stderr
-    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
-    assert metrics["epochs"] == done_before + 2 and len(metrics["epoch_seconds"]) == done_before + 2
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.keras"))
     assert "val log loss" in resumed.stdout
+    from kbench.runs import Run
+
+    _assert_same_history(Run(run_dir).history, uninterrupted("cosine", 1)[0])
 
 
 @pytest.mark.parametrize(
@@ -229,7 +212,7 @@ def test_impossible_numbers_are_refused_before_any_work(args, message, kaggle_da
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path):
+def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     config = TrainConfig(
@@ -243,46 +226,129 @@ def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path):
         resume_config(str(run_dir), {"lr": 0.01})
     with pytest.raises(KbenchError, match="--batch-size 8 differs"):
         resume_config(str(run_dir), {"batch_size": 8})
+    # the backend: the recorded one, unless the user names another with --backend or KERAS_BACKEND
+    assert resume_config(str(run_dir)).backend == BACKEND
+    with pytest.raises(KbenchError, match=f"--backend {OTHER_BACKEND} differs from the recorded {BACKEND}"):
+        resume_config(str(run_dir), {"backend": OTHER_BACKEND})
+    monkeypatch.setenv("KERAS_BACKEND", OTHER_BACKEND)
+    with pytest.raises(KbenchError, match=f"KERAS_BACKEND={OTHER_BACKEND} differs from the recorded {BACKEND}"):
+        resume_config(str(run_dir))
+    assert resume_config(str(run_dir), {"backend": BACKEND}).backend == BACKEND  # --backend wins, as always
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_does(kaggle_data, tmp_path, monkeypatch):
-    """Interrupted at an epoch boundary and resumed, a run's losses are bit for bit the
-    uninterrupted run's: the optimizer state is in the checkpoint and every epoch's data order is a
-    function of (seed, epoch), not of a process's random state."""
+def test_plain_resume_uses_the_recorded_backend_not_the_machine_default(tiny_data, tmp_path, monkeypatch):
+    """The `--resume` line kbench prints, typed as is (neither --backend nor KERAS_BACKEND), continues a
+    run recorded under the backend this machine would not pick, selected before keras is imported."""
+    from kbench.backend import default_backend
+    from kbench.errors import TrainingInterrupted
+
+    recorded = {"jax": "tensorflow", "tensorflow": "jax"}[default_backend()[0]]
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:  # a checkpoint at the start of epoch 2 (it loads under either backend)
+        _interrupt_at(patch, signal.SIGTERM, epoch=1, batch=0)
+        with pytest.raises(TrainingInterrupted):
+            train(_tiny_config(tiny_data, run_dir, epochs=2), verbose=0)
+    config = json.load(open(run_dir / "config.json"))
+    (run_dir / "config.json").write_text(json.dumps({**config, "backend": recorded}))
+    done = run_cli("train", "--run-dir", str(run_dir), "--resume", "--quiet", env={"KERAS_BACKEND": ""})
+    assert done.returncode == 0, done.stderr
+    assert json.load(open(run_dir / "metrics.json"))["backend"] == recorded
+
+
+# Interrupted and resumed, a run is the uninterrupted one: the same validation loss and learning
+# rate in every epoch. The stop requests are real signals (this process sends them to itself while
+# an epoch's batches are being read), so the run stops mid-epoch, after a few of its batches: once
+# in its first epoch (no epoch finished yet), once in its second (with a head warm-up, the first of
+# the full phase), each signal in each place once.
+RESUME_CASES = [("constant", 0, (signal.SIGINT, signal.SIGTERM)), ("cosine", 1, (signal.SIGTERM, signal.SIGINT))]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """80 images of 16 px: 4 training batches of 16 per epoch."""
+    from kbench.synthetic import write_kaggle_dataset
+
+    return write_kaggle_dataset(str(tmp_path_factory.mktemp("tiny")), n_train=80, n_test=2, image_size=16, seed=2)
+
+
+def _tiny_config(data, run_dir, schedule="constant", head_epochs=0, **changes):
+    warmup = 1 if schedule == "cosine" else 0
+    options = dict(epochs=3, batch_size=16, image_size=16, lr=3e-3, val_split=0.2, seed=0)
+    options.update(schedule=schedule, warmup_epochs=warmup, head_epochs=head_epochs, **changes)
+    return TrainConfig(backbone="small_cnn", data=data["train"], run_dir=str(run_dir), **options)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """(schedule, head_epochs) -> (history rows, metrics) of the run trained in one go."""
+    from kbench.runs import Run
+
+    runs = {}
+
+    def get(schedule, head_epochs):
+        if (schedule, head_epochs) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"whole-{schedule}-{head_epochs}")
+            result = train(_tiny_config(tiny_data, run_dir, schedule, head_epochs), verbose=0)
+            runs[schedule, head_epochs] = Run(str(run_dir)).history, result
+        return runs[schedule, head_epochs]
+
+    return get
+
+
+def _interrupt_at(monkeypatch, signal_number, epoch, batch):
+    """Send this process ``signal_number`` when training first reads ``batch`` of ``epoch`` (0-based;
+    TensorFlow reads the first batch twice: once for its shapes)."""
+    from kbench import train as train_module
+
+    original, sent = train_module.epoch_batches, []
+
+    def epoch_batches(loader, at_epoch, binary, multiple=1):
+        if loader.shuffle and at_epoch == epoch:  # the training loader, not the validation one
+            read = loader.batch
+
+            def batch_then_signal(at, index):
+                if index == batch and not sent:
+                    sent.append(index)
+                    os.kill(os.getpid(), signal_number)
+                return read(at, index)
+
+            monkeypatch.setattr(loader, "batch", batch_then_signal, raising=False)
+        return original(loader, at_epoch, binary, multiple)
+
+    monkeypatch.setattr(train_module, "epoch_batches", epoch_batches)
+
+
+def _assert_same_history(resumed, whole):
+    assert [row["epoch"] for row in resumed] == [row["epoch"] for row in whole]
+    assert [row["phase"] for row in resumed] == [row["phase"] for row in whole]
+    for name in ("val_loss", "lr", "loss"):
+        assert [row[name] for row in resumed] == pytest.approx([row[name] for row in whole], rel=0, abs=1e-6), name
+
+
+@pytest.mark.parametrize("schedule, head_epochs, signals", RESUME_CASES)
+def test_interrupted_run_resumes_to_the_uninterrupted_history(
+    schedule, head_epochs, signals, tiny_data, uninterrupted, tmp_path, monkeypatch
+):
     from kbench.errors import TrainingInterrupted
     from kbench.runs import Run
     from kbench.trainconfig import resume_config
 
-    def config(name):
-        return TrainConfig(
-            backbone="small_cnn",
-            data=kaggle_data["train"],
-            run_dir=str(tmp_path / name),
-            epochs=3,
-            batch_size=24,
-            image_size=24,
-            lr=2e-3,
-            val_split=0.2,
-        )
-
-    whole = train(config("whole"), verbose=0)
-    save = Run.save_checkpoint
-
-    def stop_after_first_epoch(self, model, state):
-        save(self, model, state)
-        if state["epochs_done"] == 1:
-            raise TrainingInterrupted("stopped", signal.SIGTERM)
-
-    monkeypatch.setattr(Run, "save_checkpoint", stop_after_first_epoch)
-    with pytest.raises(TrainingInterrupted):
-        train(config("cut"), verbose=0)
-    monkeypatch.setattr(Run, "save_checkpoint", save)
-    resumed = train(resume_config(str(tmp_path / "cut")), resume=True, verbose=0)
-    history = [list(csv.DictReader(open(tmp_path / name / "history.csv"))) for name in ("whole", "cut")]
-    assert [row["val_loss"] for row in history[0]] == [row["val_loss"] for row in history[1]]
-    assert resumed["val_log_loss"] == whole["val_log_loss"]
-    assert resumed["epochs_with_compilation"] == [1, 2]  # the resumed process compiled in epoch 2
-    assert whole["epochs_with_compilation"] == [1]
+    run = Run(str(tmp_path / "cut"))
+    for epoch, signal_number in enumerate(signals):
+        with monkeypatch.context() as patch:
+            _interrupt_at(patch, signal_number, epoch, batch=2)
+            config = resume_config(run.path) if epoch else _tiny_config(tiny_data, run.path, schedule, head_epochs)
+            with pytest.raises(TrainingInterrupted, match=f"interrupted in epoch {epoch + 1}/3") as stopped:
+                train(config, resume=bool(epoch), verbose=0)
+        assert stopped.value.signal_number == signal_number
+        assert run.read_checkpoint()["epochs_done"] == epoch == len(run.history)  # the epoch's start
+    resumed = train(resume_config(run.path), resume=True, verbose=0)
+    whole_history, whole = uninterrupted(schedule, head_epochs)
+    _assert_same_history(run.history, whole_history)
+    assert resumed["val_log_loss"] == pytest.approx(whole["val_log_loss"], rel=0, abs=1e-6)
+    switch = {head_epochs + 1} if head_epochs else set()
+    assert whole["epochs_with_compilation"] == sorted({1} | switch)
+    assert resumed["epochs_with_compilation"] == sorted({1, 2} | switch)  # each process's first epoch
 
 
 def test_diverging_loss_stops_with_one_line(kaggle_data, tmp_path):
@@ -380,7 +446,7 @@ def test_corrupt_checkpoint_is_one_line(kaggle_data, tmp_path, monkeypatch):
     assert done.returncode == 2 and "checkpoint.json is corrupt" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_resume_cannot_shorten_a_run_below_what_it_trained(kaggle_data, tmp_path, monkeypatch):
+def test_resume_may_lengthen_a_run_but_not_shorten_it_below_what_it_trained(tiny_data, tmp_path, monkeypatch):
     from kbench.errors import TrainingInterrupted
     from kbench.runs import Run
 
@@ -394,10 +460,11 @@ def test_resume_cannot_shorten_a_run_below_what_it_trained(kaggle_data, tmp_path
     monkeypatch.setattr(Run, "save_checkpoint", stop_after_two)
     run_dir = str(tmp_path / "run")
     with pytest.raises(TrainingInterrupted):
-        train(
-            TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, image_size=24, epochs=3),
-            verbose=0,
-        )
+        train(_tiny_config(tiny_data, run_dir), verbose=0)
     monkeypatch.undo()
     done = run_cli("train", "--run-dir", run_dir, "--resume", "--epochs", "1", "--backend", BACKEND)
     assert done.returncode == 2 and "--epochs 1 is fewer than the 2 epochs" in done.stderr, done.stderr
+    from kbench.trainconfig import resume_config
+
+    result = train(resume_config(run_dir, {"epochs": 4}), resume=True, verbose=0)  # a constant rate: it may
+    assert result["epochs"] == result["epochs_trained"] == len(result["epoch_seconds"]) == 4
