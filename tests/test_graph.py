@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kbench import graph
+from kbench import graph, onnxgraph
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 
@@ -136,11 +136,11 @@ def test_a_reshapes_minus_one_that_is_the_batch_becomes_copy():
 
 
 def test_reshape_result_proves_only_what_it_can():
-    assert graph.reshape_result(["N", 8, 1, 1], np.array([0, 8, 1, 1])) == ["N", 8, 1, 1]
-    assert graph.reshape_result(["N", 8, 1, 1], np.array([-1, 8])) == ["N", 8]
-    assert graph.reshape_result(["N", "M"], np.array([-1, 8])) is None
-    assert graph.reshape_result(["N", None], np.array([0, -1])) is None
-    assert graph.reshape_result([2, 8], np.array([4, 5])) is None  # volumes differ
+    assert onnxgraph.reshape_result(["N", 8, 1, 1], np.array([0, 8, 1, 1])) == ["N", 8, 1, 1]
+    assert onnxgraph.reshape_result(["N", 8, 1, 1], np.array([-1, 8])) == ["N", 8]
+    assert onnxgraph.reshape_result(["N", "M"], np.array([-1, 8])) is None
+    assert onnxgraph.reshape_result(["N", None], np.array([0, -1])) is None
+    assert onnxgraph.reshape_result([2, 8], np.array([4, 5])) is None  # volumes differ
 
 
 def preprocessing_model(conv_pads):
