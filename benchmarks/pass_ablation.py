@@ -8,7 +8,7 @@ onnxslim alone, then ONNX Runtime's own optimiser, as every session here runs at
 One row per variant and batch size.
 
     python benchmarks/pass_ablation.py --without read_input_channels_last [--backend tensorflow]
-        [--backbones a,b] [--batch-sizes 1,32] [--repeats 8] [--runs 10] [--big-runs 2] [--one-session]
+        [--backbones a,b] [--batch-sizes 1,32] [--repeats 8] [--runs 10] [--big-runs 2] [--one-session] [--threads N]
         [--json benchmarks/results/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
@@ -93,12 +93,16 @@ def measure_backbone(name: str, args) -> list[dict]:
             paths[variant] = os.path.join(folder, f"variant{index}.onnx")
             onnx.save(cleaned, paths[variant])
         parity = {}
+        settings = {**export_graph.FIXED_SETTINGS, "threads": args.threads} if args.threads else None
         for variant, path in paths.items():  # one session at a time
-            current = export_graph.session(path)
+            current = export_graph.session(path, settings)
             got = current.run(None, {current.get_inputs()[0].name: pixels})[0]
             parity[variant] = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
             del current
-        sessions = dict(paths) if args.one_session else {v: export_graph.session(p) for v, p in paths.items()}
+        if args.one_session:
+            sessions = {variant: (path, settings) for variant, path in paths.items()}
+        else:
+            sessions = {variant: export_graph.session(path, settings) for variant, path in paths.items()}
         rows = []
         for batch in args.batch_sizes:
             rng = np.random.default_rng(0)
@@ -161,6 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--one-session",
         action="store_true",
         help="open each variant's session for its turn only (one in memory at a time: big models, big batches)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=record.positive_int,
+        default=None,
+        help="ONNX Runtime's intra-op threads (default: kbench's, one per physical core); 1 on a shared machine "
+        "keeps another process on the other core from stretching every run",
     )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
     record.add_json_option(parser, "pass_ablation")
