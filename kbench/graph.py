@@ -2,7 +2,6 @@
 
 tf2onnx writes what TensorFlow's graph says, and some of it costs time in ONNX Runtime (measured in
 benchmarks/README.md, "Exported graph clean-up"):
-- keras' ZeroPadding2D becomes a standalone Pad in front of a strided convolution;
 - squeeze-and-excitation pools, squeezes to (N, C) and reshapes back with ``Reshape(-1, C, 1, 1)``:
   with ``-1`` ONNX Runtime cannot prove the batch dimension equal on both sides of a residual Add and
   fuses none of them into their convolutions;
@@ -16,11 +15,13 @@ Each pass here matches one pattern exactly and proves the rewrite keeps the resu
 shape inference, constants read from the graph); anything it can't prove it leaves alone, so the
 passes are safe on graphs nobody has looked at. ``clean_graph`` runs them all, then onnxslim for the
 rest (constant folding, dead ends; see ``simplify``), and returns the new model with what each pass
-did. The export's parity check then runs on the final graph.
+did. The export's parity check then runs on the final graph. Each pass earns its place in
+benchmarks/docs/export-graph.md ("Which passes stay"); Pad folding and Identity removal went in
+version 3: onnxslim and ONNX Runtime already do them.
 
 >>> model, done = clean_graph(onnx.load("exports/b0.onnx"))  # doctest: +SKIP
 >>> done  # doctest: +SKIP
-{'fold_pad_into_conv': 4, 'drop_squeeze_reshape': 17, ...}
+{'drop_noop_reshapes': 32, 'fold_input_affine': 3, ...}
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ from onnx import helper
 
 from kbench.onnxgraph import (
     Graph,
-    absent,
     attribute,
-    element_type,
     remove_nodes,
     reshape_result,
     set_attribute,
@@ -42,51 +41,10 @@ from kbench.onnxgraph import (
 
 # Bump when a pass changes what it writes: kbench.export puts it in the key under which an exported
 # file is reused, so files made by older passes are made again.
-GRAPH_PASSES_VERSION = 2
+GRAPH_PASSES_VERSION = 3
 
 
 # --- passes -------------------------------------------------------------------------------------
-
-
-def fold_pad_into_conv(graph: Graph) -> int:
-    """Pad(constant mode, value 0, spatial axes only) -> Conv becomes the Conv with larger ``pads``:
-    a convolution pads with zeros itself. Reflect or edge mode, a non-zero value, padding of the
-    batch or channel axes, negative pads (cropping), or a Pad read by anything else: left alone."""
-    done, doomed = 0, []
-    for pad in list(graph.graph.node):
-        if pad.op_type != "Pad" or attribute(pad, "mode", b"constant") not in (b"constant", "constant"):
-            continue
-        if len(pad.input) > 3 and not absent(pad.input[3]):  # axes (opset 18): not handled
-            continue
-        conv = graph.only_consumer(pad.output[0])
-        if conv is None or conv.op_type != "Conv" or conv.input[0] != pad.output[0]:
-            continue
-        if attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            continue
-        pads = graph.constant(pad.input[1]) if len(pad.input) > 1 else attribute(pad, "pads")
-        if pads is None:
-            continue
-        pads = [int(p) for p in np.asarray(pads).ravel()]
-        value = graph.constant(pad.input[2]) if len(pad.input) > 2 and not absent(pad.input[2]) else 0
-        value = attribute(pad, "value", 0.0) if len(pad.input) == 1 else value  # Pad before opset 11
-        if value is None or np.any(np.asarray(value) != 0):
-            continue
-        rank = len(pads) // 2
-        if rank < 3 or len(pads) != 2 * rank or any(p < 0 for p in pads):
-            continue
-        if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
-            continue
-        spatial = rank - 2
-        conv_pads = list(attribute(conv, "pads", [0] * (2 * spatial)))
-        if len(conv_pads) != 2 * spatial:
-            continue
-        added = pads[2:rank] + pads[rank + 2 :]
-        set_attribute(conv, "pads", [a + b for a, b in zip(conv_pads, added)])
-        conv.input[0] = pad.input[0]
-        doomed.append(pad)
-        done += 1
-    remove_nodes(graph, doomed)
-    return done
 
 
 def drop_noop_reshapes(graph: Graph) -> int:
@@ -392,44 +350,6 @@ def _nchw_channel_vector(constant: np.ndarray | None, channels: int) -> np.ndarr
     return constant.reshape(channels)
 
 
-def drop_identities(graph: Graph) -> int:
-    """Remove nodes that return their input unchanged: Identity, Dropout at inference, a Cast to the
-    type it already has, and a Mul by ones / Add or Sub of zeros / Div by ones that broadcasts into
-    nothing new (its constant has no more axes than the input, all of size 1)."""
-    done, doomed = 0, []
-    for node in list(graph.graph.node):
-        source = _noop_source(graph, node)
-        if source is not None and graph.bypass(node, source):
-            doomed.append(node)
-            done += 1
-    remove_nodes(graph, doomed)
-    return done
-
-
-def _noop_source(graph: Graph, node) -> str | None:
-    if node.op_type == "Identity":
-        return node.input[0]
-    if node.op_type == "Dropout":
-        used = [out for out in node.output[1:] if out and (graph.consumers.get(out) or out in graph.outputs)]
-        training = len(node.input) > 2 and not absent(node.input[2])
-        return None if used or training else node.input[0]
-    if node.op_type == "Cast":
-        source_type = element_type(graph.model, node.input[0])
-        return node.input[0] if source_type is not None and source_type == attribute(node, "to") else None
-    if node.op_type not in _AFFINE:
-        return None
-    neutral = 1.0 if node.op_type in ("Mul", "Div") else 0.0
-    candidates = [(0, 1), (1, 0)] if node.op_type in ("Mul", "Add") else [(0, 1)]
-    for kept, other in candidates:
-        constant = graph.constant(node.input[other])
-        shape = graph.shapes.get(node.input[kept])
-        if constant is None or shape is None or not np.issubdtype(constant.dtype, np.floating):
-            continue
-        if constant.ndim <= len(shape) and all(d == 1 for d in constant.shape) and np.all(constant == neutral):
-            return node.input[kept]
-    return None
-
-
 def drop_dead_nodes(graph: Graph) -> int:
     """Remove nodes (and initializers) nothing reads, as the passes above leave them behind."""
     done = 0
@@ -454,10 +374,8 @@ def drop_dead_nodes(graph: Graph) -> int:
 
 
 PASSES = {
-    "fold_pad_into_conv": fold_pad_into_conv,
     "drop_noop_reshapes": drop_noop_reshapes,
     "fold_input_affine": fold_input_affine,
-    "drop_identities": drop_identities,
     "copy_batch_in_reshapes": copy_batch_in_reshapes,
     "read_input_channels_last": read_input_channels_last,
     "drop_dead_nodes": drop_dead_nodes,
