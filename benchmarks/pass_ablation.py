@@ -2,8 +2,13 @@
 ONNX file cleaned with every pass ("all") and with every pass but ``--without`` ("without"), both
 checked against Keras and timed by ONNX Runtime, interleaved.
 
+``--without`` is a comma-separated list of variants, all timed interleaved against "all" in one
+process: a pass name, several joined by ``+`` (left out together), or ``all`` (every pass left out:
+onnxslim alone, then ONNX Runtime's own optimiser, as every session here runs at full optimisation).
+One row per variant and batch size.
+
     python benchmarks/pass_ablation.py --without read_input_channels_last [--backend tensorflow]
-        [--backbones a,b] [--batch-sizes 1,32] [--repeats 8] [--runs 10] [--big-runs 2] [--one-session]
+        [--backbones a,b] [--batch-sizes 1,32] [--repeats 8] [--runs 10] [--big-runs 2] [--one-session] [--threads N]
         [--json benchmarks/results/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
@@ -31,15 +36,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
 
+EVERY_PASS = "every pass"  # the baseline variant: nothing left out (a pass name has no space)
+
 HEADER = (
-    "| backbone | px | batch | rewrites | parity all / without | all ms | without ms | all / without |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| backbone | px | batch | without | rewrites | parity all / without | all ms | without ms | all / without |\n"
+    "|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def table_line(row: dict) -> str:
     return (
-        f"| {row['backbone']} | {row['image_size']} | {row['batch_size']} | {row['rewrites']} "
+        f"| {row['backbone']} | {row['image_size']} | {row['batch_size']} | {row['without']} | {row['rewrites']} "
         f"| {row['parity_all']:.1e} / {row['parity_without']:.1e} | {row['p50_ms_all']:.2f} "
         f"| {row['p50_ms_without']:.2f} | {row['all_over_without']:.3f} |"
     )
@@ -69,9 +76,10 @@ def measure_backbone(name: str, args) -> list[dict]:
         export_onnx(model, converted, graph_passes=False)
         del model
         keras.backend.clear_session()
-        paths, rewrites = {}, 0
-        for variant in ("all", "without"):
-            kept = {key: value for key, value in graph.PASSES.items() if variant == "all" or key != args.without}
+        paths, rewrites = {}, {}
+        for index, variant in enumerate([EVERY_PASS, *args.without]):
+            left_out = left_out_passes(variant)
+            kept = {key: value for key, value in graph.PASSES.items() if key not in left_out}
             saved = dict(graph.PASSES)
             graph.PASSES.clear()
             graph.PASSES.update(kept)
@@ -80,52 +88,90 @@ def measure_backbone(name: str, args) -> list[dict]:
             finally:
                 graph.PASSES.clear()
                 graph.PASSES.update(saved)
-            if variant == "all":
-                rewrites = done[args.without]
-            paths[variant] = os.path.join(folder, f"{variant}.onnx")
+            if variant == EVERY_PASS:
+                rewrites = {name: sum(done.get(one, 0) for one in left_out_passes(name)) for name in args.without}
+            paths[variant] = os.path.join(folder, f"variant{index}.onnx")
             onnx.save(cleaned, paths[variant])
         parity = {}
+        settings = {**export_graph.FIXED_SETTINGS, "threads": args.threads} if args.threads else None
         for variant, path in paths.items():  # one session at a time
-            current = export_graph.session(path)
+            current = export_graph.session(path, settings)
             got = current.run(None, {current.get_inputs()[0].name: pixels})[0]
             parity[variant] = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
             del current
-        sessions = dict(paths) if args.one_session else {v: export_graph.session(p) for v, p in paths.items()}
+        if args.one_session:
+            sessions = {variant: (path, settings) for variant, path in paths.items()}
+        else:
+            sessions = {variant: export_graph.session(path, settings) for variant, path in paths.items()}
         rows = []
         for batch in args.batch_sizes:
             rng = np.random.default_rng(0)
             feeds = {variant: export_graph.feed_for(current, batch, rng) for variant, current in sessions.items()}
             runs = args.big_runs if batch >= 8 else args.runs
             p50 = export_graph.interleaved_p50(sessions, feeds, args.repeats, runs)
-            rows.append(
-                {
-                    "backbone": name,
-                    "image_size": size,
-                    "batch_size": batch,
-                    "without": args.without,
-                    "rewrites": rewrites,
-                    "repeats": args.repeats,
-                    "runs_per_repeat": runs,
-                    "parity_all": parity["all"],
-                    "parity_without": parity["without"],
-                    "p50_ms_all": p50["all"],
-                    "p50_ms_without": p50["without"],
-                    "all_over_without": p50["all"] / p50["without"],
-                }
-            )
+            for variant in args.without:
+                rows.append(
+                    {
+                        "backbone": name,
+                        "image_size": size,
+                        "batch_size": batch,
+                        "without": variant,
+                        "rewrites": rewrites[variant],
+                        "repeats": args.repeats,
+                        "runs_per_repeat": runs,
+                        "parity_all": parity[EVERY_PASS],
+                        "parity_without": parity[variant],
+                        "p50_ms_all": p50[EVERY_PASS],
+                        "p50_ms_without": p50[variant],
+                        "all_over_without": p50[EVERY_PASS] / p50[variant],
+                    }
+                )
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
+def left_out_passes(variant: str) -> list[str]:
+    """The passes a ``--without`` variant leaves out: ``all`` every one, ``a+b`` both, ``EVERY_PASS`` none."""
     from kbench.graph import PASSES
 
+    if variant == EVERY_PASS:
+        return []
+    return list(PASSES) if variant == "all" else [name for name in variant.split("+") if name]
+
+
+def without_variants(text: str) -> list[str]:
+    """argparse type for ``--without``: comma-separated variants, each ``all`` or pass names joined by ``+``."""
+    from kbench.graph import PASSES
+
+    variants = [part for part in text.split(",") if part]
+    for variant in variants:
+        unknown = [name for name in variant.split("+") if name not in PASSES] if variant != "all" else []
+        if unknown:
+            raise argparse.ArgumentTypeError(f"no pass {unknown[0]!r}; the passes: all, {', '.join(PASSES)}")
+    if not variants or len(set(variants)) != len(variants):
+        raise argparse.ArgumentTypeError(f"variants named once each, at least one: {text!r}")
+    return variants
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--without", required=True, choices=sorted(PASSES), help="the pass left out")
+    parser.add_argument(
+        "--without",
+        required=True,
+        type=without_variants,
+        help="the passes left out, comma-separated variants: a pass, passes joined by +, or all (onnxslim alone)",
+    )
     record.add_backbone_timing_options(parser, repeats=8, big_runs=2)
     parser.add_argument(
         "--one-session",
         action="store_true",
         help="open each variant's session for its turn only (one in memory at a time: big models, big batches)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=record.positive_int,
+        default=None,
+        help="ONNX Runtime's intra-op threads (default: kbench's, one per physical core); 1 on a shared machine "
+        "keeps another process on the other core from stretching every run",
     )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-backbone child
     record.add_json_option(parser, "pass_ablation")

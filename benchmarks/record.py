@@ -134,7 +134,7 @@ def child_result(command: list[str], label: str):
     if isinstance(value, dict) and "error" in value:
         raise SystemExit(f"{label}: {value['error']}")
     if done.returncode < 0:
-        from kbench.export import killed_by
+        from kbench.convert import killed_by
 
         raise SystemExit(f"{label}: its process was {killed_by(-done.returncode)}")
     if done.returncode != 0 or value is None:

@@ -2,7 +2,6 @@
 
 tf2onnx writes what TensorFlow's graph says, and some of it costs time in ONNX Runtime (measured in
 benchmarks/README.md, "Exported graph clean-up"):
-- keras' ZeroPadding2D becomes a standalone Pad in front of a strided convolution;
 - squeeze-and-excitation pools, squeezes to (N, C) and reshapes back with ``Reshape(-1, C, 1, 1)``:
   with ``-1`` ONNX Runtime cannot prove the batch dimension equal on both sides of a residual Add and
   fuses none of them into their convolutions;
@@ -16,239 +15,36 @@ Each pass here matches one pattern exactly and proves the rewrite keeps the resu
 shape inference, constants read from the graph); anything it can't prove it leaves alone, so the
 passes are safe on graphs nobody has looked at. ``clean_graph`` runs them all, then onnxslim for the
 rest (constant folding, dead ends; see ``simplify``), and returns the new model with what each pass
-did. The export's parity check then runs on the final graph.
+did. The export's parity check then runs on the final graph. Each pass earns its place in
+benchmarks/docs/export-graph.md ("Which passes stay"); Pad folding and Identity removal went in
+version 3: onnxslim and ONNX Runtime already do them.
 
 >>> model, done = clean_graph(onnx.load("exports/b0.onnx"))  # doctest: +SKIP
 >>> done  # doctest: +SKIP
-{'fold_pad_into_conv': 4, 'drop_squeeze_reshape': 17, ...}
+{'drop_noop_reshapes': 32, 'fold_input_affine': 3, ...}
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from kbench.onnxgraph import (
+    Graph,
+    attribute,
+    remove_nodes,
+    reshape_result,
+    set_attribute,
+    sort_topologically,
+)
 
 # Bump when a pass changes what it writes: kbench.export puts it in the key under which an exported
 # file is reused, so files made by older passes are made again.
-GRAPH_PASSES_VERSION = 2
-
-
-class Graph:
-    """Indexes over a GraphProto: who makes each value, who reads it, the constants, the known shapes."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.graph = model.graph
-        self.refresh()
-
-    def refresh(self) -> None:
-        graph = self.graph
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {value.name for value in graph.output}
-        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
-        self.shapes = _inferred_shapes(self.model)
-
-    def constant(self, name: str) -> np.ndarray | None:
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant" and len(node.attribute) == 1:
-            if node.attribute[0].name == "value":
-                return numpy_helper.to_array(node.attribute[0].t)
-        return None
-
-    def only_consumer(self, name: str):
-        """The single node reading ``name``, or None (several readers, or a graph output)."""
-        readers = self.consumers.get(name, [])
-        return readers[0] if len(readers) == 1 and name not in self.outputs else None
-
-    def add_initializer(self, array: np.ndarray, hint: str) -> str:
-        name, index = f"kbench_graph/{hint}", 0
-        while name in self.initializers or name in self.producer:
-            index += 1
-            name = f"kbench_graph/{hint}_{index}"
-        tensor = numpy_helper.from_array(array, name)
-        self.graph.initializer.append(tensor)
-        self.initializers[name] = tensor
-        return name
-
-    def bypass(self, node, replacement: str) -> bool:
-        """Readers of ``node``'s (single) output read ``replacement`` instead; False (nothing done)
-        when that output is a graph output, whose name must stay."""
-        (output,) = node.output
-        if output in self.outputs:
-            return False
-        for reader in self.consumers.get(output, []):
-            reader.input[:] = [replacement if name == output else name for name in reader.input]
-        return True
-
-
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Value name -> list of dims: an int, a symbol (str), or None for unknown."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # an op shape inference doesn't know: fewer shapes, fewer rewrites
-        inferred = model
-    shapes = {}
-    graph = inferred.graph
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        tensor = value.type.tensor_type
-        if not tensor.HasField("shape"):
-            continue
-        dims = []
-        for dim in tensor.shape.dim:
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            elif dim.HasField("dim_param") and dim.dim_param:
-                dims.append(dim.dim_param)
-            else:
-                dims.append(None)
-        shapes[value.name] = dims
-    for tensor in graph.initializer:
-        shapes[tensor.name] = list(tensor.dims)
-    return shapes
-
-
-def _attribute(node, name: str, default=None):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
-
-
-def _set_attribute(node, name: str, value) -> None:
-    for index, attribute in enumerate(node.attribute):
-        if attribute.name == name:
-            del node.attribute[index]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _remove(graph: Graph, nodes) -> None:
-    doomed = {id(node) for node in nodes}
-    kept = [node for node in graph.graph.node if id(node) not in doomed]
-    del graph.graph.node[:]
-    graph.graph.node.extend(kept)
-
-
-def _absent(name: str) -> bool:
-    return name == ""
+GRAPH_PASSES_VERSION = 3
 
 
 # --- passes -------------------------------------------------------------------------------------
-
-
-def fold_pad_into_conv(graph: Graph) -> int:
-    """Pad(constant mode, value 0, spatial axes only) -> Conv becomes the Conv with larger ``pads``:
-    a convolution pads with zeros itself. Reflect or edge mode, a non-zero value, padding of the
-    batch or channel axes, negative pads (cropping), or a Pad read by anything else: left alone."""
-    done, doomed = 0, []
-    for pad in list(graph.graph.node):
-        if pad.op_type != "Pad" or _attribute(pad, "mode", b"constant") not in (b"constant", "constant"):
-            continue
-        if len(pad.input) > 3 and not _absent(pad.input[3]):  # axes (opset 18): not handled
-            continue
-        conv = graph.only_consumer(pad.output[0])
-        if conv is None or conv.op_type != "Conv" or conv.input[0] != pad.output[0]:
-            continue
-        if _attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            continue
-        pads = graph.constant(pad.input[1]) if len(pad.input) > 1 else _attribute(pad, "pads")
-        if pads is None:
-            continue
-        pads = [int(p) for p in np.asarray(pads).ravel()]
-        value = graph.constant(pad.input[2]) if len(pad.input) > 2 and not _absent(pad.input[2]) else 0
-        value = _attribute(pad, "value", 0.0) if len(pad.input) == 1 else value  # Pad before opset 11
-        if value is None or np.any(np.asarray(value) != 0):
-            continue
-        rank = len(pads) // 2
-        if rank < 3 or len(pads) != 2 * rank or any(p < 0 for p in pads):
-            continue
-        if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
-            continue
-        spatial = rank - 2
-        conv_pads = list(_attribute(conv, "pads", [0] * (2 * spatial)))
-        if len(conv_pads) != 2 * spatial:
-            continue
-        added = pads[2:rank] + pads[rank + 2 :]
-        _set_attribute(conv, "pads", [a + b for a, b in zip(conv_pads, added)])
-        conv.input[0] = pad.input[0]
-        doomed.append(pad)
-        done += 1
-    _remove(graph, doomed)
-    return done
-
-
-def reshape_result(input_shape: list | None, target: np.ndarray, allowzero: int = 0) -> list | None:
-    """The output shape of Reshape(input of ``input_shape``, ``target``) where it can be proved: a list
-    of ints and symbols (symbols stand for the same unknown size wherever they appear), else None.
-
-    >>> reshape_result(["N", 32], np.array([-1, 32, 1, 1]))
-    ['N', 32, 1, 1]
-    >>> reshape_result(["N", 32], np.array([-1, 16, 1, 1])) is None  # 2N rows: not provable here
-    True
-    """
-    if input_shape is None or any(d is None for d in input_shape):
-        return None
-    target = [int(t) for t in np.asarray(target).ravel()]
-    if allowzero and 0 in target:
-        return None
-    result: list = []
-    for index, size in enumerate(target):
-        if size == 0:
-            if index >= len(input_shape):
-                return None
-            result.append(input_shape[index])
-        elif size > 0 or size == -1:
-            result.append(size)
-        else:
-            return None
-    if result.count(-1) > 1:
-        return None
-    if -1 not in result:
-        return result if _same_volume(input_shape, result) else None
-    # -1 takes what is left of the input's volume: divide the input's factors by the others'.
-    numbers, symbols = 1, []
-    for d in input_shape:
-        if isinstance(d, int):
-            numbers *= d
-        else:
-            symbols.append(d)
-    divisor = 1
-    for d in result:
-        if d == -1:
-            continue
-        if isinstance(d, int):
-            divisor *= d
-        elif d in symbols:
-            symbols.remove(d)
-        else:
-            return None
-    if divisor == 0 or numbers % divisor:
-        return None
-    left = numbers // divisor
-    if len(symbols) == 0:
-        resolved = left
-    elif len(symbols) == 1 and left == 1:
-        resolved = symbols[0]
-    else:
-        return None
-    return [resolved if d == -1 else d for d in result]
-
-
-def _same_volume(first: list, second: list) -> bool:
-    def factors(shape):
-        numbers = math.prod(d for d in shape if isinstance(d, int))
-        return numbers, sorted(d for d in shape if not isinstance(d, int))
-
-    return factors(first) == factors(second)
 
 
 def drop_noop_reshapes(graph: Graph) -> int:
@@ -262,7 +58,7 @@ def drop_noop_reshapes(graph: Graph) -> int:
         target = graph.constant(node.input[1])
         if target is None:
             continue
-        allowzero = int(_attribute(node, "allowzero", 0))
+        allowzero = int(attribute(node, "allowzero", 0))
         source = node.input[0]
         result = reshape_result(graph.shapes.get(source), target, allowzero)
         if result is None:
@@ -277,7 +73,7 @@ def drop_noop_reshapes(graph: Graph) -> int:
             if result == graph.shapes.get(origin) and graph.bypass(node, origin):
                 doomed.append(node)
                 done += 1
-    _remove(graph, doomed)
+    remove_nodes(graph, doomed)
     return done
 
 
@@ -287,7 +83,7 @@ def copy_batch_in_reshapes(graph: Graph) -> int:
     around a residual Add (with ``-1`` it fuses no Add into its convolution)."""
     done = 0
     for node in graph.graph.node:
-        if node.op_type != "Reshape" or int(_attribute(node, "allowzero", 0)):
+        if node.op_type != "Reshape" or int(attribute(node, "allowzero", 0)):
             continue
         target = graph.constant(node.input[1])
         source_shape = graph.shapes.get(node.input[0])
@@ -353,14 +149,14 @@ def fold_input_affine(graph: Graph) -> int:
         transpose = graph.only_consumer(current)
         if not chain or transpose is None or transpose.op_type != "Transpose":
             continue
-        if list(_attribute(transpose, "perm", [])) != [0, 3, 1, 2]:
+        if list(attribute(transpose, "perm", [])) != [0, 3, 1, 2]:
             continue
         if not np.all(np.isfinite(scale)) or not np.all(np.isfinite(shift)):
             continue
         if np.any(order != np.arange(channels)) and not _foldable_conv(graph, transpose.output[0], scale):
             continue  # a channel reordering needs a convolution's weights to go into
         transpose.input[0] = value.name
-        _remove(graph, chain)
+        remove_nodes(graph, chain)
         graph.refresh()
         _apply_affine_nchw(graph, transpose, scale, shift, order)
         done += len(chain)
@@ -390,7 +186,7 @@ def _channel_constant(graph: Graph, node, current: str, channels: int) -> np.nda
 def _channel_permutation(graph: Graph, node, channels: int) -> np.ndarray | None:
     """The constant indices of a Gather on the last axis of an NHWC value that reorder its channels
     (keras' caffe-style preprocessing turns RGB into BGR this way); None for anything else."""
-    if int(_attribute(node, "axis", 0)) not in (-1, 3):
+    if int(attribute(node, "axis", 0)) not in (-1, 3):
         return None
     indices = graph.constant(node.input[1])
     if indices is None or indices.dtype.kind not in "iu" or indices.shape != (channels,):
@@ -407,7 +203,7 @@ def _foldable_conv(graph: Graph, output: str, scale: np.ndarray):
         conv is not None
         and conv.op_type == "Conv"
         and conv.input[0] == output
-        and int(_attribute(conv, "group", 1)) == 1
+        and int(attribute(conv, "group", 1)) == 1
         and np.all(scale != 0)
         and graph.constant(conv.input[1]) is not None
         and graph.constant(conv.input[1]).shape[1] == scale.size
@@ -428,8 +224,8 @@ def _apply_affine_nchw(graph: Graph, transpose, scale: np.ndarray, shift: np.nda
         weights = weights * scale.reshape(1, -1, *([1] * (weights.ndim - 2)))
         offset = shift / scale
         weights[:, order], offset[order] = weights.copy(), offset.copy()
-        pads = list(_attribute(conv, "pads", []))
-        pads_nothing = _attribute(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID") and not any(
+        pads = list(attribute(conv, "pads", []))
+        pads_nothing = attribute(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID") and not any(
             pads
         )
         if pads_nothing and np.any(offset):
@@ -461,7 +257,7 @@ def _apply_affine_nchw(graph: Graph, transpose, scale: np.ndarray, shift: np.nda
     if current != output:
         for reader in readers:
             reader.input[:] = [current if name == output else name for name in reader.input]
-        _sort_topologically(graph.graph)
+        sort_topologically(graph.graph)
 
 
 def _compact(vector: np.ndarray) -> np.ndarray:
@@ -491,7 +287,7 @@ def read_input_channels_last(graph: Graph) -> int:
         transpose = graph.only_consumer(value.name)
         if transpose is None or transpose.op_type != "Transpose":
             continue
-        if list(_attribute(transpose, "perm", [])) != [0, 3, 1, 2]:
+        if list(attribute(transpose, "perm", [])) != [0, 3, 1, 2]:
             continue
         chain, constants, current = [], [], transpose.output[0]
         node = graph.only_consumer(current)
@@ -509,12 +305,12 @@ def read_input_channels_last(graph: Graph) -> int:
         weights = graph.constant(conv.input[1])
         if weights is None or weights.ndim != 4 or weights.shape[1] != channels:
             continue
-        if int(_attribute(conv, "group", 1)) != 1 or any(d != 1 for d in _attribute(conv, "dilations", [1, 1])):
+        if int(attribute(conv, "group", 1)) != 1 or any(d != 1 for d in attribute(conv, "dilations", [1, 1])):
             continue
-        if _attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue
-        pads = list(_attribute(conv, "pads", [0, 0, 0, 0]))
-        strides = list(_attribute(conv, "strides", [1, 1]))
+        pads = list(attribute(conv, "pads", [0, 0, 0, 0]))
+        strides = list(attribute(conv, "strides", [1, 1]))
         outputs, kernel = weights.shape[0], weights.shape[2:]
         view_shape = graph.add_initializer(np.array([0, 1, height, width * channels], np.int64), "channels_last_view")
         view = f"kbench_graph/channels_last_view_{done}"
@@ -527,15 +323,15 @@ def read_input_channels_last(graph: Graph) -> int:
         conv.input[0] = previous
         flat = weights.transpose(0, 2, 3, 1).reshape(outputs, 1, kernel[0], kernel[1] * channels)
         conv.input[1] = graph.add_initializer(np.ascontiguousarray(flat), "channels_last_weights")
-        _set_attribute(conv, "kernel_shape", [int(kernel[0]), int(kernel[1] * channels)])
-        _set_attribute(conv, "strides", [int(strides[0]), int(strides[1] * channels)])
-        _set_attribute(conv, "pads", [int(pads[0]), int(pads[1] * channels), int(pads[2]), int(pads[3] * channels)])
+        set_attribute(conv, "kernel_shape", [int(kernel[0]), int(kernel[1] * channels)])
+        set_attribute(conv, "strides", [int(strides[0]), int(strides[1] * channels)])
+        set_attribute(conv, "pads", [int(pads[0]), int(pads[1] * channels), int(pads[2]), int(pads[3] * channels)])
         changed = {node.output[0] for node in chain} | {transpose.output[0]}
         kept = [info for info in graph.graph.value_info if info.name not in changed]
         del graph.graph.value_info[:]
         graph.graph.value_info.extend(kept)
-        _remove(graph, [transpose])
-        _sort_topologically(graph.graph)
+        remove_nodes(graph, [transpose])
+        sort_topologically(graph.graph)
         graph.refresh()
         done += 1
     return done
@@ -554,54 +350,6 @@ def _nchw_channel_vector(constant: np.ndarray | None, channels: int) -> np.ndarr
     return constant.reshape(channels)
 
 
-def drop_identities(graph: Graph) -> int:
-    """Remove nodes that return their input unchanged: Identity, Dropout at inference, a Cast to the
-    type it already has, and a Mul by ones / Add or Sub of zeros / Div by ones that broadcasts into
-    nothing new (its constant has no more axes than the input, all of size 1)."""
-    done, doomed = 0, []
-    for node in list(graph.graph.node):
-        source = _noop_source(graph, node)
-        if source is not None and graph.bypass(node, source):
-            doomed.append(node)
-            done += 1
-    _remove(graph, doomed)
-    return done
-
-
-def _noop_source(graph: Graph, node) -> str | None:
-    if node.op_type == "Identity":
-        return node.input[0]
-    if node.op_type == "Dropout":
-        used = [out for out in node.output[1:] if out and (graph.consumers.get(out) or out in graph.outputs)]
-        training = len(node.input) > 2 and not _absent(node.input[2])
-        return None if used or training else node.input[0]
-    if node.op_type == "Cast":
-        source_type = _element_type(graph.model, node.input[0])
-        return node.input[0] if source_type is not None and source_type == _attribute(node, "to") else None
-    if node.op_type not in _AFFINE:
-        return None
-    neutral = 1.0 if node.op_type in ("Mul", "Div") else 0.0
-    candidates = [(0, 1), (1, 0)] if node.op_type in ("Mul", "Add") else [(0, 1)]
-    for kept, other in candidates:
-        constant = graph.constant(node.input[other])
-        shape = graph.shapes.get(node.input[kept])
-        if constant is None or shape is None or not np.issubdtype(constant.dtype, np.floating):
-            continue
-        if constant.ndim <= len(shape) and all(d == 1 for d in constant.shape) and np.all(constant == neutral):
-            return node.input[kept]
-    return None
-
-
-def _element_type(model: onnx.ModelProto, name: str) -> int | None:
-    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        if value.name == name:
-            return value.type.tensor_type.elem_type
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return tensor.data_type
-    return None
-
-
 def drop_dead_nodes(graph: Graph) -> int:
     """Remove nodes (and initializers) nothing reads, as the passes above leave them behind."""
     done = 0
@@ -614,7 +362,7 @@ def drop_dead_nodes(graph: Graph) -> int:
         ]
         if not dead:
             break
-        _remove(graph, dead)
+        remove_nodes(graph, dead)
         done += len(dead)
     graph.refresh()
     used = set(graph.consumers) | graph.outputs
@@ -625,29 +373,9 @@ def drop_dead_nodes(graph: Graph) -> int:
     return done
 
 
-def _sort_topologically(graph_proto) -> None:
-    available = {value.name for value in graph_proto.input} | {t.name for t in graph_proto.initializer} | {""}
-    pending, ordered = list(graph_proto.node), []
-    while pending:
-        progress = False
-        for node in list(pending):
-            if all(name in available for name in node.input):
-                ordered.append(node)
-                available.update(node.output)
-                pending.remove(node)
-                progress = True
-        if not progress:  # a subgraph's outer names, or a cycle: keep the rest in their order
-            ordered.extend(pending)
-            break
-    del graph_proto.node[:]
-    graph_proto.node.extend(ordered)
-
-
 PASSES = {
-    "fold_pad_into_conv": fold_pad_into_conv,
     "drop_noop_reshapes": drop_noop_reshapes,
     "fold_input_affine": fold_input_affine,
-    "drop_identities": drop_identities,
     "copy_batch_in_reshapes": copy_batch_in_reshapes,
     "read_input_channels_last": read_input_channels_last,
     "drop_dead_nodes": drop_dead_nodes,
@@ -656,7 +384,7 @@ PASSES = {
 
 def _has_subgraphs(graph_proto) -> bool:
     kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    return any(attribute.type in kinds for node in graph_proto.node for attribute in node.attribute)
+    return any(item.type in kinds for node in graph_proto.node for item in node.attribute)
 
 
 def run_passes(model: onnx.ModelProto, names=None) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime
 import pytest
 
+from kbench import convert as convert_module
 from kbench import export as export_module
 from kbench import graph as graph_module
 from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, get_backbone
@@ -74,11 +75,11 @@ def test_tf2onnx_optimizers_are_restored_after_conversion():
     from tf2onnx import optimizer
 
     before = dict(optimizer._optimizers)
-    with export_module._collected_between_optimizers():
+    with convert_module._collected_between_optimizers():
         assert all(optimizer._optimizers[name] is not before[name] for name in before)
         optimizer._optimizers[next(iter(before))]()  # a wrapped factory still makes its optimiser
     assert optimizer._optimizers == before
-    with pytest.raises(RuntimeError), export_module._collected_between_optimizers():
+    with pytest.raises(RuntimeError), convert_module._collected_between_optimizers():
         raise RuntimeError("conversion failed")
     assert optimizer._optimizers == before
 
@@ -88,7 +89,7 @@ def test_conversion_runs_without_the_hook_where_tf2onnx_has_no_table(monkeypatch
     from tf2onnx import optimizer
 
     monkeypatch.delattr(optimizer, "_optimizers")
-    with export_module._collected_between_optimizers():
+    with convert_module._collected_between_optimizers():
         pass
 
 
@@ -101,18 +102,18 @@ def test_a_killed_conversion_process_is_named_not_its_last_warning(tmp_path, mon
     def ended(returncode, stderr):
         return lambda command, **_: subprocess.CompletedProcess(command, returncode, "", stderr)
 
-    convert = lambda: export_module._convert_in_tensorflow_process("m.keras", str(tmp_path / "m.onnx"), 17, None)
-    monkeypatch.setattr(export_module.subprocess, "run", ended(-9, "W0000 some unrelated TensorFlow warning\n"))
+    convert = lambda: convert_module.convert_in_tensorflow_process("m.keras", str(tmp_path / "m.onnx"), 17, None)
+    monkeypatch.setattr(convert_module.subprocess, "run", ended(-9, "W0000 some unrelated TensorFlow warning\n"))
     with pytest.raises(KbenchError) as caught:
         convert()
     assert str(caught.value) == "ONNX conversion failed: its process was killed by SIGKILL (signal 9) (out of memory?)"
-    monkeypatch.setattr(export_module.subprocess, "run", ended(-15, "W0000 a warning\n"))
+    monkeypatch.setattr(convert_module.subprocess, "run", ended(-15, "W0000 a warning\n"))
     with pytest.raises(KbenchError, match=r"killed by SIGTERM \(signal 15\)$"):
         convert()
-    monkeypatch.setattr(export_module.subprocess, "run", ended(1, "W0000 a warning\nValueError: the real reason\n"))
+    monkeypatch.setattr(convert_module.subprocess, "run", ended(1, "W0000 a warning\nValueError: the real reason\n"))
     with pytest.raises(KbenchError, match=r"^ONNX conversion failed: ValueError: the real reason$"):
         convert()
-    assert export_module.signal_name(99) == "signal 99"
+    assert convert_module.signal_name(99) == "signal 99"
 
 
 def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
