@@ -142,8 +142,9 @@ def export():
     "--graph-passes/--no-graph-passes",
     default=_X1.graph_passes,
     show_default=True,
-    help="Clean the converted graph (kbench.graph: Pad into Conv, no-op reshapes, preprocessing "
-    "folded, onnxslim) before the parity check. --no-graph-passes keeps tf2onnx's graph as written.",
+    help="Clean the converted graph (kbench.graph: no-op reshapes, preprocessing folded, the "
+    "input read channels-last, then onnxslim) before the parity check. --no-graph-passes keeps tf2onnx's "
+    "graph as written.",
 )
 def export_onnx_command(model, output, opset, batch_size, quantize, calibration_data, backend, graph_passes):
     """Export MODEL (a run folder, ensemble folder or .keras file) to ONNX, checked against Keras.

@@ -159,7 +159,7 @@ def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
     """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9. The child
-    asks for it first thing, as the conversion does (kbench.export._main), and says so in pid_file."""
+    asks for it first thing, as the conversion does (kbench.convert._main), and says so in pid_file."""
     pid_file = tmp_path / "child.pid"
     child_code = (
         "import os, sys, time; from kbench.distributed import die_with_parent; "
