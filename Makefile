@@ -65,10 +65,12 @@ test-jax: install
 test-tensorflow: install
 	KERAS_BACKEND=tensorflow $(PYTEST) tests
 
-# Real keras.applications backbones at reduced size, one per family (slow).
+# The slow tier: real keras.applications backbones (one export per family at reduced size, every
+# backbone's sizes, parameters and GFLOPs at full size, in-graph preprocessing of every backbone) and
+# the demo end to end. Under JAX only what depends on the backend.
 test-heavy: install
 	KERAS_BACKEND=tensorflow $(PYTEST) -m heavy tests
-	KERAS_BACKEND=jax $(PYTEST) -m heavy tests
+	KERAS_BACKEND=jax $(PYTEST) -m "heavy and not once" tests
 
 bench-pipeline: install
 	$(PY) benchmarks/pipeline.py

@@ -115,7 +115,7 @@ def run_cli(*args, env=None, timeout=300, cwd=None, process=False):
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
 
 
-# The smallest study: one small_cnn entry, one epoch (tests/test_studyconfig.py, tests/test_study.py).
+# The smallest study: one small_cnn entry, one epoch (test_studyconfig.py, test_study_resume.py, test_study.py).
 MINIMAL_STUDY = """
 [study]
 data = "{data}"

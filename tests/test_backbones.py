@@ -110,9 +110,9 @@ def test_registry_covers_every_keras_application_with_todays_names():
 
 
 @TF_ONLY
-def test_registry_sizes_params_flops_match_keras_applications(monkeypatch):
+def test_registry_sizes_match_what_each_constructor_declares(monkeypatch):
     """Native and minimum sizes as each constructor declares them (caught where it asks
-    imagenet_utils for its input shape), then parameters, feature width and GFLOPs at that size."""
+    imagenet_utils for its input shape, before it builds anything)."""
     import keras
     from keras.src.applications import imagenet_utils
 
@@ -122,15 +122,23 @@ def test_registry_sizes_params_flops_match_keras_applications(monkeypatch):
     def declared(input_shape, default_size, min_size, *args, **kwargs):
         raise Declared(default_size, min_size)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(imagenet_utils, "obtain_input_shape", declared)
-        for spec in KERAS_APPLICATIONS:
-            if spec.module == "mobilenet_v3":  # sizes its input itself; its weights are the 224 px ones
-                assert (spec.image_size, spec.min_image_size) == (224, 32)
-                continue
-            with pytest.raises(Declared) as sizes:
-                getattr(keras.applications, spec.application)(include_top=False, weights=None)
-            assert (spec.name, *sizes.value.args) == (spec.name, spec.image_size, spec.min_image_size)
+    monkeypatch.setattr(imagenet_utils, "obtain_input_shape", declared)
+    for spec in KERAS_APPLICATIONS:
+        if spec.module == "mobilenet_v3":  # sizes its input itself; its weights are the 224 px ones
+            assert (spec.image_size, spec.min_image_size) == (224, 32)
+            continue
+        with pytest.raises(Declared) as sizes:
+            getattr(keras.applications, spec.application)(include_top=False, weights=None)
+        assert (spec.name, *sizes.value.args) == (spec.name, spec.image_size, spec.min_image_size)
+
+
+@TF_ONLY
+@pytest.mark.heavy
+def test_registry_params_flops_match_keras_applications_at_full_size():
+    """Parameters, feature width and GFLOPs of all 40 models built at their native size (a minute and
+    a half: the heavy tier; the papers' figures for two of them are checked in the gate)."""
+    import keras
+
     for spec in KERAS_APPLICATIONS:
         size = (spec.image_size, spec.image_size, 3)
         model = getattr(keras.applications, spec.application)(
@@ -142,7 +150,33 @@ def test_registry_sizes_params_flops_match_keras_applications(monkeypatch):
 
 
 @TF_ONLY
-@pytest.mark.parametrize("name", [spec.name for spec in KERAS_APPLICATIONS])
+@pytest.mark.parametrize("name, paper_gmacs", [("resnet50", 4.1), ("efficientnet_b0", 0.39)])
+def test_flops_agree_with_the_papers(name, paper_gmacs):
+    """count_flops against figures it did not make: He et al. 2016 (ResNet-50, 4.1 GMACs with its
+    1000-class layer, 2 MMACs) and Tan & Le 2019 (EfficientNet-B0, 0.39 GMACs), at 224 px."""
+    import keras
+
+    spec = get_backbone(name)
+    model = getattr(keras.applications, spec.application)(
+        include_top=False, weights=None, pooling="avg", input_shape=(224, 224, 3)
+    )
+    gmacs = count_flops(model) / 2e9
+    assert gmacs == pytest.approx(paper_gmacs, rel=0.07) and spec.gflops == round(2 * gmacs, 2)
+    keras.backend.clear_session()
+
+
+# One model of each keras.applications family in the gate, the other models in the heavy tier.
+FIRST_OF_FAMILY = set()
+for _spec in KERAS_APPLICATIONS:
+    if not any(get_backbone(name).module == _spec.module for name in FIRST_OF_FAMILY):
+        FIRST_OF_FAMILY.add(_spec.name)
+
+
+@TF_ONLY
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(s.name, marks=() if s.name in FIRST_OF_FAMILY else pytest.mark.heavy) for s in KERAS_APPLICATIONS],
+)
 def test_in_graph_preprocessing_equals_keras_preprocess_input(name):
     """kbench's model on pixels == the keras.applications model, with the same weights, on
     keras.applications.<module>.preprocess_input(pixels): ImageNet weights see what they were made on."""

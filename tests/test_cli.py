@@ -54,6 +54,7 @@ def test_output_naming_a_folder_is_refused_before_work(model_file, kaggle_data, 
     assert os.listdir(folder) == []
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_export_reuses_a_file_made_from_the_same_model_and_redoes_a_changed_one(model_file, tmp_path):
     from kbench.backbones import build_classifier, get_backbone
 
@@ -69,6 +70,7 @@ def test_export_reuses_a_file_made_from_the_same_model_and_redoes_a_changed_one(
     assert changed.returncode == 0 and "wrote" in changed.stdout
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_export_without_graph_passes_keeps_the_converted_graph_and_is_its_own_file(model_file, tmp_path):
     import json
 
@@ -111,6 +113,7 @@ def test_ensemble_numbers_and_run_dir_equal_to_a_member_are_refused(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle_data, tmp_path):
     run_dir = str(tmp_path / "run")
     done = run_cli(
@@ -207,6 +210,7 @@ def test_a_training_set_or_a_stray_name_is_no_test_set(model_file, kaggle_data, 
     assert not (tmp_path / "s.csv").exists()
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_latency_of_a_fixed_batch_onnx_marks_other_batch_sizes_unavailable(model_file, tmp_path):
     import json
 

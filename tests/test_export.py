@@ -134,6 +134,7 @@ def test_fixed_batch_size_and_feature_extractor(tmp_path):
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_failed_parity_check_leaves_no_file(tmp_path, monkeypatch, calibrated):
     """The refusal names the likely cause only when it is there: an untrained model's batch norms."""
     original = export_module._set_metadata

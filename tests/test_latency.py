@@ -83,6 +83,7 @@ def test_measure_reports_progress_and_rewrites_the_output_after_each_row(tiny_mo
         assert [row["batch_size"] for row in csv.DictReader(handle)] == ["1", "2"]
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_onnx_file_gets_onnx_rows_and_says_why_not_keras(tiny_model, tmp_path):
     list(iter_latency(LatencyConfig([tiny_model], ["onnxruntime-cpu"], [1], 2, 0, export_dir=str(tmp_path))))
     rows = list(
@@ -91,6 +92,7 @@ def test_onnx_file_gets_onnx_rows_and_says_why_not_keras(tiny_model, tmp_path):
     assert rows[0]["status"] == "unavailable: MODEL is an ONNX file" and rows[1]["status"] == "ok"
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_openvino_rows_on_an_onnx_file_are_checked_against_onnx_runtime(tiny_model, tmp_path):
     list(iter_latency(LatencyConfig([tiny_model], ["onnxruntime-cpu"], [1], 2, 0, export_dir=str(tmp_path))))
     (row,) = iter_latency(LatencyConfig([str(tmp_path / "tiny.onnx")], ["openvino-cpu"], [3], 2, 0))
@@ -118,6 +120,7 @@ def test_a_row_over_its_tolerance_fails_and_says_by_how_much(tiny_model):
     assert fields["status"] == "failed: differs from Keras by 5.0e-01 > 2e-02" and fields["parity"] == 0.5
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_cli_formats_round_trip(tiny_model, tmp_path):
     common = [
         tiny_model,

@@ -11,6 +11,8 @@ from kbench.trainconfig import TrainConfig
 
 from conftest import BACKEND, run_cli
 
+pytestmark = pytest.mark.once  # ONNX Runtime's side: `make test` runs it under TensorFlow only
+
 # Two configurations are enough to show the choice (the timings are faked); fewer calibrations.
 TWO = {label: quantize.CANDIDATES[label] for label in ("QDQ S8S8 per-channel", "QOperator U8S8 per-channel")}
 

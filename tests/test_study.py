@@ -1,6 +1,5 @@
 import json
 import os
-import signal
 import socket
 
 import pytest
@@ -135,41 +134,6 @@ def test_bench_command_rejects_a_missing_config(tmp_path):
     assert done.returncode == 2 and "config not found" in done.stderr
 
 
-def test_demo_command_runs_the_demo_config_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    done = run_cli("demo", "--out", str(out), "--images", "120", "--backend", BACKEND, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("report.md", "results.csv", "submission.csv", "logloss_vs_latency.png", "epoch_time.png"):
-        assert (out / name).is_file(), name
-    assert sorted(os.listdir(out / "data")) == ["answers.csv", "test.zip", "train.zip"]
-    assert "submission (" in done.stdout and "test log loss" in done.stdout
-    results = json.loads((out / "results.json").read_text())
-    assert [row["name"] for row in results["rows"]] == [
-        "small_cnn",
-        "small_cnn_40",
-        "mobilenet_v2",
-        "small_cnn+small_cnn_40",
-        "mean-of-three",
-    ]
-    assert all(row["status"] == "ok" for row in results["rows"])
-
-
-def test_resume_is_keyed_by_configuration(kaggle_data, tmp_path):
-    """A finished member is reused only while its settings are unchanged; a changed one retrains."""
-    path = write_study(tmp_path, MINIMAL_STUDY, data=kaggle_data["train"])
-    out = str(tmp_path / "out")
-    run_study(load_config(path), out, echo=lambda line: None)
-    model = os.path.join(out, "runs", "small_cnn", "model.keras")
-    first = os.path.getmtime(model)
-    run_study(load_config(path), out, echo=lambda line: None)
-    assert os.path.getmtime(model) == first
-    changed = write_study(tmp_path, MINIMAL_STUDY.replace("epochs = 1", "epochs = 2"), data=kaggle_data["train"])
-    results = run_study(load_config(changed), out, echo=lambda line: None)
-    assert os.path.getmtime(model) != first
-    assert results["rows"][0]["epochs"] == 2 and results["failed"] == 0
-    assert json.load(open(os.path.join(out, "runs", "small_cnn", "config.json")))["epochs"] == 2
-
-
 def test_failures_exit_1_and_the_report_is_still_written(study, tmp_path):
     config_path, out, results = study
     assert results["failed"] == 2  # "broken" and "needs-broken"
@@ -215,37 +179,3 @@ def test_the_ray_executor_refuses_an_unreachable_cluster_before_anything(study, 
                        "--address", f"127.0.0.1:{port}", timeout=60, process=True)  # fmt: skip
     assert done.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1" in done.stderr
     assert not out.exists()
-
-
-def test_a_node_that_cannot_read_the_study_folder_is_named(tmp_path):
-    from kbench.executors import _probe_task
-
-    assert _probe_task(str(tmp_path / "elsewhere"), "token").startswith("error:")  # the driver's token unseen
-    (tmp_path / ".kbench-probe-token").write_text("token")
-    written = _probe_task(str(tmp_path), "token")
-    assert open(written).read() == "token"
-
-
-def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, tmp_path, monkeypatch):
-    """A SIGTERM whose KeyboardInterrupt Python swallowed (in a gc callback, while exporting) stops
-    the study there: no timing, no next member, exit status 143."""
-    from kbench import study
-    from kbench.errors import STOP_REQUESTS, TrainingInterrupted
-
-    trained = []
-    monkeypatch.setattr(study, "_train_member", lambda member, *args: trained.append(member.name) or {})
-
-    def export_meeting_a_signal(model_dir, onnx_dir):
-        STOP_REQUESTS.append(signal.SIGTERM)  # recorded by the handler; its KeyboardInterrupt lost
-        return "model.onnx"
-
-    monkeypatch.setattr(study, "_export", export_meeting_a_signal)
-    monkeypatch.setattr(study, "_latency_rows", lambda *args: pytest.fail("timed after a stop request"))
-    two = MINIMAL_STUDY + '[[backbones]]\nname = "second"\nbackbone = "small_cnn"\n'
-    config = load_config(write_study(tmp_path, two, data=kaggle_data["train"]))
-    try:
-        with pytest.raises(TrainingInterrupted, match="run the same command again to resume") as stopped:
-            run_study(config, str(tmp_path / "out"), echo=lambda line: None)
-    finally:
-        STOP_REQUESTS.clear()
-    assert trained == ["small_cnn"] and stopped.value.signal_number == signal.SIGTERM

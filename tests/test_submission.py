@@ -79,6 +79,7 @@ def test_flip_tta_and_clipping(run, test_folder, tmp_path):
     assert plain[0] == pytest.approx(both[0], abs=2e-6)
 
 
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_onnx_and_keras_submissions_agree(run, test_folder, tmp_path):
     done = run_cli("export", "onnx", run, "-o", str(tmp_path / "model.onnx"), "--backend", BACKEND)
     assert done.returncode == 0, done.stderr
@@ -90,6 +91,7 @@ def test_onnx_and_keras_submissions_agree(run, test_folder, tmp_path):
 
 
 @pytest.mark.parametrize("runtime", ["openvino", "openvino-bf16"])
+@pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_openvino_submissions_agree_with_keras_within_the_runtime_tolerance(
     run, runtime, test_folder, tmp_path, monkeypatch
 ):
