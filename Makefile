@@ -67,10 +67,11 @@ test-tensorflow: install
 
 # The slow tier: real keras.applications backbones (one export per family at reduced size, every
 # backbone's sizes, parameters and GFLOPs at full size, in-graph preprocessing of every backbone) and
-# the demo end to end. Under JAX only what depends on the backend.
+# the demo end to end. Under JAX only what depends on the backend. Its tests share no module fixtures:
+# spread one by one (--dist load), not a file per process.
 test-heavy: install
-	KERAS_BACKEND=tensorflow $(PYTEST) -m heavy tests
-	KERAS_BACKEND=jax $(PYTEST) -m "heavy and not once" tests
+	KERAS_BACKEND=tensorflow $(PYTEST) --dist load -m heavy tests
+	KERAS_BACKEND=jax $(PYTEST) --dist load -m "heavy and not once" tests
 
 bench-pipeline: install
 	$(PY) benchmarks/pipeline.py

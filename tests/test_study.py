@@ -19,7 +19,7 @@ test_data = "{test}"
 answers = "{answers}"
 
 [train]
-epochs = 3
+epochs = 2
 batch_size = 24
 image_size = 32
 lr = 2e-3
@@ -42,7 +42,7 @@ weights = "{missing}"
 [[ensembles]]
 name = "pair"
 members = ["small_cnn", "small_cnn_24"]
-epochs = 5
+epochs = 3
 
 [[ensembles]]
 name = "needs-broken"
