@@ -408,6 +408,10 @@ def run_demo(
             pass  # refuse to remove a folder that another process is using
         shutil.rmtree(out)
     data_dir = os.path.join(out, "data")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as error:  # a file in the way, /proc, a read-only disk: said before any work
+        raise KbenchError(f"can't write the demo to --out {out}: {error.strerror or error}") from None
     if not os.path.isfile(os.path.join(data_dir, "answers.csv")):
         echo(f"writing {images} generated training images (Kaggle layout) to {data_dir}/")
         write_kaggle_dataset(data_dir, n_train=images, n_test=120, image_size=64)

@@ -73,3 +73,12 @@ def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, 
     finally:
         STOP_REQUESTS.clear()
     assert trained == ["small_cnn"] and stopped.value.signal_number == signal.SIGTERM
+
+
+def test_a_demo_out_that_cannot_be_a_folder_is_refused_in_one_line_before_any_work(tmp_path):
+    from kbench.errors import KbenchError
+    from kbench.study import run_demo
+
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(KbenchError, match=r"^can't write the demo to --out .*a-file: Not a directory$"):
+        run_demo(str(tmp_path / "a-file"), echo=lambda line: pytest.fail(f"work began: {line}"))
