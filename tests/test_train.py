@@ -468,3 +468,28 @@ def test_resume_may_lengthen_a_run_but_not_shorten_it_below_what_it_trained(tiny
 
     result = train(resume_config(run_dir, {"epochs": 4}), resume=True, verbose=0)  # a constant rate: it may
     assert result["epochs"] == result["epochs_trained"] == len(result["epoch_seconds"]) == 4
+
+
+@pytest.mark.once  # the class count's path through train, export and ONNX Runtime is the backend's same
+def test_three_classes_train_export_and_run_in_onnx_runtime_end_to_end(class_folders, tmp_path):
+    """More than two classes through the whole path: a softmax over three, the classes recorded in
+    order, and the ONNX file giving Keras' probabilities (rows of three that sum to one)."""
+    import keras
+    import onnxruntime
+
+    run_dir = str(tmp_path / "three")
+    done = run_cli("train", "--backbone", "small_cnn", "--data", class_folders, "--epochs", "1",
+                   "--image-size", "24", "--weights", "none", "--val-split", "0.25", "--run-dir", run_dir,
+                   "--backend", BACKEND)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert metrics["classes"] == ["ant", "bee", "cow"] and metrics["val_images"] == 6
+    output = str(tmp_path / "three.onnx")
+    done = run_cli("export", "onnx", run_dir, "-o", output, "--backend", BACKEND)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 24, 24, 3)).astype("float32")
+    session = onnxruntime.InferenceSession(output, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    expected = keras.ops.convert_to_numpy(keras.saving.load_model(os.path.join(run_dir, "model.keras"))(pixels))
+    assert got.shape == (4, 3) and np.allclose(got.sum(axis=1), 1, atol=1e-5)
+    assert np.max(np.abs(got - expected)) <= 1e-4
