@@ -20,10 +20,17 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 
+from kbench.backbones import REGISTRY  # noqa: E402
 from kbench.backend import use_backend  # noqa: E402
 from kbench.synthetic import write_class_folders, write_kaggle_dataset  # noqa: E402
 
 BACKEND = use_backend()  # the suite runs once per backend: KERAS_BACKEND=jax / tensorflow
+
+# keras.applications module -> its first registered model: the one model per family the gate builds
+FAMILIES = {}
+for _spec in REGISTRY.values():
+    if _spec.module:
+        FAMILIES.setdefault(_spec.module, _spec.name)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Forces a run onto the CPU whatever the host has (JAX and TensorFlow alike).
 CPU_ONLY = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1"}

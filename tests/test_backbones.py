@@ -16,7 +16,7 @@ from kbench.backbones import (
 )
 from kbench.errors import KbenchError
 
-from conftest import BACKEND, run_cli
+from conftest import BACKEND, FAMILIES, run_cli
 
 NATIVE = {
     "mobilenet_v2": 224,
@@ -165,17 +165,10 @@ def test_flops_agree_with_the_papers(name, paper_gmacs):
     keras.backend.clear_session()
 
 
-# One model of each keras.applications family in the gate, the other models in the heavy tier.
-FIRST_OF_FAMILY = set()
-for _spec in KERAS_APPLICATIONS:
-    if not any(get_backbone(name).module == _spec.module for name in FIRST_OF_FAMILY):
-        FIRST_OF_FAMILY.add(_spec.name)
-
-
 @TF_ONLY
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(s.name, marks=() if s.name in FIRST_OF_FAMILY else pytest.mark.heavy) for s in KERAS_APPLICATIONS],
+    [pytest.param(s.name, marks=() if s.name in FAMILIES.values() else pytest.mark.heavy) for s in KERAS_APPLICATIONS],
 )
 def test_in_graph_preprocessing_equals_keras_preprocess_input(name):
     """kbench's model on pixels == the keras.applications model, with the same weights, on

@@ -9,14 +9,14 @@ import pytest
 from kbench import convert as convert_module
 from kbench import export as export_module
 from kbench import graph as graph_module
-from kbench.backbones import REGISTRY, build_classifier, build_feature_extractor, get_backbone
+from kbench.backbones import build_classifier, build_feature_extractor, get_backbone
 from kbench.errors import KbenchError
 from kbench.export import export_onnx, read_metadata
 from kbench.settle import calibrate_batch_norm, settle_random_weights
 from kbench.train import train
 from kbench.trainconfig import TrainConfig
 
-from conftest import BACKEND, run_cli
+from conftest import BACKEND, FAMILIES, run_cli
 
 
 def two_member_ensemble():
@@ -214,12 +214,6 @@ def test_cli_exports_a_run_and_quantizes_it(kaggle_data, tmp_path):
 
     missing = run_cli("export", "onnx", str(tmp_path / "nothing"), "--backend", BACKEND)
     assert missing.returncode == 2 and "model not found" in missing.stderr and "Traceback" not in missing.stderr
-
-
-FAMILIES = {}  # keras.applications module -> its first registered model
-for _spec in REGISTRY.values():
-    if _spec.module:
-        FAMILIES.setdefault(_spec.module, _spec.name)
 
 
 # The conversion reads the same saved model under either backend (under JAX in a TensorFlow child), so
