@@ -57,6 +57,8 @@ class LatencyConfig:
             raise KbenchError("--batch-size names no batch size")
         if self.weights not in ("none", "imagenet"):
             raise KbenchError(f"--weights must be imagenet or none; got {self.weights!r}")
+        for model in self.models:  # each MODEL refused here, before the progress bar and any timing
+            _check_model(model)
         return self
 
 
@@ -73,6 +75,19 @@ class ModelSource:
 
 def _is_model_file(model: str) -> bool:
     return os.path.exists(model) or model.endswith(".keras") or os.sep in model
+
+
+def _check_model(model: str) -> None:
+    """KbenchError, in one line, for a MODEL that is no ONNX file, model file, run folder or registry name."""
+    if model.endswith(".onnx"):
+        if not os.path.isfile(model):
+            raise KbenchError(f"model not found: {model}")
+    elif _is_model_file(model):
+        from kbench.export import model_file
+
+        model_file(model)
+    else:
+        model_name(model)
 
 
 def model_name(model: str) -> str:

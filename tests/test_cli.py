@@ -21,9 +21,14 @@ def model_file(tmp_path_factory):
     return path
 
 
-def test_latency_of_a_missing_file_says_not_found(tmp_path):
+def test_latency_of_a_missing_file_or_a_folder_that_is_no_run_is_one_line(tmp_path):
     done = run_cli("latency", str(tmp_path / "nope.keras"), "--backend", BACKEND)
     assert done.returncode == 2 and "not found" in done.stderr and "unknown backbone" not in done.stderr
+    (tmp_path / "photos").mkdir()
+    done = run_cli("latency", "small_cnn", str(tmp_path / "photos"), "--backend", BACKEND)
+    # refused before any work: no progress bar ("timing"), no row of the first model
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "is it a finished kbench run?" in done.stderr and not done.stdout
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage, not a protobuf"])
