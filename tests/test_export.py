@@ -84,13 +84,28 @@ def test_tf2onnx_optimizers_are_restored_after_conversion():
     assert optimizer._optimizers == before
 
 
-def test_conversion_runs_without_the_hook_where_tf2onnx_has_no_table(monkeypatch):
+def test_tf2onnx_passes_are_made_after_a_collection_and_put_back(monkeypatch):
+    """While tf2onnx converts, each of its optimiser passes is made after a cyclic collection (the
+    memory fix); afterwards its table is tf2onnx's own again. A tf2onnx without the table converts as
+    it is."""
     pytest.importorskip("tf2onnx")
     from tf2onnx import optimizer
 
-    monkeypatch.delattr(optimizer, "_optimizers")
+    table = optimizer._optimizers
+    own = dict(table)
+    collections = []
+    monkeypatch.setattr(convert_module.gc, "collect", lambda *_: collections.append(1))
     with convert_module._collected_between_optimizers():
-        pass
+        assert set(table) == set(own) and all(table[name] is not own[name] for name in own)
+        name = next(iter(own))
+        assert type(table[name]()) is own[name]  # the pass itself, made after a collection
+        assert collections == [1]
+    assert dict(table) == own
+    monkeypatch.delattr(optimizer, "_optimizers")
+    entered = []
+    with convert_module._collected_between_optimizers():
+        entered.append(True)
+    assert entered == [True] and not hasattr(optimizer, "_optimizers")
 
 
 def test_a_killed_conversion_process_is_named_not_its_last_warning(tmp_path, monkeypatch):
