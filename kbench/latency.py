@@ -105,7 +105,7 @@ def model_name(model: str) -> str:
 
 def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     """MODEL: a run/ensemble folder, a ``.keras`` file, an ``.onnx`` file, or a registry name (the
-    backbone at its native size with a fresh two-class head)."""
+    backbone at its native size with a fresh two-class head, seeded: the same weights every time)."""
     from kbench.export import describe_inputs, load_model, model_file, run_metadata
 
     if model.endswith(".onnx"):
@@ -119,11 +119,15 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
         _, (height, width, _) = describe_inputs(load_model(path))
         members = len(run_metadata(model).get("backbones", [])) or 1
         return ModelSource(model_name(model), path, None, (height, width), members, model)
+    import keras
+
     from kbench.backbones import build_classifier, get_backbone
     from kbench.settle import settle_random_weights
 
     spec = get_backbone(model)  # KbenchError listing the names if it is none of the above
     path = os.path.join(scratch, f"{spec.name}.keras")
+    # the same random model every time: rows (parity included) repeat, and its ONNX file is reused
+    keras.utils.set_random_seed(0)
     classifier = build_classifier(spec, 2, spec.image_size, weights)
     if weights == "none":  # random weights made numerically tame, so the export's parity check means something
         settle_random_weights(classifier)

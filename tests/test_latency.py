@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import LatencyConfig, ModelSource, Reference, iter_latency, measure
+from kbench.latency import LatencyConfig, ModelSource, Reference, iter_latency, measure, resolve_model
 from kbench.machine import has_native_bf16
 from kbench.ovruntime import TOLERANCES
 from kbench.report import markdown_report
@@ -72,6 +72,22 @@ def test_two_models_of_one_name_get_rows_told_apart(tiny_model, tmp_path):
         paths.append(shutil.copy(tiny_model, str(tmp_path / folder / "m.keras")))
     rows = list(iter_latency(LatencyConfig([*paths, tiny_model], ["keras-predict"], [1], 1, 0)))
     assert [row["model"] for row in rows] == [*paths, "tiny"] and {row["status"] for row in rows} == {"ok"}
+
+
+def test_a_backbone_name_is_the_same_random_model_every_time(tmp_path):
+    """`kbench latency small_cnn` twice times the same weights: its rows (parity too) repeat and its
+    ONNX file is reused, not made again."""
+    import numpy as np
+
+    from kbench.export import load_model
+
+    weights = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        source = resolve_model("small_cnn", "none", str(tmp_path / folder))
+        weights.append(load_model(source.keras_path).get_weights())
+    assert len(weights[0]) == len(weights[1]) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
 
 
 def test_measure_reports_progress_and_rewrites_the_output_after_each_row(tiny_model, tmp_path):
