@@ -1,10 +1,7 @@
 """Clean up a converted ONNX graph before it is checked and kept: pure ONNX and numpy, nothing of Keras.
 
 tf2onnx writes what TensorFlow's graph says, and some of it costs time in ONNX Runtime (measured in
-benchmarks/README.md, "Exported graph clean-up"):
-- squeeze-and-excitation pools, squeezes to (N, C) and reshapes back with ``Reshape(-1, C, 1, 1)``:
-  with ``-1`` ONNX Runtime cannot prove the batch dimension equal on both sides of a residual Add and
-  fuses none of them into their convolutions;
+benchmarks/docs/export-graph.md):
 - the preprocessing inside the model (EfficientNet's Rescaling and Normalization; the RGB -> BGR
   Gather of keras' caffe-style ResNet/VGG preprocessing) multiplies, adds and reorders NHWC channels
   before the input's Transpose, a slow broadcast over an innermost dimension of 3;
@@ -17,11 +14,12 @@ passes are safe on graphs nobody has looked at. ``clean_graph`` runs them all, t
 rest (constant folding, dead ends; see ``simplify``), and returns the new model with what each pass
 did. The export's parity check then runs on the final graph. Each pass earns its place in
 benchmarks/docs/export-graph.md ("Which passes stay"); Pad folding and Identity removal went in
-version 3: onnxslim and ONNX Runtime already do them.
+version 3 (onnxslim and ONNX Runtime already do them), squeeze-and-excitation's Squeeze/Reshape pairs
+and the batch-copying Reshapes in version 4 (no gain on ONNX Runtime or OpenVINO, quiet machine).
 
 >>> model, done = clean_graph(onnx.load("exports/b0.onnx"))  # doctest: +SKIP
 >>> done  # doctest: +SKIP
-{'drop_noop_reshapes': 32, 'fold_input_affine': 3, ...}
+{'fold_input_affine': 3, 'read_input_channels_last': 1, ...}
 """
 
 from __future__ import annotations
@@ -34,72 +32,16 @@ from kbench.onnxgraph import (
     Graph,
     attribute,
     remove_nodes,
-    reshape_result,
     set_attribute,
     sort_topologically,
 )
 
 # Bump when a pass changes what it writes: kbench.export puts it in the key under which an exported
 # file is reused, so files made by older passes are made again.
-GRAPH_PASSES_VERSION = 3
+GRAPH_PASSES_VERSION = 4
 
 
 # --- passes -------------------------------------------------------------------------------------
-
-
-def drop_noop_reshapes(graph: Graph) -> int:
-    """Remove a Reshape that provably gives back the shape it was given, and a Squeeze/Unsqueeze ->
-    Reshape pair whose Reshape provably restores the Squeeze's input shape (squeeze-and-excitation's
-    pooled ``(N, C, 1, 1) -> (N, C) -> (N, C, 1, 1)``: the readers then read the pooled value)."""
-    done, doomed = 0, []
-    for node in list(graph.graph.node):
-        if node.op_type != "Reshape":
-            continue
-        target = graph.constant(node.input[1])
-        if target is None:
-            continue
-        allowzero = int(attribute(node, "allowzero", 0))
-        source = node.input[0]
-        result = reshape_result(graph.shapes.get(source), target, allowzero)
-        if result is None:
-            continue
-        if result == graph.shapes.get(source) and graph.bypass(node, source):
-            doomed.append(node)
-            done += 1
-            continue
-        before = graph.producer.get(source)
-        if before is not None and before.op_type in ("Squeeze", "Unsqueeze", "Flatten", "Reshape"):
-            origin = before.input[0]
-            if result == graph.shapes.get(origin) and graph.bypass(node, origin):
-                doomed.append(node)
-                done += 1
-    remove_nodes(graph, doomed)
-    return done
-
-
-def copy_batch_in_reshapes(graph: Graph) -> int:
-    """A Reshape's ``-1`` that provably keeps its input's size on that axis becomes ``0`` (copy the
-    input's size): ONNX Runtime then knows the size without computing it, and can prove shapes equal
-    around a residual Add (with ``-1`` it fuses no Add into its convolution)."""
-    done = 0
-    for node in graph.graph.node:
-        if node.op_type != "Reshape" or int(attribute(node, "allowzero", 0)):
-            continue
-        target = graph.constant(node.input[1])
-        source_shape = graph.shapes.get(node.input[0])
-        if target is None or -1 not in np.asarray(target).ravel().tolist():
-            continue
-        result = reshape_result(source_shape, target)
-        if result is None:
-            continue
-        sizes = [int(t) for t in np.asarray(target).ravel()]
-        index = sizes.index(-1)
-        if index >= len(source_shape) or result[index] != source_shape[index]:
-            continue
-        sizes[index] = 0
-        node.input[1] = graph.add_initializer(np.array(sizes, dtype=np.int64), "reshape_shape")
-        done += 1
-    return done
 
 
 _AFFINE = ("Mul", "Add", "Sub", "Div")
@@ -374,9 +316,7 @@ def drop_dead_nodes(graph: Graph) -> int:
 
 
 PASSES = {
-    "drop_noop_reshapes": drop_noop_reshapes,
     "fold_input_affine": fold_input_affine,
-    "copy_batch_in_reshapes": copy_batch_in_reshapes,
     "read_input_channels_last": read_input_channels_last,
     "drop_dead_nodes": drop_dead_nodes,
 }

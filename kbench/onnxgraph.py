@@ -9,8 +9,6 @@ make with it. Pure ONNX and numpy.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -59,16 +57,6 @@ class Graph:
         self.initializers[name] = tensor
         return name
 
-    def bypass(self, node, replacement: str) -> bool:
-        """Readers of ``node``'s (single) output read ``replacement`` instead; False (nothing done)
-        when that output is a graph output, whose name must stay."""
-        (output,) = node.output
-        if output in self.outputs:
-            return False
-        for reader in self.consumers.get(output, []):
-            reader.input[:] = [replacement if name == output else name for name in reader.input]
-        return True
-
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Value name -> list of dims: an int, a symbol (str), or None for unknown."""
@@ -116,71 +104,6 @@ def remove_nodes(graph: Graph, nodes) -> None:
     kept = [node for node in graph.graph.node if id(node) not in doomed]
     del graph.graph.node[:]
     graph.graph.node.extend(kept)
-
-
-def reshape_result(input_shape: list | None, target: np.ndarray, allowzero: int = 0) -> list | None:
-    """The output shape of Reshape(input of ``input_shape``, ``target``) where it can be proved: a list
-    of ints and symbols (symbols stand for the same unknown size wherever they appear), else None.
-
-    >>> reshape_result(["N", 32], np.array([-1, 32, 1, 1]))
-    ['N', 32, 1, 1]
-    >>> reshape_result(["N", 32], np.array([-1, 16, 1, 1])) is None  # 2N rows: not provable here
-    True
-    """
-    if input_shape is None or any(d is None for d in input_shape):
-        return None
-    target = [int(t) for t in np.asarray(target).ravel()]
-    if allowzero and 0 in target:
-        return None
-    result: list = []
-    for index, size in enumerate(target):
-        if size == 0:
-            if index >= len(input_shape):
-                return None
-            result.append(input_shape[index])
-        elif size > 0 or size == -1:
-            result.append(size)
-        else:
-            return None
-    if result.count(-1) > 1:
-        return None
-    if -1 not in result:
-        return result if _same_volume(input_shape, result) else None
-    # -1 takes what is left of the input's volume: divide the input's factors by the others'.
-    numbers, symbols = 1, []
-    for d in input_shape:
-        if isinstance(d, int):
-            numbers *= d
-        else:
-            symbols.append(d)
-    divisor = 1
-    for d in result:
-        if d == -1:
-            continue
-        if isinstance(d, int):
-            divisor *= d
-        elif d in symbols:
-            symbols.remove(d)
-        else:
-            return None
-    if divisor == 0 or numbers % divisor:
-        return None
-    left = numbers // divisor
-    if len(symbols) == 0:
-        resolved = left
-    elif len(symbols) == 1 and left == 1:
-        resolved = symbols[0]
-    else:
-        return None
-    return [resolved if d == -1 else d for d in result]
-
-
-def _same_volume(first: list, second: list) -> bool:
-    def factors(shape):
-        numbers = math.prod(d for d in shape if isinstance(d, int))
-        return numbers, sorted(d for d in shape if not isinstance(d, int))
-
-    return factors(first) == factors(second)
 
 
 def sort_topologically(graph_proto) -> None:
