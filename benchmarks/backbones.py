@@ -105,9 +105,9 @@ def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budge
 
     from kbench.backbones import build_feature_extractor, count_flops, get_backbone
     from kbench.export import export_onnx
-    from kbench.latency import sample_pixels
     from kbench.runtimes import make_runtime
     from kbench.settle import settle_random_weights
+    from kbench.synthetic import sample_pixels
 
     spec = get_backbone(name)
     size = image_size or spec.image_size

@@ -31,7 +31,7 @@ def bare_loop(onnx_path: str, runs: int, warmup: int) -> list[float]:
     import onnxruntime
 
     from kbench import timing
-    from kbench.latency import sample_pixels
+    from kbench.synthetic import sample_pixels
 
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

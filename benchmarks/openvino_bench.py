@@ -68,8 +68,8 @@ def latency_rows(name: str, args) -> list[dict]:
     from kbench import timing
     from kbench.errors import Unavailable
     from kbench.export import load_model
-    from kbench.latency import sample_pixels
     from kbench.metrics import relative_difference
+    from kbench.synthetic import sample_pixels
 
     onnx_path, keras_path, size = exported(name, args.export_dir)
     keras_model = load_model(keras_path)

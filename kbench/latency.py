@@ -21,6 +21,7 @@ from kbench.errors import KbenchError, first_line
 from kbench.machine import facts
 from kbench.metrics import relative_difference
 from kbench.runtimes import RUNTIMES, Unavailable, make_runtime
+from kbench.synthetic import sample_pixels
 from kbench.tables import distinct_names, latency_text
 
 
@@ -144,17 +145,6 @@ def onnx_file(source: ModelSource, export_dir: str) -> str:
     model = source.given if source.given and os.path.isdir(source.given) else source.keras_path
     source.onnx_path = onnx_for(model, os.path.join(export_dir, f"{source.name}.onnx"))["path"]
     return source.onnx_path
-
-
-def sample_pixels(batch_size: int, image_size: tuple[int, int]) -> np.ndarray:
-    """Image-like pixels (generated photographs' statistics, not zeros) at the model's size."""
-    import cv2
-
-    from kbench.synthetic import make_image
-
-    rng = np.random.default_rng(0)
-    images = [cv2.resize(make_image(i % 2, 64, rng), image_size[::-1]) for i in range(batch_size)]
-    return np.stack(images).astype(np.float32)
 
 
 class Reference:

@@ -29,6 +29,14 @@ def make_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def sample_pixels(batch_size: int, image_size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Image-like pixels (generated photographs' statistics, not zeros or noise) at a model's size,
+    float32 RGB 0..255 NHWC: what latency is timed on, and what the export's logits are checked on."""
+    rng = np.random.default_rng(seed)
+    images = [cv2.resize(make_image(i % 2, 64, rng), image_size[::-1]) for i in range(batch_size)]
+    return np.stack(images).astype(np.float32)
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok

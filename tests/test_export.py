@@ -59,6 +59,34 @@ def test_small_cnn_exports_with_one_image_input_and_probability_output(tmp_path)
     assert set(graph_module.PASSES) <= set(passes) and passes["simplifier"].startswith("onnxslim")
 
 
+def test_parity_compares_logits_where_the_probabilities_are_stuck_at_0_or_1(tmp_path):
+    """A trained classifier's probabilities on random pixels are often exactly 0 or 1, where a wrong graph
+    and the right one agree; the check compares the head's logits too. Here every probability is 1.0 and
+    the graph adds 1 to the logit before its Sigmoid: refused."""
+    import keras
+
+    from kbench.backbones import HEAD_LAYER
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(get_backbone("small_cnn"), 2, 32, "none")
+    model.get_layer(HEAD_LAYER).bias.assign(np.array([60.0], np.float32))
+    path = str(tmp_path / "m.onnx")
+    assert export_onnx(model, path)["max_relative_difference"] <= 1e-4
+    proto = onnx.load(path)
+    (index,) = [i for i, node in enumerate(proto.graph.node) if node.op_type == "Sigmoid"]
+    sigmoid = proto.graph.node[index]
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1.0], np.float32), "one"))
+    proto.graph.node.insert(index, onnx.helper.make_node("Add", [sigmoid.input[0], "one"], ["shifted"]))
+    sigmoid = proto.graph.node[index + 1]
+    sigmoid.input[0] = "shifted"
+    onnx.checker.check_model(proto)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    assert np.all(session.run(None, {session.get_inputs()[0].name: pixels})[0] == 1.0)  # nothing to see there
+    with pytest.raises(KbenchError, match="ONNX Runtime and Keras disagree"):
+        export_module.check_parity(model, proto.SerializeToString(), [1, 3])
+
+
 def test_export_key_changes_with_the_graph_passes_version(tmp_path, monkeypatch):
     source = tmp_path / "m.keras"
     source.write_bytes(b"model bytes")
