@@ -308,17 +308,23 @@ def feature_model(classifier):
     return keras.Model(classifier.inputs, head.input, name=f"{classifier.name}_features")
 
 
+def check_model_file(path: str) -> None:
+    """KbenchError in one line for a file that can't be a ``.keras`` model (not a zip archive), before
+    anything is loaded."""
+    import zipfile
+
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise KbenchError(f"{path} could not be loaded as a Keras model: not a zip archive, as .keras files are")
+
+
 def load_model(path: str, compile: bool = False):
     """A ``.keras`` file kbench wrote (or any Keras model file), loaded with ``safe_mode=True`` and
     kbench's own layers registered; a file that isn't one raises KbenchError in one line."""
-    import zipfile
-
     import keras
 
     import kbench.layers  # noqa: F401  (registers ImageNetPreprocessing for deserialisation)
 
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise KbenchError(f"{path} could not be loaded as a Keras model: not a zip archive, as .keras files are")
+    check_model_file(path)
     try:
         return keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as error:

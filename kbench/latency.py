@@ -84,9 +84,10 @@ def _check_model(model: str) -> None:
         if not os.path.isfile(model):
             raise KbenchError(f"model not found: {model}")
     elif _is_model_file(model):
+        from kbench.backbones import check_model_file
         from kbench.export import model_file
 
-        model_file(model)
+        check_model_file(model_file(model))
     else:
         model_name(model)
 

@@ -29,6 +29,9 @@ def test_latency_of_a_missing_file_or_a_folder_that_is_no_run_is_one_line(tmp_pa
     # refused before any work: no progress bar ("timing"), no row of the first model
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "is it a finished kbench run?" in done.stderr and not done.stdout
+    (tmp_path / "empty.keras").write_bytes(b"")
+    done = run_cli("latency", "small_cnn", str(tmp_path / "empty.keras"), "--backend", BACKEND)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a zip archive" in done.stderr
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage, not a protobuf"])
