@@ -165,7 +165,7 @@ def cpu_bf16_expectation(backbone: str, backend: str) -> str:
     m = measured[where]
     speed = (
         f"{m.speedup:.2f}x float32's training speed under {where} ({'faster' if m.speedup > 1 else 'slower'}; "
-        f"{m.backbone}, batch {m.batch_size} at {m.image_size} px)"
+        f"{m.backbone}, batch {m.batch_size} at {m.image_size} px, on a Xeon with AMX)"
     )
     if where == backend:
         return f"bfloat16 on a CPU: the {family} family measured at {speed}; see {CPU_BF16_PAGE}"
