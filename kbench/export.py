@@ -237,10 +237,10 @@ def check_parity(model, onnx_bytes: bytes, batch_sizes, tolerance: float = PARIT
     worst = 0.0
     for batch in batch_sizes:
         noise = rng.uniform(0, 255, (batch, height, width, channels)).astype(np.float32)
-        worst = max(worst, _largest_difference(model, session, noise))
+        worst = max(worst, _largest_difference(_outputs(model, noise), session, noise))
         if keras_logits is not None:
             photographs = sample_pixels(batch, (height, width), seed=PARITY_SEED + batch)
-            worst = max(worst, _largest_difference(model, session, photographs, keras_logits))
+            worst = max(worst, _largest_difference(keras_logits(photographs), session, photographs))
     if not worst <= tolerance:
         raise KbenchError(
             f"ONNX Runtime and Keras disagree: largest relative difference {worst:.2e} > {tolerance:.0e}; "
@@ -249,21 +249,21 @@ def check_parity(model, onnx_bytes: bytes, batch_sizes, tolerance: float = PARIT
     return worst
 
 
-def _largest_difference(model, session, pixels: np.ndarray, keras_logits=None) -> float:
-    """Over Keras' outputs on ``pixels`` (and ``keras_logits(pixels)``, the session's extra output)."""
-    expected = model.predict_on_batch(pixels)
-    expected = [np.asarray(e) for e in (expected if isinstance(expected, (list, tuple)) else [expected])]
-    got = session.run(None, {session.get_inputs()[0].name: pixels})
-    if keras_logits is None:
-        got = got[: len(expected)]
-    else:
-        expected.append(keras_logits(pixels))
+def _outputs(model, pixels: np.ndarray) -> list[np.ndarray]:
+    outputs = model.predict_on_batch(pixels)
+    return [np.asarray(output) for output in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+def _largest_difference(expected: list[np.ndarray], session, pixels: np.ndarray) -> float:
+    """Over ``expected`` against the session's first outputs on ``pixels``."""
+    got = session.run(None, {session.get_inputs()[0].name: pixels})[: len(expected)]
     return max(relative_difference(e, g) for e, g in zip(expected, got, strict=True))
 
 
 def _with_logits(model, onnx_bytes: bytes):
     """(the ONNX model with its head's logits as one more output, a function of pixels giving Keras'
-    logits); (``onnx_bytes``, None) where the model or the graph doesn't end in kbench's head."""
+    outputs and then its logits, from one forward pass); (``onnx_bytes``, None) where the model or the
+    graph doesn't end in kbench's head."""
     import keras
     import onnx
 
@@ -280,13 +280,14 @@ def _with_logits(model, onnx_bytes: bytes):
     if final is None or final.op_type not in ("Sigmoid", "Softmax"):
         return onnx_bytes, None
     proto.graph.output.append(onnx.helper.make_tensor_value_info(final.input[0], onnx.TensorProto.FLOAT, None))
-    features = keras.Model(model.inputs, head.input)
+    both = keras.Model(model.inputs, [*model.outputs, head.input])
     kernel, bias = (np.asarray(keras.ops.convert_to_numpy(weight), np.float32) for weight in (head.kernel, head.bias))
 
-    def logits(pixels: np.ndarray) -> np.ndarray:
-        return np.asarray(features.predict_on_batch(pixels), np.float32) @ kernel + bias
+    def outputs_and_logits(pixels: np.ndarray) -> list[np.ndarray]:
+        probabilities, features = _outputs(both, pixels)
+        return [probabilities, np.asarray(features, np.float32) @ kernel + bias]
 
-    return proto.SerializeToString(), logits
+    return proto.SerializeToString(), outputs_and_logits
 
 
 def _set_metadata(onnx_model, model, backend: str, extra: dict) -> None:
