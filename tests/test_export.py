@@ -100,16 +100,19 @@ def test_tf2onnx_optimizers_are_restored_after_conversion():
     """The collection hook around tf2onnx's optimiser (its deep copies are freed between passes) is
     put back afterwards, also when the conversion fails."""
     pytest.importorskip("tf2onnx")
+    import gc
+
     from tf2onnx import optimizer
 
     before = dict(optimizer._optimizers)
     with convert_module._collected_between_optimizers():
         assert all(optimizer._optimizers[name] is not before[name] for name in before)
         optimizer._optimizers[next(iter(before))]()  # a wrapped factory still makes its optimiser
-    assert optimizer._optimizers == before
+        assert gc.get_freeze_count() > 0  # the collections scan only what the conversion made
+    assert optimizer._optimizers == before and gc.get_freeze_count() == 0
     with pytest.raises(RuntimeError), convert_module._collected_between_optimizers():
         raise RuntimeError("conversion failed")
-    assert optimizer._optimizers == before
+    assert optimizer._optimizers == before and gc.get_freeze_count() == 0
 
 
 def test_each_tf2onnx_pass_is_made_after_a_collection_and_a_tf2onnx_without_the_table_is_left_as_it_is(monkeypatch):
