@@ -107,14 +107,14 @@ def _collected_between_optimizers():
     saved = dict(table)
     for name, factory in saved.items():
         table[name] = collected(factory)
-    frozen = gc.get_freeze_count() == 0  # (a process that froze its own objects keeps them so)
-    if frozen:
+    freezing = gc.get_freeze_count() == 0  # (a process that froze its own objects keeps them so)
+    if freezing:
         gc.freeze()
     try:
         yield
     finally:
         table.update(saved)
-        if frozen:
+        if freezing:
             gc.unfreeze()
         gc.collect()
 
