@@ -114,9 +114,9 @@ def _collected_between_optimizers():
         yield
     finally:
         table.update(saved)
+        gc.collect()  # the last pass's copies, while only the conversion's objects are scanned
         if freezing:
             gc.unfreeze()
-        gc.collect()
 
 
 @contextlib.contextmanager
