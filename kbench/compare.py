@@ -7,6 +7,7 @@ when a study timed it, ``latency.json``; all are read through ``kbench.runs.Run`
 
 from __future__ import annotations
 
+import logging
 import os
 
 from kbench import files
@@ -14,6 +15,8 @@ from kbench.errors import KbenchError
 from kbench.report import RESULTS_JSON, write_report
 from kbench.runs import CONFIG, Run, ensure_writable_folder
 from kbench.tables import distinct_names
+
+log = logging.getLogger("kbench")
 
 DEFAULT_OUT = os.path.join("reports", "compare")
 KIND = "comparison"  # results.json's kind: what compare may overwrite
@@ -38,6 +41,7 @@ def compare_runs(paths: list[str], out_dir: str = DEFAULT_OUT, command: str = ""
             raise KbenchError(f"{run.path} is given twice (as {seen[real]})")
         seen[real] = run.path
     _check_out(out_dir, seen)
+    _warn_if_validated_apart(runs)
     names = distinct_names([run.name for run in runs], [run.path for run in runs])  # runs/a/m, runs/b/m
     rows = [_row(run, name, out_dir) for run, name in zip(runs, names)]
     results = {
@@ -50,6 +54,24 @@ def compare_runs(paths: list[str], out_dir: str = DEFAULT_OUT, command: str = ""
     }
     write_report(results, out_dir)
     return results
+
+
+def _validated_on(run: Run) -> tuple:
+    split = run.split
+    return split.get("content_fingerprint") or split.get("fingerprint"), split.get("val")
+
+
+def _warn_if_validated_apart(runs: list[Run]) -> None:
+    """Log losses measured on other images don't rank models: say so (the report is still written)."""
+    first = _validated_on(runs[0])
+    for run in runs[1:]:
+        if _validated_on(run) != first:
+            log.warning(
+                "%s and %s were validated on different images (other data or split): their log losses don't compare",
+                runs[0].path,
+                run.path,
+            )
+            return
 
 
 def _check_out(out_dir: str, runs: dict[str, str]) -> None:

@@ -21,10 +21,10 @@ from kbench import files, metrics
 from kbench.backbones import HEAD_LAYER, feature_model, load_model
 from kbench.backend import use_backend
 from kbench.config import option, positive
-from kbench.data import LAYOUTS, find_images, indices_of
+from kbench.data import LAYOUTS, data_change, data_fingerprint, find_images, fingerprints, indices_of
 from kbench.errors import KbenchError
 from kbench.loader import ImageLoader, predict
-from kbench.runs import METRICS, Run, data_fingerprint
+from kbench.runs import METRICS, Run
 
 METHODS = ("stack", "mean")
 
@@ -90,8 +90,14 @@ def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
         run_config, run_metrics, run_split = run.config, run.metrics, run.split
         if split is None:
             split = run_split
-        for key, what in (("classes", "classes"), ("data", "data"), ("train", "split"), ("val", "split")):
-            if run_split[key] != split[key]:
+        for key, what in (
+            ("classes", "classes"),
+            ("data", "data"),
+            ("content_fingerprint", "images (other pixels under the same names)"),
+            ("train", "split"),
+            ("val", "split"),
+        ):
+            if run_split.get(key) != split.get(key):
                 raise KbenchError(
                     f"members {config.members[0]} and {run_dir} were trained on different {what}; "
                     "ensemble members must share data and split (same --data, --val-split and --seed)"
@@ -199,6 +205,11 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto", overwrit
     if images.classes != split["classes"]:
         raise KbenchError(f"{data} has classes {images.classes}; the members were trained on {split['classes']}")
     train_idx, val_idx = indices_of(images, split["train"]), indices_of(images, split["val"])
+    if data_change(split, images) == "changed":
+        raise KbenchError(
+            f"the images in {data} changed since the members were trained (other pixels under the same names); "
+            "train them again"
+        )
 
     config.backend = use_backend(config.backend)
     run = Run(config.run_dir)
@@ -219,7 +230,7 @@ def _train_locked(run: Run, config, members, split, images, data, train_idx, val
     run.write_config(
         {"kind": "ensemble", **dataclasses.asdict(config), "member_hashes": {m.name: m.model_hash for m in members}}
     )
-    run.write_split({**split, "data": os.path.abspath(data), "fingerprint": data_fingerprint(images)})
+    run.write_split({**split, "data": os.path.abspath(data), **fingerprints(images)})
     models = [load_model(m.run.model_path) for m in members]
     ensemble, head = build_ensemble(models, members, len(images.classes), config.method)
     binary = len(images.classes) == 2

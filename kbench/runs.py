@@ -30,8 +30,6 @@ import os
 import shutil
 from contextlib import contextmanager
 
-import numpy as np
-
 from kbench import files
 from kbench.errors import KbenchError
 
@@ -146,12 +144,16 @@ class Run:
         return file_hash(self.model_path)
 
     def images(self, part: str):
-        """(ImageSet, indices) of the run's ``train`` or ``val`` part, as split.json recorded them."""
-        from kbench.data import find_images, indices_of
+        """(ImageSet, indices) of the run's ``train`` or ``val`` part, as split.json recorded them;
+        KbenchError when the images changed since (other pixels under the same names included)."""
+        from kbench.data import data_change, find_images, indices_of
 
         split = self.split
         images = find_images(split["data"], layout=_layout_option(split.get("layout")))
-        return images, indices_of(images, split[part])
+        indices = indices_of(images, split[part])
+        if data_change(split, images) == "changed":
+            raise KbenchError(f"the images in {split['data']} changed since {self.path} was made; train it again")
+        return images, indices
 
     def labels(self) -> dict:
         """What a model file alone doesn't say: classes and backbone(s) (for ONNX metadata)."""
@@ -347,15 +349,6 @@ def file_hash(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def data_fingerprint(images) -> str:
-    """What a run's data was: its files and labels (not their bytes), as a short hash."""
-    digest = hashlib.sha256()
-    digest.update("\n".join(images.classes).encode())
-    digest.update("\n".join(images.keys).encode())
-    digest.update(np.asarray(images.labels, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _number_or_text(value: str | None):

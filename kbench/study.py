@@ -32,7 +32,6 @@ from kbench.runs import (
     METRICS,
     SPLIT,
     Run,
-    data_fingerprint,
     ensure_writable_folder,
     file_hash,
     folder_lock,
@@ -68,9 +67,18 @@ def _stale(run: Run, wanted: dict, fingerprint: str) -> list[str]:
         wanted["batch_size"] = max(1, halved_from // 2)
     keys = sorted((set(recorded) | set(wanted)) - set(NOT_RESULT_KEYS) - {"batch_size_halved_from"})
     changed = [key for key in keys if recorded.get(key) != wanted.get(key)]
-    if split.get("fingerprint") not in (None, fingerprint):
-        changed.append("data")
+    if split:
+        changed += _data_changed(split, fingerprint)
     return changed
+
+
+def _data_changed(split: dict, fingerprint: str) -> list[str]:
+    """["data"] when split.json's data is not the set fingerprinted ``fingerprint`` (content included),
+    or when it says nothing of the content (an earlier kbench recorded names only): it can't be reused."""
+    recorded = split.get("content_fingerprint")
+    if recorded == fingerprint:
+        return []
+    return ["data" if recorded else "data (its content was not recorded by the kbench that made it)"]
 
 
 def _train_member(member: Member, run_dir: str, fingerprint: str, verbose) -> dict:
@@ -196,11 +204,11 @@ def run_study(
     when not zero)."""
     executor = (executor or ExecutorConfig()).check()
     from kbench.backend import use_backend
-    from kbench.data import find_images
+    from kbench.data import data_fingerprint, find_images
 
     config.backend = use_backend(config.backend)
     images = find_images(config.data, layout=config.layout)  # the layout is checked before any training
-    fingerprint = data_fingerprint(images)
+    fingerprint = data_fingerprint(images)  # content included: other pixels under the same names retrain
     check_devices(config)
     prepare_out(config, out_dir, overwrite)
     try:
@@ -286,7 +294,7 @@ def _run_locked(
             )
 
             def fit(ensemble_config=ensemble_config, backbone=row["backbone"]):
-                return {**_ensemble(ensemble_config, verbose), "backbone": backbone}
+                return {**_ensemble(ensemble_config, fingerprint, verbose), "backbone": backbone}
 
             if _measure(row, fit, model_dir, onnx_dir, config.latency):
                 done[entry.name] = model_dir
@@ -349,8 +357,9 @@ def _stop_if_requested_from(error: Exception) -> None:
         raise KeyboardInterrupt from error
 
 
-def _ensemble(config: EnsembleConfig, verbose) -> dict:
-    """Train the ensemble, or reuse it when it was built from these member models with these settings."""
+def _ensemble(config: EnsembleConfig, fingerprint: str, verbose) -> dict:
+    """Train the ensemble, or reuse it when it was built from these member models with these settings
+    on the data fingerprinted ``fingerprint``."""
     from kbench.ensemble import check_members, train_ensemble
 
     run = Run(config.run_dir)
@@ -371,6 +380,8 @@ def _ensemble(config: EnsembleConfig, verbose) -> dict:
             for k in sorted(set(recorded) | set(wanted))
             if k not in NOT_RESULT_KEYS and recorded.get(k) != wanted.get(k)
         ]
+        if run.exists(SPLIT):
+            changed += _data_changed(run.split, fingerprint)
         if not changed and run.finished:
             return run.metrics
         if changed and run.finished:

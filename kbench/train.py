@@ -24,12 +24,12 @@ import numpy as np
 
 from kbench import distributed, metrics, recipe
 from kbench.backend import default_notice
-from kbench.data import ImageSet, find_images, indices_of, split_indices
+from kbench.data import ImageSet, data_change, find_images, fingerprints, indices_of, split_indices
 from kbench.devices import check_devices, process_local_values, training_devices
 from kbench.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 from kbench.loader import ImageLoader, predict
 from kbench.plots import write_curves
-from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, HISTORY, METRICS, Run, data_fingerprint, file_hash
+from kbench.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, HISTORY, METRICS, Run, file_hash
 from kbench.trainconfig import TrainConfig
 
 log = logging.getLogger("kbench")
@@ -197,10 +197,17 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
 def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tuple[np.ndarray, np.ndarray]:
     if resume_from:
         saved = resume_from.split
-        if saved.get("fingerprint") not in (None, data_fingerprint(images)):
+        change = data_change(saved, images)
+        if change == "changed":
             raise KbenchError(
-                f"{config.data} no longer holds the images {resume_from.path} was trained on; "
-                "resume needs the same data"
+                f"{config.data} no longer holds the images {resume_from.path} was trained on (other files, "
+                "labels or pixels); resume needs the same data"
+            )
+        if change == "unverified":
+            log.warning(
+                "%s was started by an earlier kbench that didn't record the images' content: resuming on the "
+                "same file names, unchecked",
+                resume_from.path,
             )
         return indices_of(images, saved["train"]), indices_of(images, saved["val"])
     train_idx, val_idx = split_indices(images.labels, config.val_split, config.seed)
@@ -214,7 +221,7 @@ def _split_record(images: ImageSet, config: TrainConfig, train_idx, val_idx) -> 
         "data": config.data,
         "layout": images.layout,
         "classes": images.classes,
-        "fingerprint": data_fingerprint(images),
+        **fingerprints(images),
         "val_split": config.val_split,
         "seed": config.seed,
         "train": [images.keys[i] for i in train_idx],

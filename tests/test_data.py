@@ -356,3 +356,50 @@ def test_a_damaged_zip_entry_is_an_unreadable_image(tmp_path, method):
     loader = ImageLoader(images, np.arange(len(images)), 16, 4)
     assert sum(len(labels) for _, labels in loader) == len(KAGGLE) - 1
     assert [images.keys[i] for i in loader.bad] == ["train/cat.0.jpg"]
+
+
+def _same_names_other_pixels(source_zip: str, target_zip: str) -> None:
+    """A copy of ``source_zip`` whose every image is another picture under the same name and label."""
+    with zipfile.ZipFile(source_zip) as source, zipfile.ZipFile(target_zip, "w") as target:
+        for index, name in enumerate(sorted(source.namelist())):
+            label = 1 if "/dog." in name else 0
+            target.writestr(name, encode_jpeg(make_image(label, 32, np.random.default_rng(1000 + index))))
+
+
+def test_the_fingerprint_covers_content_not_only_names(kaggle_data, tmp_path):
+    """#36.1: other pixels under the same names and labels change the fingerprint, in a zip (its
+    directory's CRC-32) and in a folder (the bytes, even when size and modification time are kept);
+    a plain copy of either keeps it."""
+    from kbench.data import data_change, data_fingerprint, fingerprints, names_fingerprint
+
+    original = find_images(kaggle_data["train"])
+    other_zip = str(tmp_path / "other.zip")
+    _same_names_other_pixels(kaggle_data["train"], other_zip)
+    other = find_images(other_zip)
+    assert other.keys == original.keys and list(other.labels) == list(original.labels)
+    assert names_fingerprint(other) == names_fingerprint(original)
+    assert data_fingerprint(other) != data_fingerprint(original)
+    copy = str(tmp_path / "copy.zip")
+    shutil.copyfile(kaggle_data["train"], copy)
+    assert data_fingerprint(find_images(copy)) == data_fingerprint(original)
+
+    folder = tmp_path / "folder"
+    with zipfile.ZipFile(kaggle_data["train"]) as archive:
+        archive.extractall(folder)
+    before = data_fingerprint(find_images(str(folder)))
+    shutil.copytree(folder, tmp_path / "copied")  # new modification times, same bytes
+    assert data_fingerprint(find_images(str(tmp_path / "copied"))) == before
+    victim = folder / "train" / "cat.0.jpg"
+    status = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF  # one byte of pixels, same size
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(status.st_atime_ns, status.st_mtime_ns))  # and the old time put back
+    changed = find_images(str(folder))
+    assert data_fingerprint(changed) != before
+
+    recorded = fingerprints(find_images(kaggle_data["train"]))
+    assert data_change(recorded, original) == "" and data_change(recorded, other) == "changed"
+    older = {"fingerprint": recorded["fingerprint"]}  # split.json of an earlier kbench: names only
+    assert data_change(older, other) == "unverified"
+    assert data_change({"fingerprint": "0" * 16}, other) == "changed"

@@ -99,6 +99,13 @@ def test_mismatched_members_are_refused(members, kaggle_data, tmp_path):
     )
     with pytest.raises(KbenchError, match="different split"):
         train_ensemble(EnsembleConfig([members[0], other], str(tmp_path / "e")), verbose=0)
+    # #36.1: the members' images replaced by others under the same names: refused, nothing written
+    from kbench.synthetic import write_kaggle_dataset
+
+    repainted = write_kaggle_dataset(str(tmp_path / "repainted"), n_train=240, n_test=2, image_size=32, seed=7)
+    with pytest.raises(KbenchError, match="changed since the members were trained"):
+        train_ensemble(EnsembleConfig(members, str(tmp_path / "e3"), data=repainted["train"]), verbose=0)
+    assert not os.path.exists(tmp_path / "e3" / "config.json")
     done = run_cli(
         "ensemble",
         "--members",

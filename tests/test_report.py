@@ -3,6 +3,7 @@ words, links to run folders and their curves, and `kbench compare` on runs train
 
 import csv
 import json
+import logging
 import os
 import re
 
@@ -159,12 +160,15 @@ def test_every_run_folder_has_its_curves(two_runs):
         assert width > 400 and height > 300
 
 
-def test_compare_reports_runs_trained_outside_a_study(two_runs, tmp_path):
+def test_compare_reports_runs_trained_outside_a_study(two_runs, tmp_path, caplog):
     from kbench.compare import compare_runs
 
     _, (first, second) = two_runs
     out = str(tmp_path / "compare")
-    results = compare_runs([first, second], out, command="test")
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        results = compare_runs([first, second], out, command="test")
+    # seeds 0 and 1: two validation splits, said in one line (#36.9)
+    assert f"{first} and {second} were validated on different images" in caplog.text
     assert [row["name"] for row in results["rows"]] == ["first", "second"]
     assert sorted(os.listdir(out)) == [
         "epoch_time.png",

@@ -82,3 +82,30 @@ def test_a_demo_out_that_cannot_be_a_folder_is_refused_in_one_line_before_any_wo
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(KbenchError, match=r"^can't write the demo to --out .*a-file: Not a directory$"):
         run_demo(str(tmp_path / "a-file"), echo=lambda line: pytest.fail(f"work began: {line}"))
+
+
+def test_other_pixels_under_the_same_names_retrain_the_study(kaggle_data, tmp_path, caplog):
+    """#36.1: the training zip replaced by other images under the same names and labels: the same
+    command trains its members again and says why, instead of reusing them (and their ensembles and
+    submission) in seconds."""
+    import logging
+    import shutil
+
+    from kbench.synthetic import write_kaggle_dataset
+
+    data = str(tmp_path / "train.zip")
+    shutil.copyfile(kaggle_data["train"], data)
+    path = write_study(tmp_path, MINIMAL_STUDY + KERAS_ONLY, data=data)
+    out = str(tmp_path / "out")
+    run_study(load_config(path), out, echo=lambda line: None)
+    model = os.path.join(out, "runs", "small_cnn", "model.keras")
+    first = os.path.getmtime(model)
+    other = write_kaggle_dataset(str(tmp_path / "other"), n_train=240, n_test=2, image_size=32, seed=7)
+    shutil.copyfile(other["train"], data)  # same names and labels, other pixels
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        results = run_study(load_config(path), out, echo=lambda line: None)
+    assert os.path.getmtime(model) != first and results["failed"] == 0
+    assert "settings changed since it was trained (data)" in caplog.text
+    second = os.path.getmtime(model)
+    run_study(load_config(path), out, echo=lambda line: None)  # and the retrained member is reused
+    assert os.path.getmtime(model) == second

@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -234,6 +235,29 @@ def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path, monkeypat
     with pytest.raises(KbenchError, match=f"KERAS_BACKEND={OTHER_BACKEND} differs from the recorded {BACKEND}"):
         resume_config(str(run_dir))
     assert resume_config(str(run_dir), {"backend": BACKEND}).backend == BACKEND  # --backend wins, as always
+
+
+def test_resume_refuses_other_pixels_under_the_same_names(kaggle_data, tmp_path, caplog):
+    """#36.1: --resume checks the images' content, not only their names; a run folder of an earlier
+    kbench (names only) resumes with a warning that the content is unchecked."""
+    from kbench.data import find_images, fingerprints
+    from kbench.runs import Run
+    from kbench.synthetic import write_kaggle_dataset
+    from kbench.train import _split
+
+    repainted = write_kaggle_dataset(str(tmp_path / "repainted"), n_train=240, n_test=2, image_size=32, seed=7)
+    images = find_images(kaggle_data["train"])
+    config = TrainConfig(backbone="small_cnn", data=repainted["train"], run_dir=str(tmp_path / "run"))
+    run = Run(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    split = {**fingerprints(images), "train": images.keys[:200], "val": images.keys[200:]}
+    run.write_split(split)
+    with pytest.raises(KbenchError, match="no longer holds the images .* pixels"):
+        _split(find_images(repainted["train"]), config, run)
+    run.write_split({key: value for key, value in split.items() if key != "content_fingerprint"})
+    with caplog.at_level(logging.WARNING, logger="kbench"):
+        train_idx, val_idx = _split(find_images(repainted["train"]), config, run)
+    assert len(train_idx) == 200 and len(val_idx) == 40 and "unchecked" in caplog.text
 
 
 def test_plain_resume_uses_the_recorded_backend_not_the_machine_default(tiny_data, tmp_path, monkeypatch):
