@@ -54,9 +54,12 @@ TEST_PROCESSES ?= 2
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --durations=20
 test: lint test-tensorflow test-jax
 
+# ruff, then the pipeline's layering (import-linter's contracts in pyproject.toml: each stage imports
+# only the stages below it, no import circles).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test-jax: install
 	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider --doctest-modules kbench

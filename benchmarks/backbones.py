@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
 from kbench import files  # noqa: E402
-from kbench.backbones import REGISTRY, list_backbones  # noqa: E402
-from kbench.errors import first_line  # noqa: E402
+from kbench.core.errors import first_line  # noqa: E402
+from kbench.models.backbones import REGISTRY, list_backbones  # noqa: E402
 
 # ImageNet-1k validation top-1 of the keras.applications weights, as their publishers state it:
 #   [keras] keras.io/api/applications, "Available models" (keras-io: templates/api/applications/index.md)
@@ -90,7 +90,7 @@ MEMORY_WORDS = ("out of memory", "resourceexhausted", "oom", "bad_alloc", "memor
 def timed_calls(run, pixels, budget_seconds: float) -> list[float]:
     """Milliseconds of each timed call (at most 30), after one untimed warm-up: at least 3 and 2 s of
     them, or ``budget_seconds`` of them."""
-    from kbench import timing
+    from kbench.core import timing
 
     def spent(timings: list[float]) -> bool:
         seconds = sum(timings) / 1000
@@ -103,11 +103,11 @@ def measure_one(name: str, image_size: int | None, batch_sizes: list[int], budge
     """One backbone, in this (TensorFlow) process."""
     import keras
 
-    from kbench.backbones import build_feature_extractor, count_flops, get_backbone
-    from kbench.export import export_onnx
-    from kbench.runtimes import make_runtime
-    from kbench.settle import settle_random_weights
-    from kbench.synthetic import sample_pixels
+    from kbench.data.synthetic import sample_pixels
+    from kbench.export.onnx import export_onnx
+    from kbench.models.backbones import build_feature_extractor, count_flops, get_backbone
+    from kbench.models.settle import settle_random_weights
+    from kbench.serving.runtimes import make_runtime
 
     spec = get_backbone(name)
     size = image_size or spec.image_size

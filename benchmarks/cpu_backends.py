@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import record  # noqa: E402
-from kbench.errors import first_line  # noqa: E402
+from kbench.core.errors import first_line  # noqa: E402
 
 # What each setting puts in the worker's environment. The jax-* ones are the XLA CPU flags of this
 # jaxlib (0.10.2) that could plausibly speed up convolutions; none beat the default (benchmarks/README.md).
@@ -56,7 +56,7 @@ def build_model(backbone: str, image_size: int):
     """A binary classifier with random weights: kbench's own for registered names, else keras'."""
     import keras
 
-    from kbench.backbones import REGISTRY, build_classifier
+    from kbench.models.backbones import REGISTRY, build_classifier
 
     if backbone in REGISTRY:
         return build_classifier(REGISTRY[backbone], 2, image_size, weights="none")
@@ -72,7 +72,7 @@ def time_steps(
     import keras
     import numpy as np
 
-    from kbench import timing
+    from kbench.core import timing
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(policy)
@@ -98,7 +98,7 @@ def time_steps(
 
 def worker(args) -> None:
     """Runs inside one setting's process; prints one JSON row per backbone and size as it goes."""
-    from kbench.backend import use_backend
+    from kbench.core.backend import use_backend
 
     backend = use_backend()  # from the environment the parent set
     policy = "mixed_bfloat16" if args.worker in BF16_SETTINGS else "float32"

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
 
 COLUMNS = ["head_epochs", "wall_seconds", "feature_seconds", "head_seconds", "val_log_loss", "val_accuracy"]
 
@@ -32,9 +32,9 @@ COLUMNS = ["head_epochs", "wall_seconds", "feature_seconds", "head_seconds", "va
 def demo_members(folder: str, images: int, member_epochs: int | None, backend: str) -> tuple[list[dict], int]:
     """Train the demo's stacked ensemble's members on the demo's generated images; returns their
     records ({name, run_dir, val_log_loss, ...}) and the ensemble's head epochs."""
-    from kbench.studyconfig import load_config
-    from kbench.synthetic import write_kaggle_dataset
-    from kbench.train import train
+    from kbench.data.synthetic import write_kaggle_dataset
+    from kbench.study.config import load_config
+    from kbench.training.train import train
 
     data = write_kaggle_dataset(os.path.join(folder, "data"), n_train=images, n_test=1, image_size=64)
     study = load_config("demo", data=data["train"], test_data="", answers="", backend=backend)
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     began = record.Record(__file__, argv)
     backend = use_backend(args.backend)
 
-    from kbench.ensemble import EnsembleConfig, train_ensemble
-    from kbench.files import read_json
-    from kbench.runs import METRICS
-    from kbench.tables import format_table
+    from kbench.core.files import read_json
+    from kbench.core.tables import format_table
+    from kbench.training.ensemble import EnsembleConfig, train_ensemble
+    from kbench.training.runs import METRICS
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:

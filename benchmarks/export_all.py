@@ -1,11 +1,11 @@
 """Export every registered backbone (as a binary classifier at its native size, seeded random weights)
-to ONNX through ``kbench.export.export_onnx`` and record the time and the parity with Keras.
+to ONNX through ``kbench.export.onnx.export_onnx`` and record the time and the parity with Keras.
 
     python benchmarks/export_all.py [--backend tensorflow] [--backbones a,b] [--image-size N]
         [--json benchmarks/results/export_all.json]
 
 Prints one markdown row per backbone as it goes, and writes the rows as JSON at the end. Weights come
-from ``--seed`` and the parity check's pixels from ``kbench.export.PARITY_SEED``, so the "largest
+from ``--seed`` and the parity check's pixels from ``kbench.export.onnx.PARITY_SEED``, so the "largest
 relative difference" of a backbone repeats from run to run on one machine. Tiny mode, for tests:
 --backbones small_cnn --image-size 32.
 """
@@ -21,9 +21,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backbones import REGISTRY, build_classifier, get_backbone  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
-from kbench.settle import settle_random_weights  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
+from kbench.models.backbones import REGISTRY, build_classifier, get_backbone  # noqa: E402
+from kbench.models.settle import settle_random_weights  # noqa: E402
 
 HEADER = (
     "| backbone | image size | build s | export s (incl. check) | ONNX MB | largest relative difference |\n"
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import keras
 
-    from kbench.export import PARITY_SEED, export_onnx
+    from kbench.export.onnx import PARITY_SEED, export_onnx
 
     print(f"backend {backend}")
     print(HEADER, flush=True)

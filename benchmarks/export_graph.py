@@ -1,4 +1,4 @@
-"""What kbench's graph clean-up (``kbench.graph``) does to each backbone's ONNX file: node counts by type
+"""What kbench's graph clean-up (``kbench.export.graph``) does to each backbone's ONNX file: node counts by type
 and ONNX Runtime latency before and after, against timm's export of the same architecture when the
 peer environment exists (``make peer-env``), and (``--session-options``) which ONNX Runtime session
 options are fastest on this CPU.
@@ -15,16 +15,16 @@ The JSON is rewritten after each backbone, so a run that is stopped keeps the ro
 backbone is built and exported in a process of its own (conversion's memory is not the timing's).
 
 Every model is the binary classifier kbench exports, with seeded random weights (settled by
-``kbench.settle.settle_random_weights``: tame batch-norm statistics, an unsaturated head) and ImageNet
+``kbench.models.settle.settle_random_weights``: tame batch-norm statistics, an unsaturated head) and ImageNet
 normalisation constants (as ``weights="imagenet"`` has them; with random weights Keras leaves them at
 mean 0, variance 1, which would hide the preprocessing's cost). "before" is the file as converted,
 "after" the file ``kbench export`` writes. The variants of a backbone are timed interleaved: each of
 ``--repeats`` rounds runs every variant ``--runs`` times (``--big-runs`` at batch >= 8 for backbones
 whose native size is above 260 px), the rounds in pairs: an order, then the same order reversed,
-rotated from pair to pair (an odd ``--repeats`` is rounded up); the p50 is the median of all of them. Sessions
-use kbench's onnxruntime-cpu settings (``kbench.runtimes.OnnxRuntimeCPU``) with spinning off. timm's model takes NCHW
-pixels and has one output unit too; its weights are random as well. Tiny mode, for tests:
---backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 2 --runs 2.
+rotated from pair to pair (an odd ``--repeats`` is rounded up); the p50 is the median of all of them.
+Sessions use kbench's onnxruntime-cpu settings (``kbench.serving.runtimes.OnnxRuntimeCPU``) with
+spinning off. timm's model takes NCHW pixels and has one output unit too; its weights are random as
+well. Tiny mode, for tests: --backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 2 --runs 2.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backbones import build_classifier, get_backbone  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
-from kbench.errors import first_line  # noqa: E402
-from kbench.settle import settle_random_weights  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
+from kbench.core.errors import first_line  # noqa: E402
+from kbench.models.backbones import build_classifier, get_backbone  # noqa: E402
+from kbench.models.settle import settle_random_weights  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
 PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")
@@ -102,7 +102,7 @@ FIXED_SETTINGS = {"spinning": False}
 
 
 def session(path: str, settings: dict | None = None):
-    from kbench.runtimes import OnnxRuntimeCPU, onnx_session
+    from kbench.serving.runtimes import OnnxRuntimeCPU, onnx_session
 
     runtime = OnnxRuntimeCPU(**(FIXED_SETTINGS if settings is None else settings))
     return onnx_session(path, ["CPUExecutionProvider"], runtime.options())
@@ -110,7 +110,7 @@ def session(path: str, settings: dict | None = None):
 
 def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dict[str, float]:
     """Median milliseconds per variant: ``repeats`` rounds, each running every variant ``runs`` times
-    (one untimed warm-up call first), by ``kbench.timing.interleaved``. Rounds come in pairs: an order,
+    (one untimed warm-up call first), by ``kbench.core.timing.interleaved``. Rounds come in pairs: an order,
     then the same order reversed, the order rotated by one from pair to pair. In every pair each variant's
     mean position is the same, so a linear drift across a pair (the machine warming, another process
     starting) reaches all variants alike; ``record.even_repeats`` makes the count even.
@@ -118,7 +118,7 @@ def interleaved_p50(sessions: dict, feeds: dict, repeats: int, runs: int) -> dic
     turn and closed after it, so that one session at a time holds memory (``--one-session``: big models at
     big batches); its warm-up call then also pays for that session's first allocations, outside the
     timings."""
-    from kbench import timing
+    from kbench.core import timing
 
     calls = {name: (name, current) for name, current in sessions.items()}
 
@@ -196,7 +196,7 @@ def export_variants(name: str, size: int, folder: str) -> dict:
     ``exported_in_child``); returns the "after" export's record."""
     import keras
 
-    from kbench.export import export_onnx
+    from kbench.export.onnx import export_onnx
 
     keras.utils.set_random_seed(0)
     model = build_classifier(get_backbone(name), 2, size, "none")
@@ -209,7 +209,7 @@ def export_variants(name: str, size: int, folder: str) -> dict:
 def exported_in_child(name: str, size: int, folder: str, backend: str) -> dict:
     """``export_variants`` in a process of its own. tf2onnx's optimiser deep-copies the graph, and a
     converting process keeps much of what it reached: EfficientNet-B7 at 600 px peaked at 16.6 GB and
-    kept 11.6 GB resident here (before ``kbench.export`` collected between those copies), which the
+    kept 11.6 GB resident here (before ``kbench.export.onnx`` collected between those copies), which the
     timing, and the next backbone, would otherwise run beside."""
     child = [sys.executable, os.path.abspath(__file__), "--backend", backend, "--backbones", name]
     return record.child_result([*child, "--image-size", str(size), "--export-into", folder], name)
@@ -279,7 +279,7 @@ def measure_backbone(name: str, args, folder: str, backend: str) -> list[dict]:
     return rows
 
 
-# ONNX Runtime session options timed by --session-options, as kbench.runtimes.OnnxRuntimeCPU settings.
+# ONNX Runtime session options timed by --session-options, as kbench.serving.runtimes.OnnxRuntimeCPU settings.
 SESSION_VARIANTS = {
     "ORT defaults (threads 0)": {"threads": 0, "tuned": False},
     "threads = physical cores": {"tuned": False},

@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks import record  # noqa: E402
 from kbench import machine  # noqa: E402
-from kbench.errors import first_line  # noqa: E402
+from kbench.core.errors import first_line  # noqa: E402
 
 TRAIN_COLUMNS = [
     "backend",
@@ -76,7 +76,7 @@ def write_images(path: str, count: int, workers: int) -> None:
     """``count`` JPEGs of about Kaggle's Dogs vs. Cats size (400 x 350) in a zip, Kaggle's names."""
     import cv2
 
-    from kbench.synthetic import CLASSES, encode_jpeg, make_image
+    from kbench.data.synthetic import CLASSES, encode_jpeg, make_image
 
     def one(index):
         image = make_image(index % 2, 128, np.random.default_rng(index))
@@ -89,8 +89,8 @@ def write_images(path: str, count: int, workers: int) -> None:
 
 def pipeline_rows(data: str, image_size: int, batch_size: int) -> list[dict]:
     """Images/s of one augmented pass of kbench's ImageLoader with all host cores and with its default."""
-    from kbench.data import find_images
-    from kbench.loader import ImageLoader
+    from kbench.data.dataset import find_images
+    from kbench.data.loader import ImageLoader
 
     images = find_images(data)
     rows = []
@@ -155,9 +155,9 @@ def measure_training(backbone: str, batch_size: int, args, images) -> dict:
     """One model: compile, then images/s from a fixed in-memory batch and through kbench's pipeline."""
     import keras
 
-    from kbench.backbones import build_classifier, get_backbone
-    from kbench.loader import ImageLoader
-    from kbench.train import epoch_batches
+    from kbench.data.loader import ImageLoader
+    from kbench.models.backbones import build_classifier, get_backbone
+    from kbench.training.train import epoch_batches
 
     model = build_classifier(get_backbone(backbone), 2, args.image_size, "none")
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", metrics=["accuracy"])
@@ -187,7 +187,7 @@ def measure_training(backbone: str, batch_size: int, args, images) -> dict:
         fed = timed_fit(model, epoch_batches(loader, 1, True), batch_size, args.steps, args.measure_seconds)
     finally:
         loader.close()
-    from kbench.runtimes import keras_device
+    from kbench.serving.runtimes import keras_device
 
     return {
         "device": keras_device(),
@@ -200,14 +200,14 @@ def measure_training(backbone: str, batch_size: int, args, images) -> dict:
 
 
 def run_train_worker(args) -> None:
-    from kbench.backend import use_backend
+    from kbench.core.backend import use_backend
 
     use_backend(args.backend)
     import keras
 
-    from kbench.data import find_images
-    from kbench.devices import training_devices
-    from kbench.errors import KbenchError
+    from kbench.core.errors import KbenchError
+    from kbench.data.dataset import find_images
+    from kbench.training.devices import training_devices
 
     images = find_images(args.data)
     took: dict[str, float] = {}
@@ -261,14 +261,14 @@ def export_on_cpu(keras_path: str, onnx_path: str) -> str | None:
 
 
 def run_latency_worker(args) -> None:
-    from kbench.backend import use_backend
+    from kbench.core.backend import use_backend
 
     use_backend(args.backend)
     import onnxruntime
 
-    from kbench.backbones import build_classifier, get_backbone
-    from kbench.latency import LatencyConfig, iter_latency
-    from kbench.settle import settle_random_weights
+    from kbench.models.backbones import build_classifier, get_backbone
+    from kbench.models.settle import settle_random_weights
+    from kbench.serving.latency import LatencyConfig, iter_latency
 
     cuda_listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     took = 0.0
@@ -385,8 +385,8 @@ def host_facts(gpus: list[dict]) -> dict:
 
 
 def write_report(result: dict, output_dir: str) -> str:
-    from kbench.files import write_text
-    from kbench.tables import format_table
+    from kbench.core.files import write_text
+    from kbench.core.tables import format_table
 
     host = result["machine"]
     card = "; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in host["gpus"])

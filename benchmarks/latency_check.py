@@ -19,7 +19,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
 
 COLUMNS = ["model", "runtime", "backend", "batch_size", "runs", "min_ms", "p50_ms", "p90_ms", "mean_ms", "detail"]
 CHECK_COLUMNS = ["check", "ratio", "target", "met"]
@@ -30,8 +30,8 @@ def bare_loop(onnx_path: str, runs: int, warmup: int) -> list[float]:
     """Milliseconds of each ``session.run`` on the same pixels kbench times, nothing around it."""
     import onnxruntime
 
-    from kbench import timing
-    from kbench.synthetic import sample_pixels
+    from kbench.core import timing
+    from kbench.data.synthetic import sample_pixels
 
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     began = record.Record(__file__, argv)
     backend = use_backend(args.backend)
 
-    from kbench import timing
-    from kbench.latency import LatencyConfig, iter_latency
-    from kbench.tables import format_table
+    from kbench.core import timing
+    from kbench.core.tables import format_table
+    from kbench.serving.latency import LatencyConfig, iter_latency
 
     with tempfile.TemporaryDirectory() as folder:
         config = LatencyConfig(

@@ -6,15 +6,15 @@ openvino.py: run as a script, its folder comes first on sys.path and it would sh
         [--small-cnn-epochs 3] [--export-dir /tmp/kbench-openvino] [--json benchmarks/results/openvino.json]
 
 Part 1, latency: each backbone as ``benchmarks/export_graph.py`` builds it (the binary classifier kbench
-exports, seeded random weights settled by ``kbench.settle``, ImageNet normalisation constants) at its
-native size, exported once by ``kbench.export.export_onnx`` into ``--export-dir`` (a file already there is
+exports, seeded random weights settled by ``kbench.models.settle``, ImageNet normalisation constants) at its
+native size, exported once by ``kbench.export.onnx.export_onnx`` into ``--export-dir`` (a file already there is
 reused), then onnxruntime-cpu (one thread per physical core, spinning off: fixed, no probe),
-openvino-cpu and openvino-cpu-bf16 (``kbench.ovruntime``'s fixed settings) timed interleaved
-(``kbench.timing.interleaved``) at each batch size: p50 of individually timed runs. Each OpenVINO row
-carries its parity with Keras on the timed pixels (``kbench.metrics.relative_difference``).
+openvino-cpu and openvino-cpu-bf16 (``kbench.serving.openvino``'s fixed settings) timed interleaved
+(``kbench.core.timing.interleaved``) at each batch size: p50 of individually timed runs. Each OpenVINO row
+carries its parity with Keras on the timed pixels (``kbench.core.metrics.relative_difference``).
 
-Part 2, int8: every configuration of ``kbench.quantize.CANDIDATES`` timed against the float file at batch
-1 (``kbench.quantize.quantize_int8``, calibrated on ``--calibration-images`` generated photographs): the
+Part 2, int8: every configuration of ``kbench.serving.quantize.CANDIDATES`` timed against the float file at batch
+1 (``kbench.serving.quantize.quantize_int8``, calibrated on ``--calibration-images`` generated photographs): the
 time change only, as random weights have no log loss worth the name. Then the same on a small_cnn
 trained for ``--small-cnn-epochs`` on generated cats and dogs (64 px): time and validation log-loss
 change, and whether kbench keeps the int8 file.
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
 
 RUNTIMES = ("onnxruntime-cpu", "openvino-cpu", "openvino-cpu-bf16")
 
@@ -42,9 +42,9 @@ RUNTIMES = ("onnxruntime-cpu", "openvino-cpu", "openvino-cpu-bf16")
 def exported(name: str, export_dir: str) -> tuple[str, str, int]:
     """(ONNX path, .keras path, image size) of backbone ``name``, built and exported once."""
     from benchmarks.export_graph import imagenet_normalization
-    from kbench.backbones import build_classifier, get_backbone
-    from kbench.export import export_onnx
-    from kbench.settle import settle_random_weights
+    from kbench.export.onnx import export_onnx
+    from kbench.models.backbones import build_classifier, get_backbone
+    from kbench.models.settle import settle_random_weights
 
     spec = get_backbone(name)
     size = spec.image_size if name != "small_cnn" else 64
@@ -59,17 +59,17 @@ def exported(name: str, export_dir: str) -> tuple[str, str, int]:
 
 
 def runtime_for(name: str):
-    from kbench.runtimes import OnnxRuntimeCPU, make_runtime
+    from kbench.serving.runtimes import OnnxRuntimeCPU, make_runtime
 
     return OnnxRuntimeCPU(spinning=False) if name == "onnxruntime-cpu" else make_runtime(name)
 
 
 def latency_rows(name: str, args) -> list[dict]:
-    from kbench import timing
-    from kbench.errors import Unavailable
-    from kbench.export import load_model
-    from kbench.metrics import relative_difference
-    from kbench.synthetic import sample_pixels
+    from kbench.core import timing
+    from kbench.core.errors import Unavailable
+    from kbench.core.metrics import relative_difference
+    from kbench.data.synthetic import sample_pixels
+    from kbench.export.onnx import load_model
 
     onnx_path, keras_path, size = exported(name, args.export_dir)
     keras_model = load_model(keras_path)
@@ -112,7 +112,7 @@ def latency_rows(name: str, args) -> list[dict]:
 
 
 def int8_row(name: str, onnx_path: str, calibration: str, run_dir: str | None, args) -> dict:
-    from kbench.quantize import quantize_int8
+    from kbench.serving.quantize import quantize_int8
 
     output = os.path.join(args.export_dir, f"{name.split()[0]}.int8.onnx")
     result = quantize_int8(onnx_path, output, calibration, run_dir, calibration_images=args.calibration_images)
@@ -127,10 +127,10 @@ def int8_row(name: str, onnx_path: str, calibration: str, run_dir: str | None, a
 
 def trained_small_cnn(folder: str, epochs: int) -> tuple[str, str]:
     """A small_cnn run on generated cats and dogs and its ONNX file."""
-    from kbench.export import onnx_for
-    from kbench.synthetic import write_kaggle_dataset
-    from kbench.train import train
-    from kbench.trainconfig import TrainConfig
+    from kbench.data.synthetic import write_kaggle_dataset
+    from kbench.export.onnx import onnx_for
+    from kbench.training.config import TrainConfig
+    from kbench.training.train import train
 
     data = write_kaggle_dataset(os.path.join(folder, "data"), n_train=400, n_test=4, image_size=64)
     run_dir = os.path.join(folder, "small_cnn_run")
@@ -141,9 +141,9 @@ def trained_small_cnn(folder: str, epochs: int) -> tuple[str, str]:
 
 def precision_log_loss(run_dir: str, onnx_path: str) -> list[dict]:
     """Validation log loss of a trained run's ONNX file on ONNX Runtime and on OpenVINO in f32 and bf16."""
-    from kbench.loader import ImageLoader, predict
-    from kbench.metrics import log_loss
-    from kbench.runs import Run
+    from kbench.core.metrics import log_loss
+    from kbench.data.loader import ImageLoader, predict
+    from kbench.training.runs import Run
 
     images, indices = Run(run_dir).images("val")
     rows = []
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     use_backend("tensorflow")
     started = record.Record(__file__, argv)
     os.makedirs(args.export_dir, exist_ok=True)
-    from kbench.synthetic import write_class_folders
+    from kbench.data.synthetic import write_class_folders
 
     if args.log_loss_only:
         run_dir = os.path.join(args.export_dir, "small_cnn_run")

@@ -1,4 +1,4 @@
-"""What one pass of kbench's graph clean-up (``kbench.graph.PASSES``) is worth on its own: each backbone's
+"""What one pass of kbench's graph clean-up (``kbench.export.graph.PASSES``) is worth on its own: each backbone's
 ONNX file cleaned with every pass ("all") and with every pass but ``--without`` ("without"), both
 checked against Keras and timed by ONNX Runtime, interleaved.
 
@@ -12,7 +12,7 @@ One row per variant and batch size.
         [--json benchmarks/results/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
-random weights settled by ``kbench.settle.settle_random_weights`` and ImageNet normalisation constants
+random weights settled by ``kbench.models.settle.settle_random_weights`` and ImageNet normalisation constants
 (as ``export_graph.py``). Parity: largest |ONNX Runtime - Keras| over the largest |Keras| on three
 seeded images. Timing as ``export_graph.py``: ``--repeats`` rounds, each running both variants ``--runs``
 times (``--big-runs`` at batch >= 8), in pairs of rounds (an order, then its reverse), p50 = the median
@@ -58,10 +58,9 @@ def measure_backbone(name: str, args) -> list[dict]:
     import onnx
 
     from benchmarks import export_graph
-    from kbench import graph
-    from kbench.backbones import build_feature_extractor, get_backbone
-    from kbench.export import export_onnx
-    from kbench.settle import settle_random_weights
+    from kbench.export.onnx import export_onnx, graph
+    from kbench.models.backbones import build_feature_extractor, get_backbone
+    from kbench.models.settle import settle_random_weights
 
     spec = get_backbone(name)
     size = args.image_size or spec.image_size
@@ -131,7 +130,7 @@ def measure_backbone(name: str, args) -> list[dict]:
 
 def left_out_passes(variant: str) -> list[str]:
     """The passes a ``--without`` variant leaves out: ``all`` every one, ``a+b`` both, ``EVERY_PASS`` none."""
-    from kbench.graph import PASSES
+    from kbench.export.graph import PASSES
 
     if variant == EVERY_PASS:
         return []
@@ -140,7 +139,7 @@ def left_out_passes(variant: str) -> list[str]:
 
 def without_variants(text: str) -> list[str]:
     """argparse type for ``--without``: comma-separated variants, each ``all`` or pass names joined by ``+``."""
-    from kbench.graph import PASSES
+    from kbench.export.graph import PASSES
 
     variants = [part for part in text.split(",") if part]
     for variant in variants:
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     record.even_repeats(args)
     if args.one:
-        from kbench.backend import use_backend
+        from kbench.core.backend import use_backend
 
         use_backend(args.backend)
         print(json.dumps(measure_backbone(args.backbones, args)), flush=True)

@@ -28,10 +28,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
-from kbench.data import find_images  # noqa: E402
-from kbench.loader import ImageLoader, augment, decode_image, resize  # noqa: E402
-from kbench.synthetic import CLASSES, encode_jpeg, make_image  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
+from kbench.data.dataset import find_images  # noqa: E402
+from kbench.data.loader import ImageLoader, augment, decode_image, resize  # noqa: E402
+from kbench.data.synthetic import CLASSES, encode_jpeg, make_image  # noqa: E402
 
 
 def write_images(path: str, count: int, seed: int = 0) -> None:
@@ -72,8 +72,8 @@ def training_steps(images, indices, backbone: str, image_size: int, batch_size: 
     interleaved blocks of steps."""
     import keras
 
-    from kbench import timing
-    from kbench.backbones import build_classifier, get_backbone
+    from kbench.core import timing
+    from kbench.models.backbones import build_classifier, get_backbone
 
     model = build_classifier(get_backbone(backbone), 2, image_size, "none")
     model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             images, indices, args.backbone, args.image_size, args.batch_size, args.steps, 0
         )
 
-    from kbench.tables import format_table
+    from kbench.core.tables import format_table
 
     result = {
         "backend": backend,

@@ -52,9 +52,9 @@ def main() -> None:
 
     import keras
 
-    from kbench.synthetic import write_kaggle_dataset
-    from kbench.train import train
-    from kbench.trainconfig import TrainConfig
+    from kbench.data.synthetic import write_kaggle_dataset
+    from kbench.training.config import TrainConfig
+    from kbench.training.train import train
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kbench-recipe-") as scratch:

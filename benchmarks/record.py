@@ -1,5 +1,5 @@
 """What every benchmark script keeps beside the table it prints: the raw rows as JSON, with the exact
-command, the machine and its load, written atomically (``kbench.files.write_json``).
+command, the machine and its load, written atomically (``kbench.core.files.write_json``).
 
     parser = argparse.ArgumentParser()
     record.add_json_option(parser, "pipeline")  # --json PATH, default benchmarks/results/pipeline.json
@@ -68,7 +68,7 @@ def positive_ints_text(text: str) -> str:
 def add_backbone_timing_options(parser, repeats: int, big_runs: int) -> None:
     """The options of the scripts that time exported backbones interleaved (export_graph, pass_ablation):
     --backend, --backbones, --image-size, --batch-sizes, --repeats, --runs, --big-runs."""
-    from kbench.backbones import REGISTRY
+    from kbench.models.backbones import REGISTRY
 
     parser.add_argument(
         "--backend",
@@ -102,8 +102,8 @@ def add_backbone_timing_options(parser, repeats: int, big_runs: int) -> None:
 def check_backbones(parser, names: list[str]) -> None:
     """Every backbone name known before anything is measured; otherwise kbench's message (with its
     guess and the valid names) as argparse's one error line, exit 2."""
-    from kbench.backbones import get_backbone
-    from kbench.errors import KbenchError
+    from kbench.core.errors import KbenchError
+    from kbench.models.backbones import get_backbone
 
     try:
         for name in names:
@@ -134,7 +134,7 @@ def child_result(command: list[str], label: str):
     if isinstance(value, dict) and "error" in value:
         raise SystemExit(f"{label}: {value['error']}")
     if done.returncode < 0:
-        from kbench.convert import killed_by
+        from kbench.export.convert import killed_by
 
         raise SystemExit(f"{label}: its process was {killed_by(-done.returncode)}")
     if done.returncode != 0 or value is None:
@@ -167,8 +167,8 @@ class Record:
 
     def write(self, path: str, rows: list[dict], table: str, **extra) -> dict:
         """Write {command, started, seconds, machine, load averages, **extra, rows, table} to ``path``."""
-        from kbench.files import write_json
-        from kbench.machine import facts
+        from kbench.core.files import write_json
+        from kbench.core.machine import facts
 
         record = {
             "command": self.command,

@@ -1,3 +1,3 @@
-from kbench.cli import main
+from kbench.cli.main import main
 
 main()

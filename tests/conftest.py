@@ -20,9 +20,9 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 
-from kbench.backbones import REGISTRY  # noqa: E402
-from kbench.backend import use_backend  # noqa: E402
-from kbench.synthetic import write_class_folders, write_kaggle_dataset  # noqa: E402
+from kbench.core.backend import use_backend  # noqa: E402
+from kbench.data.synthetic import write_class_folders, write_kaggle_dataset  # noqa: E402
+from kbench.models.backbones import REGISTRY  # noqa: E402
 
 BACKEND = use_backend()  # the suite runs once per backend: KERAS_BACKEND=jax / tensorflow
 
@@ -47,7 +47,7 @@ def accelerator() -> bool:
 @functools.cache
 def onnxruntime_cuda() -> bool:
     """Whether ONNX Runtime really runs on CUDA here (onnxruntime-gpu lists the provider even without a GPU)."""
-    from kbench.doctor import probe_onnxruntime
+    from kbench.cli.doctor import probe_onnxruntime
 
     return probe_onnxruntime().get("cuda") == "ok"
 
@@ -95,8 +95,8 @@ def run_cli(*args, env=None, timeout=300, cwd=None, process=False):
     import keras
     from click.testing import CliRunner
 
-    from kbench.cli import cli
-    from kbench.errors import STOP_REQUESTS
+    from kbench.cli.main import cli
+    from kbench.core.errors import STOP_REQUESTS
 
     saved_environment, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     saved_signals = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}

@@ -5,7 +5,8 @@ import urllib.error
 import numpy as np
 import pytest
 
-from kbench.backbones import (
+from kbench.core.errors import KbenchError
+from kbench.models.backbones import (
     REGISTRY,
     build_classifier,
     build_feature_extractor,
@@ -14,7 +15,6 @@ from kbench.backbones import (
     list_backbones,
     load_model,
 )
-from kbench.errors import KbenchError
 
 from conftest import BACKEND, FAMILIES, run_cli
 
@@ -199,7 +199,7 @@ def test_preprocessing_layer_is_keras_arithmetic_and_has_no_weights(mode, tmp_pa
     import keras
     from keras.applications import imagenet_utils
 
-    from kbench.layers import ImageNetPreprocessing
+    from kbench.models.layers import ImageNetPreprocessing
 
     pixels = np.random.default_rng(1).uniform(0, 255, (3, 5, 7, 3)).astype("float32")
     layer = ImageNetPreprocessing(mode)

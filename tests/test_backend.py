@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from kbench import backend, machine
-from kbench.errors import KbenchError
+from kbench.core import backend, machine
+from kbench.core.errors import KbenchError
 
 from conftest import BACKEND, REPO
 

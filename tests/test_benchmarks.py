@@ -78,7 +78,7 @@ def test_export_all_rows_match_its_table_and_its_parity_figure_repeats(tmp_path,
     )
     assert body == [line]
     assert row["backend"] == BACKEND and 0 <= row["max_relative_difference"] <= 1e-4
-    # seeded weights and seeded parity pixels (kbench.export.PARITY_SEED): the same figure every run
+    # seeded weights and seeded parity pixels (kbench.export.onnx.PARITY_SEED): the same figure every run
     (tmp_path / "again").mkdir()
     again, _, _ = run_script("export_all", argv, tmp_path / "again", capsys)
     assert again["rows"][0]["max_relative_difference"] == row["max_relative_difference"]
@@ -153,7 +153,7 @@ def test_backbones_pareto_front_and_refusals():
     script = load_script("backbones")
     points = [(1.0, 70.0, "a"), (2.0, 69.0, "b"), (3.0, 80.0, "c"), (3.0, 75.0, "d"), (9.0, 80.0, "e")]
     assert script.pareto_front(points) == ["a", "c"]
-    from kbench.backbones import REGISTRY
+    from kbench.models.backbones import REGISTRY
 
     assert set(script.TOP1) == {spec.name for spec in REGISTRY.values() if spec.application}
     with pytest.raises(SystemExit):

@@ -14,7 +14,7 @@ from conftest import BACKEND, run_cli
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    from kbench.backbones import build_classifier, get_backbone
+    from kbench.models.backbones import build_classifier, get_backbone
 
     path = str(tmp_path_factory.mktemp("model") / "cnn.keras")
     build_classifier(get_backbone("small_cnn"), 2, 32, "none").save(path)
@@ -64,7 +64,7 @@ def test_output_naming_a_folder_is_refused_before_work(model_file, kaggle_data, 
 
 @pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
 def test_export_reuses_a_file_made_from_the_same_model_and_redoes_a_changed_one(model_file, tmp_path):
-    from kbench.backbones import build_classifier, get_backbone
+    from kbench.models.backbones import build_classifier, get_backbone
 
     output = str(tmp_path / "m.onnx")
     first = run_cli("export", "onnx", model_file, "-o", output, "--backend", BACKEND)
@@ -82,7 +82,7 @@ def test_export_reuses_a_file_made_from_the_same_model_and_redoes_a_changed_one(
 def test_export_without_graph_passes_keeps_the_converted_graph_and_is_its_own_file(model_file, tmp_path):
     import json
 
-    from kbench.export import read_metadata
+    from kbench.export.onnx import read_metadata
 
     output = str(tmp_path / "m.onnx")
     raw = run_cli("export", "onnx", model_file, "-o", output, "--no-graph-passes", "--backend", BACKEND)
@@ -96,9 +96,9 @@ def test_export_without_graph_passes_keeps_the_converted_graph_and_is_its_own_fi
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     # A bug kbench doesn't foresee, planted through sitecustomize in the child process only.
     (tmp_path / "sitecustomize.py").write_text(
-        "import kbench.summaries\n"
+        "import kbench.cli.summaries\n"
         "def broken(*args, **kwargs):\n    raise RuntimeError('planted bug')\n"
-        "kbench.summaries.backbone_text = broken\n"
+        "kbench.cli.summaries.backbone_text = broken\n"
     )
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     quiet = run_cli("backbones", env=env)
@@ -170,10 +170,10 @@ def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
     """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9. The child
-    asks for it first thing, as the conversion does (kbench.convert._main), and says so in pid_file."""
+    asks for it first thing, as the conversion does (kbench.export.convert._main), and says so in pid_file."""
     pid_file = tmp_path / "child.pid"
     child_code = (
-        "import os, sys, time; from kbench.distributed import die_with_parent; "
+        "import os, sys, time; from kbench.training.distributed import die_with_parent; "
         f"die_with_parent(int(sys.argv[1])); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     )
     parent = subprocess.Popen(

@@ -8,10 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from kbench.data import LAYOUTS, find_images, split_indices
-from kbench.errors import KbenchError
-from kbench.loader import ImageLoader
-from kbench.synthetic import encode_jpeg, make_image
+from kbench.core.errors import KbenchError
+from kbench.data.dataset import LAYOUTS, find_images, split_indices
+from kbench.data.loader import ImageLoader
+from kbench.data.synthetic import encode_jpeg, make_image
 
 from conftest import run_cli
 
@@ -370,7 +370,7 @@ def test_the_fingerprint_covers_content_not_only_names(kaggle_data, tmp_path):
     """#36.1: other pixels under the same names and labels change the fingerprint, in a zip (its
     directory's CRC-32) and in a folder (the bytes, even when size and modification time are kept);
     a plain copy of either keeps it."""
-    from kbench.data import data_change, data_fingerprint, fingerprints, names_fingerprint
+    from kbench.data.dataset import data_change, data_fingerprint, fingerprints, names_fingerprint
 
     original = find_images(kaggle_data["train"])
     other_zip = str(tmp_path / "other.zip")

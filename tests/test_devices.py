@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from kbench import machine
-from kbench.backbones import get_backbone
-from kbench.devices import CPU_BF16_MEASURED, CPU_BF16_PAGE, count_devices, cpu_bf16_expectation
-from kbench.errors import KbenchError
+from kbench.core import machine
+from kbench.core.errors import KbenchError
+from kbench.models.backbones import get_backbone
+from kbench.training.devices import CPU_BF16_MEASURED, CPU_BF16_PAGE, count_devices, cpu_bf16_expectation
 
 from conftest import BACKEND, CPU_ONLY, REPO, accelerator, run_cli
 

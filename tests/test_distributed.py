@@ -1,4 +1,4 @@
-"""Several processes training one model (kbench.distributed, `kbench launch`): the environment, the
+"""Several processes training one model (kbench.training.distributed, `kbench launch`): the environment, the
 launcher's promises (stops the rest, passes Ctrl-C on, refuses what can't work), the shards, and two
 JAX processes following one process's loss curve."""
 
@@ -15,11 +15,11 @@ import time
 import numpy as np
 import pytest
 
-from kbench.data import ImageSet
-from kbench.distributed import ADDRESS, CLUSTER_VARIABLES, COUNT, INDEX, Cluster, cluster_from_environment
-from kbench.errors import KbenchError
-from kbench.loader import ImageLoader
-from kbench.runs import Run
+from kbench.core.errors import KbenchError
+from kbench.data.dataset import ImageSet
+from kbench.data.loader import ImageLoader
+from kbench.training.distributed import ADDRESS, CLUSTER_VARIABLES, COUNT, INDEX, Cluster, cluster_from_environment
+from kbench.training.runs import Run
 
 from conftest import BACKEND, REPO, run_cli
 

@@ -4,14 +4,14 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from kbench import doctor, machine, options
-from kbench.cli import cli
+from kbench.cli.main import cli, doctor, options
+from kbench.core import machine
 
 from conftest import BACKEND, run_cli
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 
-H200 = "NVIDIA H200, 143771, 570.124.06\n"  # nvidia-smi's answer to kbench.machine.GPU_QUERY
+H200 = "NVIDIA H200, 143771, 570.124.06\n"  # nvidia-smi's answer to kbench.core.machine.GPU_QUERY
 CPU_ONLY = {"devices": [{"id": "cpu:0", "kind": "cpu"}]}
 ON_GPU = {"devices": [{"id": "cpu:0"}, {"id": "gpu:0", "kind": "NVIDIA H200"}]}
 ORT_CPU = {"packages": ["onnxruntime"], "providers": ["CPUExecutionProvider"]}
@@ -61,7 +61,7 @@ def test_warnings_name_the_gpu_and_the_fix():
 
 @pytest.fixture
 def nvidia_smi(monkeypatch):
-    """nvidia-smi answering ``answer[0]`` (None: missing), calls counted; kbench.machine's
+    """nvidia-smi answering ``answer[0]`` (None: missing), calls counted; kbench.core.machine's
     once-a-process answer emptied before and after, so no fake GPU leaks into other tests."""
     calls, answer = [], [None]
     monkeypatch.setattr(machine, "_run", lambda command, timeout=10: calls.append(command) or answer[0])

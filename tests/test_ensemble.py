@@ -4,11 +4,11 @@ import os
 import numpy as np
 import pytest
 
-from kbench.ensemble import EnsembleConfig, train_ensemble
-from kbench.errors import KbenchError
-from kbench.export import export_onnx
-from kbench.train import train
-from kbench.trainconfig import TrainConfig
+from kbench.core.errors import KbenchError
+from kbench.export.onnx import export_onnx
+from kbench.training.config import TrainConfig
+from kbench.training.ensemble import EnsembleConfig, train_ensemble
+from kbench.training.train import train
 
 from conftest import BACKEND, run_cli
 
@@ -100,7 +100,7 @@ def test_mismatched_members_are_refused(members, kaggle_data, tmp_path):
     with pytest.raises(KbenchError, match="different split"):
         train_ensemble(EnsembleConfig([members[0], other], str(tmp_path / "e")), verbose=0)
     # #36.1: the members' images replaced by others under the same names: refused, nothing written
-    from kbench.synthetic import write_kaggle_dataset
+    from kbench.data.synthetic import write_kaggle_dataset
 
     repainted = write_kaggle_dataset(str(tmp_path / "repainted"), n_train=240, n_test=2, image_size=32, seed=7)
     with pytest.raises(KbenchError, match="changed since the members were trained"):

@@ -6,15 +6,15 @@ import onnx
 import onnxruntime
 import pytest
 
-from kbench import convert as convert_module
-from kbench import export as export_module
-from kbench import graph as graph_module
-from kbench.backbones import build_classifier, build_feature_extractor, get_backbone
-from kbench.errors import KbenchError
-from kbench.export import export_onnx, read_metadata
-from kbench.settle import calibrate_batch_norm, settle_random_weights
-from kbench.train import train
-from kbench.trainconfig import TrainConfig
+from kbench.core.errors import KbenchError
+from kbench.export import convert as convert_module
+from kbench.export import graph as graph_module
+from kbench.export import onnx as export_module
+from kbench.export.onnx import export_onnx, read_metadata
+from kbench.models.backbones import build_classifier, build_feature_extractor, get_backbone
+from kbench.models.settle import calibrate_batch_norm, settle_random_weights
+from kbench.training.config import TrainConfig
+from kbench.training.train import train
 
 from conftest import BACKEND, FAMILIES, run_cli
 
@@ -65,7 +65,7 @@ def test_parity_compares_logits_where_the_probabilities_are_stuck_at_0_or_1(tmp_
     the graph adds 1 to the logit before its Sigmoid: refused."""
     import keras
 
-    from kbench.backbones import HEAD_LAYER
+    from kbench.models.backbones import HEAD_LAYER
 
     keras.utils.set_random_seed(0)
     model = build_classifier(get_backbone("small_cnn"), 2, 32, "none")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kbench.machine import has_native_bf16, list_gpus
+from kbench.core.machine import has_native_bf16, list_gpus
 
 from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
 

@@ -1,4 +1,4 @@
-"""kbench.graph's passes on small hand-built graphs: each rewrite gives what ONNX Runtime computed before
+"""kbench.export.graph's passes on small hand-built graphs: each rewrite gives what ONNX Runtime computed before
 (exactly, or within float rounding where constants were folded), and a pattern that doesn't match
 exactly is left alone."""
 
@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kbench import graph
+from kbench.export import graph
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 

@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 
-from kbench.backbones import build_classifier, get_backbone
-from kbench.latency import LatencyConfig, ModelSource, Reference, iter_latency, measure, resolve_model
-from kbench.machine import has_native_bf16
-from kbench.ovruntime import TOLERANCES
-from kbench.report import markdown_report
-from kbench.tables import LATENCY_COLUMNS, latency_text
-from kbench.timing import BUSY_CORES
+from kbench.core.machine import has_native_bf16
+from kbench.core.tables import LATENCY_COLUMNS, latency_text
+from kbench.core.timing import BUSY_CORES
+from kbench.models.backbones import build_classifier, get_backbone
+from kbench.report.report import markdown_report
+from kbench.serving.latency import LatencyConfig, ModelSource, Reference, iter_latency, measure, resolve_model
+from kbench.serving.openvino import TOLERANCES
 
 from conftest import BACKEND, onnxruntime_cuda, run_cli
 
@@ -79,7 +79,7 @@ def test_a_backbone_name_is_the_same_random_model_every_time(tmp_path):
     ONNX file is reused, not made again."""
     import numpy as np
 
-    from kbench.export import load_model
+    from kbench.export.onnx import load_model
 
     weights = []
     for folder in ("a", "b"):
@@ -197,7 +197,7 @@ def test_the_study_report_says_which_timings_a_busy_machine_made():
     for name, busy in (("quiet", False), ("loaded", True)):
         timings = [{**row, "model": name} for row in busy_rows(busy)]
         results["rows"].append({"name": name, "kind": "backbone", "status": "ok", "latency": timings})
-    from kbench.report import flat_rows
+    from kbench.report.report import flat_rows
 
     report = markdown_report(results, flat_rows(results))
     assert "**The machine was busy while timing** loaded onnxruntime-cpu b1 (other processes used more " in report
@@ -208,7 +208,8 @@ def test_the_study_report_says_which_timings_a_busy_machine_made():
 
 def test_tune_is_part_of_the_study_latency_cache_key(tmp_path, monkeypatch):
     """A study's timings are reused only under the same settings: --tune times again."""
-    from kbench import latency, study
+    from kbench.serving import latency
+    from kbench.study import study
 
     (tmp_path / "model.keras").write_bytes(b"a model")
     timed = []
@@ -224,7 +225,7 @@ def test_keras_compiled_measures_xla_only_when_tuned(tiny_model):
     import keras
     import numpy as np
 
-    from kbench.runtimes import KerasCompiled
+    from kbench.serving.runtimes import KerasCompiled
 
     model = keras.models.load_model(tiny_model)
     pixels = np.zeros((1, 24, 24, 3), np.float32)

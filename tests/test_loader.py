@@ -1,4 +1,4 @@
-"""How images are read: decoding, augmentation and the batching ImageLoader (kbench.loader)."""
+"""How images are read: decoding, augmentation and the batching ImageLoader (kbench.data.loader)."""
 
 import logging
 import os
@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from kbench.data import find_images
-from kbench.loader import BadImage, ImageLoader, augment, decode_image
-from kbench.synthetic import encode_jpeg, make_image
+from kbench.data.dataset import find_images
+from kbench.data.loader import BadImage, ImageLoader, augment, decode_image
+from kbench.data.synthetic import encode_jpeg, make_image
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 
@@ -154,8 +154,8 @@ def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
 
 
 def test_dangling_symlinks_are_skipped_in_training_and_uniform_in_prediction(tmp_path, caplog):
-    from kbench.submission import predict_test_set
-    from kbench.train import TrainConfig, train
+    from kbench.serving.submission import predict_test_set
+    from kbench.training.train import TrainConfig, train
 
     rng = np.random.default_rng(0)
     (tmp_path / "train").mkdir()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kbench import backend, machine
+from kbench.core import backend, machine
 
 # Two sockets' worth of one processor entry each, trimmed: a Sapphire Rapids Xeon (AMX, AVX512-BF16)
 # with two hyper-threads on one core, and an AMD EPYC without bf16 instructions.

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from kbench import metrics
+from kbench.core import metrics
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
 

@@ -56,7 +56,7 @@ def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_pa
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = (
-        "import sys; from kbench.studyconfig import load_config; "
+        "import sys; from kbench.study.config import load_config; "
         "c = load_config('demo', data=sys.argv[1], test_data='', answers=''); "
         "import kbench; print(kbench.__file__); print(c.name, [m.name for m in c.backbones])"
     )
@@ -75,16 +75,27 @@ def test_wheel_ships_the_studies_and_runs_them_from_another_folder(wheel, tmp_pa
 
 
 def test_the_code_layout_in_the_docs_names_every_module_once():
-    """docs/development.md lists kbench's modules one a line: a module added, renamed or removed without
-    its line fails here, so the list can't go stale."""
+    """docs/development.md lists kbench's stage packages and their modules one a line: a module added,
+    renamed, moved or removed without its line fails here, so the list can't go stale."""
     text = open(os.path.join(REPO, "docs", "development.md"), encoding="utf-8").read()
     block = text[text.index("```\nkbench/\n") :]
     block = block[: block.index("```", 3)]
-    listed = re.findall(r"^  (\w+)\.py ", block, flags=re.MULTILINE)
-    modules = [
-        name[: -len(".py")]
-        for name in os.listdir(os.path.join(REPO, "kbench"))
-        if name.endswith(".py") and name not in ("__init__.py", "__main__.py")
-    ]
+    listed, package = [], ""
+    for line in block.splitlines():
+        found = re.match(r"^  (\w+)/ ", line)
+        if found:
+            package = found.group(1)
+        found = re.match(r"^    (\w+)\.py ", line)
+        if found:
+            listed.append(f"{package}/{found.group(1)}")
+    modules = []
+    for folder, _, names in os.walk(os.path.join(REPO, "kbench")):
+        package = os.path.relpath(folder, os.path.join(REPO, "kbench"))
+        modules += [f"{package}/{name[:-3]}" for name in names if name.endswith(".py") and name != "__init__.py"]
+    top = sorted(m for m in modules if m.startswith("./"))
+    assert top == ["./__main__"], "a module at the top of kbench/ outside the stage packages"
     assert len(listed) == len(set(listed)), "a module listed twice"
-    assert sorted(listed) == sorted(modules)
+    assert sorted(listed) == sorted(m for m in modules if not m.startswith("./"))
+    for package in {m.split("/")[0] for m in listed}:
+        docstring = open(os.path.join(REPO, "kbench", package, "__init__.py"), encoding="utf-8").read()
+        assert docstring.startswith('"""') and len(docstring) > 100, f"kbench/{package} says nothing of its stage"

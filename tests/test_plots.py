@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from kbench.plots import EPOCH_PLOT, LOGLOSS_PLOT, VAL_LOSS_PLOT, write_curves, write_plots
+from kbench.report.plots import EPOCH_PLOT, LOGLOSS_PLOT, VAL_LOSS_PLOT, write_plots
+from kbench.training.curves import write_curves
 
 from conftest import REPO
 
@@ -73,8 +74,8 @@ def test_study_plots_are_written_only_with_something_to_show(tmp_path):
 
 def test_training_loads_neither_matplotlib_nor_the_report():
     code = (
-        "import sys, kbench.plots, kbench.train\n"
-        "print(sorted(m for m in ('matplotlib', 'kbench.report', 'kbench.summaries') if m in sys.modules))\n"
+        "import sys, kbench.report.plots, kbench.training.train\n"
+        "print(sorted(m for m in ('matplotlib', 'kbench.report.report', 'kbench.cli.summaries') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -9,7 +9,7 @@ from conftest import REPO
 SIGTERM_IN_A_GC_CALLBACK = textwrap.dedent(
     """
     import gc, os, signal, threading, time
-    from kbench.process import set_up
+    from kbench.core.process import set_up
 
     set_up()
     def slow_callback(phase, info):
@@ -35,6 +35,6 @@ def test_a_stop_request_swallowed_by_a_gc_callback_still_stops_at_once_and_quiet
 
 
 def test_exit_now_keeps_the_status_and_what_was_printed():
-    script = "from kbench.process import exit_now; print('written', end=''); exit_now(143)"
+    script = "from kbench.core.process import exit_now; print('written', end=''); exit_now(143)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (143, "written", "")

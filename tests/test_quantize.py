@@ -5,9 +5,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kbench import quantize
-from kbench.train import train
-from kbench.trainconfig import TrainConfig
+from kbench.serving import quantize
+from kbench.training.config import TrainConfig
+from kbench.training.train import train
 
 from conftest import BACKEND, run_cli
 

@@ -15,7 +15,7 @@ def _foreign_lines(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from kbench.synthetic import write_kaggle_dataset
+    from kbench.data.synthetic import write_kaggle_dataset
 
     return write_kaggle_dataset(str(tmp_path_factory.mktemp("quiet")), n_train=40, n_test=4, image_size=24, seed=3)
 
@@ -74,7 +74,8 @@ def _fake_tensorflow(tmp_path, body: str) -> None:
 
 
 IMPORT = (
-    "import kbench.quiet, sys; kbench.quiet.set_up(); print('kbench: before', file=sys.stderr)\nimport tensorflow\n"
+    "import kbench.core.quiet, sys; kbench.core.quiet.set_up(); print('kbench: before', file=sys.stderr)\n"
+    "import tensorflow\n"
 )
 
 

@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from kbench.backbones import HEAD_LAYER, build_classifier, get_backbone
-from kbench.errors import KbenchError, TrainingInterrupted
-from kbench.recipe import scheduled_lr
-from kbench.runs import Run
-from kbench.train import train
-from kbench.trainconfig import TrainConfig, resume_config
+from kbench.core.errors import KbenchError, TrainingInterrupted
+from kbench.models.backbones import HEAD_LAYER, build_classifier, get_backbone
+from kbench.training.config import TrainConfig, resume_config
+from kbench.training.recipe import scheduled_lr
+from kbench.training.runs import Run
+from kbench.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_a_scheduled_model_loads_without_kbench(phased_runs):
 
 
 def test_the_modern_study_carries_the_recipe():
-    from kbench.studyconfig import load_config
+    from kbench.study.config import load_config
 
     config = load_config("modern", data=__file__)
     member = config.backbones[0]
@@ -218,7 +218,7 @@ def test_the_keras_schedule_is_the_formula_scheduled_lr_computes(schedule, warmu
     step, from any epoch a phase starts at, and the schedule reloads under its registered name."""
     import keras
 
-    from kbench.recipe import schedule_class
+    from kbench.training.recipe import schedule_class
 
     config = _config(kaggle_data, tmp_path, epochs=4, schedule=schedule, warmup_epochs=warmup_epochs)
     steps = 7

@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from kbench.errors import KbenchError
-from kbench.plots import write_curves
-from kbench.report import markdown_report, write_report
-from kbench.summaries import study_summary
-from kbench.tables import flat_rows
+from kbench.cli.summaries import study_summary
+from kbench.core.errors import KbenchError
+from kbench.core.tables import flat_rows
+from kbench.report.report import markdown_report, write_report
+from kbench.training.curves import write_curves
 
 from conftest import run_cli
 from test_plots import history, png_size
@@ -126,8 +126,8 @@ def test_without_a_folder_the_report_has_plain_names_and_no_front_without_timing
 @pytest.fixture(scope="module")
 def two_runs(kaggle_data, tmp_path_factory):
     """Two small_cnn runs trained by hand (no study); the first one timed, as a study leaves it."""
-    from kbench.train import train
-    from kbench.trainconfig import TrainConfig
+    from kbench.training.config import TrainConfig
+    from kbench.training.train import train
 
     root = tmp_path_factory.mktemp("runs")
     paths = []
@@ -161,7 +161,7 @@ def test_every_run_folder_has_its_curves(two_runs):
 
 
 def test_compare_reports_runs_trained_outside_a_study(two_runs, tmp_path, caplog):
-    from kbench.compare import compare_runs
+    from kbench.report.compare import compare_runs
 
     _, (first, second) = two_runs
     out = str(tmp_path / "compare")
@@ -218,7 +218,7 @@ def test_compare_command_prints_the_tables_and_refuses_bad_input(two_runs, tmp_p
 
 
 def test_compare_library_refuses_nothing_to_compare(tmp_path):
-    from kbench.compare import compare_runs
+    from kbench.report.compare import compare_runs
 
     with pytest.raises(KbenchError, match="at least one"):
         compare_runs([], str(tmp_path / "out"))

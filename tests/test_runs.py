@@ -4,14 +4,15 @@ other module spells its file names."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from kbench import files
-from kbench.errors import KbenchError
-from kbench.runs import CONFIG, METRICS, OWNED, Run, folder_lock
+from kbench.core import files
+from kbench.core.errors import KbenchError
+from kbench.training.runs import CONFIG, METRICS, OWNED, Run, folder_lock
 
 from conftest import REPO
 
@@ -23,7 +24,7 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from kbench.runs import folder_lock\n"
+            "import sys, time; from kbench.training.runs import folder_lock\n"
             "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)",
             str(tmp_path),
         ],
@@ -100,7 +101,7 @@ def test_json_never_holds_bare_nan(tmp_path):
 
 
 def test_only_the_owner_spells_the_run_folder_file_names():
-    """A grep, as the design asks: run-folder file names appear as literals in kbench/runs.py only."""
+    """A grep, as the design asks: run-folder file names appear as literals in kbench/training/runs.py only."""
     names = [name for name in OWNED if name not in ("features",)]
     offenders = []
     for module in sorted(os.listdir(os.path.join(REPO, "kbench"))):
@@ -126,3 +127,28 @@ def test_scratch_folders_of_dead_processes_are_swept(tmp_path, monkeypatch):
         assert os.path.isdir(folder) and f"pid{os.getpid()}" in folder
         assert not stale.exists()
     assert not os.path.exists(folder)
+
+
+def test_a_run_folder_from_before_the_stage_packages_loads_and_is_reused(tmp_path):
+    """#34.1: a run folder, its ONNX file and a .keras file holding kbench's own layer, made by main
+    before the modules moved into stage packages (a5a5a66), still load, read their data and are
+    reused (tests/data/*before-packages*)."""
+    import numpy as np
+
+    from kbench.export.onnx import onnx_for
+    from kbench.models.backbones import load_model
+
+    data = os.path.join(REPO, "tests", "data")
+    run_dir = shutil.copytree(os.path.join(data, "run-before-packages"), tmp_path / "run")
+    zipped = shutil.copy(os.path.join(data, "run-before-packages-train.zip"), tmp_path / "train.zip")
+    split = json.loads((run_dir / "split.json").read_text())
+    (run_dir / "split.json").write_text(json.dumps({**split, "data": str(zipped)}))
+    onnx_path = shutil.copy(os.path.join(data, "run-before-packages.onnx"), tmp_path / "run.onnx")
+    run = Run.open(str(run_dir))
+    assert load_model(run.model_path).output_shape == (None, 1)
+    assert onnx_for(str(run_dir), str(onnx_path))["reused"] is True
+    images, indices = run.images("val")  # the content fingerprint it recorded still matches
+    assert len(indices) == 4 and images.classes == ["cat", "dog"]
+    layer = load_model(os.path.join(data, "preprocessing-before-packages.keras"))
+    probability = layer.predict(np.full((1, 8, 8, 3), 100, "float32"), verbose=0)
+    assert abs(float(probability[0, 0]) - 0.32039282) < 1e-6  # as the old code computed it

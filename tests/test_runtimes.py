@@ -5,9 +5,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kbench import machine, ovruntime, runtimes
-from kbench.errors import KbenchError
-from kbench.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, make_runtime
+from kbench.core import machine
+from kbench.core.errors import KbenchError
+from kbench.serving import openvino as ovruntime
+from kbench.serving import runtimes
+from kbench.serving.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, make_runtime
 
 
 def tiny_onnx(path, batch="batch", size=("h", "w")) -> str:
@@ -30,7 +32,7 @@ def spin_entry(runtime) -> str:
 
 
 def fake_interleaved(values: dict):
-    """A stand-in for kbench.timing.interleaved that calls each variant once and returns ``values`` (ms)."""
+    """A stand-in for kbench.core.timing.interleaved that calls each variant once and returns ``values`` (ms)."""
 
     def interleaved(calls, *_, **__):
         for call in calls.values():
@@ -258,7 +260,7 @@ def test_openvino_is_imported_without_its_telemetry(tmp_path):
 
     script = (
         "import sys\n"
-        "from kbench.runtimes import make_runtime\n"
+        "from kbench.serving.runtimes import make_runtime\n"
         f"make_runtime('openvino-cpu').prepare({tiny_onnx(tmp_path / 'tiny.onnx')!r}, (8, 8))\n"
         "print('openvino_telemetry' in sys.modules, 'openvino' in sys.modules)\n"
         "print(sys.modules.get('openvino.tools.ovc', 'importable'))\n"  # the refusal isn't left behind

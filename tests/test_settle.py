@@ -1,7 +1,13 @@
 import numpy as np
 
-from kbench.backbones import batch_norm_layers, build_classifier, build_feature_extractor, feature_model, get_backbone
-from kbench.settle import calibrate_batch_norm, float32_sensitivity, settle_random_weights
+from kbench.models.backbones import (
+    batch_norm_layers,
+    build_classifier,
+    build_feature_extractor,
+    feature_model,
+    get_backbone,
+)
+from kbench.models.settle import calibrate_batch_norm, float32_sensitivity, settle_random_weights
 
 
 def test_calibrate_batch_norm_gives_random_weights_normalised_activations():
@@ -50,7 +56,7 @@ def test_compiled_calibration_matches_the_eager_pass(monkeypatch):
     the eager call does."""
     import keras
 
-    from kbench import settle
+    from kbench.models import settle
 
     def statistics(model):
         numpy = keras.ops.convert_to_numpy
@@ -73,7 +79,7 @@ def test_settle_random_weights_keeps_the_tamer_statistics(monkeypatch):
     statistics come back exactly."""
     import keras
 
-    from kbench import settle
+    from kbench.models import settle
 
     model = build_feature_extractor(get_backbone("small_cnn"), 32)
     sensitivities = iter([1e-6, 1e-3])  # initial, then calibrated: calibration made it worse

@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from kbench.study import run_study
-from kbench.studyconfig import load_config
+from kbench.study.config import load_config
+from kbench.study.study import run_study
 
 from conftest import BACKEND, MINIMAL_STUDY, run_cli, write_study
 

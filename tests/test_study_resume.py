@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from kbench.study import run_study
-from kbench.studyconfig import load_config
+from kbench.study.config import load_config
+from kbench.study.study import run_study
 
 from conftest import MINIMAL_STUDY, write_study
 
@@ -42,7 +42,7 @@ def test_resume_is_keyed_by_configuration(kaggle_data, tmp_path):
 
 
 def test_a_node_that_cannot_read_the_study_folder_is_named(tmp_path):
-    from kbench.executors import _probe_task
+    from kbench.study.executors import _probe_task
 
     assert _probe_task(str(tmp_path / "elsewhere"), "token").startswith("error:")  # the driver's token unseen
     (tmp_path / ".kbench-probe-token").write_text("token")
@@ -53,8 +53,8 @@ def test_a_node_that_cannot_read_the_study_folder_is_named(tmp_path):
 def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, tmp_path, monkeypatch):
     """A SIGTERM whose KeyboardInterrupt Python swallowed (in a gc callback, while exporting) stops
     the study there: no timing, no next member, exit status 143."""
-    from kbench import study
-    from kbench.errors import STOP_REQUESTS, TrainingInterrupted
+    from kbench.core.errors import STOP_REQUESTS, TrainingInterrupted
+    from kbench.study import study
 
     trained = []
     monkeypatch.setattr(study, "_train_member", lambda member, *args: trained.append(member.name) or {})
@@ -76,8 +76,8 @@ def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, 
 
 
 def test_a_demo_out_that_cannot_be_a_folder_is_refused_in_one_line_before_any_work(tmp_path):
-    from kbench.errors import KbenchError
-    from kbench.study import run_demo
+    from kbench.core.errors import KbenchError
+    from kbench.study.study import run_demo
 
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(KbenchError, match=r"^can't write the demo to --out .*a-file: Not a directory$"):
@@ -91,7 +91,7 @@ def test_other_pixels_under_the_same_names_retrain_the_study(kaggle_data, tmp_pa
     import logging
     import shutil
 
-    from kbench.synthetic import write_kaggle_dataset
+    from kbench.data.synthetic import write_kaggle_dataset
 
     data = str(tmp_path / "train.zip")
     shutil.copyfile(kaggle_data["train"], data)

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from kbench.errors import KbenchError
-from kbench.studyconfig import STUDIES_DIR, load_config, packaged_config
+from kbench.core.errors import KbenchError
+from kbench.study.config import STUDIES_DIR, load_config, packaged_config
 
 from conftest import BACKEND, MINIMAL_STUDY, run_cli, write_study
 

@@ -6,11 +6,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from kbench.errors import KbenchError
-from kbench.submission import apply_temperature, fit_temperature, predict_test_set, score_submission
-from kbench.synthetic import encode_jpeg, make_image
-from kbench.train import train
-from kbench.trainconfig import TrainConfig
+from kbench.core.errors import KbenchError
+from kbench.data.synthetic import encode_jpeg, make_image
+from kbench.serving.submission import apply_temperature, fit_temperature, predict_test_set, score_submission
+from kbench.training.config import TrainConfig
+from kbench.training.train import train
 
 from conftest import BACKEND, run_cli
 
@@ -71,7 +71,7 @@ def test_flip_tta_and_clipping(run, test_folder, tmp_path):
     assert tta.min() >= 0.2 and tta.max() <= 0.8
     model = keras.saving.load_model(os.path.join(run, "model.keras"))
 
-    from kbench.loader import decode_image, resize
+    from kbench.data.loader import decode_image, resize
 
     image = resize(decode_image(open(os.path.join(test_folder, "1.jpg"), "rb").read()), 32).astype("float32")
     both = np.asarray(model.predict_on_batch(np.stack([image, image[:, ::-1]])))[:, 0]
@@ -95,8 +95,8 @@ def test_onnx_and_keras_submissions_agree(run, test_folder, tmp_path):
 def test_openvino_submissions_agree_with_keras_within_the_runtime_tolerance(
     run, runtime, test_folder, tmp_path, monkeypatch
 ):
-    from kbench import machine
-    from kbench.ovruntime import TOLERANCES
+    from kbench.core import machine
+    from kbench.serving.openvino import TOLERANCES
 
     monkeypatch.chdir(tmp_path)  # the checked export goes to exports/run.onnx here
     if runtime == "openvino-bf16" and not machine.has_native_bf16():
@@ -284,7 +284,7 @@ def test_predict_command_refuses_duplicate_ids_in_one_line(tmp_path):
 
 def test_a_zero_byte_test_image_gets_a_row_and_the_submission_scores(kaggle_data, tmp_path):
     """Kaggle's layout with one empty test image: every id is written, and `score` accepts the file."""
-    from kbench.backbones import build_classifier, get_backbone
+    from kbench.models.backbones import build_classifier, get_backbone
 
     model = build_classifier(get_backbone("small_cnn"), 2, 32, "none")
     model.save(str(tmp_path / "model.keras"))

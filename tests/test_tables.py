@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kbench.tables import (
+from kbench.core.tables import (
     LATENCY_COLUMNS,
     distinct_names,
     flat_rows,

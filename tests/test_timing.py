@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from kbench import timing
+from kbench.core import timing
 
 
 class FakeClock:

@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from kbench.backbones import build_classifier, get_backbone
-from kbench.errors import KbenchError
-from kbench.train import train
-from kbench.trainconfig import TrainConfig
+from kbench.core.errors import KbenchError
+from kbench.models.backbones import build_classifier, get_backbone
+from kbench.training.config import TrainConfig
+from kbench.training.train import train
 
 from conftest import BACKEND, REPO, run_cli
 
@@ -150,7 +150,7 @@ def test_sigterm_in_a_real_process_resumes_to_the_uninterrupted_history(tiny_dat
     assert resumed.returncode == 0, resumed.stderr
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.keras"))
     assert "val log loss" in resumed.stdout
-    from kbench.runs import Run
+    from kbench.training.runs import Run
 
     _assert_same_history(Run(run_dir).history, uninterrupted("cosine", 1)[0])
 
@@ -167,7 +167,7 @@ def test_sigterm_in_a_real_process_resumes_to_the_uninterrupted_history(tiny_dat
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
-    from kbench.synthetic import encode_jpeg, make_image
+    from kbench.data.synthetic import encode_jpeg, make_image
 
     (single / "dog.1.jpg").write_bytes(encode_jpeg(make_image(1, 16, np.random.default_rng(0))))
     args = [str(single) if a == "SINGLE" else a for a in args]
@@ -220,7 +220,7 @@ def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path, monkeypat
         backbone="small_cnn", data=kaggle_data["train"], run_dir=str(run_dir), image_size=24, epochs=3, lr=2e-3
     ).resolved()
     (run_dir / "config.json").write_text(json.dumps(config.record()))
-    from kbench.trainconfig import resume_config
+    from kbench.training.config import resume_config
 
     assert resume_config(str(run_dir), {"epochs": 5, "lr": 2e-3}).epochs == 5  # same value: fine
     with pytest.raises(KbenchError, match="--lr 0.01 differs from the recorded 0.002 and would be ignored"):
@@ -240,10 +240,10 @@ def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path, monkeypat
 def test_resume_refuses_other_pixels_under_the_same_names(kaggle_data, tmp_path, caplog):
     """#36.1: --resume checks the images' content, not only their names; a run folder of an earlier
     kbench (names only) resumes with a warning that the content is unchecked."""
-    from kbench.data import find_images, fingerprints
-    from kbench.runs import Run
-    from kbench.synthetic import write_kaggle_dataset
-    from kbench.train import _split
+    from kbench.data.dataset import find_images, fingerprints
+    from kbench.data.synthetic import write_kaggle_dataset
+    from kbench.training.runs import Run
+    from kbench.training.train import _split
 
     repainted = write_kaggle_dataset(str(tmp_path / "repainted"), n_train=240, n_test=2, image_size=32, seed=7)
     images = find_images(kaggle_data["train"])
@@ -263,8 +263,8 @@ def test_resume_refuses_other_pixels_under_the_same_names(kaggle_data, tmp_path,
 def test_plain_resume_uses_the_recorded_backend_not_the_machine_default(tiny_data, tmp_path, monkeypatch):
     """The `--resume` line kbench prints, typed as is (neither --backend nor KERAS_BACKEND), continues a
     run recorded under the backend this machine would not pick, selected before keras is imported."""
-    from kbench.backend import default_backend
-    from kbench.errors import TrainingInterrupted
+    from kbench.core.backend import default_backend
+    from kbench.core.errors import TrainingInterrupted
 
     recorded = {"jax": "tensorflow", "tensorflow": "jax"}[default_backend()[0]]
     run_dir = tmp_path / "run"
@@ -290,7 +290,7 @@ RESUME_CASES = [("constant", 0, (signal.SIGINT, signal.SIGTERM)), ("cosine", 1, 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """80 images of 16 px: 4 training batches of 16 per epoch."""
-    from kbench.synthetic import write_kaggle_dataset
+    from kbench.data.synthetic import write_kaggle_dataset
 
     return write_kaggle_dataset(str(tmp_path_factory.mktemp("tiny")), n_train=80, n_test=2, image_size=16, seed=2)
 
@@ -305,7 +305,7 @@ def _tiny_config(data, run_dir, schedule="constant", head_epochs=0, **changes):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory):
     """(schedule, head_epochs) -> (history rows, metrics) of the run trained in one go."""
-    from kbench.runs import Run
+    from kbench.training.runs import Run
 
     runs = {}
 
@@ -322,7 +322,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
 def _interrupt_at(monkeypatch, signal_number, epoch, batch):
     """Send this process ``signal_number`` when training first reads ``batch`` of ``epoch`` (0-based;
     TensorFlow reads the first batch twice: once for its shapes)."""
-    from kbench import train as train_module
+    from kbench.training import train as train_module
 
     original, sent = train_module.epoch_batches, []
 
@@ -353,9 +353,9 @@ def _assert_same_history(resumed, whole):
 def test_interrupted_run_resumes_to_the_uninterrupted_history(
     schedule, head_epochs, signals, tiny_data, uninterrupted, tmp_path, monkeypatch
 ):
-    from kbench.errors import TrainingInterrupted
-    from kbench.runs import Run
-    from kbench.trainconfig import resume_config
+    from kbench.core.errors import TrainingInterrupted
+    from kbench.training.config import resume_config
+    from kbench.training.runs import Run
 
     run = Run(str(tmp_path / "cut"))
     for epoch, signal_number in enumerate(signals):
@@ -442,8 +442,8 @@ def test_second_process_on_the_same_run_dir_exits_2_at_once(kaggle_data, tmp_pat
 
 
 def test_corrupt_checkpoint_is_one_line(kaggle_data, tmp_path, monkeypatch):
-    from kbench.errors import TrainingInterrupted
-    from kbench.runs import Run
+    from kbench.core.errors import TrainingInterrupted
+    from kbench.training.runs import Run
 
     def stop(self, model, state):
         raise TrainingInterrupted("stopped", signal.SIGTERM)
@@ -471,8 +471,8 @@ def test_corrupt_checkpoint_is_one_line(kaggle_data, tmp_path, monkeypatch):
 
 
 def test_resume_may_lengthen_a_run_but_not_shorten_it_below_what_it_trained(tiny_data, tmp_path, monkeypatch):
-    from kbench.errors import TrainingInterrupted
-    from kbench.runs import Run
+    from kbench.core.errors import TrainingInterrupted
+    from kbench.training.runs import Run
 
     original = Run.save_checkpoint
 
@@ -488,7 +488,7 @@ def test_resume_may_lengthen_a_run_but_not_shorten_it_below_what_it_trained(tiny
     monkeypatch.undo()
     done = run_cli("train", "--run-dir", run_dir, "--resume", "--epochs", "1", "--backend", BACKEND)
     assert done.returncode == 2 and "--epochs 1 is fewer than the 2 epochs" in done.stderr, done.stderr
-    from kbench.trainconfig import resume_config
+    from kbench.training.config import resume_config
 
     result = train(resume_config(run_dir, {"epochs": 4}), resume=True, verbose=0)  # a constant rate: it may
     assert result["epochs"] == result["epochs_trained"] == len(result["epoch_seconds"]) == 4

@@ -1,0 +1,347 @@
+"""Several training processes as one: the cluster environment, JAX's initialisation, and
+``kbench launch``, which starts N local processes with that environment.
+
+The environment is the same everywhere (``kbench launch``, SLURM, Kubernetes; see docs/backends-and-devices.md)::
+
+    JAX_COORDINATOR_ADDRESS   host:port of process 0's coordinator
+    JAX_NUM_PROCESSES         how many processes train together
+    JAX_PROCESS_ID            this process's number, 0 .. N-1
+
+Under SLURM without those variables, JAX reads SLURM's own (``SLURM_NTASKS`` > 1). Multi-process
+training runs under JAX only: Keras 3's TensorFlow trainer distributes a ``PyDataset`` with
+``experimental_distribute_dataset`` (keras/src/backend/tensorflow/trainer.py), which under
+``MultiWorkerMirroredStrategy`` shards a generator by *data*, so every worker would decode every
+image of every batch; and the strategy must exist before TensorFlow starts, which kbench's lazy
+backend can't promise. kbench refuses it in one line rather than train something else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from kbench.core.config import option
+from kbench.core.errors import KbenchError, first_line
+
+ADDRESS, COUNT, INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+CLUSTER_VARIABLES = (ADDRESS, COUNT, INDEX)
+# A process that finishes first waits this long at JAX's shutdown barrier for the others: process 0
+# evaluates and saves the model alone after the last epoch, which can take minutes on a large model.
+SHUTDOWN_SECONDS = 1800
+GRACE_SECONDS = 10  # after asking the other processes to stop, before killing them
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+_initialized = False
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The processes of one training run, as the environment describes them."""
+
+    address: str | None  # None: JAX reads SLURM's variables itself
+    count: int
+    index: int
+
+
+def cluster_from_environment(environ=None) -> Cluster | None:
+    """The cluster this process belongs to, or None for a single process; KbenchError in one line
+    for an environment that is half set or inconsistent.
+
+    >>> cluster_from_environment({ADDRESS: "h0:1234", COUNT: "2", INDEX: "1"})
+    Cluster(address='h0:1234', count=2, index=1)
+    """
+    environ = os.environ if environ is None else environ
+    given = {name: environ.get(name, "").strip() for name in CLUSTER_VARIABLES}
+    if not any(given.values()):
+        # Inside an srun step of several tasks; SLURM_NTASKS alone is set in any sbatch --ntasks job,
+        # including its batch script and processes it starts some other way (a Ray worker).
+        step = _whole(environ.get("SLURM_STEP_NUM_TASKS", "1"), "SLURM_STEP_NUM_TASKS")
+        if step > 1 and _whole(environ.get("SLURM_NTASKS", "1")) > 1:
+            return Cluster(None, step, _whole(environ.get("SLURM_PROCID", "0"), "SLURM_PROCID"))
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise KbenchError(f"multi-process training needs {', '.join(CLUSTER_VARIABLES)}; {', '.join(missing)} not set")
+    count, index = _whole(given[COUNT], COUNT), _whole(given[INDEX], INDEX)
+    if count < 1 or not 0 <= index < count:
+        raise KbenchError(f"{INDEX}={index} must be in 0..{count - 1} ({COUNT}={count})")
+    host, _, port = given[ADDRESS].rpartition(":")
+    if not host or not port.isdigit():
+        raise KbenchError(f"{ADDRESS}={given[ADDRESS]!r} must be host:port")
+    return Cluster(given[ADDRESS], count, index) if count > 1 else None
+
+
+def _whole(text: str, name: str = "SLURM_NTASKS") -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise KbenchError(f"{name}={text!r} must be a whole number") from None
+
+
+def initialize(backend: str) -> Cluster | None:
+    """Join the cluster the environment describes (once per process, before JAX starts); returns it.
+
+    Under TensorFlow a cluster environment (or a TF_CONFIG naming several workers) is refused."""
+    global _initialized
+    cluster = cluster_from_environment()
+    if backend != "jax":
+        if cluster or _tf_config_workers() > 1:
+            raise KbenchError(
+                "multi-process training runs under JAX only (Keras 3's TensorFlow trainer would make "
+                "every worker decode every batch); use --backend jax, or one process with --devices all"
+            )
+        return None
+    if cluster is None or _initialized:
+        return cluster
+    import jax
+
+    if not jax.distributed.is_initialized():  # the user's own code may have done it
+        if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":  # CPU processes reduce over gloo
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        arguments = {} if cluster.address is None else dict(num_processes=cluster.count, process_id=cluster.index)
+        try:
+            jax.distributed.initialize(cluster.address, shutdown_timeout_seconds=SHUTDOWN_SECONDS, **arguments)
+        except RuntimeError as error:
+            raise KbenchError(
+                f"can't join the training cluster at {cluster.address}: {first_line(error, 200)}"
+            ) from None
+    _initialized = True
+    return cluster
+
+
+def _tf_config_workers() -> int:
+    import json
+
+    try:
+        workers = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {}).get("worker", [])
+    except (ValueError, AttributeError):
+        raise KbenchError("TF_CONFIG is not valid JSON") from None
+    return len(workers) if isinstance(workers, list) else 0
+
+
+def process_index() -> int:
+    """This process's number among those training together (0 when alone)."""
+    if not _initialized:
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    if not _initialized:
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def agree(ok: bool, what: str) -> None:
+    """Process 0 decides (``ok``); the others learn it. Call it on every process at the same point:
+    the others stop here in one line when process 0 refused, instead of waiting in a collective."""
+    if process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    decided = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+    if not decided and process_index() != 0:
+        raise KbenchError(f"process 0 refused {what}; see its message")
+
+
+def same_everywhere(values: list[int], what: str) -> None:
+    """Every process holds the same small integers ``values``; otherwise every process stops here with
+    the same one-line error (an all-gather, so call it on every process at the same point)."""
+    if process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, dtype=np.int32)))
+    rows = {tuple(row) for row in gathered.reshape(process_count(), -1).tolist()}
+    if len(rows) > 1:
+        raise KbenchError(
+            f"the processes disagree on {what} ({' vs '.join(map(str, sorted(rows)))}); "
+            "is the run folder on storage every process sees, and up to date?"
+        )
+
+
+# -- kbench launch ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchConfig:
+    """``kbench launch``: N local processes of one command, joined by the cluster environment."""
+
+    processes: int = option(2, "Processes to start (each gets its own rank).")
+    port: int | None = option(None, "Coordinator port on 127.0.0.1.", shown_default="a free one")
+    log_dir: str | None = option(
+        None, "Write each rank's output to LOG_DIR/rank-N.log instead of the terminal.", path=True
+    )
+
+    def check(self) -> "LaunchConfig":
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
+            raise KbenchError(f"--processes must be a whole number >= 1; got {self.processes}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise KbenchError(f"--port must be in 1..65535; got {self.port}")
+        return self
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _check_port(port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise KbenchError(f"--port {port} can't be used: {error.strerror}") from None
+
+
+def resolve_command(command: list[str]) -> list[str]:
+    """``kbench ...`` runs with this Python (the same install, even where the script isn't on PATH)."""
+    if not command:
+        raise KbenchError("give the command to launch after --, e.g. kbench launch -- kbench train ...")
+    if os.path.basename(command[0]) == "kbench":
+        return [sys.executable, "-m", "kbench", *command[1:]]
+    import shutil
+
+    if shutil.which(command[0]) is None:
+        raise KbenchError(f"command not found: {command[0]}")
+    return list(command)
+
+
+def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
+    """Start ``config.processes`` copies of ``command`` on this machine, each with the cluster
+    environment and its own rank; returns the first non-zero exit status (0 when all succeed).
+
+    Output is streamed prefixed ``[rank N]`` (or to per-rank logs). When one process fails, the
+    others are stopped (SIGTERM, then SIGKILL after a grace period); SIGINT / SIGTERM to the
+    launcher is passed to every process once, and the same escalation follows.
+    """
+    config.check()
+    argv = resolve_command(command)
+    if config.port is None:
+        port = free_port()
+    else:
+        port = config.port
+        _check_port(port)
+    if config.log_dir:
+        os.makedirs(config.log_dir, exist_ok=True)
+    base = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(config.processes), "PYTHONUNBUFFERED": "1"}
+    children, readers = [], []
+    state = {"first": None, "stopping_since": None}
+    lock = threading.Lock()
+
+    def stop_all(signal_number: int) -> None:
+        with lock:
+            if state["stopping_since"] is None:
+                state["stopping_since"] = time.monotonic()
+                for child in children:
+                    if child.poll() is None:
+                        try:
+                            child.send_signal(signal_number)
+                        except ProcessLookupError:
+                            pass
+
+    def forward(signal_number, frame):
+        with lock:
+            state["first"] = state["first"] or 128 + signal_number
+        stop_all(signal_number)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, forward)
+    try:
+        for rank in range(config.processes):
+            output = open(os.path.join(config.log_dir, f"rank-{rank}.log"), "w") if config.log_dir else subprocess.PIPE
+            try:
+                child = subprocess.Popen(
+                    argv,
+                    env={**base, INDEX: str(rank)},
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # a terminal's Ctrl-C reaches them once, through us
+                    preexec_fn=die_with_parent,
+                    text=True,
+                    errors="replace",
+                )
+            except OSError as error:
+                stop_all(signal.SIGTERM)
+                raise KbenchError(f"can't start {argv[0]}: {error.strerror}") from None
+            finally:
+                if config.log_dir:
+                    output.close()
+            children.append(child)
+            if not config.log_dir:
+                reader = threading.Thread(target=_relay, args=(child.stdout, f"[rank {rank}] ", echo), daemon=True)
+                reader.start()
+                readers.append(reader)
+        echo(f"kbench launch: {config.processes} processes, coordinator 127.0.0.1:{port}")
+        while any(child.poll() is None for child in children):
+            for child in children:
+                code = child.poll()
+                if code not in (None, 0):
+                    with lock:
+                        state["first"] = state["first"] or _status(code)
+                    stop_all(signal.SIGTERM)
+            since = state["stopping_since"]
+            if since is not None and time.monotonic() - since > GRACE_SECONDS:
+                for child in children:
+                    if child.poll() is None:
+                        child.kill()
+            time.sleep(0.1)
+        for reader in readers:
+            reader.join(timeout=5)
+        codes = [_status(child.returncode) for child in children]
+        return state["first"] or next((code for code in codes if code), 0)
+    finally:
+        for child in children:  # an exception on our side: no process outlives the launcher
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """In a child process kbench started: the kernel kills it (SIGKILL) when its parent dies, even by
+    kill -9, so nothing kbench started outlives it: no rank left training, no ONNX conversion left
+    holding memory (Linux; elsewhere nothing happens). Used by ``launch`` and kbench.export.onnx's
+    conversion process.
+
+    Best called first thing in the child, as the conversion does: a ``preexec_fn`` (as ``launch``
+    uses, in a launcher that hasn't imported JAX) forks the parent, which Python documents as unsafe
+    in a multithreaded one such as a process running JAX. With ``parent_pid``, a child whose parent
+    died before the request exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _status(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _relay(stream, prefix: str, echo) -> None:
+    for line in stream:
+        echo(prefix + line.rstrip("\n"))
+    stream.close()
