@@ -1,9 +1,56 @@
-"""kbench: which pretrained backbone or ensemble to fine-tune, and what each costs to train and serve.
+"""kbench: which pretrained backbone or ensemble to fine-tune, and what each costs to train and serve,
+measured on your own images.
 
-Importing kbench never imports keras: the backend is chosen first (see ``kbench.core.backend``).
+The public Python API (docs/python.md); the ``kbench`` command line calls these same functions::
+
+    import kbench
+    kbench.use_backend("jax")                      # before keras loads
+    run = kbench.train("efficientnet_b0", "train.zip", "runs/b0", epochs=10)
+    ens = kbench.ensemble([run, "runs/mnv2"], "runs/ens")
+    onnx = kbench.export_onnx(ens, "exports/ens.onnx")
+    rows = kbench.latency([run, onnx.path], batch_sizes=[1, 32])
+    kbench.predict(ens, data="test.zip", output="submission.csv", tta="flip")
+    kbench.score("submission.csv", answers="answers.csv")
+
+Importing kbench imports no keras, TensorFlow, JAX or click: the backend is chosen first.
 """
 
+from kbench.api import (
+    OnnxExport,
+    Run,
+    Study,
+    bench,
+    build_model,
+    compare,
+    demo,
+    ensemble,
+    export_onnx,
+    latency,
+    list_backbones,
+    predict,
+    score,
+    train,
+    use_backend,
+)
 from kbench.core.errors import KbenchError
 from kbench.core.version import __version__
 
-__all__ = ["KbenchError", "__version__"]
+__all__ = [
+    "KbenchError",
+    "OnnxExport",
+    "Run",
+    "Study",
+    "__version__",
+    "bench",
+    "build_model",
+    "compare",
+    "demo",
+    "ensemble",
+    "export_onnx",
+    "latency",
+    "list_backbones",
+    "predict",
+    "score",
+    "train",
+    "use_backend",
+]

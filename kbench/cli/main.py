@@ -12,6 +12,7 @@ import sys
 
 import click
 
+import kbench
 from kbench.cli import options as opt
 from kbench.cli.study import bench, demo, show_study
 from kbench.core.errors import KbenchError
@@ -49,9 +50,8 @@ def backbones(pattern, output_format):
     headless backbone at its native size, feature width, preprocessing. PATTERN filters names with
     shell wildcards: kbench backbones 'efficientnet_v2*'."""
     from kbench.cli.summaries import backbone_text
-    from kbench.models.backbones import list_backbones
 
-    specs = list_backbones(pattern)
+    specs = kbench.list_backbones(pattern)
     if not specs:
         raise KbenchError(f"no backbone matches {pattern!r}; kbench backbones lists them all")
     click.echo(backbone_text(specs, output_format))
@@ -77,8 +77,6 @@ def train(resume, quiet, run_dir, overwrite, **options):
     Ctrl-C stops it; `--resume` continues it, redoing the interrupted epoch from its start.
     """
     from kbench.cli.summaries import train_summary
-    from kbench.training.config import TrainConfig, resume_config
-    from kbench.training.train import train as train_run
 
     given = {name: value for name, value in options.items() if value is not None}
     if resume:
@@ -86,18 +84,16 @@ def train(resume, quiet, run_dir, overwrite, **options):
             raise click.UsageError("--resume and --overwrite contradict each other")
         if click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.COMMANDLINE:
             given.pop("backend", None)  # the machine's default, not asked for: the run's own applies
-        config = resume_config(run_dir, given)
     else:
         for required in ("backbone", "data"):
             if required not in given:
                 raise click.UsageError(f"--{required} is required (unless --resume)")
-        config = TrainConfig(run_dir=run_dir, **given)
-    opt.warn_if_gpu_unseen(config.backend)
-    result = train_run(config, resume=resume, verbose=0 if quiet else "auto", overwrite=overwrite)
-    if "process" in result:  # one of several processes training together; process 0 reports
+    opt.warn_if_gpu_unseen(given.get("backend"))
+    result = kbench.train(run_dir=run_dir, resume=resume, overwrite=overwrite, quiet=quiet, **given)
+    if isinstance(result, dict):  # one of several processes training together; process 0 reports
         click.echo(f"process {result['process']} of {result['processes']}: done; process 0 wrote {run_dir}")
     else:
-        click.echo(train_summary(result, run_dir))
+        click.echo(train_summary(result.metrics, run_dir))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -156,13 +152,19 @@ def export_onnx_command(model, output, opset, batch_size, quantize, calibration_
       kbench export onnx runs/b0 -o exports/b0.onnx --quantize int8
     """
     from kbench.cli.summaries import export_summary, quantize_summary
-    from kbench.export.onnx import ExportOptions, onnx_for
-    from kbench.serving.quantize import quantize_export
 
-    result = onnx_for(model, output, ExportOptions.parse(opset, batch_size, graph_passes))
-    click.echo(export_summary(result))
+    exported = kbench.export_onnx(
+        model,
+        output,
+        opset=opset,
+        batch_size=batch_size,
+        graph_passes=graph_passes,
+        quantize=quantize,
+        calibration_data=calibration_data,
+    )
+    click.echo(export_summary(exported.record))
     if quantize:
-        click.echo(quantize_summary(quantize_export(result["path"], model, calibration_data)))
+        click.echo(quantize_summary(exported.record["quantize"]))
 
 
 @cli.command()
@@ -182,11 +184,10 @@ def ensemble(members, run_dir, quiet, backend, overwrite, **options):
       kbench ensemble --members runs/b0,runs/b1 --run-dir runs/b0+b1
     """
     from kbench.cli.summaries import ensemble_summary
-    from kbench.training.ensemble import EnsembleConfig, train_ensemble
 
-    config = EnsembleConfig([m.strip() for m in members.split(",") if m.strip()], run_dir, backend=backend, **options)
-    result = train_ensemble(config, verbose=0 if quiet else "auto", overwrite=overwrite)
-    click.echo(ensemble_summary(result, run_dir))
+    listed = [m.strip() for m in members.split(",") if m.strip()]
+    run = kbench.ensemble(listed, run_dir, backend=backend, overwrite=overwrite, quiet=quiet, **options)
+    click.echo(ensemble_summary(run.metrics, run_dir))
 
 
 @cli.command()
@@ -212,11 +213,20 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
       kbench predict runs/b0 --data test.zip -o submission.csv --tta flip --clip 0.005
     """
     from kbench.cli.summaries import predict_summary
-    from kbench.serving.submission import predict_command
 
-    settings = _S(tta, clip, batch_size)
     with opt.ProgressBar("predicting") as bar:
-        result = predict_command(model, data, output, settings, runtime, calibrate, echo=click.echo, progress=bar)
+        result = kbench.predict(
+            model,
+            data,
+            output,
+            tta=tta,
+            clip=clip,
+            batch_size=batch_size,
+            runtime=runtime,
+            calibrate=calibrate,
+            progress=bar,
+            echo=click.echo,
+        )
     click.echo(predict_summary(result))
 
 
@@ -226,9 +236,8 @@ def predict(model, data, output, tta, clip, batch_size, runtime, calibrate, back
 def score(submission, answers):
     """Score a submission's log loss and accuracy as Kaggle does, after a grader's checks."""
     from kbench.cli.summaries import score_summary
-    from kbench.serving.submission import score_submission
 
-    click.echo(score_summary(submission, score_submission(submission, answers)))
+    click.echo(score_summary(submission, kbench.score(submission, answers)))
 
 
 @cli.command()
@@ -250,17 +259,27 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune,
     """
     from kbench.core.machine import facts
     from kbench.core.tables import latency_text
-    from kbench.serving.latency import LatencyConfig, measure
 
-    config = LatencyConfig(list(models), runtimes, batch_sizes, runs, warmup, threads, weights, tune)
     opt.warn_if_gpu_unseen(backend)
     with opt.ProgressBar("timing") as bar:
-        rows, interrupted = measure(config, output, output_format, progress=bar)
+        rows = kbench.latency(
+            list(models),
+            runtimes=runtimes,
+            batch_sizes=batch_sizes,
+            runs=runs,
+            warmup=warmup,
+            threads=threads,
+            weights=weights,
+            tune=tune,
+            output=output,
+            output_format=output_format,
+            progress=bar,
+        )
     if output:
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
         click.echo(latency_text(rows, output_format, facts(threads)))
-    if interrupted:
+    if rows.interrupted:
         click.echo("kbench: interrupted; the rows above are those finished", err=True)
         sys.exit(130)
 
@@ -283,7 +302,7 @@ def doctor(output_format):
 @click.option("--out", type=click.Path(), default=comparison.DEFAULT_OUT, show_default=True, help="Report folder.")
 def compare(runs, out):
     """Compare finished runs and ensembles trained outside a study: a study's tables and plots."""
-    show_study(comparison.compare_runs(list(runs), out, command=opt.command_line()), out)
+    show_study(kbench.compare(list(runs), out, command=opt.command_line()).record, out)
 
 
 cli.add_command(bench)

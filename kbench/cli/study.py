@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
+import kbench
 from kbench.cli import options as opt
 from kbench.study.executors import ExecutorConfig as _X
 from kbench.training.config import TrainConfig as _T
@@ -46,15 +46,19 @@ def bench(config_path, out, progress, overwrite, executor, address, **overrides)
     With --executor ray each backbone entry is a Ray task (one GPU each where there are GPUs);
     --out must then be on storage every Ray node sees (checked first).
     """
-    from kbench.study.config import load_config
-    from kbench.study.study import run_study
-
-    where = _X(executor, address).check()
-    config = load_config(config_path, **overrides)
-    out = out or os.path.join("reports", config.name)
-    opt.warn_if_gpu_unseen(config.backend)
-    verbose = "auto" if progress else 0
-    show_study(run_study(config, out, opt.command_line(), verbose, opt.echo_err, overwrite, where), out)
+    opt.warn_if_gpu_unseen(overrides.get("backend"))
+    study = kbench.bench(
+        config_path,
+        out=out,
+        overwrite=overwrite,
+        executor=executor,
+        address=address,
+        progress=progress,
+        echo=opt.echo_err,
+        command=opt.command_line(),
+        **overrides,
+    )
+    show_study(study.record, study.out)
 
 
 @click.command()
@@ -68,7 +72,6 @@ def demo(out, images, fresh, backend):
     Generates train.zip, test.zip and answers.csv in Kaggle's layout, trains, exports, times and
     ensembles the demo's models from random weights, writes the report and scores the submission.
     """
-    from kbench.study.study import run_demo
-
     opt.warn_if_gpu_unseen(backend)
-    show_study(*run_demo(out, images, fresh, backend, echo=opt.echo_err, command=opt.command_line()))
+    study = kbench.demo(out, images=images, fresh=fresh, backend=backend, echo=opt.echo_err, command=opt.command_line())
+    show_study(study.record, study.out)

@@ -17,7 +17,7 @@ from kbench.report.report import LATENCY_CSV, REPORT_MD, RESULTS_CSV, RESULTS_JS
 
 def backbone_text(specs: list, output_format: str = "table") -> str:
     """The registry (or part of it) as a table or JSON."""
-    rows = [spec.to_dict() for spec in specs]
+    rows = [dict(spec) for spec in specs]
     if output_format == "json":
         return json.dumps(rows, indent=2)
     for row in rows:
