@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import record  # noqa: E402
-from kbench import files  # noqa: E402
+from kbench.core import files  # noqa: E402
 from kbench.core.errors import first_line  # noqa: E402
 from kbench.models.backbones import REGISTRY, list_backbones  # noqa: E402
 

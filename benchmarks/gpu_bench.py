@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import record  # noqa: E402
-from kbench import machine  # noqa: E402
+from kbench.core import machine  # noqa: E402
 from kbench.core.errors import first_line  # noqa: E402
 
 TRAIN_COLUMNS = [

@@ -335,7 +335,7 @@ def latency(
     names, or in-memory ``keras.Model``s with one image input) on each runtime and batch size; one
     dict per model x runtime x batch size, the rows of ``kbench latency --format json``. Defaults are
     ``kbench latency``'s (every runtime this machine has, batch sizes 1, 8, 32, 100 runs).
-    KeyboardInterrupt returns the rows finished so far (``kbench.latency.interrupted`` on the list).
+    KeyboardInterrupt returns the rows finished so far, with ``rows.interrupted`` set.
 
     >>> rows = kbench.latency(["runs/b0", "exports/ens.onnx"], batch_sizes=[1, 32])  # doctest: +SKIP
     >>> import pandas; pandas.DataFrame(rows)  # doctest: +SKIP

@@ -123,3 +123,82 @@ def test_kbench_train_says_once_which_backend_it_picked(kaggle_data, tmp_path):
     notices = [line for line in done.stderr.splitlines() if line.startswith("kbench: INFO: backend ")]
     assert notices == [f"kbench: INFO: backend {expected} ({backend.default_backend()[1]})"]
     assert done.stdout.startswith(f"small_cnn ({expected}):")
+
+
+def test_one_gpu_memory_policy_is_set_with_the_backend_and_the_user_wins():
+    script = (
+        "import os, sys; from kbench.core.backend import use_backend; use_backend('jax');"
+        "print(os.environ['TF_FORCE_GPU_ALLOW_GROWTH'], os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'],"
+        "os.environ.get('JAX_COMPILATION_CACHE_DIR', '-'), 'keras' in sys.modules)"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in backend.MEMORY_POLICY}
+    environment.update(PYTHONPATH=REPO, PATH="/nowhere")  # no nvidia-smi: no compilation cache set
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert done.stdout.split() == ["true", "false", "-", "False"], done.stderr
+    chosen = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+    policy = backend.set_memory_policy(chosen, gpu=True)
+    assert policy["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true" and policy["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert policy["JAX_COMPILATION_CACHE_DIR"].endswith(os.path.join("kbench", "jax"))
+
+
+@pytest.fixture
+def tf32_default():
+    """This backend's default (TF32 allowed) for the test, whatever conftest set for the suite."""
+    if BACKEND == "jax":
+        import jax
+
+        before = jax.config.jax_default_matmul_precision
+        jax.config.update("jax_default_matmul_precision", None)
+        yield
+        jax.config.update("jax_default_matmul_precision", before)
+    else:
+        yield
+
+
+def test_full_float32_turns_tf32_off_and_back(tf32_default):
+    outside = backend.reference_precision()
+    with backend.full_float32():
+        inside = backend.reference_precision()
+    assert inside == ("highest" if BACKEND == "jax" else "tf32 off")
+    assert outside != inside and backend.reference_precision() == outside
+
+
+def _recording(model, seen):
+    predict = model.predict_on_batch
+
+    def recorded(pixels):
+        seen.append(backend.reference_precision())
+        return predict(pixels)
+
+    model.predict_on_batch = recorded
+    return model
+
+
+def test_every_reference_a_check_compares_with_is_computed_at_full_float32(tf32_default, tmp_path):
+    """The export's parity check, OpenVINO's reference (latency.Reference) and settle's sensitivity."""
+    import keras
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from kbench.export.onnx import check_parity
+    from kbench.models.settle import float32_sensitivity
+    from kbench.serving.latency import ModelSource, Reference
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2], keepdims=0)],
+        "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+    )
+    onnx_bytes = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+    seen = []
+    assert check_parity(_recording(model, seen), onnx_bytes, [1, 3]) < 1e-5
+    assert float32_sensitivity(model) < 1e-4
+    path = str(tmp_path / "mean.keras")
+    model.save(path)
+    reference = Reference(ModelSource("mean", path, None, (8, 8), given=path))
+    _recording(reference.keras_model(), seen)
+    reference(np.zeros((1, 8, 8, 3), np.float32))
+    assert len(seen) == 5 and set(seen) == {"highest" if BACKEND == "jax" else "tf32 off"}

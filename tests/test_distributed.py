@@ -197,3 +197,47 @@ def test_two_processes_without_validation_split_finish(kaggle_data, tmp_path):
     assert "no validation split" in done.stdout
     metrics = json.load(open(tmp_path / "r" / "metrics.json"))
     assert metrics["epochs_trained"] == 1 and metrics["processes"] == 2 and metrics["val_log_loss"] is None
+
+
+@pytest.fixture
+def two_gpus(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi on PATH that lists two GPUs (asked afresh, and forgotten afterwards)."""
+    from kbench.core import machine
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    line = "echo 'NVIDIA H100 80GB HBM3, 81559, 570.124.06'"
+    fake.write_text(f"#!/bin/sh\n{line}\n{line}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    machine._nvidia_smi.cache_clear()
+    yield
+    machine._nvidia_smi.cache_clear()
+
+
+def test_launch_gives_each_rank_its_own_gpu_and_refuses_more_ranks_than_gpus(two_gpus):
+    script = "import os; print('gpu', os.environ['JAX_PROCESS_ID'], os.environ['CUDA_VISIBLE_DEVICES'])"
+    done = run_cli("launch", "--processes", "2", "--", sys.executable, "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert sorted(line.split("] ", 1)[1] for line in done.stdout.splitlines() if "] gpu" in line) == [
+        "gpu 0 0",
+        "gpu 1 1",
+    ]
+    refused = run_cli("launch", "--processes", "3", "--", sys.executable, "-c", script)
+    assert refused.returncode == 2 and "gpu" not in refused.stdout
+    assert refused.stderr.strip().splitlines() == [
+        "kbench: error: --processes 3 needs a GPU per process and this machine has 2 (GPU 0,1): give "
+        "--processes 2 or fewer, or CUDA_VISIBLE_DEVICES= to run on the CPU"
+    ]
+
+
+def test_slurm_with_one_task_per_node_gives_jax_every_gpu_of_the_node(two_gpus):
+    from kbench.training.distributed import rank_devices, slurm_local_devices
+
+    one_per_node = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}
+    assert slurm_local_devices(one_per_node) == [0, 1]  # JAX alone would give [SLURM_LOCALID] = [0]
+    assert slurm_local_devices({**one_per_node, "SLURM_STEP_NUM_TASKS": "4"}) is None  # one GPU per task
+    assert slurm_local_devices({**one_per_node, "SLURM_STEP_NUM_TASKS": "4", "CUDA_VISIBLE_DEVICES": "1"}) == [0]
+    assert slurm_local_devices({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}) is None  # no SLURM
+    assert rank_devices(2, {"CUDA_VISIBLE_DEVICES": ""}) == [{}, {}]  # GPUs hidden: the CPU, any count

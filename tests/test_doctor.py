@@ -4,7 +4,8 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from kbench.cli.main import cli, doctor, options
+from kbench.cli import doctor, options
+from kbench.cli.main import cli
 from kbench.core import machine
 
 from conftest import BACKEND, run_cli
@@ -167,3 +168,17 @@ def test_doctor_refuses_an_unknown_keras_backend_in_one_line(monkeypatch):
 
 def test_a_probe_that_hangs_is_reported_not_waited_for():
     assert doctor.run_probes(("tensorflow",), timeout=0.05) == {"tensorflow": {"error": "no answer within 0.05 s"}}
+
+
+def test_tensorflow_on_hopper_with_a_driver_older_than_r555_is_warned():
+    from kbench.cli.doctor import gpu_warnings
+
+    seen = {"devices": [{"id": "gpu:0"}]}
+    old = gpu_warnings(["NVIDIA H100"], tensorflow=seen, drivers=["550.54.15"], compute_capabilities=["9.0"])
+    assert old == [
+        "TensorFlow's CUDA 12 build has only PTX for compute capability 9.0 and the driver 550.54.15 is "
+        "older than R555: update the driver, or use --backend jax"
+    ]
+    assert gpu_warnings(["NVIDIA H100"], tensorflow=seen, drivers=["570.124.06"], compute_capabilities=["9.0"]) == []
+    assert gpu_warnings(["NVIDIA A100"], tensorflow=seen, drivers=["550.54.15"], compute_capabilities=["8.0"]) == []
+    assert gpu_warnings(["NVIDIA H100"], jax=seen, drivers=["550.54.15"], compute_capabilities=["9.0"]) == []

@@ -157,6 +157,22 @@ def test_a_killed_conversion_process_is_named_not_its_last_warning(tmp_path, mon
     assert convert_module.signal_name(99) == "signal 99"
 
 
+def test_the_conversion_child_starts_with_the_gpus_hidden(tmp_path, monkeypatch):
+    """It never runs the graph, so its TensorFlow must not map GPU memory beside the JAX parent."""
+    import subprocess
+
+    seen = {}
+
+    def run(command, env, **_):
+        seen.update(env)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(convert_module.subprocess, "run", run)
+    convert_module.convert_in_tensorflow_process("m.keras", str(tmp_path / "m.onnx"), 17, None)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "" and seen["KERAS_BACKEND"] == "tensorflow"
+
+
 def test_ensemble_of_members_with_different_sizes_exports(tmp_path):
     model = two_member_ensemble()
     result = export_onnx(model, str(tmp_path / "ensemble.onnx"))

@@ -517,3 +517,32 @@ def test_three_classes_train_export_and_run_in_onnx_runtime_end_to_end(class_fol
     expected = keras.ops.convert_to_numpy(keras.saving.load_model(os.path.join(run_dir, "model.keras"))(pixels))
     assert got.shape == (4, 3) and np.allclose(got.sum(axis=1), 1, atol=1e-5)
     assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def test_training_ships_uint8_batches_and_never_waits_for_a_step_under_jax(tiny_data, tmp_path, monkeypatch):
+    """The loader's batches go to the device as uint8 (the model casts them there), and kbench's
+    callbacks read no step's values, so under JAX (Keras' thread-safe backend) Keras dispatches the
+    batch callbacks off the training thread: one device sync per epoch, not per step."""
+    from keras.src.callbacks import callback_list
+
+    from kbench.training import train as train_module
+
+    dispatch, dtypes = [], []
+    configure = callback_list.CallbackList._configure_async_dispatch
+
+    def recorded(self, callbacks):
+        configure(self, callbacks)
+        dispatch.append(self._async_train)
+
+    original = train_module.epoch_batches
+
+    def batches(loader, epoch, binary, multiple=1):
+        served = original(loader, epoch, binary, multiple)
+        dtypes.append(served[0][0].dtype.name)
+        return served
+
+    monkeypatch.setattr(callback_list.CallbackList, "_configure_async_dispatch", recorded)
+    monkeypatch.setattr(train_module, "epoch_batches", batches)
+    result = train(_tiny_config(tiny_data, tmp_path / "run", epochs=1), verbose=1)
+    assert result["val_log_loss"] is not None
+    assert set(dtypes) == {"uint8"} and dispatch and set(dispatch) == {BACKEND == "jax"}

@@ -27,6 +27,9 @@ FIX = "run `make install CUDA=1`"
 # CUDA 12 builds too (see pyproject.toml).
 MIN_DRIVER = (525, 60, 13)
 PROBE_SECONDS = 120
+# TensorFlow's CUDA 12 build carries only PTX for Hopper (compute capability 9.x); a driver older than
+# R555 can't compile that PTX, so TensorFlow fails or falls back on such a card.
+HOPPER_TF_DRIVER = 555
 
 
 def probe_jax() -> dict:
@@ -183,6 +186,7 @@ def gpu_warnings(
     tensorflow: dict | None = None,
     onnxruntime: dict | None = None,
     drivers: list[str] = (),
+    compute_capabilities: list[str] = (),
 ) -> list[str]:
     """One warning with its fix for each problem: a GPU that ``nvidia-smi`` lists (``gpus``: names)
     and a backend or ONNX Runtime doesn't see, an old driver, ONNX Runtime missing or installed
@@ -214,6 +218,13 @@ def gpu_warnings(
             f"the NVIDIA driver {old[0]} is older than the CUDA 12 builds need "
             f"({'.'.join(map(str, MIN_DRIVER))} or newer): update the driver"
         )
+    hopper = [c for c in compute_capabilities if c.startswith("9.")]
+    too_old = [d for d in drivers if d.split(".")[0].isdigit() and int(d.split(".")[0]) < HOPPER_TF_DRIVER]
+    if tensorflow is not None and "error" not in tensorflow and hopper and too_old:
+        warnings.append(
+            f"TensorFlow's CUDA 12 build has only PTX for compute capability {hopper[0]} and the driver "
+            f"{too_old[0]} is older than R{HOPPER_TF_DRIVER}: update the driver, or use --backend jax"
+        )
     for name, probe in (("JAX", jax), ("TensorFlow", tensorflow)):
         if probe is None:
             continue
@@ -244,8 +255,12 @@ def diagnose(timeout: float = PROBE_SECONDS) -> dict:
     gpus = machine.gpu_details()
     probes = run_probes(timeout=timeout)
     hidden = gpus_hidden()
+    capabilities = (machine._run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]) or "").split()
     warnings = gpu_warnings(
-        [] if hidden else [gpu["name"] for gpu in gpus], drivers=[g["driver"] for g in gpus], **probes
+        [] if hidden else [gpu["name"] for gpu in gpus],
+        drivers=[g["driver"] for g in gpus],
+        compute_capabilities=[] if hidden else capabilities,
+        **probes,
     )
     return {
         "versions": machine.versions(),

@@ -7,6 +7,7 @@ because XLA's CPU backend trains these convolutional backbones several times slo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -93,7 +94,81 @@ def use_backend(name: str | None = None) -> str:
     os.environ["KERAS_BACKEND"] = chosen
     # TensorFlow's C++ start-up chatter (oneDNN, missing CUDA) hides kbench's own output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    set_memory_policy()
     return chosen
+
+
+# One GPU memory policy for every kbench process, set before any backend loads (use_backend runs
+# before keras is imported; these are read when JAX or TensorFlow start). A kbench process shares
+# its card: Keras rows then ONNX Runtime CUDA rows (latency, bench), a JAX process beside its
+# TensorFlow conversion child (export), a Ray driver beside its tasks. Left alone, TensorFlow maps
+# nearly all memory of every GPU it sees and JAX takes 75 % up front. What the user set wins.
+MEMORY_POLICY = {"TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def set_memory_policy(environ=None, gpu: bool | None = None) -> dict:
+    """Set ``MEMORY_POLICY`` (and, where a GPU is listed, a JAX compilation cache folder shared by
+    kbench's processes, so that each rank and each study member doesn't compile the same step again)
+    in ``environ`` wherever the user hasn't; returns the variables as they now are.
+
+    >>> set_memory_policy({}, gpu=False)
+    {'TF_FORCE_GPU_ALLOW_GROWTH': 'true', 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
+    """
+    environ = os.environ if environ is None else environ
+    for name, value in MEMORY_POLICY.items():
+        environ.setdefault(name, value)
+    names = list(MEMORY_POLICY)
+    if gpu_found() if gpu is None else gpu:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kbench", "jax")
+        environ.setdefault(COMPILATION_CACHE, cache)
+        names.append(COMPILATION_CACHE)
+    return {name: environ[name] for name in names}
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Within: this process's backend computes float32 matmuls and convolutions at full float32.
+
+    On Ampere and newer GPUs JAX and TensorFlow use TF32 (a 10-bit mantissa) by default, about 1e-3
+    relative, where kbench's checks compare Keras with float32 ONNX Runtime at 1e-4: every reference
+    a check compares against (the export's parity, OpenVINO's rows, settle's sensitivity) is computed
+    inside this. JAX's setting is part of its compilation key (a function compiled outside is
+    compiled again inside); TensorFlow's is read by each kernel as it runs. A CPU computes float32
+    anyway, so on it nothing changes but the flag."""
+    backend = os.environ.get("KERAS_BACKEND")
+    if "keras" in sys.modules:
+        import keras
+
+        backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+        return
+    import tensorflow as tf
+
+    before = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
+def reference_precision() -> str:
+    """What ``full_float32`` sets, as this process's backend has it now: "highest" (JAX) or
+    "tf32 off" (TensorFlow) inside it; for tests and ``kbench doctor``."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return str(jax.config.jax_default_matmul_precision)
+    import tensorflow as tf
+
+    return "tf32 on" if tf.config.experimental.tensor_float_32_execution_enabled() else "tf32 off"
 
 
 def default_notice(name: str | None = None) -> str | None:

@@ -89,6 +89,10 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class ImageLoader:
     """Batches of (pixels float32 NHWC 0..255, labels) decoded by a thread pool with prefetch.
 
+    Each worker writes its image into its batch's array, so the batch is assembled in the pool, not on
+    the thread that asks for it (the training loop). ``pixel_dtype="uint8"`` ships a quarter of
+    float32's bytes to the device; a Keras model casts its input to float32 there (its Input's dtype).
+
     Batch ``i`` of epoch ``e`` is a pure function of (seed, e, i): the shuffle order and every image's
     augmentation come from seeded generators, so results don't depend on thread timing. A file that
     fails to decode is dropped from its batch with a warning and left out of later epochs.
@@ -114,6 +118,7 @@ class ImageLoader:
         prefetch: int = 4,
         shard: tuple[int, int] = (0, 1),
         multiple: int = 1,
+        pixel_dtype: str = "float32",
     ):
         if batch_size < 1:
             raise KbenchError(f"batch size must be positive; got {batch_size}")
@@ -127,13 +132,14 @@ class ImageLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
-        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.workers = workers or os.cpu_count() or 1  # a GPU trains faster than 8 threads decode
+        self.pixel_dtype = np.dtype(pixel_dtype)
         self.prefetch = max(1, prefetch)
         self.shard, self.multiple = shard, multiple
         self.bad: dict[int, str] = {}
         self._reader = images.reader()
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque = deque()  # (epoch, batch index, futures) in request order
+        self._pending: deque = deque()  # (epoch, batch index, (pixels, futures)) in request order
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -165,10 +171,22 @@ class ImageLoader:
             image = augment(image, np.random.default_rng([self.seed, epoch, index]))
         return image
 
-    def _submit(self, epoch: int, batch: int) -> list:
+    def _submit(self, epoch: int, batch: int) -> tuple[np.ndarray, list]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kbench-decode")
-        return [(index, self._pool.submit(self.load, index, epoch)) for index in self.members(epoch, batch)]
+        members = self.members(epoch, batch)
+        pixels = np.empty((len(members), self.image_size, self.image_size, 3), self.pixel_dtype)
+        return pixels, [
+            (index, self._pool.submit(self._load_into, pixels, slot, index, epoch))
+            for slot, index in enumerate(members)
+        ]
+
+    def _load_into(self, pixels: np.ndarray, slot: int, index: int, epoch: int) -> bool:
+        image = self.load(index, epoch)
+        if image is None:
+            return False
+        pixels[slot] = image
+        return True
 
     def members(self, epoch: int, batch: int) -> np.ndarray:
         """The image indices this process reads for batch ``batch`` of ``epoch`` (its shard).
@@ -201,23 +219,20 @@ class ImageLoader:
         for ahead in range(batch + 1, min(batch + 1 + self.prefetch, len(self))):
             if (epoch, ahead) not in queued:
                 self._pending.append((epoch, ahead, self._submit(epoch, ahead)))
-        _, _, futures = self._pending.popleft()
-        pixels, kept = [], []
-        for index, future in futures:
-            image = future.result()
-            if image is not None:
-                pixels.append(image)
-                kept.append(index)
-        if not pixels:  # every file of this batch was bad: borrow one good image
+        _, _, (pixels, futures) = self._pending.popleft()
+        read = np.array([future.result() for _, future in futures], dtype=bool)
+        kept = np.asarray([index for index, _ in futures], dtype=np.int64)[read]
+        if not read.all():
+            pixels = pixels[read]
+        if not len(kept):  # every file of this batch was bad: borrow one good image
             for index in self.indices:
                 image = self.load(int(index), epoch)
                 if image is not None:
-                    pixels, kept = [image], [index]
+                    pixels, kept = image[None].astype(self.pixel_dtype), np.asarray([index], dtype=np.int64)
                     break
             else:
                 raise KbenchError(f"none of the images in {self.images.root} could be decoded")
-        kept = np.asarray(kept, dtype=np.int64)
-        return np.stack(pixels).astype(np.float32), self.images.labels[kept], kept
+        return pixels, self.images.labels[kept], kept
 
     def __iter__(self):
         """One pass in order (epoch 0): for prediction and evaluation."""

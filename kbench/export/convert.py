@@ -171,13 +171,18 @@ def _rename(graph, names: dict[str, str]) -> None:
 PARENT_PID_ENV = "KBENCH_PARENT_PID"
 
 
+def conversion_environment() -> dict:
+    """The conversion child's environment: this one's (KBENCH_VERBOSE and TF_CPP_MIN_LOG_LEVEL pass on,
+    so the child is as quiet as this process), TensorFlow's backend, and no GPU: the conversion never
+    runs the graph, so its TensorFlow takes no GPU memory beside the JAX process waiting for it."""
+    return {**os.environ, "KERAS_BACKEND": "tensorflow", PARENT_PID_ENV: str(os.getpid()), "CUDA_VISIBLE_DEVICES": ""}
+
+
 def convert_in_tensorflow_process(source: str, output: str, opset: int, batch_size: int | None) -> None:
     from kbench.core.quiet import verbose
 
     command = [sys.executable, "-m", "kbench.export.convert", source, output, str(opset), str(batch_size or 0)]
-    # KBENCH_VERBOSE and TF_CPP_MIN_LOG_LEVEL pass on: the child is as quiet as this process.
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", PARENT_PID_ENV: str(os.getpid())}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+    done = subprocess.run(command, capture_output=True, text=True, env=conversion_environment())
     if verbose() and done.stderr:
         sys.stderr.write(done.stderr)
     if done.returncode < 0:  # its last stderr line would be whatever it printed before the kill

@@ -7,6 +7,7 @@ of this.
 
 from __future__ import annotations
 
+from kbench.core.backend import full_float32
 from kbench.models.backbones import HEAD_LAYER, all_layers, batch_norm_layers, feature_model
 
 
@@ -96,8 +97,9 @@ def float32_sensitivity(model, seed: int = 0) -> float:
         model = feature_model(model)
     shape = tuple(model.inputs[0].shape[1:])
     pixels = np.random.default_rng(seed + 1).uniform(1, 255, (2, *shape)).astype("float32")
-    first = np.asarray(model.predict_on_batch(pixels), dtype="float64")
-    moved = np.asarray(model.predict_on_batch(pixels * np.float32(1 + 1e-6)), dtype="float64")
+    with full_float32():  # TF32's rounding (1e-3 on Ampere and newer GPUs) would swamp a 1e-6 move
+        first = np.asarray(model.predict_on_batch(pixels), dtype="float64")
+        moved = np.asarray(model.predict_on_batch(pixels * np.float32(1 + 1e-6)), dtype="float64")
     scale = max(float(np.max(np.abs(first))), 1e-30)
     if not (np.all(np.isfinite(first)) and np.all(np.isfinite(moved))):
         return float("inf")

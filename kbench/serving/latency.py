@@ -168,7 +168,10 @@ class Reference:
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         if pixels.shape not in self.outputs:
             if self.source.keras_path:
-                outputs = self.keras_model().predict_on_batch(pixels)
+                from kbench.core.backend import full_float32
+
+                with full_float32():  # not TF32 on an Ampere or newer GPU: OpenVINO is checked to 1e-4
+                    outputs = self.keras_model().predict_on_batch(pixels)
             else:
                 from kbench.serving.runtimes import onnx_session
 

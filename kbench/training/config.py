@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = option(0, "Seed for the split, shuffling, augmentation and weights.")
     freeze_backbone: bool = option(False, "Train only the head.")
     cache: bool = option(False, "Keep decoded images in memory after the first epoch.")
-    workers: int | None = option(None, "Image decoding threads.", shown_default="CPU count, at most 8")
+    workers: int | None = option(None, "Image decoding threads.", shown_default="the CPU count")
     devices: str | None = option(None, "Data parallel over 'all' local devices or N of them.", shown_default="one")
     mixed_precision: str | None = option(
         None,

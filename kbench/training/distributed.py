@@ -106,12 +106,20 @@ def initialize(backend: str) -> Cluster | None:
         if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":  # CPU processes reduce over gloo
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         arguments = {} if cluster.address is None else dict(num_processes=cluster.count, process_id=cluster.index)
+        local = slurm_local_devices()
+        if local is not None:
+            arguments["local_device_ids"] = local
         try:
             jax.distributed.initialize(cluster.address, shutdown_timeout_seconds=SHUTDOWN_SECONDS, **arguments)
         except RuntimeError as error:
             raise KbenchError(
                 f"can't join the training cluster at {cluster.address}: {first_line(error, 200)}"
             ) from None
+        if local is not None and jax.local_device_count() != len(local):
+            raise KbenchError(
+                f"JAX sees {jax.local_device_count()} GPUs on this node where {len(local)} are visible; "
+                "check --gpus-per-task / CUDA_VISIBLE_DEVICES in the SLURM job"
+            )
     _initialized = True
     return cluster
 
@@ -231,6 +239,7 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
     """
     config.check()
     argv = resolve_command(command)
+    placement = rank_devices(config.processes)
     if config.port is None:
         port = free_port()
     else:
@@ -269,7 +278,7 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
             try:
                 child = subprocess.Popen(
                     argv,
-                    env={**base, INDEX: str(rank)},
+                    env={**base, INDEX: str(rank), **placement[rank]},
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -289,7 +298,8 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
                 reader = threading.Thread(target=_relay, args=(child.stdout, f"[rank {rank}] ", echo), daemon=True)
                 reader.start()
                 readers.append(reader)
-        echo(f"kbench launch: {config.processes} processes, coordinator 127.0.0.1:{port}")
+        gpus = f", GPU {' / '.join(p['CUDA_VISIBLE_DEVICES'] for p in placement)}" if placement[0] else ""
+        echo(f"kbench launch: {config.processes} processes, coordinator 127.0.0.1:{port}{gpus}")
         while any(child.poll() is None for child in children):
             for child in children:
                 code = child.poll()
@@ -314,6 +324,59 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
                 child.wait()
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def visible_gpus(environ=None) -> list[str]:
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES's when set ([] when it hides them all),
+    else 0 .. N-1 for the N GPUs nvidia-smi lists."""
+    from kbench.core.machine import gpu_details
+
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        return [] if ids[:1] == ["-1"] else ids
+    return [str(index) for index in range(len(gpu_details()))]
+
+
+def rank_devices(processes: int, environ=None) -> list[dict]:
+    """Each local rank's own GPU: ``{"CUDA_VISIBLE_DEVICES": id}`` for rank i (else every rank would
+    see, and JAX or TensorFlow would take memory on, every GPU); ``{}`` each on a machine without one.
+    More ranks than GPUs is refused in one line.
+
+    >>> rank_devices(2, {"CUDA_VISIBLE_DEVICES": "2,3"})
+    [{'CUDA_VISIBLE_DEVICES': '2'}, {'CUDA_VISIBLE_DEVICES': '3'}]
+    """
+    ids = visible_gpus(environ)
+    if not ids:
+        return [{} for _ in range(processes)]
+    if processes > len(ids):
+        raise KbenchError(
+            f"--processes {processes} needs a GPU per process and this machine has {len(ids)} "
+            f"(GPU {','.join(ids)}): give --processes {len(ids)} or fewer, or CUDA_VISIBLE_DEVICES= to run on the CPU"
+        )
+    return [{"CUDA_VISIBLE_DEVICES": ids[rank]} for rank in range(processes)]
+
+
+def slurm_local_devices(environ=None) -> list[int] | None:
+    """The local device ids to give ``jax.distributed.initialize`` in a SLURM job. JAX's SLURM
+    detection (even with the three variables set) assumes one task per GPU and gives each process
+    only GPU SLURM_LOCALID, so the documented recipe of one task per node would train on GPU 0 of
+    each node: there every visible GPU is this process's. None (JAX's own choice) outside SLURM, with
+    JAX_LOCAL_DEVICE_IDS set, with several tasks per node that each see several GPUs, or no GPU.
+
+    >>> slurm_local_devices({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2",
+    ...                      "SLURM_LOCALID": "0", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    [0, 1, 2, 3]
+    """
+    environ = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in environ or environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    ids = visible_gpus(environ)
+    tasks, nodes = environ.get("SLURM_STEP_NUM_TASKS", "1"), environ.get("SLURM_STEP_NUM_NODES", "1")
+    if not ids or not (tasks == nodes or len(ids) == 1):
+        return None
+    return list(range(len(ids)))
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:

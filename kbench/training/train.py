@@ -94,7 +94,10 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
     import keras
 
     processes = distributed.process_count()
-    loader_options = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers)
+    # uint8 to the device, a quarter of float32's bytes: the model casts its input there
+    loader_options = dict(
+        image_size=config.image_size, batch_size=config.batch_size, workers=config.workers, pixel_dtype="uint8"
+    )
     shard = dict(shard=(distributed.process_index(), processes), multiple=len(devices)) if processes > 1 else {}
     train_loader = ImageLoader(
         images,
@@ -326,31 +329,48 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
     history = progress.history
 
     class EpochClock(keras.callbacks.Callback):
+        # Reads no value of a step on the training thread: under JAX, Keras then dispatches the batch
+        # callbacks to its own threads (which wait for each step's logs) and the steps run back to
+        # back. The epoch's time ends when the last step's logs were ready (validation not counted).
+        async_safe = True
+
         def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.seconds = time.perf_counter(), None
-
-        def on_test_begin(self, logs=None):  # validation inside fit: not part of the epoch time
-            if self.seconds is None:
-                self.seconds = time.perf_counter() - self.start
-
-        def on_epoch_end(self, epoch, logs=None):
-            if self.seconds is None:
-                self.seconds = time.perf_counter() - self.start
+            self.start, self.finished, self.seconds = time.perf_counter(), None, None
+            self.lock = threading.Lock()
 
         def on_train_batch_end(self, batch, logs=None):
+            with self.lock:
+                self.finished = max(self.finished or 0.0, time.perf_counter())
             if stop.signal is not None:
                 self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = (self.finished or time.perf_counter()) - self.start
             loss = (logs or {}).get("loss")
             if loss is not None and not np.isfinite(float(loss)):
                 raise KbenchError(
-                    f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}, "
-                    f"batch {batch + 1}; lower --lr (now {config.lr})"
+                    f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}; "
+                    f"lower --lr (now {config.lr})"
                 )
 
     class Progress(keras.callbacks.ProgbarLogger):
+        # Its updates come from Keras' callback threads under JAX: one at a time, never backwards.
+        async_safe = True
+
         def set_params(self, params):
             super().set_params(params)
             self.epochs = config.epochs  # one fit per epoch: show the run's total, not 1
+            self.lock, self.shown = threading.Lock(), -1
+
+        def on_train_batch_end(self, batch, logs=None):
+            with self.lock:
+                if batch > self.shown:
+                    self.shown = batch
+                    super().on_train_batch_end(batch, logs)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.shown = -1
+            super().on_epoch_begin(epoch, logs)
 
     clock = EpochClock()
     callbacks = [clock] + ([Progress()] if verbose else [])
