@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbench import __version__, files
-from kbench.backbones import HEAD_LAYER, batch_norm_layers, load_model
+from kbench.backbones import HEAD_LAYER, batch_norm_layers, float32_model, load_model
 from kbench.convert import convert_in_tensorflow_process, convert_keras_file, describe_inputs
 from kbench.errors import KbenchError, first_line
 from kbench.metrics import relative_difference
@@ -165,6 +165,9 @@ def export_onnx(
             model = load_model(source)
         else:
             source = os.path.join(scratch, "in-memory.keras")
+            model.save(source)
+        if (float32 := float32_model(model)) is not model:  # a --mixed-precision run: exported in float32
+            model, source = float32, os.path.join(scratch, "float32.keras")
             model.save(source)
         describe_inputs(model)
         backend = keras.backend.backend()

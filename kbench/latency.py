@@ -167,8 +167,11 @@ class Reference:
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         if pixels.shape not in self.outputs:
-            if self.source.keras_path:
-                outputs = self.keras_model().predict_on_batch(pixels)
+            if self.source.keras_path:  # the float32 model the ONNX file was exported from (a bf16 run's too)
+                from kbench.backbones import float32_model
+
+                self.float32 = getattr(self, "float32", None) or float32_model(self.keras_model())
+                outputs = self.float32.predict_on_batch(pixels)
             else:
                 from kbench.runtimes import onnx_session
 
