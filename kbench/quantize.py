@@ -194,7 +194,12 @@ def quantize_int8(
     record = {"float_path": float_path, "int8_path": None, "calibration_images": int(len(indices)), "candidates": []}
     with files.scratch_folder("int8") as scratch:
         prepared = os.path.join(scratch, "model.prepared.onnx")
-        quant_pre_process(float_path, prepared)  # shape inference and graph clean-up, as ORT advises
+        try:
+            quant_pre_process(float_path, prepared)  # shape inference and graph clean-up, as ORT advises
+        except Exception as error:  # an ensemble resizing members of other sizes: ONNX's own inference does
+            if "symbolic shape inference" not in str(error):
+                raise
+            quant_pre_process(float_path, prepared, skip_symbolic_shape=True)
         paths = {}
         for number, (label, candidate) in enumerate((candidates or CANDIDATES).items()):
             paths[label] = os.path.join(scratch, f"candidate{number}.onnx")
