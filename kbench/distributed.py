@@ -271,7 +271,12 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
         port = config.port
         _check_port(port)
     if config.log_dir:
-        os.makedirs(config.log_dir, exist_ok=True)
+        if os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
+            raise KbenchError(f"--log-dir {config.log_dir} is a file, not a folder")
+        try:
+            os.makedirs(config.log_dir, exist_ok=True)
+        except OSError as error:
+            raise KbenchError(f"can't create --log-dir {config.log_dir}: {error.strerror}") from None
     base = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(config.processes), "PYTHONUNBUFFERED": "1"}
     children, readers = [], []
     state = {"first": None, "stopping_since": None}

@@ -119,7 +119,13 @@ def test_ctrl_c_reaches_every_process_once(tmp_path):
     assert [open(tmp_path / rank).read() for rank in ("0", "1")] == ["int\n", "int\n"]
 
 
-def test_launch_refuses_what_cannot_work():
+def test_launch_refuses_what_cannot_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    log_file = run_cli("launch", "--log-dir", str(tmp_path / "notes.txt"), "--", "true")
+    assert (
+        log_file.returncode == 2
+        and log_file.stderr == f"kbench: error: --log-dir {tmp_path}/notes.txt is a file, not a folder\n"
+    )
     missing = run_cli("launch", "--", "no-such-command-kbench")
     assert missing.returncode == 2 and "command not found: no-such-command-kbench" in missing.stderr
     empty = run_cli("launch", "--processes", "2")
