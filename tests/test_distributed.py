@@ -119,7 +119,13 @@ def test_ctrl_c_reaches_every_process_once(tmp_path):
     assert [open(tmp_path / rank).read() for rank in ("0", "1")] == ["int\n", "int\n"]
 
 
-def test_launch_refuses_what_cannot_work():
+def test_launch_refuses_what_cannot_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    log_file = run_cli("launch", "--log-dir", str(tmp_path / "notes.txt"), "--", "true")
+    assert (
+        log_file.returncode == 2
+        and log_file.stderr == f"kbench: error: --log-dir {tmp_path}/notes.txt is a file, not a folder\n"
+    )
     missing = run_cli("launch", "--", "no-such-command-kbench")
     assert missing.returncode == 2 and "command not found: no-such-command-kbench" in missing.stderr
     empty = run_cli("launch", "--processes", "2")
@@ -241,3 +247,58 @@ def test_slurm_with_one_task_per_node_gives_jax_every_gpu_of_the_node(two_gpus):
     assert slurm_local_devices({**one_per_node, "SLURM_STEP_NUM_TASKS": "4", "CUDA_VISIBLE_DEVICES": "1"}) == [0]
     assert slurm_local_devices({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}) is None  # no SLURM
     assert rank_devices(2, {"CUDA_VISIBLE_DEVICES": ""}) == [{}, {}]  # GPUs hidden: the CPU, any count
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="multi-process training runs under JAX")
+def test_ctrl_c_stops_every_rank_with_its_line_then_resume_and_a_finished_folder_is_refused_by_all(
+    kaggle_data, tmp_path
+):
+    """Ctrl-C to `kbench launch`: every rank stops after the same batch with its interrupt line (no
+    rank left in a collective, no JAX abort), the checkpoint resumes; launching into the finished
+    folder ends every rank at once with process 0's refusal and exit 2."""
+    run_dir = str(tmp_path / "run")
+    train = (
+        *("kbench", "train", "--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24"),
+        *(
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--quiet",
+            "--backend",
+            "jax",
+            "--devices",
+            "all",
+            "--run-dir",
+            run_dir,
+        ),
+    )
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1"}
+    launch = [sys.executable, os.path.join(REPO, "cli.py"), "launch", "--processes", "2", "--"]
+    process = subprocess.Popen([*launch, *train], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(run_dir, "checkpoint.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # epoch 1 has begun (its first batches compile for seconds)
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        output = process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    assert time.monotonic() - stopped < 10 and process.returncode == 130, output  # the launcher's grace: 10 s
+    for rank in (0, 1):
+        assert f"[rank {rank}] kbench: interrupted in epoch 1/2" in output, output
+    assert "Check failure" not in output and "Traceback" not in output and "unexpected" not in output, output
+
+    environment_run = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1"}
+    resumed = run_cli("launch", "--processes", "2", "--", "kbench", "train", "--run-dir", run_dir, "--resume",
+                      "--quiet", env=environment_run, timeout=120)  # fmt: skip
+    assert resumed.returncode == 0 and "[rank 0] small_cnn (jax): val log loss" in resumed.stdout, resumed.stdout
+    assert len(Run(run_dir).history) == 2
+
+    start = time.monotonic()
+    again = run_cli("launch", "--processes", "2", "--", *train, env=environment_run, timeout=120)
+    assert again.returncode == 2 and time.monotonic() - start < 60, again.stdout
+    assert f"[rank 0] kbench: error: {run_dir} already holds a finished run" in again.stdout
+    assert "[rank 1] kbench: error: process 0 refused" in again.stdout

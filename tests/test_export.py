@@ -312,3 +312,38 @@ def test_efficientnet_b0_export_reads_its_input_channels_last_with_no_pad_and_no
     # the pixels are read as they are, through one Reshape (a free view): no Transpose copies them
     (reader,) = [node for node in graph.node if graph.input[0].name in node.input]
     assert reader.op_type == "Reshape"
+
+
+def test_a_mixed_precision_model_exports_in_float32_and_quantizes_and_runs_in_openvino(tmp_path, class_folders):
+    """A --mixed-precision run's .keras file keeps its layers' bfloat16 policies; its ONNX file is float32
+    throughout (ONNX Runtime refused the mixed casts), passes parity, and int8 and OpenVINO work on it."""
+    import keras
+
+    from kbench.export.onnx import onnx_for
+    from kbench.serving import quantize
+    from kbench.serving.latency import LatencyConfig, iter_latency
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_classifier(get_backbone("small_cnn"), 2, 32)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    settle_random_weights(model)
+    path, float_path = str(tmp_path / "bf16.keras"), str(tmp_path / "bf16.onnx")
+    model.save(path)
+    assert model.get_layer("preprocess").dtype_policy.name == "mixed_bfloat16"
+    assert onnx_for(path, float_path)["max_relative_difference"] <= 1e-4
+    graph = onnx.load(float_path).graph
+    assert {value.type.tensor_type.elem_type for value in [*graph.input, *graph.output]} == {onnx.TensorProto.FLOAT}
+    casts = {attribute.i for node in graph.node if node.op_type == "Cast" for attribute in node.attribute}
+    assert not casts & {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16}
+
+    one = {"QDQ S8S8 per-channel": quantize.CANDIDATES["QDQ S8S8 per-channel"]}
+    int8 = str(tmp_path / "bf16.int8.onnx")
+    with pytest.MonkeyPatch.context() as patch:  # the int8 file kept whatever this machine's timings
+        patch.setattr(quantize, "time_against_float", lambda paths, size: {**dict.fromkeys(paths, 1.0), "float": 2.0})
+        assert quantize.quantize_int8(float_path, int8, class_folders, candidates=one)["int8_path"] == int8
+    config = LatencyConfig([path, int8], ["openvino-cpu"], [1], runs=2, warmup=1, export_dir=str(tmp_path))
+    rows = list(iter_latency(config))
+    assert [row["status"] for row in rows] == ["ok", "ok"], rows
+    assert rows[0]["parity"] <= 1e-4  # against the float32 model the file was made from

@@ -199,3 +199,21 @@ def test_oversized_and_truncated_images_are_one_quiet_line(capfd):
     with pytest.raises(BadImage, match="not a decodable image"):
         decode_image(png[: len(png) // 2])
     assert capfd.readouterr().err == ""  # OpenCV's own "[ WARN ...]" lines stay off the terminal
+
+
+def test_jpegs_with_data_after_their_end_decode_and_truncated_ones_are_refused():
+    """A motion photo (a video after the image's end marker) or padding decodes as viewers show it;
+    a JPEG cut short is refused, even one whose EXIF thumbnail carries an end marker of its own."""
+    pixels = make_image(1, 64, np.random.default_rng(0))
+    baseline = encode_jpeg(pixels)
+    progressive = cv2.imencode(".jpg", pixels[..., ::-1], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    thumbnail = encode_jpeg(make_image(2, 16, np.random.default_rng(1)))
+    app1 = b"Exif\0\0" + thumbnail  # an APP1 segment holding a whole JPEG (a thumbnail's place)
+    with_thumbnail = baseline[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + baseline[2:]
+    tail = np.random.default_rng(2).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    for jpeg in (baseline, progressive, with_thumbnail):
+        expected = decode_image(jpeg)
+        assert np.array_equal(decode_image(jpeg + b"\0" * 8192), expected)
+        assert np.array_equal(decode_image(jpeg + b"ftypmp42" + tail), expected)
+        with pytest.raises(BadImage, match="truncated JPEG"):
+            decode_image(jpeg[: len(jpeg) - 300])

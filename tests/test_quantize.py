@@ -105,3 +105,38 @@ def test_float_parts_are_depthwise_and_squeeze_excite_convolutions():
     out = helper.make_tensor_value_info("project", TensorProto.FLOAT, None)
     model = helper.make_model(helper.make_graph(nodes, "se", [pixels], [out]))
     assert quantize.float_nodes(model) == ["depthwise", "se_reduce", "se_expand"]
+
+
+def test_an_ensemble_of_members_of_other_sizes_quantizes_and_openvino_says_why_it_cant_run_qoperator(
+    class_folders, tmp_path, monkeypatch
+):
+    """Members at 32 and 24 px behind one 32 px input: ONNX Runtime's symbolic shape inference gives up
+    on the resizes (it was "unexpected Exception"); the int8 file is still made. Its QOperator form uses
+    ONNX Runtime's own operators: OpenVINO's rows are unavailable with that reason, not a crash."""
+    import keras
+
+    from kbench.export.onnx import export_onnx
+    from kbench.models.backbones import build_classifier, get_backbone
+    from kbench.models.settle import settle_random_weights
+    from kbench.serving.latency import LatencyConfig, iter_latency
+
+    image = keras.Input(
+        (32, 32, 3), name="image"
+    )  # kbench.training.ensemble's "mean": the larger member reads it as is
+    members = [build_classifier(get_backbone("small_cnn"), 2, size) for size in (32, 24)]
+    for member, size in zip(members, (32, 24)):
+        member.name = f"member_{size}"
+        settle_random_weights(member)
+    resized = keras.layers.Resizing(24, 24, name="resize_member_24")(image)
+    pair = keras.Model(image, keras.layers.Average(name="probability")([members[0](image), members[1](resized)]))
+    float_path, int8 = str(tmp_path / "pair.onnx"), str(tmp_path / "pair.int8.onnx")
+    export_onnx(pair, float_path)
+    monkeypatch.setattr(quantize, "time_against_float", lambda paths, size: {**dict.fromkeys(paths, 1.0), "float": 2.0})
+    qoperator = {"QOperator U8S8 per-channel": quantize.CANDIDATES["QOperator U8S8 per-channel"]}
+    assert quantize.quantize_int8(float_path, int8, class_folders, candidates=qoperator)["int8_path"] == int8
+    config = LatencyConfig([int8], ["onnxruntime-cpu", "openvino-cpu", "openvino-cpu-bf16"], [1], runs=2, warmup=1)
+    rows = list(iter_latency(config))
+    assert rows[0]["status"] == "ok"
+    for row in rows[1:]:
+        assert row["status"].startswith("unavailable: ") and "OpenVINO" in row["status"], row
+    assert "ONNX Runtime's own operators (" in rows[1]["status"]

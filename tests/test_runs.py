@@ -12,7 +12,7 @@ import pytest
 
 from kbench.core import files
 from kbench.core.errors import KbenchError
-from kbench.training.runs import CONFIG, METRICS, OWNED, Run, folder_lock
+from kbench.training.runs import CHECKPOINT_STATE, CONFIG, FEATURES, METRICS, OWNED, SPLIT, Run, folder_lock
 
 from conftest import REPO
 
@@ -56,7 +56,68 @@ def test_prepare_refuses_finished_and_interrupted_runs_unless_told(tmp_path):
     with pytest.raises(KbenchError, match="already finished training"):
         run.prepare("backbone", resume=True)
     run.prepare("backbone", overwrite=True)
-    assert sorted(os.listdir(run.path)) == ["notes.txt"]  # only kbench's own files are removed
+    visible = [name for name in os.listdir(run.path) if not name.startswith(".")]
+    assert visible == ["notes.txt"]  # only kbench's own files are set aside
+    run.write_metrics({"kind": "backbone"})  # the new run finished: the old one is gone
+    assert sorted(os.listdir(run.path)) == [METRICS, "notes.txt"]
+
+
+def finished_run(path) -> Run:
+    run = Run(str(path))
+    os.makedirs(run.path)
+    for name in (CONFIG, SPLIT, METRICS):
+        files.write_json(run.file(name), {"kind": "backbone", "old": name})
+    os.makedirs(run.file(FEATURES))  # not kbench's in a backbone folder: stays
+    return run
+
+
+def contents(run: Run) -> dict:
+    return {
+        name: open(run.file(name)).read()
+        for name in sorted(os.listdir(run.path))
+        if name != ".kbench.lock" and os.path.isfile(run.file(name))
+    }
+
+
+def test_overwrite_that_cannot_move_a_file_refuses_with_the_old_run_untouched(tmp_path, monkeypatch):
+    run = finished_run(tmp_path / "run")
+    before = contents(run)
+    rename, calls = os.rename, []
+
+    def refuse_the_second(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied", source)
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", refuse_the_second)
+    with pytest.raises(KbenchError, match=r"^can't replace the run in .*Permission denied; nothing was changed$"):
+        with run.lock():
+            run.prepare("backbone", overwrite=True)
+    monkeypatch.undo()
+    assert contents(run) == before and os.path.isdir(run.file(FEATURES))
+
+
+def test_an_overwrite_that_fails_or_is_killed_before_it_finishes_leaves_the_old_run(tmp_path):
+    run = finished_run(tmp_path / "run")
+    before = contents(run)
+    with run.lock():
+        run.prepare("backbone", overwrite=True)
+        run.write_config({"kind": "backbone", "new": True})
+        run.clear()  # what train and ensemble do when the new run fails in its first epoch
+    assert contents(run) == before
+    with run.lock():  # killed (-9) before its first checkpoint: the next kbench process puts it back
+        run.prepare("backbone", overwrite=True)
+        run.write_config({"kind": "backbone", "new": True})
+    with run.lock():
+        assert contents(run) == before
+    with run.lock():  # an unfinished replacement overwritten again: the finished run stays set aside
+        run.prepare("backbone", overwrite=True)
+        files.write_json(run.file(CHECKPOINT_STATE), {"history": []})
+        run.prepare("backbone", overwrite=True)
+        assert not run.exists(CHECKPOINT_STATE) and not run.exists(CONFIG)
+        run.clear()
+    assert contents(run) == before
 
 
 def test_run_dir_that_is_a_file_or_unwritable_is_one_line(tmp_path):

@@ -2,6 +2,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,7 +397,20 @@ def test_diverging_loss_stops_with_one_line(kaggle_data, tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert "training diverged" in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run").exists()  # no empty folder left behind
+
+
+def test_an_overwrite_that_fails_leaves_the_finished_run_it_would_replace(trained_run, kaggle_data, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(trained_run[0], run_dir)
+    before = {name: open(os.path.join(run_dir, name), "rb").read() for name in sorted(os.listdir(run_dir))}
+    done = run_cli(
+        "train",
+        *("--backbone", "small_cnn", "--data", kaggle_data["train"], "--image-size", "24", "--epochs", "1"),
+        *("--lr", "1e30", "--run-dir", run_dir, "--quiet", "--overwrite", "--backend", BACKEND),
+    )
+    assert done.returncode == 2 and "training diverged" in done.stderr, done.stderr
+    assert {name: open(os.path.join(run_dir, name), "rb").read() for name in sorted(os.listdir(run_dir))} == before
 
 
 def test_second_process_on_the_same_run_dir_exits_2_at_once(kaggle_data, tmp_path):

@@ -180,6 +180,10 @@ def run(group: click.Group) -> None:
             traceback.print_exc()
         exit_now(128 + (STOP_REQUESTS[0] if STOP_REQUESTS else signal.SIGINT))
     except SystemExit as done:
+        together = sys.modules.get("kbench.training.distributed")  # one of several processes training as one
+        if done.code not in (0, None) and together and together.process_count() > 1:
+            together.leave()  # stopped or refused: not JAX's 30-minute shutdown wait for the others
+            exit_now(done.code)
         if STOP_REQUESTS or done.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
             exit_now(done.code)
         raise

@@ -36,7 +36,7 @@ def decode_image(data: bytes) -> np.ndarray:
     if not data:
         raise BadImage("empty file")
     # libjpeg fills a truncated JPEG with grey and only warns; its end-of-image marker tells.
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+    if data[:2] == b"\xff\xd8" and not jpeg_complete(data):
         raise BadImage("truncated JPEG")
     # IMREAD_UNCHANGED would ignore the EXIF orientation; ANYCOLOR | ANYDEPTH applies it and keeps
     # gray and 16-bit images as they are, dropping only an alpha channel (kbench drops it anyway)
@@ -53,6 +53,35 @@ def decode_image(data: bytes) -> np.ndarray:
     if image.ndim == 2 or image.shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG in ``data`` reaches its end-of-image marker: the segments are walked by their
+    lengths (an EXIF thumbnail's own end marker inside APP1 doesn't count) and each scan's coded data
+    to the marker after it. What follows the end marker (a phone's motion-photo video, padding) is
+    not the image's and doesn't matter."""
+    position, size = 2, len(data)
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xD9:  # end of image
+            return True
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, restart, TEM: no length
+            position += 1 if marker == 0xFF else 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:  # start of scan: coded data up to the next marker that isn't a stuffed 0 or a restart
+            while True:
+                position = data.find(b"\xff", position)
+                if position < 0 or position + 1 >= size:
+                    return False
+                following = data[position + 1]
+                if following == 0 or 0xD0 <= following <= 0xD7:
+                    position += 2
+                    continue
+                break
+    return position + 2 <= size and data[position : position + 2] == b"\xff\xd9"
 
 
 def resize(image: np.ndarray, image_size: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from kbench.core.metrics import relative_difference
 from kbench.core.version import __version__
 from kbench.data.synthetic import sample_pixels
 from kbench.export.convert import convert_in_tensorflow_process, convert_keras_file, describe_inputs
-from kbench.models.backbones import HEAD_LAYER, batch_norm_layers, load_model
+from kbench.models.backbones import HEAD_LAYER, batch_norm_layers, float32_model, load_model
 from kbench.training.runs import Run, file_hash
 
 OPSETS = range(13, 19)  # what tf2onnx 1.17 converts to
@@ -167,6 +167,9 @@ def export_onnx(
             model = load_model(source)
         else:
             source = os.path.join(scratch, "in-memory.keras")
+            model.save(source)
+        if (float32 := float32_model(model)) is not model:  # a --mixed-precision run: exported in float32
+            model, source = float32, os.path.join(scratch, "float32.keras")
             model.save(source)
         describe_inputs(model)
         backend = keras.backend.backend()

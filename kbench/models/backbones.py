@@ -331,6 +331,37 @@ def load_model(path: str, compile: bool = False):
         raise KbenchError(f"{path} could not be loaded as a Keras model: {first_line(error)}") from None
 
 
+LOW_PRECISIONS = ("mixed_bfloat16", "mixed_float16", "bfloat16", "float16")
+
+
+def float32_model(model):
+    """``model`` itself when every layer computes in float32; else the same model, same weights, rebuilt
+    with float32 layers. A run trained with --mixed-precision keeps its layers' dtype policies in its
+    ``.keras`` file (its weights are float32): exported as it is, its graph would mix bfloat16 and float16
+    casts that ONNX Runtime refuses, and its parity would measure bfloat16's rounding."""
+    import keras
+
+    if all(layer.dtype_policy.name not in LOW_PRECISIONS for layer in all_layers(model)):
+        return model
+    config = _float32_config(keras.saving.serialize_keras_object(model))
+    import kbench.models.layers  # noqa: F401  (kbench's layers, for deserialisation)
+
+    copy = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _float32_config(config):
+    """A serialised model's config with every low-precision dtype (policy or tensor) made float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy" and config.get("config", {}).get("name") in LOW_PRECISIONS:
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_config(value) for value in config]
+    return "float32" if config in LOW_PRECISIONS else config
+
+
 def _load_model_weights(model, path: str) -> None:
     try:
         if path.endswith(".keras"):

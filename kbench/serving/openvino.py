@@ -99,11 +99,19 @@ class OpenVinoCPU:
         try:
             self.model = self.core.read_model(model)
         except Exception as error:  # OpenVINO's frontends raise their own RuntimeError with a page of context
+            if foreign := _onnxruntime_operators(model):
+                raise Unavailable(
+                    f"the graph uses ONNX Runtime's own operators ({', '.join(foreign)}), which OpenVINO doesn't read"
+                ) from None
             raise KbenchError(f"{model} is not a model OpenVINO can read: {first_line(error, 200)}") from None
         if len(self.model.inputs) != 1:
             raise Unavailable(f"the model has {len(self.model.inputs)} inputs; kbench serves one image input")
         self._requests.clear()
         self.detail = self.describe()
+        try:  # compiled here, so that a graph this plugin can't compile is an unavailable row, not a crash
+            self.request((1, *image_size, 3))
+        except Exception as error:
+            raise Unavailable(f"OpenVINO can't compile it in {self.precision}: {first_line(error, 200)}") from None
 
     def request(self, shape: tuple):
         """The infer request compiled for input ``shape`` (compiled on first use)."""
@@ -119,6 +127,17 @@ class OpenVinoCPU:
         request = self.request(tuple(pixels.shape))
         results = request.infer({0: pixels}, share_inputs=True, share_outputs=True)
         return list(results.values())
+
+
+def _onnxruntime_operators(path: str) -> list[str]:
+    """The operators of ONNX Runtime's own domain (com.microsoft: QOperator int8's QLinearAdd, ...)."""
+    try:
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:
+        return []
+    return sorted({node.op_type for node in graph.node if node.domain == "com.microsoft"})
 
 
 class OpenVinoCPUBf16(OpenVinoCPU):

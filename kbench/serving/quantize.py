@@ -194,7 +194,17 @@ def quantize_int8(
     record = {"float_path": float_path, "int8_path": None, "calibration_images": int(len(indices)), "candidates": []}
     with files.scratch_folder("int8") as scratch:
         prepared = os.path.join(scratch, "model.prepared.onnx")
-        quant_pre_process(float_path, prepared)  # shape inference and graph clean-up, as ORT advises
+        source, here = os.path.abspath(float_path), os.getcwd()
+        os.chdir(scratch)  # where its shape inference leaves files (sym_shape_infer_temp.onnx, *.data)
+        try:
+            try:
+                quant_pre_process(source, prepared)  # shape inference and graph clean-up, as ORT advises
+            except Exception as error:  # an ensemble resizing members of other sizes: ONNX's own inference does
+                if "symbolic shape inference" not in str(error):
+                    raise
+                quant_pre_process(source, prepared, skip_symbolic_shape=True)
+        finally:
+            os.chdir(here)
         paths = {}
         for number, (label, candidate) in enumerate((candidates or CANDIDATES).items()):
             paths[label] = os.path.join(scratch, f"candidate{number}.onnx")

@@ -181,6 +181,40 @@ def same_everywhere(values: list[int], what: str) -> None:
         )
 
 
+def largest_everywhere(value: int) -> int:
+    """The largest of every process's ``value`` (an all-gather: call it on every process at the same
+    point); ``value`` itself when alone. Training asks it whether any process was told to stop."""
+    if process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+EXIT_BARRIER_SECONDS = 5
+
+
+def leave() -> None:
+    """Before a process of several exits early (stopped or refused): wait a little for the others to
+    get here, then disconnect together. Process 0 runs JAX's coordination service; leaving before the
+    others disconnect makes their JAX abort with a C++ stack trace instead of their own line. A process
+    that leaves alone (the others are still working) waits EXIT_BARRIER_SECONDS, not the shutdown's 30
+    minutes: ``kbench launch`` then stops the rest."""
+    if not _initialized:
+        return
+    try:
+        from jax._src import distributed as jax_distributed
+
+        client = jax_distributed.global_state.client
+        if client is None:
+            return
+        client.wait_at_barrier("kbench-leave", EXIT_BARRIER_SECONDS * 1000)
+        jax_distributed.global_state.shutdown()
+    except Exception:  # the others didn't come (or already left): exit without them
+        pass
+
+
 # -- kbench launch ------------------------------------------------------------------------------------
 
 
@@ -246,7 +280,12 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
         port = config.port
         _check_port(port)
     if config.log_dir:
-        os.makedirs(config.log_dir, exist_ok=True)
+        if os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
+            raise KbenchError(f"--log-dir {config.log_dir} is a file, not a folder")
+        try:
+            os.makedirs(config.log_dir, exist_ok=True)
+        except OSError as error:
+            raise KbenchError(f"can't create --log-dir {config.log_dir}: {error.strerror}") from None
     base = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(config.processes), "PYTHONUNBUFFERED": "1"}
     children, readers = [], []
     state = {"first": None, "stopping_since": None}

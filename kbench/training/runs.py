@@ -26,6 +26,7 @@ import csv
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -33,11 +34,14 @@ from contextlib import contextmanager
 from kbench.core import files
 from kbench.core.errors import KbenchError
 
+log = logging.getLogger("kbench")
+
 CONFIG, SPLIT, HISTORY, METRICS, MODEL = "config.json", "split.json", "history.csv", "metrics.json", "model.keras"
 CHECKPOINT, CHECKPOINT_STATE, BEST = "checkpoint.keras", "checkpoint.json", "best.weights.h5"
 FEATURES, LATENCY, CURVES = "features", "latency.json", "curves.png"
 LOCK = ".kbench.lock"
 KINDS = ("backbone", "ensemble")
+REPLACED = ".replaced-"  # the prefix of an old run's files that --overwrite set aside
 # Everything kbench may write into a run folder: what --overwrite removes, and nothing else.
 OWNED = (CONFIG, SPLIT, HISTORY, METRICS, MODEL, CHECKPOINT, CHECKPOINT_STATE, BEST, FEATURES, LATENCY, CURVES)
 
@@ -188,6 +192,7 @@ class Run:
         if not self.writer:
             return
         files.write_json(self.file(METRICS), record)
+        self._drop_replaced()  # the new run is finished: the one --overwrite set aside goes
 
     def write_history(self, rows: list[dict]) -> None:
         if not self.writer:
@@ -225,18 +230,56 @@ class Run:
     def feature_path(self, member: str, part: str, epoch: int) -> str:
         return os.path.join(self.path, FEATURES, f"{member}-{part}-{epoch}.npz")
 
+    def _owned(self) -> tuple[str, ...]:
+        return OWNED if self.kind == "ensemble" else tuple(name for name in OWNED if name != FEATURES)
+
     def clear(self) -> None:
-        """Remove what kbench wrote here (``--overwrite``); files of others stay (``features/`` is
-        kbench's in ensemble folders only)."""
+        """Remove what kbench wrote here (files of others stay; ``features/`` is kbench's in ensemble
+        folders only), then put back the run that ``--overwrite`` set aside for it, if any: a new run
+        that failed before it finished leaves the old one as it was."""
         if not self.writer:
             return
-        owned = OWNED if self.kind == "ensemble" else tuple(name for name in OWNED if name != FEATURES)
-        for name in owned:
-            path = self.file(name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        _remove(self.path, self._owned())
+        self._restore_replaced()
+
+    def _replaced(self) -> list[str]:
+        """The names of the run ``--overwrite`` set aside (still kept until the new one finishes)."""
+        return sorted(name for name in OWNED if os.path.lexists(self.file(REPLACED + name)))
+
+    def _set_aside(self) -> None:
+        """``--overwrite``: rename the old run's files aside (``.replaced-NAME``, same folder), to be
+        removed once the new run has finished (``write_metrics``) and put back if it fails first. A
+        file that can't be moved refuses the overwrite with every file back in place. A folder that
+        already holds a set-aside run holds an unfinished replacement of it: that is what is removed."""
+        if self._replaced():
+            if self.exists(METRICS):  # the replacement finished; its predecessor's removal failed then
+                self._drop_replaced()
+            else:
+                try:
+                    _remove(self.path, OWNED)
+                except OSError as error:
+                    raise KbenchError(f"can't replace the unfinished run in {self.path}: {_why(error)}") from None
+                return
+        moved = []
+        try:
+            for name in self._owned():
+                if os.path.lexists(self.file(name)):
+                    os.rename(self.file(name), self.file(REPLACED + name))
+                    moved.append(name)
+        except OSError as error:
+            for name in moved:
+                os.rename(self.file(REPLACED + name), self.file(name))
+            raise KbenchError(f"can't replace the run in {self.path}: {_why(error)}; nothing was changed") from None
+
+    def _restore_replaced(self) -> None:
+        for name in self._replaced():
+            os.rename(self.file(REPLACED + name), self.file(name))
+
+    def _drop_replaced(self) -> None:
+        try:
+            _remove(self.path, [REPLACED + name for name in self._replaced()])
+        except OSError as error:  # the new run is written; an old file left over is only untidy
+            log.warning(f"the replaced run's files in {self.path} could not all be removed: {_why(error)}")
 
     # -- preparing a folder to write ------------------------------------------------------------------
     def prepare(self, kind: str, overwrite: bool = False, resume: bool = False) -> dict | None:
@@ -268,7 +311,7 @@ class Run:
                 "--run-dir, or pass --overwrite to replace it"
             )
         if overwrite:
-            self.clear()
+            self._set_aside()
         return None
 
     @contextmanager
@@ -282,10 +325,20 @@ class Run:
         if not self.writer:
             yield self
             return
+        created = not os.path.exists(self.path)
         ensure_writable_folder(self.path, "--run-dir")
-        with folder_lock(self.path, what="run folder"):
-            files.remove_stale_temporaries(self.path)
-            yield self
+        try:
+            with folder_lock(self.path, what="run folder"):
+                files.remove_stale_temporaries(self.path)
+                if self._replaced() and not (self.exists(METRICS) or self.exists(CHECKPOINT_STATE)):
+                    self.clear()  # an --overwrite killed before its first checkpoint: the old run comes back
+                yield self
+        finally:
+            if created and os.path.isdir(self.path) and not os.listdir(self.path):
+                try:
+                    os.rmdir(self.path)  # a refused or failed first run leaves no empty folder behind
+                except OSError:
+                    pass
 
 
 def ensure_writable_folder(path: str, option: str) -> None:
@@ -340,6 +393,19 @@ def folder_lock(path: str, what: str = "folder"):
         except OSError:
             pass
         handle.close()
+
+
+def _remove(folder: str, names) -> None:
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def _why(error: OSError) -> str:
+    return f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
 
 
 def file_hash(path: str) -> str:

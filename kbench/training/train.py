@@ -61,8 +61,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
                 raise KbenchError(
                     f"--epochs {config.epochs} is fewer than the {len(state['history'])} epochs {run.path} has trained"
                 )
+            agreed = True  # before: a process told here that process 0 refused must not ask again
             distributed.agree(True, f"--run-dir {run.path}")
-            agreed = True
             # every process resumes from the same checkpoint (process 0 alone wrote it), or none does
             resumed = [len(state["history"]), int(file_hash(run.file(CHECKPOINT))[:7], 16)] if state else [0, 0]
             distributed.same_everywhere(resumed, "the checkpoint to resume from (epochs, content)")
@@ -334,6 +334,12 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
         # back. The epoch's time ends when the last step's logs were ready (validation not counted).
         async_safe = True
 
+        def __init__(self):
+            super().__init__()
+            # several processes agree on a stop after every batch (a collective): in order, on the
+            # training thread, never on Keras' callback threads
+            self.async_safe = distributed.process_count() == 1
+
         def on_epoch_begin(self, epoch, logs=None):
             self.start, self.finished, self.seconds = time.perf_counter(), None, None
             self.lock = threading.Lock()
@@ -341,7 +347,9 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
         def on_train_batch_end(self, batch, logs=None):
             with self.lock:
                 self.finished = max(self.finished or 0.0, time.perf_counter())
-            if stop.signal is not None:
+            if stop.agreed() is not None:
+                if distributed.process_count() > 1:
+                    raise _AgreedStop  # every process after this same batch, none validating alone
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
@@ -383,24 +391,28 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
             with process_local_values(model):
                 run.save_checkpoint(model, progress.state())
             progress.saved = epoch
-        if stop.signal is None and recipe.phase(config, epoch) != progress.phase:  # head -> full
+        stopping = stop.agreed()
+        if stopping is None and recipe.phase(config, epoch) != progress.phase:  # head -> full
             progress.phase = recipe.phase(config, epoch)
             recipe.set_phase(model, progress.phase, config.frozen_bn)
             # a fresh optimizer whenever the phase starts
             recipe.compile_model(model, config, feed.num_classes, len(feed.train), epoch)
             progress.compiled.append(epoch + 1)
-        if stop.signal is None:
-            logs = model.fit(
-                feed.batches(feed.train, epoch),
-                validation_data=val_data,
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                shuffle=False,  # the loader orders each epoch by (seed, epoch); keras' own shuffle uses
-                # Python's global random state, which a resumed process has consumed differently
-                callbacks=callbacks,
-                verbose=verbose,
-            ).history
-        if stop.signal is not None:  # the checkpoint of this epoch's start stays: --resume redoes it
+        if stopping is None:
+            try:
+                logs = model.fit(
+                    feed.batches(feed.train, epoch),
+                    validation_data=val_data,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    shuffle=False,  # the loader orders each epoch by (seed, epoch); keras' own shuffle uses
+                    # Python's global random state, which a resumed process has consumed differently
+                    callbacks=callbacks,
+                    verbose=verbose,
+                ).history
+            except _AgreedStop:
+                pass
+        if stop.agreed() is not None:  # the checkpoint of this epoch's start stays: --resume redoes it
             raise TrainingInterrupted(
                 f"interrupted in epoch {epoch + 1}/{config.epochs}; the checkpoint of its start is in "
                 f"{run.path}; continue with: kbench train --run-dir {run.path} --resume",
@@ -443,6 +455,10 @@ def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
     }
 
 
+class _AgreedStop(Exception):
+    """Every process training together stops after the same batch (``_StopRequest.agreed``)."""
+
+
 class _StopRequest:
     """Turns the first SIGINT/SIGTERM into a request to stop after the current batch; a second
     SIGINT aborts at once."""
@@ -458,6 +474,15 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signal = signal_number
         log.warning("stopping after this batch; --resume redoes this epoch from its start (Ctrl-C again: at once)")
+
+    def agreed(self) -> int | None:
+        """The stop request: this process's, or where several train as one, any process's, so that
+        all stop after the same batch (one that stopped alone would leave the others waiting in a
+        collective). An all-gather there: call it on every process at the same points."""
+        requested = distributed.largest_everywhere(self.signal or 0)
+        if requested and self.signal is None:
+            self.signal = requested
+        return self.signal
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
