@@ -58,7 +58,8 @@ def measure_backbone(name: str, args) -> list[dict]:
     import onnx
 
     from benchmarks import export_graph
-    from kbench.export.onnx import export_onnx, graph
+    from kbench.export import graph
+    from kbench.export.onnx import export_onnx
     from kbench.models.backbones import build_feature_extractor, get_backbone
     from kbench.models.settle import settle_random_weights
 
