@@ -36,7 +36,16 @@ def use_backend(name: str) -> str:
     """
     from kbench.core.backend import use_backend as select
 
+    _quiet()
     return select(name)
+
+
+def _quiet() -> None:
+    """Other libraries' start-up lines and deprecation warnings kept out of a notebook's output, as
+    the command line keeps them off stderr (KBENCH_VERBOSE=1 shows them)."""
+    from kbench.core.quiet import set_up
+
+    set_up()
 
 
 def list_backbones(pattern: str | None = None) -> list[dict]:
@@ -81,6 +90,7 @@ def use_backend_if_unset() -> str:
     """The backend this process uses: the one chosen already, else KERAS_BACKEND or the machine's default."""
     from kbench.core.backend import use_backend as select
 
+    _quiet()
     return select(None)
 
 
@@ -177,6 +187,7 @@ def train(
     from kbench.training.config import TrainConfig, resume_config
     from kbench.training.train import train as fit
 
+    _quiet()
     if run_dir is None:
         raise KbenchError("run_dir is required: the folder for the model, metrics and history")
     run_dir = os.fspath(run_dir)
@@ -228,6 +239,7 @@ def ensemble(
     """
     from kbench.training.ensemble import EnsembleConfig, train_ensemble
 
+    _quiet()
     if isinstance(members, (str, Run)):
         raise KbenchError("members must be a list of run folders (or kbench.Run objects)")
     _check_names(options, EnsembleConfig, "ensemble")
@@ -491,6 +503,7 @@ def bench(
     from kbench.study.executors import ExecutorConfig
     from kbench.study.study import run_study
 
+    _quiet()
     where = ExecutorConfig(executor, address).check()
     overrides = {
         "data": data,
