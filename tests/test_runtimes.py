@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -336,3 +337,33 @@ def test_openvino_is_imported_without_its_telemetry(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "importable"] and not (home / "intel").exists()
+
+
+@pytest.mark.parametrize(
+    "installed, message",
+    [
+        (["onnxruntime", "onnxruntime-gpu"], "both onnxruntime and onnxruntime-gpu are installed in one module folder"),
+        ([], "ONNX Runtime is not installed: pip install 'kbench[cpu]'"),
+        (["onnxruntime-gpu"], "ONNX Runtime can't be imported (import of onnxruntime halted"),
+    ],
+)
+def test_two_onnxruntimes_or_none_are_refused_in_one_line_with_the_fix(monkeypatch, installed, message):
+    """onnxruntime and onnxruntime-gpu write one module folder: a command that needs ONNX Runtime
+    refuses (exit 2) in one line that says how to get back to one, before exporting or timing."""
+    import sys
+
+    from kbench.serving.latency import LatencyConfig
+
+    from conftest import run_cli
+
+    monkeypatch.setattr(runtimes, "onnxruntime_packages", lambda: installed)
+    if len(installed) < 2:  # the folder gone, or half-removed
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(KbenchError, match=re.escape(message)) as error:
+        runtimes.onnxruntime_module()
+    assert "\n" not in str(error.value) and "make install" in str(error.value)
+    with pytest.raises(KbenchError, match=re.escape(message)):
+        LatencyConfig(["small_cnn"], ["keras-predict", "onnxruntime-cpu"]).check()
+    LatencyConfig(["small_cnn"], ["keras-predict"]).check()  # Keras alone needs no ONNX Runtime
+    done = run_cli("latency", "small_cnn", "--runtime", "onnxruntime-cpu")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and message in done.stderr

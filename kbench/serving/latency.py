@@ -22,7 +22,7 @@ from kbench.core.machine import facts
 from kbench.core.metrics import relative_difference
 from kbench.core.tables import distinct_names, latency_text
 from kbench.data.synthetic import sample_pixels
-from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime
+from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime, onnxruntime_module
 
 
 @dataclass
@@ -58,6 +58,8 @@ class LatencyConfig:
             raise KbenchError("--batch-size names no batch size")
         if self.weights not in ("none", "imagenet"):
             raise KbenchError(f"--weights must be imagenet or none; got {self.weights!r}")
+        if any(not name.startswith("keras-") for name in self.runtimes):  # export and time with ONNX Runtime
+            onnxruntime_module()  # one line with the fix where it is missing or installed twice
         for model in self.models:  # each MODEL refused here, before the progress bar and any timing
             _check_model(model)
         return self

@@ -30,10 +30,47 @@ RUNTIMES = (
 )
 
 
+# ONNX Runtime's two packages install one module folder, `onnxruntime`: exactly one may be installed.
+# kbench's extras hold one each (`kbench[cpu]`, `kbench[cuda]`); these say how to get back to one.
+ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
+ONNXRUNTIME_FIX = (
+    "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'kbench[cpu]' (or 'kbench[cuda]' on a "
+    "GPU machine), or run `make install`"
+)
+
+
+def onnxruntime_packages() -> list[str]:
+    """Which of ONNX Runtime's packages are installed (they share the module ``onnxruntime``)."""
+    import importlib.metadata
+
+    installed = []
+    for package in ONNXRUNTIME_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version(package)
+            installed.append(package)
+    return installed
+
+
+def onnxruntime_module():
+    """The ``onnxruntime`` module, or KbenchError in one line that says the fix: where neither package
+    is installed, where both are (each install overwrote the other's files in the one folder, and
+    removing one breaks the other), or where the module can't be imported (a folder left half-removed)."""
+    packages = onnxruntime_packages()
+    if len(packages) > 1:
+        raise KbenchError(f"both onnxruntime and onnxruntime-gpu are installed in one module folder: {ONNXRUNTIME_FIX}")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        if not packages:
+            raise KbenchError(f"ONNX Runtime is not installed: {ONNXRUNTIME_FIX.split(', then ', 1)[1]}") from None
+        raise KbenchError(f"ONNX Runtime can't be imported ({first_line(error, 120)}): {ONNXRUNTIME_FIX}") from None
+    return onnxruntime
+
+
 def onnx_session(path: str, providers: list[str], options=None):
     """An ONNX Runtime session over ``path``; KbenchError in one line for a missing, empty or
     corrupt file (ONNX Runtime's own message is a page of C++ context)."""
-    import onnxruntime
+    onnxruntime = onnxruntime_module()
 
     if not os.path.isfile(path):
         raise KbenchError(f"not found: {path}")
@@ -280,8 +317,7 @@ class OnnxRuntimeCPU(Runtime):
     def options(self, candidate: SpinningCandidate | None = None):
         """Session options from the settings, or with a probe candidate's spinning and threads. Where
         spinning is still to be measured and no candidate is given, it is left at ONNX Runtime's default."""
-        import onnxruntime
-
+        onnxruntime = onnxruntime_module()
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads, spinning = self.threads, self.settings.spinning
@@ -400,8 +436,7 @@ class OnnxRuntimeCUDA(OnnxRuntimeCPU):
         self.threads, self.fixed = threads, False
 
     def prepare(self, model, image_size):
-        import onnxruntime
-
+        onnxruntime = onnxruntime_module()
         if self.provider not in onnxruntime.get_available_providers():
             raise Unavailable("this onnxruntime has no CUDA provider (`make install CUDA=1` installs onnxruntime-gpu)")
         missing = preload_cuda_libraries()
@@ -483,7 +518,7 @@ def preload_cuda_libraries() -> str:
     """Load the CUDA and cuDNN libraries of the ``nvidia-*`` wheels for onnxruntime-gpu, which the
     dynamic loader doesn't find by itself (ONNX Runtime >= 1.21; a no-op for the CPU package).
     ONNX Runtime prints its failures; they are kept out of stdout and the first is returned ("" if none)."""
-    import onnxruntime
+    onnxruntime = onnxruntime_module()
 
     if not hasattr(onnxruntime, "preload_dlls"):
         return ""
