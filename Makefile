@@ -17,8 +17,6 @@ OTHER_SET := onnxruntime-gpu
 else
 $(error CUDA must be 1 (the CUDA builds) or 0 (the CPU builds), not '$(CUDA)')
 endif
-# The base set brings the CPU onnxruntime; the CUDA set swaps it for this, alone (see pyproject.toml).
-ORT_GPU := 'onnxruntime-gpu[cuda,cudnn,symbolic]'
 # One stamp per set, so that switching between them re-installs.
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
@@ -26,11 +24,11 @@ STAMP := $(VENV)/.installed-$(FLAVOUR)
 
 install: $(STAMP)
 
-# Re-runs only when the dependencies or the set change; `make install` is idempotent. onnxruntime and
-# onnxruntime-gpu install the same module folder, so removing one breaks the other: when the other
-# set's ONNX Runtime is there, both go (with the CUDA set's JAX plugin and NVIDIA libraries, which
-# would otherwise keep JAX and TensorFlow on the GPU under CUDA=0) and the install puts the chosen
-# one back whole.
+# Re-runs only when the dependencies or the set change; `make install` is idempotent. Each set's extra
+# holds its own ONNX Runtime (onnxruntime or onnxruntime-gpu, see pyproject.toml). The two install the
+# same module folder, so removing one breaks the other: when switching sets, while the other set's
+# ONNX Runtime is there, both go (with the CUDA set's JAX plugin and NVIDIA libraries, which would
+# otherwise keep JAX and TensorFlow on the GPU under CUDA=0) and the install puts the chosen one back whole.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -40,8 +38,6 @@ $(STAMP): pyproject.toml constraints.txt
 	    $(if $(filter cpu,$(FLAVOUR)),jax-cuda12-plugin jax-cuda12-pjrt $$($(PY) -m pip freeze | grep -o '^nvidia-[a-z0-9-]*-cu12')); \
 	fi
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,$(FLAVOUR)]'
-	$(if $(filter cuda,$(FLAVOUR)),$(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu && \
-	  $(PY) -m pip install --quiet -c constraints.txt $(ORT_GPU))
 	touch $(STAMP)
 
 demo: install

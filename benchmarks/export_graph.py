@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 
@@ -46,6 +47,7 @@ from kbench.core.backend import use_backend  # noqa: E402
 from kbench.core.errors import first_line  # noqa: E402
 from kbench.models.backbones import build_classifier, get_backbone  # noqa: E402
 from kbench.models.settle import settle_random_weights  # noqa: E402
+from kbench.serving.runtimes import FIXED_CPU_SETTINGS, CpuSettings, OnnxRuntimeCPU, onnx_session  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
 PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")
@@ -98,12 +100,11 @@ def peer_export(backbone: str, image_size: int, output: str) -> str | None:
 # The settings every variant is timed with, unless --session-options says otherwise: kbench's
 # onnxruntime-cpu with spinning off (its shared-machine candidate; ``kbench latency`` measures which of
 # its two candidates to use, which a comparison of graphs must not do per variant).
-FIXED_SETTINGS = {"spinning": False}
+FIXED_SETTINGS = {"settings": replace(FIXED_CPU_SETTINGS, spinning=False)}
 
 
 def session(path: str, settings: dict | None = None):
-    from kbench.serving.runtimes import OnnxRuntimeCPU, onnx_session
-
+    """A session with OnnxRuntimeCPU's options for ``settings`` (its keywords: threads, settings)."""
     runtime = OnnxRuntimeCPU(**(FIXED_SETTINGS if settings is None else settings))
     return onnx_session(path, ["CPUExecutionProvider"], runtime.options())
 
@@ -281,12 +282,12 @@ def measure_backbone(name: str, args, folder: str, backend: str) -> list[dict]:
 
 # ONNX Runtime session options timed by --session-options, as kbench.serving.runtimes.OnnxRuntimeCPU settings.
 SESSION_VARIANTS = {
-    "ORT defaults (threads 0)": {"threads": 0, "tuned": False},
-    "threads = physical cores": {"tuned": False},
-    "no spinning": {"tuned": False, "spinning": False},
-    "denormals as zero": {"tuned": False, "denormal_as_zero": True},
-    "NHWC layout transformer off": {"tuned": False, "nhwc": False},
-    "kbench's settings, spinning off": {"spinning": False},
+    "ORT defaults (threads 0)": {"threads": 0, "settings": CpuSettings()},
+    "threads = physical cores": {"settings": CpuSettings()},
+    "no spinning": {"settings": CpuSettings(spinning=False)},
+    "denormals as zero": {"settings": CpuSettings(denormal_as_zero=True)},
+    "NHWC layout transformer off": {"settings": CpuSettings(nhwc=False)},
+    "kbench's settings, spinning off": FIXED_SETTINGS,
 }
 OPTION_HEADER = "| session options | batch | p50 ms | / ORT defaults |\n|---|---|---|---|"
 

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one call, within 8 minutes: on your GPU machine, after `make install` (which
-# installs the CUDA builds when nvidia-smi lists a GPU), run
+# The GPU check in one call of about 7 minutes, JAX only (benchmarks/docs/gpu.md): each measure prints a
+# RESULT line, and results.json lands in ${OUT:-reports/gpu}/. Run from anywhere:
 #   bash benchmarks/gpu.sh [gpu_bench.py options]        # or: make bench-gpu
-# It uses the repository's .venv when there is one, else python3. It writes gpu.md (the tables for
-# benchmarks/README.md, headed by the card's name) and gpu.json to ${OUT:-reports/gpu}/.
-#
-# On a machine where nothing can be installed, carry the missing packages as wheels in .whl/ at the
-# repository's root (e.g. keras, onnx, tf2onnx, onnxruntime-gpu, opencv-python-headless, click, and
-# their own dependencies): the wheels of packages that python3 doesn't already have are installed
-# into a temporary folder put first on PYTHONPATH, and removed afterwards.
+# It uses $PYTHON, else the repository's .venv when there is one, else python3 (a lent machine's, which has JAX but
+# no Keras). Carry what python3 lacks as wheels in .whl/ at the repository's root (for a lent machine:
+# keras, namex, optree; see benchmarks/docs/gpu.md): the wheels of packages python3 doesn't already
+# have are installed into a temporary folder put first on PYTHONPATH, and removed afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=python3
-if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
+if [ -z "${PYTHON:-}" ]; then  # PYTHON=... chooses the interpreter
+  PYTHON=python3
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   SITE=$(mktemp -d)
   trap 'rm -rf "$SITE"' EXIT
@@ -29,7 +28,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi lists no GPU" >&2
-# The script keeps to a 420 s budget and writes after every measure; the limit is the safety net.
+export PYTHONUNBUFFERED=1 KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=2
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>/dev/null \
+  || echo "nvidia-smi lists no GPU" >&2
+# The script keeps to a 420 s budget (each measure skipped when it would not fit); the limit is the net.
 timeout 480 "$PYTHON" benchmarks/gpu_bench.py --output-dir "${OUT:-reports/gpu}" "$@"

@@ -1,33 +1,34 @@
-"""GPU benchmark for kbench in one call, within a time budget: training images/s (from in-memory
-arrays and through kbench's pipeline from JPEGs in a zip; float32 and mixed bfloat16; each batch
-size; JAX and TensorFlow), Keras-compiled and ONNX Runtime CUDA latency, and the input pipeline's
-images/s with all host cores. Writes gpu.md (tables for benchmarks/README.md, headed by the card's
-name) and gpu.json into --output-dir, after every finished measure, so a killed run keeps its rows.
+"""The GPU check for a lent machine, in about 7 minutes, JAX only: each measure prints one ``RESULT``
+line (``RESULT name value key=value ...``) and all of them land in results.json in --output-dir.
 
-    python benchmarks/gpu_bench.py [--backbones efficientnet_b0,mobilenet_v2] [--batch-sizes 256,64]
-        [--backends jax,tensorflow] [--budget-seconds 420] [--output-dir reports/gpu]
+    python benchmarks/gpu_bench.py [--budget-seconds 420] [--output-dir reports/gpu]
+    python benchmarks/gpu_bench.py --tiny            # the same path at toy sizes, on any CPU (tests)
 
-`benchmarks/gpu.sh` runs it with an 8-minute limit. Each backend trains in a subprocess of its own
-(Keras fixes its backend per process) and the latency runs in a third; each gets a share of the
-budget (--shares), measures in priority order (largest batch, first backbone, bfloat16 first) and
-stops starting new measures when the next one would not fit; what didn't fit is reported as skipped.
-Training is timed as `kbench train` runs it: `model.fit` over kbench's batches, one step after
-another (kbench's epoch clock synchronises every step), after two untimed steps that compile.
-On a CPU it runs too (the tests use it at tiny sizes); mixed precision is then refused where
-`kbench train` refuses it (everywhere but bfloat16 on a CPU with native bf16).
+Measures, in this order (a measure that would not fit in what is left of the budget is reported as
+``skipped``):
+
+- ``train_images_per_second``: EfficientNet-B0 at batch 256, mixed bfloat16, `model.fit` over uint8
+  batches with kbench's async-safe callbacks (as `kbench train` runs it); target >= 2,000 on an H100;
+- ``step_sync``: the same fit with one more callback that reads the loss every batch (a host sync per
+  step, which turns Keras' asynchronous callbacks off): its images/s over the async run's;
+- ``loader_images_per_second``: kbench's ImageLoader (decode, resize, augment) over generated JPEGs at 8
+  and at 16 threads;
+- ``keras_compiled_ms``: kbench's keras-compiled runtime (jax.jit over stateless_call), batch 1 and 32,
+  timed host to host as `kbench latency` times every row;
+- ``tf32_gap``: the forward pass at JAX's default precision (TF32 on Ampere and newer) against full
+  float32 (kbench.core.backend.full_float32): its time ratio and the largest relative difference.
+
+Keras must be importable: on a machine without it carry the wheels (benchmarks/gpu.sh installs them).
+TensorFlow, ONNX Runtime and OpenVINO are never imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import queue
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -38,41 +39,48 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import record  # noqa: E402
-from kbench.core import machine  # noqa: E402
-from kbench.core.errors import first_line  # noqa: E402
 
-TRAIN_COLUMNS = [
-    "backend",
-    "backbone",
-    "precision",
-    "batch_size",
-    "device",
-    "compile_seconds",
-    "in_memory_images_per_second",
-    "pipeline_images_per_second",
-    "pipeline_share",
-    "status",
-]
-LATENCY_COLUMNS = [
-    "backbone",
-    "runtime",
-    "backend",
-    "device",
-    "batch_size",
-    "p50_ms",
-    "p90_ms",
-    "images_per_second",
-    "status",
-]
-PIPELINE_COLUMNS = ["measure", "threads", "images", "images_per_second", "status"]
-DEFAULT_SHARES = "pipeline=0.04,train-jax=0.46,latency=0.2,train-tensorflow=0.3"
-GRACE_SECONDS = 10  # past its share a worker is stopped; its unfinished measure is reported as skipped
+FULL = {
+    "backbone": "efficientnet_b0",
+    "image_size": 224,
+    "batch_size": 256,
+    "steps": 30,
+    "loader_images": 2048,
+    "latency_runs": 50,
+    "target_images_per_second": 2000,
+}
+TINY = {
+    "backbone": "small_cnn",
+    "image_size": 32,
+    "batch_size": 8,
+    "steps": 3,
+    "loader_images": 32,
+    "latency_runs": 3,
+    "target_images_per_second": None,
+}
+LOADER_THREADS = (8, 16)
+LATENCY_BATCHES = (1, 32)
+# Seconds each measure may take at full size (compiling included), to skip what won't fit.
+ESTIMATES = {"train": 150, "step_sync": 40, "loader": 30, "latency": 60, "tf32": 60}
 
 
-# ---------------------------------------------------------------- data and the input pipeline
+class Results:
+    """RESULT lines on stdout as they come, and results.json rewritten after each."""
+
+    def __init__(self, output_dir: str, command: str, sizes: dict):
+        self.path = os.path.join(output_dir, "results.json")
+        os.makedirs(output_dir, exist_ok=True)
+        self.record = {"command": command, "sizes": sizes, "machine": {}, "results": []}
+
+    def add(self, name: str, value, **fields) -> None:
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(" ".join(["RESULT", name, shown, *(f"{key}={item}" for key, item in fields.items())]), flush=True)
+        self.record["results"].append({"name": name, "value": value, **fields})
+        with open(self.path, "w") as handle:
+            json.dump(self.record, handle, indent=2)
 
 
-def write_images(path: str, count: int, workers: int) -> None:
+def write_images(path: str, count: int) -> None:
     """``count`` JPEGs of about Kaggle's Dogs vs. Cats size (400 x 350) in a zip, Kaggle's names."""
     import cv2
 
@@ -82,465 +90,205 @@ def write_images(path: str, count: int, workers: int) -> None:
         image = make_image(index % 2, 128, np.random.default_rng(index))
         return f"train/{CLASSES[index % 2]}.{index}.jpg", encode_jpeg(cv2.resize(image, (400, 350)))
 
-    with ThreadPoolExecutor(workers) as pool, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+    with ThreadPoolExecutor(os.cpu_count()) as pool, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for name, data in pool.map(one, range(count)):
             archive.writestr(name, data)
 
 
-def pipeline_rows(data: str, image_size: int, batch_size: int) -> list[dict]:
-    """Images/s of one augmented pass of kbench's ImageLoader with all host cores and with its default."""
-    from kbench.data.dataset import find_images
+def loader_rate(images, sizes: dict, threads: int) -> float:
+    """Images/s of one augmented epoch of kbench's ImageLoader with ``threads`` threads."""
     from kbench.data.loader import ImageLoader
 
-    images = find_images(data)
-    rows = []
-    for label, workers in (("all host cores", os.cpu_count() or 1), ("kbench default", None)):
-        loader = ImageLoader(
-            images, np.arange(len(images)), image_size, batch_size, augment=True, shuffle=True, workers=workers
-        )
+    loader = ImageLoader(
+        images,
+        np.arange(len(images)),
+        sizes["image_size"],
+        sizes["batch_size"],
+        augment=True,
+        shuffle=True,
+        workers=threads,
+        pixel_dtype="uint8",
+    )
+    try:
         start = time.perf_counter()
-        count = sum(len(loader.batch(0, index)[1]) for index in range(len(loader)))
-        seconds = time.perf_counter() - start
+        count = sum(len(labels) for _, labels in loader)
+        return count / (time.perf_counter() - start)
+    finally:
         loader.close()
-        rows.append(
-            {
-                "measure": f"decode, resize, augment ({label})",
-                "threads": loader.workers,
-                "images": count,
-                "images_per_second": count / seconds,
-                "status": "ok",
-            }
-        )
-    return rows
 
 
-# ---------------------------------------------------------------- the training worker
-
-
-def train_plan(args) -> list[tuple[str, str, int]]:
-    """(backbone, precision, batch size) in priority order."""
-    return [
-        (backbone, precision, batch)
-        for batch in args.batch_sizes
-        for backbone in args.backbones
-        for precision in args.precisions
-    ]
-
-
-def timed_fit(model, batches, batch_size: int, max_steps: int, max_seconds: float) -> float:
-    """Images/s of ``model.fit`` over ``batches`` (a keras PyDataset), timed from the end of its
-    second step to the end of its last, at most ``max_steps`` timed steps or ``max_seconds``."""
+def fit_rate(model, pixels, labels, steps: int, sync_every_step: bool) -> float:
+    """Images/s of ``model.fit`` over ``steps`` copies of one batch (compiled beforehand). kbench's
+    callbacks are async-safe; ``sync_every_step`` adds one that reads the loss after every batch."""
     import keras
 
-    class Clock(keras.callbacks.Callback):
-        start, steps = None, 0
-
-        def on_train_batch_end(self, batch, logs=None):  # logs arrive synchronised, as in kbench train
-            now = time.perf_counter()
-            if batch == 1:
-                self.start = now
-            elif batch > 1:
-                self.steps, self.end = batch - 1, now
-                if self.steps >= max_steps or now - self.start > max_seconds:
-                    self.model.stop_training = True
-
-    clock = Clock()
-    model.fit(batches, epochs=1, verbose=0, callbacks=[clock])
-    if not clock.steps:
-        raise RuntimeError(f"too few batches to time ({len(batches)}; 3 or more needed)")
-    return clock.steps * batch_size / (clock.end - clock.start)
-
-
-def measure_training(backbone: str, batch_size: int, args, images) -> dict:
-    """One model: compile, then images/s from a fixed in-memory batch and through kbench's pipeline."""
-    import keras
-
-    from kbench.data.loader import ImageLoader
-    from kbench.models.backbones import build_classifier, get_backbone
-    from kbench.training.train import epoch_batches
-
-    model = build_classifier(get_backbone(backbone), 2, args.image_size, "none")
-    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", metrics=["accuracy"])
-    first = ImageLoader(images, np.arange(batch_size), args.image_size, batch_size)  # one batch, no prefetch
-    pixels, labels = first.batch(0, 0)
-    first.close()
-    labels = labels.astype("float32")[:, None]
-
-    class InMemory(keras.utils.PyDataset):
-        def __init__(self, length):
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
             super().__init__(workers=1, use_multiprocessing=False)
-            self.length = length
 
         def __len__(self):
-            return self.length
+            return steps
 
         def __getitem__(self, index):
             return pixels, labels
 
+    class EpochOnly(keras.callbacks.Callback):  # kbench's epoch clock: reads nothing per step
+        async_safe = True
+
+    class ReadsLoss(keras.callbacks.Callback):  # the per-step host sync kbench had before #38.4
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+
+    callbacks = [EpochOnly()] + ([ReadsLoss()] if sync_every_step else [])
     start = time.perf_counter()
-    model.fit(InMemory(2), epochs=1, verbose=0)  # compiles the train step, for both feeds
-    compile_seconds = time.perf_counter() - start
-    loader = ImageLoader(images, np.arange(len(images)), args.image_size, batch_size, augment=True, shuffle=True)
-    steps = len(loader)
-    try:
-        in_memory = timed_fit(model, InMemory(steps), batch_size, args.steps, args.measure_seconds)
-        fed = timed_fit(model, epoch_batches(loader, 1, True), batch_size, args.steps, args.measure_seconds)
-    finally:
-        loader.close()
-    from kbench.serving.runtimes import keras_device
-
-    return {
-        "device": keras_device(),
-        "compile_seconds": compile_seconds,
-        "in_memory_images_per_second": in_memory,
-        "pipeline_images_per_second": fed,
-        "pipeline_share": fed / in_memory,
-        "status": "ok",
-    }
+    model.fit(Batches(), epochs=1, verbose=0, callbacks=callbacks)
+    return steps * len(labels) / (time.perf_counter() - start)
 
 
-def run_train_worker(args) -> None:
-    from kbench.core.backend import use_backend
-
-    use_backend(args.backend)
+def train_model(sizes: dict, images):
+    """The classifier compiled as kbench trains it, one uint8 batch from kbench's loader, and the train
+    step compiled (two untimed steps)."""
     import keras
 
-    from kbench.core.errors import KbenchError
-    from kbench.data.dataset import find_images
-    from kbench.training.devices import training_devices
+    from kbench.data.loader import ImageLoader
+    from kbench.models.backbones import build_classifier, get_backbone
 
-    images = find_images(args.data)
-    took: dict[str, float] = {}
-    for backbone, precision, batch in train_plan(args):
-        row = {"backend": args.backend, "backbone": backbone, "precision": precision, "batch_size": batch}
-        estimate = took.get(backbone, min(took.values(), default=0.0))
-        if time.time() + estimate > args.deadline:
-            emit({**row, "status": f"skipped: its share of the budget is spent (about {estimate:.0f} s needed)"})
-            continue
-        start = time.time()
-        try:
-            with training_devices(None, batch, None if precision == "float32" else precision):
-                row.update(measure_training(backbone, batch, args, images))
-        except KbenchError as error:
-            row["status"] = f"refused: {error}"
-        except Exception as error:  # out of memory at batch 256, a backend's own failure: the others go on
-            row["status"] = f"failed: {first_line(error, named=True)}"
-        took[backbone] = max(took.get(backbone, 0.0), time.time() - start)
-        emit(row)
-        keras.backend.clear_session()
-        gc.collect()
+    model = build_classifier(get_backbone(sizes["backbone"]), 2, sizes["image_size"], "none")
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
+    batch = sizes["batch_size"]
+    loader = ImageLoader(images, np.arange(batch), sizes["image_size"], batch, pixel_dtype="uint8")
+    pixels, labels = loader.batch(0, 0)
+    loader.close()
+    labels = labels.astype("float32")[:, None]
+    fit_rate(model, pixels, labels, 2, sync_every_step=False)  # compiles
+    return model, pixels, labels
 
 
-# ---------------------------------------------------------------- the latency worker
-
-
-def export_on_cpu(keras_path: str, onnx_path: str) -> str | None:
-    """Export with kbench's checked ONNX export in a CPU-only TensorFlow process (the parity check
-    then compares float32 on both sides); None if it worked, else why not."""
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "cli.py"),
-            "export",
-            "onnx",
-            keras_path,
-            "-o",
-            onnx_path,
-            "--backend",
-            "tensorflow",
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-    )
-    if done.returncode == 0:
-        return None
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit code {done.returncode}"
-
-
-def run_latency_worker(args) -> None:
+def measure(args, results: Results) -> None:
     from kbench.core.backend import use_backend
 
-    use_backend(args.backend)
-    import onnxruntime
+    use_backend("jax")
+    import jax
+    import keras
 
-    from kbench.models.backbones import build_classifier, get_backbone
-    from kbench.models.settle import settle_random_weights
-    from kbench.serving.latency import LatencyConfig, iter_latency
+    from kbench.core import machine, timing
+    from kbench.core.backend import full_float32
+    from kbench.core.metrics import relative_difference
+    from kbench.data.dataset import find_images
+    from kbench.serving.runtimes import KerasCompiled, keras_device
+    from kbench.training.devices import training_devices
 
-    cuda_listed = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    took = 0.0
-    with tempfile.TemporaryDirectory(prefix="kbench-gpu-latency-") as scratch:
-        for backbone in args.backbones:
-            base = {"backbone": backbone}
-            if time.time() + took > args.deadline:
-                emit({**base, "runtime": "all", "status": "skipped: its share of the budget is spent"})
-                continue
-            start = time.time()
-            keras_path = os.path.join(scratch, f"{backbone}.keras")
-            model = build_classifier(get_backbone(backbone), 2, args.image_size, "none")
-            settle_random_weights(model)  # random weights made numerically tame: see its docstring
-            model.save(keras_path)
-            runtimes, why_not = ["keras-compiled"], None
-            carried = os.path.join(args.onnx_dir or "", f"{backbone}.onnx")
-            if not cuda_listed:
-                why_not = "onnxruntime-gpu is not installed here (`make install CUDA=1` installs it)"
-            elif args.onnx_dir and os.path.isfile(carried):
-                pass  # timed below from the file exported beforehand
-            else:
-                why_not = export_on_cpu(keras_path, os.path.join(scratch, f"{backbone}.onnx"))
-                why_not = f"ONNX export failed: {why_not}" if why_not else None
-                runtimes += [] if why_not else ["onnxruntime-cuda"]
-            config = LatencyConfig(
-                [keras_path],
-                runtimes,
-                args.latency_batch_sizes,
-                args.latency_runs,
-                args.latency_warmup,
-                export_dir=scratch,
-            )
-            rows = list(iter_latency(config))
-            if cuda_listed and args.onnx_dir and os.path.isfile(carried):
-                rows += list(
-                    iter_latency(
-                        LatencyConfig(
-                            [carried],
-                            ["onnxruntime-cuda"],
-                            args.latency_batch_sizes,
-                            args.latency_runs,
-                            args.latency_warmup,
-                        )
-                    )
-                )
-            for row in rows:
-                emit({**base, **{key: row.get(key) for key in LATENCY_COLUMNS if key in row}})
-            if why_not:
-                for batch in args.latency_batch_sizes:
-                    emit(
-                        {
-                            **base,
-                            "runtime": "onnxruntime-cuda",
-                            "batch_size": batch,
-                            "status": f"unavailable: {why_not}",
-                        }
-                    )
-            took = max(took, time.time() - start)
-
-
-# ---------------------------------------------------------------- the parent: workers, budget, report
-
-
-def emit(row: dict) -> None:
-    """Worker -> parent: one row as one line on stdout."""
-    print("ROW " + json.dumps(row), flush=True)
-
-
-def run_worker(kind: str, backend: str, deadline: float, args, on_row) -> str | None:
-    """Run a worker subprocess until it ends or ``deadline`` + grace passes; ``on_row`` gets each row.
-    Returns None, or why the worker stopped early."""
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        kind,
-        "--backend",
-        backend,
-        "--deadline",
-        str(deadline),
-        "--data",
-        args.data,
-        *args.passed,
-    ]
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    if kind == "latency":  # JAX and ONNX Runtime share the GPU: JAX takes memory as it needs it
-        environment["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
-    lines: queue.Queue = queue.Queue()
-
-    def read():  # a thread, so that the parent can stop waiting at the deadline
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    while True:
-        try:
-            line = lines.get(timeout=max(0.1, deadline + GRACE_SECONDS - time.time()))
-        except queue.Empty:
-            process.kill()
-            process.wait()
-            return f"stopped at the end of its share ({kind} {backend})"
-        if line is None:
-            break
-        if line.startswith("ROW "):
-            on_row(json.loads(line[4:]))
-    process.wait()
-    return None if process.returncode == 0 else f"{kind} {backend} worker exited with code {process.returncode}"
-
-
-def host_facts(gpus: list[dict]) -> dict:
-    return {"gpus": gpus, "cpu": machine.cpu().model, "cores": os.cpu_count(), "versions": machine.versions()}
-
-
-def write_report(result: dict, output_dir: str) -> str:
-    from kbench.core.files import write_text
-    from kbench.core.tables import format_table
-
-    host = result["machine"]
-    card = "; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in host["gpus"])
-    versions = ", ".join(f"{name} {version}" for name, version in host["versions"].items())
-    budgets = ", ".join(
-        f"{group} {share * result['budget_seconds']:.0f} s" for group, share in result["shares"].items()
-    )
-    parts = [
-        f"Device: {card or 'CPU only (no GPU listed by nvidia-smi)'}; host {host['cpu']}, {host['cores']} cores",
-        f"{versions}; image size {result['image_size']}; {result['seconds']:.0f} s of a "
-        f"{result['budget_seconds']:.0f} s budget ({budgets})",
-        "",
-        "Training (images/s; pipeline_share = through kbench's pipeline / in-memory)",
-        "",
-        format_table(result["train"], TRAIN_COLUMNS, style="markdown"),
-        "",
-        "Inference latency (ms)",
-        "",
-        format_table(result["latency"], LATENCY_COLUMNS, style="markdown"),
-        "",
-        "Input pipeline (JPEGs in a zip, 400 x 350 px)",
-        "",
-        format_table(result["pipeline"], PIPELINE_COLUMNS, style="markdown"),
-    ]
-    if result["notes"]:
-        parts += ["", *(f"- {note}" for note in result["notes"])]
-    table = "\n".join(parts) + "\n"
-    os.makedirs(output_dir, exist_ok=True)
-    write_text(os.path.join(output_dir, "gpu.md"), table)
-    write_text(os.path.join(output_dir, "gpu.json"), json.dumps(result, indent=2) + "\n")
-    return table
-
-
-def _shares(text: str, groups: list[str]) -> dict[str, float]:
-    given = dict(part.split("=") for part in text.split(","))
-    shares = {group: float(given.get(group, 0.0)) for group in groups}
-    total = sum(shares.values()) or 1.0
-    return {group: share / total for group, share in shares.items()}
-
-
-def main(argv=None) -> str:
-    args = parse(argv)
-    if args.worker:
-        (run_train_worker if args.worker == "train" else run_latency_worker)(args)
-        return ""
-    import importlib.util
-
-    started = time.time()
-    end = started + args.budget_seconds
-    backends = [b for b in args.backends if b != "tensorflow" or importlib.util.find_spec("tensorflow")]
-    groups = [
-        "pipeline",
-        *([f"train-{backends[0]}", "latency", *(f"train-{b}" for b in backends[1:])] if backends else []),
-    ]
-    shares = _shares(args.shares, groups)
-    result = {
-        "command": record.command_line(__file__, argv),  # benchmarks/README.md quotes it under the tables
-        "machine": host_facts(machine.gpu_details()),
-        "image_size": args.image_size,
-        "budget_seconds": args.budget_seconds,
-        "shares": shares,
-        "seconds": 0.0,
-        "train": [],
-        "latency": [],
-        "pipeline": [],
-        "notes": [],
+    sizes = TINY if args.tiny else FULL
+    device = keras_device()
+    results.record["machine"] = {
+        "device": device,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "gpus": machine.list_gpus(),
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "keras": keras.__version__,
     }
-    if "tensorflow" in args.backends and "tensorflow" not in backends:
-        result["notes"].append("TensorFlow is not installed here: no TensorFlow training rows")
+    print(f"device {device}: {results.record['machine']['jax_devices']}", flush=True)
+    end = time.time() + args.budget_seconds
+    scale = 0.1 if args.tiny else 1.0
 
-    def save():
-        result["seconds"] = time.time() - started
-        return write_report(result, args.output_dir)
+    def fits(name: str) -> bool:
+        if time.time() + scale * ESTIMATES[name] <= end:
+            return True
+        results.add(name, "skipped", why=f"about {ESTIMATES[name]} s needed, the budget is spent")
+        return False
 
+    common = {"model": sizes["backbone"], "image_size": sizes["image_size"], "device": device}
     with tempfile.TemporaryDirectory(prefix="kbench-gpu-") as folder:
-        args.data = os.path.join(folder, "train.zip")
-        write_images(args.data, args.pipeline_images, os.cpu_count() or 1)
-        deadline = started
-        for group in groups:
-            deadline = min(end, deadline + shares[group] * args.budget_seconds)
-            if group == "pipeline":
-                result["pipeline"] = pipeline_rows(args.data, args.image_size, max(args.batch_sizes))
-            else:
-                kind, backend = ("latency", backends[0]) if group == "latency" else ("train", group.split("-", 1)[1])
+        data = os.path.join(folder, "train.zip")
+        write_images(data, sizes["loader_images"])
+        images = find_images(data)
+        # bfloat16 on the GPU; a CPU (the tiny run) trains in float32, as kbench train there without AMX
+        precision = "bfloat16" if device.startswith("gpu") else None
+        if fits("train"):
+            try:
+                with training_devices(None, sizes["batch_size"], precision):
+                    model, pixels, labels = train_model(sizes, images)
+                    rate = fit_rate(model, pixels, labels, sizes["steps"], sync_every_step=False)
+                    shown = {**common, "batch": sizes["batch_size"], "precision": precision or "float32"}
+                    results.add("train_images_per_second", rate, **shown, target=sizes["target_images_per_second"])
+                    if fits("step_sync"):
+                        synced = fit_rate(model, pixels, labels, sizes["steps"], sync_every_step=True)
+                        results.add("step_sync", synced / rate, **shown, synced_images_per_second=round(synced, 1))
+                del model
+            except Exception as error:  # out of memory, a backend's own failure: the other measures go on
+                results.add("train_images_per_second", "failed", why=f"{type(error).__name__}: {error}"[:200])
+            keras.backend.clear_session()
+        if fits("loader"):
+            for threads in LOADER_THREADS:
+                rate = loader_rate(images, sizes, threads)
+                results.add("loader_images_per_second", rate, threads=threads, images=len(images), cores=os.cpu_count())
+        model = None
+        if fits("latency"):
+            from kbench.models.backbones import build_classifier, get_backbone
 
-                def keep(row, rows=result[kind]):
-                    rows.append(row)
-                    save()
+            model = build_classifier(get_backbone(sizes["backbone"]), 2, sizes["image_size"], "none")
+            runtime = KerasCompiled()
+            runtime.prepare(model, (sizes["image_size"],) * 2)
+            for batch in LATENCY_BATCHES:
+                pixels = np.random.default_rng(batch).uniform(0, 255, (batch, *(sizes["image_size"],) * 2, 3))
+                pixels = pixels.astype("float32")
+                milliseconds = timing.time_calls(lambda p=pixels: runtime.run(p), sizes["latency_runs"], 5)
+                stats = timing.stats(milliseconds)
+                results.add(
+                    "keras_compiled_ms", stats["p50_ms"], **common, batch=batch, p90_ms=round(stats["p90_ms"], 3)
+                )
+        if fits("tf32"):
+            from kbench.models.backbones import build_classifier, get_backbone
 
-                stopped = run_worker(kind, backend, deadline, args, keep)
-                result["notes"] += [stopped] if stopped else []
-            if group.startswith("train-"):
-                done = {
-                    (r["backbone"], r["precision"], r["batch_size"]) for r in result["train"] if r["backend"] == backend
-                }
-                result["train"] += [
-                    {
-                        "backend": backend,
-                        "backbone": b,
-                        "precision": p,
-                        "batch_size": n,
-                        "status": "skipped: its share of the budget ran out while it ran",
-                    }
-                    for b, p, n in train_plan(args)
-                    if (b, p, n) not in done
-                ]
-            save()
-    table = save()
-    print(table)
-    return table
+            model = model or build_classifier(get_backbone(sizes["backbone"]), 2, sizes["image_size"], "none")
+            pixels = np.random.default_rng(0).uniform(0, 255, (32, *(sizes["image_size"],) * 2, 3)).astype("float32")
+            forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
+            weights = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
 
+            def run():
+                return np.asarray(forward(*weights, pixels))
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+            default = run()
+            default_ms = timing.stats(timing.time_calls(run, sizes["latency_runs"], 3))["p50_ms"]
+            with full_float32():  # part of JAX's compilation key: compiled again at 'highest'
+                full = run()
+                full_ms = timing.stats(timing.time_calls(run, sizes["latency_runs"], 3))["p50_ms"]
+            results.add(
+                "tf32_gap",
+                full_ms / default_ms,
+                **common,
+                batch=32,
+                default_ms=round(default_ms, 3),
+                float32_ms=round(full_ms, 3),
+                relative_difference=f"{relative_difference(full, default):.2e}",
+            )
+    results.add("imported_tensorflow", "tensorflow" in sys.modules)
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", type=_names, default=_names("efficientnet_b0,mobilenet_v2"))
-    parser.add_argument("--image-size", type=record.positive_int, default=224)
-    parser.add_argument(
-        "--batch-sizes", type=record.positive_ints, default=[256, 64], help="training, in priority order"
-    )
-    parser.add_argument("--precisions", type=_names, default=["bfloat16", "float32"])
-    parser.add_argument(
-        "--backends",
-        type=_names,
-        default=["jax", "tensorflow"],
-        help="training backends; the first also times the latency",
-    )
-    parser.add_argument("--steps", type=record.positive_int, default=30, help="most timed training steps per feed")
-    parser.add_argument("--measure-seconds", type=float, default=6.0, help="most timed seconds per feed")
-    parser.add_argument(
-        "--pipeline-images", type=record.positive_int, default=4096, help="JPEGs in the zip (one epoch)"
-    )
-    parser.add_argument("--latency-batch-sizes", type=record.positive_ints, default=[1, 32])
-    parser.add_argument("--latency-runs", type=record.positive_int, default=50)
-    parser.add_argument("--latency-warmup", type=int, default=5)
-    parser.add_argument("--onnx-dir", help="NAME.onnx files exported beforehand (where this machine can't export)")
-    parser.add_argument("--budget-seconds", type=float, default=420)
-    parser.add_argument("--shares", default=DEFAULT_SHARES, help="each group's share of the budget")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (small_cnn at 32 px): the tests' CPU run")
+    parser.add_argument("--budget-seconds", type=record.positive_int, default=420)
     parser.add_argument("--output-dir", default=os.path.join("reports", "gpu"))
-    parser.add_argument("--worker", choices=["train", "latency"], help=argparse.SUPPRESS)
-    parser.add_argument("--backend", help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.latency_runs < 1 or args.pipeline_images < 3 * max(args.batch_sizes):
-        parser.error("--steps and --latency-runs must be positive, --pipeline-images at least 3 x the largest batch")
-    unknown = set(args.precisions) - {"float32", "bfloat16", "float16"}
-    if unknown or set(args.backends) - {"jax", "tensorflow"}:
-        parser.error("--precisions: float32, bfloat16, float16; --backends: jax, tensorflow")
-    args.passed = list(argv if argv is not None else sys.argv[1:])  # what the workers are given
+    backend = os.environ.get("KERAS_BACKEND", "jax")
+    if backend != "jax":
+        parser.error(f"this check runs under JAX only; KERAS_BACKEND is {backend!r} (unset it or set it to jax)")
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != "jax":
+            parser.error("keras is already loaded with another backend in this process: run the script on its own")
     return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    sizes = TINY if args.tiny else FULL
+    results = Results(args.output_dir, record.command_line(__file__, argv), sizes)
+    measure(args, results)
+    return results.record
 
 
 if __name__ == "__main__":

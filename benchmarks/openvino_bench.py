@@ -59,9 +59,12 @@ def exported(name: str, export_dir: str) -> tuple[str, str, int]:
 
 
 def runtime_for(name: str):
-    from kbench.serving.runtimes import OnnxRuntimeCPU, make_runtime
+    from dataclasses import replace
 
-    return OnnxRuntimeCPU(spinning=False) if name == "onnxruntime-cpu" else make_runtime(name)
+    from kbench.serving.runtimes import FIXED_CPU_SETTINGS, OnnxRuntimeCPU, make_runtime
+
+    spinning_off = replace(FIXED_CPU_SETTINGS, spinning=False)
+    return OnnxRuntimeCPU(settings=spinning_off) if name == "onnxruntime-cpu" else make_runtime(name)
 
 
 def latency_rows(name: str, args) -> list[dict]:

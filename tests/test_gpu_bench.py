@@ -1,14 +1,16 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from kbench.core.machine import has_native_bf16, list_gpus
-
-from conftest import BACKEND, REPO, accelerator, onnxruntime_cuda
+from conftest import REPO
 
 pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under TensorFlow only
+
+MEASURES = ["train_images_per_second", "step_sync", "loader_images_per_second", "keras_compiled_ms", "tf32_gap"]
 
 
 def load_script():
@@ -18,60 +20,65 @@ def load_script():
     return module
 
 
-def test_gpu_script_runs_tiny_and_writes_markdown_and_json(tmp_path):
-    """The whole script at tiny sizes (the suite's backend trains and times the latency)."""
-    table = load_script().main(
-        [
-            "--backbones",
-            "small_cnn",
-            "--image-size",
-            "32",
-            "--batch-sizes",
-            "8",
-            "--steps",
-            "3",
-            "--latency-runs",
-            "3",
-            "--pipeline-images",
-            "32",
-            "--backends",
-            BACKEND,
-            "--output-dir",
-            str(tmp_path),
-        ]
+def test_gpu_script_tiny_through_gpu_sh_prints_a_result_line_per_measure(tmp_path):
+    """gpu.sh --tiny, as a lent machine runs it at full size: JAX only (in its own process, whatever the
+    suite's backend), every measure a RESULT line and a row of results.json, TensorFlow never imported."""
+    environment = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "PYTHONPATH": REPO}
+    environment.pop("KERAS_BACKEND", None)
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), "--tiny"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
-    assert (tmp_path / "gpu.md").read_text().strip() == table.strip()
-    result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["command"].startswith("python benchmarks/gpu_bench.py --backbones small_cnn --image-size 32")
-    gpus = list_gpus()
-    assert table.startswith(f"Device: {gpus[0]}" if gpus else "Device: CPU only")
-    rows = {row["precision"]: row for row in result["train"]}
-    assert set(rows) == {"float32", "bfloat16"}
-    for precision, row in rows.items():
-        if precision == "bfloat16" and not accelerator() and not has_native_bf16():
-            assert row["status"].startswith("refused: --mixed-precision bfloat16 on a CPU needs AMX-BF16")
-            continue
-        assert row["status"] == "ok" and row["backend"] == BACKEND and row["batch_size"] == 8, row
-        assert row["in_memory_images_per_second"] > 0 and row["pipeline_images_per_second"] > 0
-        assert row["pipeline_share"] == pytest.approx(
-            row["pipeline_images_per_second"] / row["in_memory_images_per_second"]
-        )
-    latency = {(row["runtime"], row["batch_size"]): row for row in result["latency"]}
-    assert set(latency) == {(runtime, batch) for runtime in ("keras-compiled", "onnxruntime-cuda") for batch in (1, 32)}
-    assert all(latency["keras-compiled", batch]["p50_ms"] > 0 for batch in (1, 32))
-    cuda = latency["onnxruntime-cuda", 1]
-    assert cuda["status"] == "ok" if onnxruntime_cuda() else cuda["status"].startswith("unavailable: ")
-    assert [row["threads"] for row in result["pipeline"]][0] == os.cpu_count()
-    assert all(row["images"] == 32 and row["images_per_second"] > 0 for row in result["pipeline"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [line[1] for line in lines] == [
+        "train_images_per_second",
+        "step_sync",
+        "loader_images_per_second",
+        "loader_images_per_second",
+        "keras_compiled_ms",
+        "keras_compiled_ms",
+        "tf32_gap",
+        "imported_tensorflow",
+    ]
+    record = json.loads((tmp_path / "results.json").read_text())
+    results = {(row["name"], row.get("threads", row.get("batch"))): row for row in record["results"]}
+    assert [row["threads"] for row in record["results"] if row["name"] == "loader_images_per_second"] == [8, 16]
+    assert [row["batch"] for row in record["results"] if row["name"] == "keras_compiled_ms"] == [1, 32]
+    for row in record["results"]:
+        if row["name"] in MEASURES:
+            assert isinstance(row["value"], float) and row["value"] > 0, row
+    assert results["train_images_per_second", 8]["model"] == "small_cnn" and record["sizes"]["batch_size"] == 8
+    assert float(results["tf32_gap", 32]["relative_difference"]) < 1e-4  # a CPU computes float32 either way
+    assert results["imported_tensorflow", None]["value"] is False
+    assert record["command"] == "python benchmarks/gpu_bench.py --output-dir " + str(tmp_path) + " --tiny"
 
 
-def test_gpu_script_rejects_bad_arguments(capsys):
-    script = load_script()
-    for bad in (
-        ["--steps", "0"],
-        ["--batch-sizes", "0"],
-        ["--pipeline-images", "10", "--batch-sizes", "8"],
-        ["--precisions", "int8"],
-    ):
-        with pytest.raises(SystemExit):
-            script.main(bad)
+@pytest.mark.parametrize(
+    "argv, environ, message",
+    [
+        (["--budget-seconds", "0"], {}, "argument --budget-seconds: must be at least 1"),
+        (["--tiny", "--steps", "3"], {}, "unrecognized arguments: --steps 3"),
+        (["--tiny"], {"KERAS_BACKEND": "tensorflow"}, "this check runs under JAX only; KERAS_BACKEND is 'tensorflow'"),
+    ],
+)
+def test_gpu_script_refuses_bad_arguments_with_the_reason(capsys, monkeypatch, argv, environ, message):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        load_script().main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_script_refuses_a_process_whose_keras_runs_another_backend(capsys, monkeypatch):
+    import keras
+
+    if keras.backend.backend() == "jax":
+        pytest.skip("keras runs JAX in this process")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    with pytest.raises(SystemExit) as stopped:
+        load_script().main(["--tiny"])
+    assert stopped.value.code == 2 and "keras is already loaded with another backend" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_rows_for_every_runtime_and_cuda_only_where_it_runs(tiny_model, tmp_path
             assert 0 <= row["parity"] <= tolerance and row["backend"] == "openvino"
             assert row["detail"].endswith(f"; checked against Keras within {tolerance:.0e}")
         if row["runtime"] == "onnxruntime-cuda":
-            assert row["device"].startswith("cuda")
+            assert row["device"] == "gpu:0" and "host to host" in row["detail"]
         assert row["status"] == "ok" and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
         assert row["images_per_second"] == pytest.approx(1000 * row["batch_size"] / row["p50_ms"])
         assert row["busy"] is (row["other_cpu_cores"] > BUSY_CORES)  # the machine's load, read around the timing
@@ -97,6 +97,29 @@ def test_measure_reports_progress_and_rewrites_the_output_after_each_row(tiny_mo
     assert calls == [(0, 2), (1, 2), (2, 2)] and not interrupted  # the CLI draws its bar from these
     with open(output) as handle:
         assert [row["batch_size"] for row in csv.DictReader(handle)] == ["1", "2"]
+
+
+@pytest.mark.once
+def test_the_progress_total_counts_an_ensembles_parallel_rows(tiny_model, tmp_path):
+    """An ensemble's onnxruntime-cpu rows are followed by onnxruntime-cpu-parallel's: the progress bar's
+    total counts them, and ends where the rows do."""
+    ensemble = tmp_path / "pair"
+    ensemble.mkdir()
+    shutil.copy(tiny_model, ensemble / "model.keras")
+    (ensemble / "metrics.json").write_text(json.dumps({"members": [{"backbone": "small_cnn"}] * 2, "classes": 2}))
+    calls = []
+    config = LatencyConfig([str(ensemble), tiny_model], ["keras-predict", "onnxruntime-cpu"], [1, 2], 1, 0)
+    config.export_dir = str(tmp_path / "exports")
+    rows, _ = measure(config, progress=lambda done, total: calls.append((done, total)))
+    assert [row["runtime"] for row in rows if row["model"] == "pair"] == [
+        "keras-predict",
+        "keras-predict",
+        "onnxruntime-cpu",
+        "onnxruntime-cpu",
+        "onnxruntime-cpu-parallel",
+        "onnxruntime-cpu-parallel",
+    ]
+    assert len(rows) == 10 and calls == [(done, 10) for done in range(11)]
 
 
 @pytest.mark.once  # what it checks is the ONNX side; the JAX export route is test_export.py's
@@ -232,7 +255,8 @@ def test_keras_compiled_measures_xla_only_when_tuned(tiny_model):
     for tune in (False, True):
         runtime = KerasCompiled(tune)
         runtime.prepare(model, (24, 24))
-        assert runtime.run(pixels).shape == (1, 1)
+        output = runtime.run(pixels)
+        assert output.shape == (1, 1) and isinstance(output, np.ndarray)  # timed host to host, as every row
         if BACKEND == "jax":  # one way to compile: nothing to choose
             assert runtime.detail == "jax.jit(stateless_call)"
         elif tune:

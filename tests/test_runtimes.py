@@ -1,4 +1,7 @@
+import dataclasses
 import os
+import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -9,7 +12,14 @@ from kbench.core import machine
 from kbench.core.errors import KbenchError
 from kbench.serving import openvino as ovruntime
 from kbench.serving import runtimes
-from kbench.serving.runtimes import OnnxRuntimeCPU, OnnxRuntimeCUDA, make_runtime
+from kbench.serving.runtimes import (
+    FIXED_CPU_SETTINGS,
+    MEASURED_CPU_SETTINGS,
+    CpuSettings,
+    OnnxRuntimeCPU,
+    OnnxRuntimeCUDA,
+    make_runtime,
+)
 
 
 def tiny_onnx(path, batch="batch", size=("h", "w")) -> str:
@@ -72,7 +82,7 @@ def test_probe_feed_keeps_fixed_dimensions_and_fills_the_rest(dims, expected):
 
 def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 9.0}))
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
     assert runtime.detail.startswith("intra-op threads ONNX Runtime's default, spinning on, ")
@@ -83,7 +93,7 @@ def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
 
 def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 5.1}))
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "0"
     assert runtime.session.get_session_options().intra_op_num_threads == machine.physical_cores()
@@ -105,7 +115,7 @@ def test_a_fixed_batch_above_one_is_not_probed(tmp_path, monkeypatch):
         raise AssertionError("probed")
 
     monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
     assert spin_entry(runtime) == "0"
     assert runtime.detail.endswith("(spinning not measured: the file takes batches of 4 only)")
@@ -126,7 +136,7 @@ def test_the_probe_keeps_one_session_alive(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runtimes, "onnx_session", counted)
     monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 2.0, "spinning off": 1.0}))
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     gc.collect()
     assert alive[0] == 1 and spin_entry(runtime) == "0"
@@ -150,17 +160,23 @@ def test_the_fixed_settings_by_default_named_in_the_detail(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "settings", [{"spinning": False}, {"spinning": True}, {"tuned": False}, {"tune": True, "spinning": False}]
+    "settings",
+    [
+        replace(FIXED_CPU_SETTINGS, spinning=False),
+        FIXED_CPU_SETTINGS,
+        CpuSettings(),
+        replace(MEASURED_CPU_SETTINGS, measure_spinning=False, spinning=False),
+    ],
 )
 def test_no_probe_where_spinning_is_given_or_untuned(tmp_path, monkeypatch, settings):
     def refuse(*_, **__):
         raise AssertionError("probed")
 
     monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
-    runtime = OnnxRuntimeCPU(**settings)
+    runtime = OnnxRuntimeCPU(settings=settings)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert "chosen by measuring" not in runtime.detail
-    expected = {True: "1", False: "0"}.get(settings.get("spinning"), "")
+    expected = {True: "1", False: "0"}.get(settings.spinning, "")
     assert spin_entry(runtime) == expected
 
 
@@ -172,7 +188,7 @@ def test_a_model_the_probe_cannot_run_keeps_spinning_off_and_fails_in_its_row(tm
     graph = helper.make_graph([helper.make_node("Add", ["pixels", "pixels"], ["doubled"])], "ints", [pixels], [doubled])
     path = tmp_path / "ints.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(str(path), (8, 8))
     assert spin_entry(runtime) == "0" and runtime.detail.endswith("(spinning not measured: InvalidArgument)")
     with pytest.raises(Exception, match="INVALID_ARGUMENT"):
@@ -182,7 +198,7 @@ def test_a_model_the_probe_cannot_run_keeps_spinning_off_and_fails_in_its_row(tm
 def test_the_probe_really_measures(tmp_path):
     import re
 
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (16, 16))
     found = re.search(
         r"\(chosen by measuring at batch 1: spinning on ([\d.]+) ms, spinning off ([\d.]+) ms\)$", runtime.detail
@@ -191,8 +207,9 @@ def test_the_probe_really_measures(tmp_path):
     # detail's rounding (2 decimals, or 3 significant figures under 1 ms) can't decide a 3 % tie (CI failed once)
     on, off = runtime.probe_medians["spinning on"], runtime.probe_medians["spinning off"]
     assert float(found[1]) == pytest.approx(on, rel=0.01) and float(found[2]) == pytest.approx(off, rel=0.01)
-    spinning = off > runtimes.SPINNING_PROBE["tie"] * on
-    assert spin_entry(runtime) == ("1" if spinning else "0") and runtime.settings["spinning"] is spinning
+    spinning = off > runtimes.SPINNING_TIE * on
+    assert spin_entry(runtime) == ("1" if spinning else "0") and runtime.settings.spinning is spinning
+    assert not runtime.settings.measure_spinning  # measured once, then fixed
     assert runtime.session.get_session_options().intra_op_num_threads == (0 if spinning else machine.physical_cores())
 
 
@@ -202,13 +219,62 @@ def test_an_input_the_probe_cannot_shape_is_not_probed(tmp_path):
     graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], "scalar", [scalar], [same])
     path = tmp_path / "scalar.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    runtime = OnnxRuntimeCPU(tune=True)
+    runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(str(path), (8, 8))
     assert spin_entry(runtime) == "0" and runtime.detail.endswith("(spinning not measured: IndexError)")
 
 
 def test_cuda_keeps_spinning_off_unmeasured():
     assert OnnxRuntimeCUDA().options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_cpu_settings_are_typed_and_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FIXED_CPU_SETTINGS.spinning = False
+    with pytest.raises(ValueError, match="either given or measured"):
+        CpuSettings(spinning=False, measure_spinning=True)
+    assert make_runtime("onnxruntime-cpu", tune=True).settings == MEASURED_CPU_SETTINGS
+    assert make_runtime("onnxruntime-cpu").settings == FIXED_CPU_SETTINGS
+
+
+def test_the_settings_record_keys_saved_study_timings_as_before():
+    """The study keys a model's saved timings by this record: it has the form the settings' dicts had,
+    so timings saved before the settings were typed are reused, not measured again."""
+    assert runtimes.cpu_settings_record() == {
+        "denormal_as_zero": False,
+        "nhwc": True,
+        "spinning": True,
+        "spinning_candidates": {"spinning on": {"spinning": True, "threads": 0}, "spinning off": {"spinning": False}},
+        "spinning_probe": {"block": 3, "min_rounds": 4, "max_rounds": 8, "budget_s": 2.0, "tie": 1.03},
+    }
+
+
+def test_node_placement_is_read_from_the_first_runs_profile(tmp_path):
+    """onnxruntime-cuda's detail names the nodes ONNX Runtime placed on the CPU, from a profile of its
+    first run; here a CPU session's profile, read as a CUDA session's would be (the profile is removed)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
+    session = onnxruntime.InferenceSession(
+        tiny_onnx(tmp_path / "tiny.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    session.run(None, {"pixels": np.zeros((1, 8, 8, 3), np.float32)})
+    placement = runtimes.node_providers(session.end_profiling())
+    assert placement == {"CPUExecutionProvider": ["ReduceMean"]} and not list(tmp_path.glob("profile*"))
+    detail = runtimes.cuda_detail({"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}, placement)
+    assert detail == (
+        f"IO binding, {runtimes.HOST_TO_HOST}; CUDA provider device_id 0, cudnn_conv_algo_search EXHAUSTIVE; "
+        "1 of 1 nodes on the CPU: ReduceMean"
+    )
+    on_gpu = runtimes.cuda_detail({}, {"CUDAExecutionProvider": ["Conv", "Conv"]})
+    assert on_gpu.endswith("; 0 of 2 nodes on the CPU")
+
+
+def test_every_library_names_a_card_alike():
+    names = ["cuda:0", "gpu:0", "/job:localhost/replica:0/task:0/device:GPU:0", "/device:GPU:0"]
+    assert {runtimes.device_name(name) for name in names} == {"gpu:0"}
+    assert {runtimes.device_name(name) for name in ("cpu:0", "CPU", "/device:CPU:0")} == {"cpu"}
 
 
 def test_openvino_f32_runs_the_onnx_file_in_float32_with_its_settings_named(tmp_path):
@@ -271,3 +337,37 @@ def test_openvino_is_imported_without_its_telemetry(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "importable"] and not (home / "intel").exists()
+
+
+@pytest.mark.parametrize(
+    "installed, message",
+    [
+        (["onnxruntime", "onnxruntime-gpu"], "both onnxruntime and onnxruntime-gpu are installed in one module folder"),
+        ([], "ONNX Runtime is not installed: pip install 'kbench[cpu]'"),
+        (["onnxruntime-gpu"], "ONNX Runtime can't be imported (import of onnxruntime halted"),
+    ],
+)
+def test_two_onnxruntimes_or_none_are_refused_in_one_line_with_the_fix(monkeypatch, installed, message):
+    """onnxruntime and onnxruntime-gpu write one module folder: a command that needs ONNX Runtime
+    refuses (exit 2) in one line that says how to get back to one, before exporting or timing."""
+    import sys
+
+    from kbench.core import machine
+    from kbench.export.onnx import export_onnx
+    from kbench.serving.latency import LatencyConfig
+
+    from conftest import run_cli
+
+    monkeypatch.setattr(machine, "onnxruntime_packages", lambda: installed)
+    if len(installed) < 2:  # the folder gone, or half-removed
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(KbenchError, match=re.escape(message)) as error:
+        runtimes.onnxruntime_module()
+    assert "\n" not in str(error.value) and "make install" in str(error.value)
+    with pytest.raises(KbenchError, match=re.escape(message)):
+        LatencyConfig(["small_cnn"], ["keras-predict", "onnxruntime-cpu"]).check()
+    LatencyConfig(["small_cnn"], ["keras-predict"]).check()  # Keras alone needs no ONNX Runtime
+    with pytest.raises(KbenchError, match=re.escape(message)):  # before any conversion
+        export_onnx("model.keras", "model.onnx")
+    done = run_cli("latency", "small_cnn", "--runtime", "onnxruntime-cpu")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and message in done.stderr

@@ -173,3 +173,22 @@ def test_a_block_that_raises_is_not_measured():
         with timing.watch_load(5.0) as load:  # no 5 s wait either
             raise RuntimeError("failed row")
     assert load == {"other_cpu_cores": None, "busy": None}
+
+
+def test_one_call_times_a_plan_interleaved_within_its_rounds():
+    """quantize's and the spinning probe's timings: one typed plan, one call; a budget never reached
+    runs max_rounds, each variant's blocks holding ``block`` timed calls after one untimed one."""
+    calls = {"a": 0, "b": 0}
+
+    def count(name):
+        calls[name] += 1
+
+    ticks = iter(range(10_000))
+    medians = timing.time_plan(
+        {name: (lambda n=name: count(n)) for name in calls},
+        timing.Plan(block=2, min_rounds=2, max_rounds=4, budget_s=1e9),
+        clock=lambda: next(ticks),
+    )
+    assert calls == {"a": 1 + 4 * (1 + 2), "b": 1 + 4 * (1 + 2)} and medians == {"a": 1000.0, "b": 1000.0}
+    with pytest.raises(ValueError, match="rounds come in pairs"):
+        timing.Plan(block=1, min_rounds=2, max_rounds=5, budget_s=1.0)

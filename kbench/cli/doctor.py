@@ -11,7 +11,6 @@ when ``nvidia-smi`` lists a GPU. The CLI side only: library code never imports t
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import time
 
 from kbench.core import machine
 from kbench.core.errors import KbenchError, first_line
+from kbench.core.machine import ONNXRUNTIME_FIX, onnxruntime_packages
 
 FIX = "run `make install CUDA=1`"
 # JAX's documented minimum for its CUDA 12 wheels; TensorFlow 2.21 and onnxruntime-gpu 1.26 are
@@ -61,16 +61,6 @@ def probe_tensorflow() -> dict:
         devices.append(entry)
     build = tf.sysconfig.get_build_info()
     return {"version": tf.__version__, "devices": devices, "cuda_build": build.get("cuda_version")}
-
-
-def onnxruntime_packages() -> list[str]:
-    """Which ONNX Runtime distributions are installed (they share the module ``onnxruntime``)."""
-    installed = []
-    for package in ("onnxruntime", "onnxruntime-gpu"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            importlib.metadata.version(package)
-            installed.append(package)
-    return installed
 
 
 def probe_onnxruntime(session: bool = True) -> dict:
@@ -198,17 +188,11 @@ def gpu_warnings(
     warnings = []
     packages = (onnxruntime or {}).get("packages", [])
     if onnxruntime is not None and onnxruntime.get("error", "").startswith("not installed"):
-        warnings.append(
-            "ONNX Runtime is not installed: run `make install` (or pip install 'kbench[cpu]', "
-            "'kbench[cuda]' on a GPU machine)"
-        )
+        warnings.append(f"ONNX Runtime is not installed: {ONNXRUNTIME_FIX.split(', then ', 1)[1]}")
     elif onnxruntime is not None and "error" in onnxruntime:
         warnings.append(f"ONNX Runtime did not start: {onnxruntime['error']}")
     if len(packages) > 1:
-        warnings.append(
-            "both onnxruntime and onnxruntime-gpu are installed and share one module: run `make "
-            "install` (it removes both and installs one)"
-        )
+        warnings.append(f"both onnxruntime and onnxruntime-gpu are installed and share one module: {ONNXRUNTIME_FIX}")
     if not gpus:
         return warnings
     listed = gpus[0] if len(set(gpus)) == 1 and len(gpus) == 1 else f"{len(gpus)} GPUs ({', '.join(sorted(set(gpus)))})"

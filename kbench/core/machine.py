@@ -16,6 +16,8 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
+from kbench.core.errors import KbenchError, first_line
+
 # The /proc/cpuinfo flags that decide which precisions a CPU computes natively: bf16 needs AVX512_BF16
 # or AMX-BF16 (OpenVINO's documented condition; elsewhere bf16 is emulated, slower than float32), int8
 # dot products VNNI (AVX-512 or AVX) or AMX-INT8.
@@ -176,3 +178,40 @@ def facts(threads: int | None = None) -> dict:
         "threads": threads or "ONNX Runtime's own count (one per physical core where spinning is off)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
     }
+
+
+# ONNX Runtime's two packages install one module folder, `onnxruntime`: exactly one may be installed.
+# kbench's extras hold one each (`kbench[cpu]`, `kbench[cuda]`); these say how to get back to one.
+ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
+ONNXRUNTIME_FIX = (
+    "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'kbench[cpu]' (or 'kbench[cuda]' on a "
+    "GPU machine), or run `make install`"
+)
+
+
+def onnxruntime_packages() -> list[str]:
+    """Which of ONNX Runtime's packages are installed (they share the module ``onnxruntime``)."""
+    import importlib.metadata
+
+    installed = []
+    for package in ONNXRUNTIME_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version(package)
+            installed.append(package)
+    return installed
+
+
+def onnxruntime_module():
+    """The ``onnxruntime`` module, or KbenchError in one line that says the fix: where neither package
+    is installed, where both are (each install overwrote the other's files in the one folder, and
+    removing one breaks the other), or where the module can't be imported (a folder left half-removed)."""
+    packages = onnxruntime_packages()
+    if len(packages) > 1:
+        raise KbenchError(f"both onnxruntime and onnxruntime-gpu are installed in one module folder: {ONNXRUNTIME_FIX}")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        if not packages:
+            raise KbenchError(f"ONNX Runtime is not installed: {ONNXRUNTIME_FIX.split(', then ', 1)[1]}") from None
+        raise KbenchError(f"ONNX Runtime can't be imported ({first_line(error, 120)}): {ONNXRUNTIME_FIX}") from None
+    return onnxruntime

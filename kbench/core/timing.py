@@ -19,6 +19,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -121,6 +122,43 @@ def interleaved(
             if (done >= (min_rounds or 2) and spent >= budget_s) or spent >= 3 * budget_s:
                 break
     return timings
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How variants are timed against each other (``interleaved``): ``block`` timed calls a block,
+    pairs of rounds until ``budget_s`` seconds once ``min_rounds`` are done, at most ``max_rounds``.
+
+    >>> Plan(block=3, min_rounds=3, max_rounds=8, budget_s=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: rounds come in pairs (an order, then its reverse); got 3
+    """
+
+    block: int
+    min_rounds: int
+    max_rounds: int
+    budget_s: float
+
+    def __post_init__(self):
+        for count in (self.max_rounds, self.min_rounds):
+            if count < 2 or count % 2:
+                raise ValueError(f"rounds come in pairs (an order, then its reverse); got {count}")
+        if self.block < 1 or self.min_rounds > self.max_rounds or not self.budget_s > 0:
+            raise ValueError(f"a plan needs block >= 1, min_rounds <= max_rounds and a budget > 0; got {self}")
+
+
+def time_plan(variants: dict, plan: Plan, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median milliseconds of each variant (``name -> zero-argument callable``), timed interleaved by ``plan``.
+
+    >>> sorted(time_plan({"a": lambda: None, "b": lambda: None}, Plan(1, 2, 2, 0.001)))
+    ['a', 'b']
+    """
+    return medians(
+        interleaved(
+            variants, plan.max_rounds, plan.block, clock=clock, min_rounds=plan.min_rounds, budget_s=plan.budget_s
+        )
+    )
 
 
 def stats(milliseconds) -> dict[str, float]:

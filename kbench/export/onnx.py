@@ -19,6 +19,7 @@ import numpy as np
 from kbench.core import files
 from kbench.core.backend import full_float32
 from kbench.core.errors import KbenchError, first_line
+from kbench.core.machine import onnxruntime_module
 from kbench.core.metrics import relative_difference
 from kbench.core.version import __version__
 from kbench.data.synthetic import sample_pixels
@@ -158,6 +159,7 @@ def export_onnx(
     from kbench.export.graph import GRAPH_PASSES_VERSION, clean_graph
 
     ExportOptions(opset, batch_size).check()
+    onnxruntime_module()  # the parity check needs it: refused before any conversion, with the fix
     if os.path.isdir(output):
         raise KbenchError(f"{output} is a folder; give the ONNX file's name (-o exports/model.onnx)")
     start = time.perf_counter()
@@ -233,8 +235,7 @@ def check_parity(model, onnx_bytes: bytes, batch_sizes, tolerance: float = PARIT
     where they compare nothing, and its logits on them to the hundreds, where float32 rounding grows
     (a trained EfficientNet-B0: logits ~1000, Keras and ONNX Runtime 5-20 % apart on noise, 5e-5 on
     generated photographs, 1e-6 on its own images). KbenchError if above ``tolerance``."""
-    import onnxruntime
-
+    onnxruntime = onnxruntime_module()  # one line with the fix where it is missing or installed twice
     checked, keras_logits = _with_logits(model, onnx_bytes)
     session = onnxruntime.InferenceSession(checked, providers=["CPUExecutionProvider"])
     _, (height, width, channels) = describe_inputs(model)

@@ -22,7 +22,7 @@ from kbench.core.machine import facts
 from kbench.core.metrics import relative_difference
 from kbench.core.tables import distinct_names, latency_text
 from kbench.data.synthetic import sample_pixels
-from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime
+from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime, onnxruntime_module
 
 
 @dataclass
@@ -58,6 +58,8 @@ class LatencyConfig:
             raise KbenchError("--batch-size names no batch size")
         if self.weights not in ("none", "imagenet"):
             raise KbenchError(f"--weights must be imagenet or none; got {self.weights!r}")
+        if any(not name.startswith("keras-") for name in self.runtimes):  # export and time with ONNX Runtime
+            onnxruntime_module()  # one line with the fix where it is missing or installed twice
         for model in self.models:  # each MODEL refused here, before the progress bar and any timing
             _check_model(model)
         return self
@@ -108,7 +110,7 @@ def model_name(model: str) -> str:
 def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     """MODEL: a run/ensemble folder, a ``.keras`` file, an ``.onnx`` file, or a registry name (the
     backbone at its native size with a fresh two-class head, seeded: the same weights every time)."""
-    from kbench.export.onnx import describe_inputs, load_model, model_file, run_metadata
+    from kbench.export.onnx import describe_inputs, load_model, model_file
 
     if model.endswith(".onnx"):
         from kbench.serving.runtimes import onnx_session
@@ -119,8 +121,7 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     if _is_model_file(model):
         path = model_file(model)
         _, (height, width, _) = describe_inputs(load_model(path))
-        members = len(run_metadata(model).get("backbones", [])) or 1
-        return ModelSource(model_name(model), path, None, (height, width), members, model)
+        return ModelSource(model_name(model), path, None, (height, width), _members(model), model)
     import keras
 
     from kbench.models.backbones import build_classifier, get_backbone
@@ -197,8 +198,32 @@ class Reference:
         return fields
 
 
+def runtime_names(runtimes: list[str], members: int) -> list[str]:
+    """The runtimes a model's rows are timed on: an ensemble's onnxruntime-cpu rows are followed by
+    onnxruntime-cpu-parallel's (its members as concurrent branches).
+
+    >>> runtime_names(["keras-predict", "onnxruntime-cpu"], members=3)
+    ['keras-predict', 'onnxruntime-cpu', 'onnxruntime-cpu-parallel']
+    """
+    names = list(runtimes)
+    if members > 1 and "onnxruntime-cpu" in names:
+        names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
+    return names
+
+
+def _members(model: str) -> int:
+    """How many members a MODEL has, read without loading it: a run or ensemble folder's record; 1 else."""
+    from kbench.export.onnx import run_metadata
+
+    if model.endswith(".onnx") or not _is_model_file(model):
+        return 1
+    return len(run_metadata(model).get("backbones", [])) or 1
+
+
 def plan(config: LatencyConfig) -> int:
-    return len(config.models) * len(config.runtimes) * len(config.batch_sizes)
+    """How many rows ``iter_latency`` yields: the progress bar's total."""
+    names = {model: len(runtime_names(config.runtimes, _members(model))) for model in config.models}
+    return sum(names[model] for model in config.models) * len(config.batch_sizes)
 
 
 def iter_latency(config: LatencyConfig) -> Iterator[dict]:
@@ -213,10 +238,7 @@ def iter_latency(config: LatencyConfig) -> Iterator[dict]:
         for model, label in zip(config.models, labels):
             source = resolve_model(model, config.weights, scratch)
             reference = Reference(source)
-            names = list(config.runtimes)
-            if source.members > 1 and "onnxruntime-cpu" in names:
-                names.insert(names.index("onnxruntime-cpu") + 1, "onnxruntime-cpu-parallel")
-            for runtime_name in names:
+            for runtime_name in runtime_names(config.runtimes, source.members):
                 runtime = make_runtime(runtime_name, config.threads, config.tune)
                 base = {
                     "model": label,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import replace
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from kbench.core import files, metrics, timing
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import find_images
 from kbench.data.loader import ImageLoader, predict
-from kbench.serving.runtimes import OnnxRuntimeCPU, onnx_session
+from kbench.serving.runtimes import FIXED_CPU_SETTINGS, OnnxRuntimeCPU, onnx_session
 from kbench.training.runs import SPLIT, Run
 
 # Configurations tried, in this order (the first calibrates; the others reuse its ranges where ONNX
@@ -41,11 +42,14 @@ CANDIDATES = {
 # An int8 file is kept only if its validation log loss is at most the float model's plus the larger of
 # these (a model at log loss 0.05 may lose 0.01; one at 1.0, 0.02).
 LOG_LOSS_BOUND = {"absolute": 0.01, "relative": 0.02}
-# How candidates are timed against the float file: batch 1, interleaved blocks of ``block`` timed runs,
-# pairs of rounds until ``budget_s`` seconds (kbench.core.timing.interleaved), ONNX Runtime with one thread
-# per physical core and spinning off (fixed: no per-file probe). A candidate must be ``margin`` times
-# faster than the float file to count as faster (a tie is no reason to serve int8).
-TIMING = {"batch": 1, "block": 5, "min_rounds": 2, "max_rounds": 8, "budget_s": 3.0, "margin": 1.03}
+# How candidates are timed against the float file: at batch TIMING_BATCH, interleaved by TIMING
+# (kbench.core.timing.time_plan), ONNX Runtime with one thread per physical core and spinning off
+# (fixed: no per-file probe). A candidate must be SPEEDUP_MARGIN times faster than the float file to
+# count as faster (a tie is no reason to serve int8).
+TIMING = timing.Plan(block=5, min_rounds=2, max_rounds=8, budget_s=3.0)
+TIMING_BATCH = 1
+SPEEDUP_MARGIN = 1.03
+SETTINGS = replace(FIXED_CPU_SETTINGS, spinning=False)
 SQUEEZE_OPS = ("GlobalAveragePool", "ReduceMean")
 
 
@@ -122,22 +126,13 @@ def _quantize(prepared: str, output: str, reader, candidate: dict, cache: str) -
 
 
 def time_against_float(paths: dict[str, str], image_size: tuple[int, int]) -> dict[str, float]:
-    """Median batch-``TIMING["batch"]`` milliseconds of each file (``label -> path``), interleaved."""
-    pixels = np.random.default_rng(0).uniform(0, 255, (TIMING["batch"], *image_size, 3)).astype(np.float32)
+    """Median batch-TIMING_BATCH milliseconds of each file (``label -> path``), interleaved."""
+    pixels = np.random.default_rng(0).uniform(0, 255, (TIMING_BATCH, *image_size, 3)).astype(np.float32)
     runtimes = {}
     for label, path in paths.items():
-        runtimes[label] = OnnxRuntimeCPU(spinning=False)
+        runtimes[label] = OnnxRuntimeCPU(settings=SETTINGS)
         runtimes[label].prepare(path, image_size)
-    calls = {label: (lambda r=runtime: r.run(pixels)) for label, runtime in runtimes.items()}
-    return timing.medians(
-        timing.interleaved(
-            calls,
-            TIMING["max_rounds"],
-            TIMING["block"],
-            min_rounds=TIMING["min_rounds"],
-            budget_s=TIMING["budget_s"],
-        )
-    )
+    return timing.time_plan({label: (lambda r=runtime: r.run(pixels)) for label, runtime in runtimes.items()}, TIMING)
 
 
 def validation_scores(path: str, run_dir: str | None, image_size: int) -> dict | None:
@@ -218,7 +213,7 @@ def quantize_int8(
         for label in sorted(medians, key=medians.get):
             row = {"config": label, "ms": medians[label], "speedup": record["float_ms"] / medians[label]}
             record["candidates"].append(row)
-            if row["speedup"] < TIMING["margin"] or record["int8_path"]:
+            if row["speedup"] < SPEEDUP_MARGIN or record["int8_path"]:
                 continue
             scores = validation_scores(paths[label], run_dir, height) if float_scores else None
             if scores:

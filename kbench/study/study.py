@@ -126,7 +126,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
     from kbench.core.version import __version__
     from kbench.serving.latency import iter_latency
     from kbench.serving.openvino import SETTINGS, TOLERANCES
-    from kbench.serving.runtimes import FIXED_CPU_SETTINGS, SPINNING_CANDIDATES, SPINNING_PROBE
+    from kbench.serving.runtimes import cpu_settings_record
 
     run = Run(model_dir)
     key = {
@@ -137,11 +137,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
         # timings belong to the machine and the runtimes' settings that made them
         "host": socket.gethostname(),
         "kbench": __version__,
-        "onnxruntime_cpu_settings": {
-            **FIXED_CPU_SETTINGS,
-            "spinning_candidates": SPINNING_CANDIDATES,
-            "spinning_probe": SPINNING_PROBE,
-        },
+        "onnxruntime_cpu_settings": cpu_settings_record(),
         "openvino_settings": {**SETTINGS, "tolerances": TOLERANCES},
     }
     if run.exists(LATENCY):
