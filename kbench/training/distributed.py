@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kbench.core.config import option
+from kbench.core.config import check_bounds, option
 from kbench.core.errors import KbenchError, first_line
 
 ADDRESS, COUNT, INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -222,15 +222,14 @@ def leave() -> None:
 class LaunchConfig:
     """``kbench launch``: N local processes of one command, joined by the cluster environment."""
 
-    processes: int = option(2, "Processes to start (each gets its own rank).")
+    processes: int = option(2, "Processes to start (each gets its own rank).", minimum=1)
     port: int | None = option(None, "Coordinator port on 127.0.0.1.", shown_default="a free one")
     log_dir: str | None = option(
         None, "Write each rank's output to LOG_DIR/rank-N.log instead of the terminal.", path=True
     )
 
     def check(self) -> "LaunchConfig":
-        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
-            raise KbenchError(f"--processes must be a whole number >= 1; got {self.processes}")
+        check_bounds(self, "processes")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise KbenchError(f"--port must be in 1..65535; got {self.port}")
         return self

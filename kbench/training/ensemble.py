@@ -19,7 +19,7 @@ import numpy as np
 
 from kbench.core import files, metrics
 from kbench.core.backend import use_backend
-from kbench.core.config import option, positive
+from kbench.core.config import check_bounds, option, positive
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import LAYOUTS, data_change, data_fingerprint, find_images, fingerprints, indices_of
 from kbench.data.loader import ImageLoader, predict
@@ -43,8 +43,10 @@ class EnsembleConfig:
     epochs: int = option(10, "Head epochs (stack), as in the reference study.")
     batch_size: int = option(32, "Images per batch.")
     lr: float = option(1e-3, "Head learning rate (Adam).")
-    tta_passes: int = option(0, "Augmented passes of the training split added to the head's features.")
-    seed: int = option(0, "Seed for the head and the augmented passes.")
+    tta_passes: int = option(
+        0, "Augmented passes of the training split added to the head's features.", minimum=0, below=2**32
+    )
+    seed: int = option(0, "Seed for the head and the augmented passes.", minimum=0, below=2**32)
     workers: int | None = None
     layout: str = option("auto", "How labels are read from the data (see docs/data.md).", choices=LAYOUTS)
 
@@ -56,10 +58,7 @@ class EnsembleConfig:
         positive(self.lr, "--lr")
         if self.workers is not None:
             positive(self.workers, "--workers", whole=True)
-        for name in ("tta_passes", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0 and < 2**32; got {value}")
+        check_bounds(self, "tta_passes", "seed")
         if self.layout not in LAYOUTS:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         return self
