@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench.core.backend import use_backend  # noqa: E402
 from kbench.core.errors import first_line  # noqa: E402
+from kbench.core.process import child_death  # noqa: E402
 from kbench.models.backbones import build_classifier, get_backbone  # noqa: E402
 from kbench.models.settle import settle_random_weights  # noqa: E402
 
@@ -89,9 +90,9 @@ def peer_export(backbone: str, image_size: int, output: str) -> str | None:
     if name is None or not os.path.isfile(PEER_PYTHON):
         return None
     done = subprocess.run([PEER_PYTHON, PEER_SCRIPT, name, str(image_size), output], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"timm export of {name} failed: {lines[-1] if lines else done.returncode}")
+    failure = child_death(done.returncode, done.stderr, silent=str(done.returncode))
+    if failure:
+        raise RuntimeError(f"timm export of {name} failed: {failure}")
     return output
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, REPO)
 from benchmarks import record  # noqa: E402
 from kbench.core import machine  # noqa: E402
 from kbench.core.errors import first_line  # noqa: E402
+from kbench.core.process import child_death  # noqa: E402
 
 TRAIN_COLUMNS = [
     "backend",
@@ -254,10 +255,7 @@ def export_on_cpu(keras_path: str, onnx_path: str) -> str | None:
         text=True,
         env=environment,
     )
-    if done.returncode == 0:
-        return None
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit code {done.returncode}"
+    return child_death(done.returncode, done.stderr, silent=f"exit code {done.returncode}")
 
 
 def run_latency_worker(args) -> None:
@@ -377,7 +375,8 @@ def run_worker(kind: str, backend: str, deadline: float, args, on_row) -> str | 
         if line.startswith("ROW "):
             on_row(json.loads(line[4:]))
     process.wait()
-    return None if process.returncode == 0 else f"{kind} {backend} worker exited with code {process.returncode}"
+    failure = child_death(process.returncode, None, silent=f"exited with code {process.returncode}")
+    return None if failure is None else f"{kind} {backend} worker: {failure}"
 
 
 def host_facts(gpus: list[dict]) -> dict:

@@ -127,19 +127,19 @@ def child_result(command: list[str], label: str):
     """Run COMMAND (a benchmark script re-run with a hidden flag, so that one model's memory dies with
     its process) and return the JSON value on the last line of its output that starts with ``{`` or ``[``.
     A failure raises SystemExit in one line naming LABEL: the child's own ``{"error": ...}``, the signal
-    that killed it, or the last line it wrote to stderr."""
+    that killed it, or the last line it wrote to stderr (``kbench.core.process.child_death``)."""
+    from kbench.core.process import child_death, last_line
+
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
     value = json.loads(lines[-1]) if lines else None
     if isinstance(value, dict) and "error" in value:
         raise SystemExit(f"{label}: {value['error']}")
-    if done.returncode < 0:
-        from kbench.export.convert import killed_by
-
-        raise SystemExit(f"{label}: its process was {killed_by(-done.returncode)}")
-    if done.returncode != 0 or value is None:
-        errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-        raise SystemExit(f"{label}: its process exited {done.returncode}: {errors[-1] if errors else 'no output'}")
+    failure = child_death(done.returncode, done.stderr, status=True)
+    if failure is None and value is None:
+        failure = f"its process exited 0: {last_line(done.stderr)}"
+    if failure:
+        raise SystemExit(f"{label}: {failure}")
     return value
 
 
