@@ -91,24 +91,18 @@ def write_images(path: str, count: int, workers: int) -> None:
 def pipeline_rows(data: str, image_size: int, batch_size: int) -> list[dict]:
     """Images/s of one augmented pass of kbench's ImageLoader with all host cores and with its default."""
     from kbench.data.dataset import find_images
-    from kbench.data.loader import ImageLoader
+    from kbench.data.loader import loader_throughput
 
     images = find_images(data)
     rows = []
     for label, workers in (("all host cores", os.cpu_count() or 1), ("kbench default", None)):
-        loader = ImageLoader(
-            images, np.arange(len(images)), image_size, batch_size, augment=True, shuffle=True, workers=workers
-        )
-        start = time.perf_counter()
-        count = sum(len(loader.batch(0, index)[1]) for index in range(len(loader)))
-        seconds = time.perf_counter() - start
-        loader.close()
+        measured = loader_throughput(images, np.arange(len(images)), image_size, batch_size, workers=workers)
         rows.append(
             {
                 "measure": f"decode, resize, augment ({label})",
-                "threads": loader.workers,
-                "images": count,
-                "images_per_second": count / seconds,
+                "threads": measured["threads"],
+                "images": measured["images"],
+                "images_per_second": measured["images_per_second"],
                 "status": "ok",
             }
         )
