@@ -5,7 +5,7 @@ options are fastest on this CPU.
 
     python benchmarks/export_graph.py [--backend tensorflow] [--backbones a,b] [--image-size N]
         [--batch-sizes 1,32] [--repeats 6] [--runs 10] [--big-runs 3] [--session-options]
-        [--counts-only] [--one-session] [--json benchmarks/results/export_graph.json]
+        [--counts-only] [--one-session] [--json benchmarks/results/export-graph/export_graph.json]
 
 ``--counts-only``: node counts before and after, the passes' record and parity, no timing and no peer
 (structure barely depends on the image size, so every backbone can be checked at a small one).

@@ -6,7 +6,7 @@ Two measurements, in one run on one machine:
 2. training steps/s of a backbone fed by the loader against the same steps fed from an in-memory array.
 
     python benchmarks/pipeline.py [--backbone mobilenet_v2] [--images 512] [--steps 6]
-        [--json benchmarks/results/pipeline.json]
+        [--json benchmarks/results/pipeline/pipeline.json]
 
 Images are generated JPEGs of about Kaggle's size (400 x 350 px), in a zip, so nothing is downloaded.
 Prints a markdown table (measure, value, unit, target) and writes its rows as JSON. Tiny mode, for

@@ -2,7 +2,7 @@
 command, the machine and its load, written atomically (``kbench.core.files.write_json``).
 
     parser = argparse.ArgumentParser()
-    record.add_json_option(parser, "pipeline")  # --json PATH, default benchmarks/results/pipeline.json
+    record.add_json_option(parser, "pipeline")  # --json PATH, default benchmarks/results/pipeline/pipeline.json
     args = parser.parse_args(argv)
     began = record.Record(__file__, argv)       # before measuring: the start time and load
     ...
@@ -26,8 +26,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 
 
+# benchmarks/results/ holds one folder per page of benchmarks/docs/: a script's results go to its page's
+PAGES = {
+    "backbones": "backbones",
+    "cpu_backends": "cpu-backends",
+    "ensemble_head": "ensemble-head",
+    "export_all": "export",
+    "export_graph": "export-graph",
+    "pass_ablation": "export-graph",
+    "latency_check": "latency",
+    "openvino": "openvino",
+    "pipeline": "pipeline",
+    "recipe": "recipe",
+}
+
+
 def default_json(script: str) -> str:
-    return os.path.join(RESULTS_DIR, f"{script}.json")
+    """benchmarks/results/PAGE/SCRIPT.json: beside the other results of the page that shows them."""
+    return os.path.join(RESULTS_DIR, PAGES[script], f"{script}.json")
 
 
 def add_json_option(parser, script: str) -> None:
@@ -35,7 +51,7 @@ def add_json_option(parser, script: str) -> None:
         "--json",
         default=default_json(script),
         metavar="PATH",
-        help=f"write the raw results here as JSON (default: benchmarks/results/{script}.json)",
+        help=f"write the raw results here as JSON (default: {os.path.relpath(default_json(script), REPO)})",
     )
 
 
