@@ -4,7 +4,7 @@
 latency.
 
     python benchmarks/backbones.py [--backbones 'convnext_*,resnet50'] [--batch-sizes 1,32]
-        [--budget-seconds 20] [--image-size N] [--resume] [--json benchmarks/results/backbones.json]
+        [--budget-seconds 20] [--image-size N] [--resume] [--json benchmarks/results/backbones/backbones.json]
 
 Each backbone runs in its own TensorFlow process (a crash or the kernel's OOM killer costs one row,
 not the table), with random weights (seeded; latency doesn't depend on them) as the headless model with

@@ -3,7 +3,7 @@ in bfloat16 mixed precision (``tensorflow-bf16``, ``jax-bf16``; benchmarks/docs/
 
     python benchmarks/cpu_backends.py [--backbones mobilenet_v2,efficientnet_b0,resnet50]
         [--sizes 96,224] [--steps 3] [--max-step-seconds 20] [--settings tensorflow,jax]
-        [--json benchmarks/results/cpu_backends.json]
+        [--json benchmarks/results/cpu-backends/cpu_backends.json]
 
 One training step = ``train_on_batch`` on a batch of 16 random pixels (in memory), Adam, every layer
 trainable, one sigmoid unit. Each setting runs in its own process (Keras fixes the backend, XLA reads

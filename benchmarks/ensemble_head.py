@@ -3,7 +3,7 @@ with 20 head epochs (each from scratch: features computed in both, after a warm-
 process's one-time compilation), and compare the wall time.
 
     python benchmarks/ensemble_head.py [RUN1,RUN2,...] [--backend jax] [--head-epochs 1,20]
-        [--json benchmarks/results/ensemble_head.json]
+        [--json benchmarks/results/ensemble-head/ensemble_head.json]
 
 Members: finished run folders on the same data and split. Without them, the script trains the demo
 study's stacked ensemble's members (small_cnn at 64 and 40 px, kbench/studies/demo.toml) on the

@@ -2,7 +2,7 @@
 to ONNX through ``kbench.export.onnx.export_onnx`` and record the time and the parity with Keras.
 
     python benchmarks/export_all.py [--backend tensorflow] [--backbones a,b] [--image-size N]
-        [--json benchmarks/results/export_all.json]
+        [--json benchmarks/results/export/export_all.json]
 
 Prints one markdown row per backbone as it goes, and writes the rows as JSON at the end. Weights come
 from ``--seed`` and the parity check's pixels from ``kbench.export.onnx.PARITY_SEED``, so the "largest

@@ -5,7 +5,7 @@ options are fastest on this CPU.
 
     python benchmarks/export_graph.py [--backend tensorflow] [--backbones a,b] [--image-size N]
         [--batch-sizes 1,32] [--repeats 6] [--runs 10] [--big-runs 3] [--session-options]
-        [--counts-only] [--one-session] [--json benchmarks/results/export_graph.json]
+        [--counts-only] [--one-session] [--json benchmarks/results/export-graph/export_graph.json]
 
 ``--counts-only``: node counts before and after, the passes' record and parity, no timing and no peer
 (structure barely depends on the image size, so every backbone can be checked at a small one).
@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench.core.backend import use_backend  # noqa: E402
 from kbench.core.errors import first_line  # noqa: E402
+from kbench.core.process import child_death  # noqa: E402
 from kbench.models.backbones import build_classifier, get_backbone  # noqa: E402
 from kbench.models.settle import settle_random_weights  # noqa: E402
 from kbench.serving.runtimes import FIXED_CPU_SETTINGS, CpuSettings, OnnxRuntimeCPU, onnx_session  # noqa: E402
@@ -91,9 +92,9 @@ def peer_export(backbone: str, image_size: int, output: str) -> str | None:
     if name is None or not os.path.isfile(PEER_PYTHON):
         return None
     done = subprocess.run([PEER_PYTHON, PEER_SCRIPT, name, str(image_size), output], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"timm export of {name} failed: {lines[-1] if lines else done.returncode}")
+    failure = child_death(done.returncode, done.stderr, silent=str(done.returncode))
+    if failure:
+        raise RuntimeError(f"timm export of {name} failed: {failure}")
     return output
 
 

@@ -97,24 +97,10 @@ def write_images(path: str, count: int) -> None:
 
 def loader_rate(images, sizes: dict, threads: int) -> float:
     """Images/s of one augmented epoch of kbench's ImageLoader with ``threads`` threads."""
-    from kbench.data.loader import ImageLoader
+    from kbench.data.loader import loader_throughput
 
-    loader = ImageLoader(
-        images,
-        np.arange(len(images)),
-        sizes["image_size"],
-        sizes["batch_size"],
-        augment=True,
-        shuffle=True,
-        workers=threads,
-        pixel_dtype="uint8",
-    )
-    try:
-        start = time.perf_counter()
-        count = sum(len(labels) for _, labels in loader)
-        return count / (time.perf_counter() - start)
-    finally:
-        loader.close()
+    measured = loader_throughput(images, np.arange(len(images)), sizes["image_size"], sizes["batch_size"], threads)
+    return measured["images_per_second"]
 
 
 def fit_rate(model, pixels, labels, steps: int, sync_every_step: bool) -> float:

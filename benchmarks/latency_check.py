@@ -1,7 +1,7 @@
 """Check kbench latency's method against a bare loop, for one backbone at batch 1.
 
     python benchmarks/latency_check.py [--backbone efficientnet_b0] [--runs 50] [--warmup 10]
-        [--backend tensorflow] [--json benchmarks/results/latency_check.json]
+        [--backend tensorflow] [--json benchmarks/results/latency/latency_check.json]
 
 Prints two markdown tables: kbench's rows for keras-predict, keras-compiled and onnxruntime-cpu plus a
 bare ``session.run`` loop over the same ONNX file; then the ratios the latency issue sets targets for.

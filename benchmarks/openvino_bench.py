@@ -3,7 +3,7 @@ openvino.py: run as a script, its folder comes first on sys.path and it would sh
 
     python benchmarks/openvino_bench.py [--backbones efficientnet_b0,mobilenet_v2,resnet50] [--batch-sizes 1,32]
         [--rounds 4] [--runs 5] [--budget-s 20] [--int8-backbones ...] [--calibration-images 16]
-        [--small-cnn-epochs 3] [--export-dir /tmp/kbench-openvino] [--json benchmarks/results/openvino.json]
+        [--small-cnn-epochs 3] [--export-dir /tmp/kbench-openvino] [--json benchmarks/results/openvino/openvino.json]
 
 Part 1, latency: each backbone as ``benchmarks/export_graph.py`` builds it (the binary classifier kbench
 exports, seeded random weights settled by ``kbench.models.settle``, ImageNet normalisation constants) at its

@@ -9,7 +9,7 @@ One row per variant and batch size.
 
     python benchmarks/pass_ablation.py --without read_input_channels_last [--backend tensorflow]
         [--backbones a,b] [--batch-sizes 1,32] [--repeats 8] [--runs 10] [--big-runs 2] [--one-session] [--threads N]
-        [--json benchmarks/results/pass_ablation.json]
+        [--json benchmarks/results/export-graph/pass_ablation.json]
 
 Models are the feature extractors (pooled features, so parity compares unsaturated values), with seeded
 random weights settled by ``kbench.models.settle.settle_random_weights`` and ImageNet normalisation constants

@@ -6,7 +6,7 @@ Two measurements, in one run on one machine:
 2. training steps/s of a backbone fed by the loader against the same steps fed from an in-memory array.
 
     python benchmarks/pipeline.py [--backbone mobilenet_v2] [--images 512] [--steps 6]
-        [--json benchmarks/results/pipeline.json]
+        [--json benchmarks/results/pipeline/pipeline.json]
 
 Images are generated JPEGs of about Kaggle's size (400 x 350 px), in a zip, so nothing is downloaded.
 Prints a markdown table (measure, value, unit, target) and writes its rows as JSON. Tiny mode, for
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import record  # noqa: E402
 from kbench.core.backend import use_backend  # noqa: E402
 from kbench.data.dataset import find_images  # noqa: E402
-from kbench.data.loader import ImageLoader, augment, decode_image, resize  # noqa: E402
+from kbench.data.loader import ImageLoader, augment, decode_image, loader_throughput, resize  # noqa: E402
 from kbench.data.synthetic import CLASSES, encode_jpeg, make_image  # noqa: E402
 
 
@@ -56,15 +56,9 @@ def single_threaded(images, indices, image_size: int, seed: int) -> float:
 
 
 def threaded(images, indices, image_size: int, batch_size: int, seed: int, workers: int | None) -> tuple:
-    """(images/s, the loader's worker threads)."""
-    loader = ImageLoader(
-        images, indices, image_size, batch_size, augment=True, shuffle=True, seed=seed, workers=workers
-    )
-    start = time.perf_counter()
-    count = sum(len(loader.batch(0, b)[1]) for b in range(len(loader)))
-    seconds = time.perf_counter() - start
-    loader.close()
-    return count / seconds, loader.workers
+    """(images/s, the loader's worker threads): kbench.data.loader.loader_throughput."""
+    measured = loader_throughput(images, indices, image_size, batch_size, workers=workers, seed=seed)
+    return measured["images_per_second"], measured["threads"]
 
 
 def training_steps(images, indices, backbone: str, image_size: int, batch_size: int, steps: int, seed: int):

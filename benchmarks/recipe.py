@@ -1,6 +1,6 @@
 """The reference study's fine-tuning recipe against today's, on the demo's generated data.
 
-    python benchmarks/recipe.py [--images 600] [--image-size 64] [--out benchmarks/results/recipe.json]
+    python benchmarks/recipe.py [--images 600] [--image-size 64] [--out benchmarks/results/recipe/recipe.json]
 
 Each case trains one backbone twice with the same seed, split, peak learning rate and epoch budget:
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=positive_int, default=600)
     parser.add_argument("--image-size", type=positive_int, default=64)
     parser.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "recipe.json"))
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "recipe", "recipe.json"))
     args = parser.parse_args()
 
     import keras

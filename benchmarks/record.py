@@ -2,7 +2,7 @@
 command, the machine and its load, written atomically (``kbench.core.files.write_json``).
 
     parser = argparse.ArgumentParser()
-    record.add_json_option(parser, "pipeline")  # --json PATH, default benchmarks/results/pipeline.json
+    record.add_json_option(parser, "pipeline")  # --json PATH, default benchmarks/results/pipeline/pipeline.json
     args = parser.parse_args(argv)
     began = record.Record(__file__, argv)       # before measuring: the start time and load
     ...
@@ -26,8 +26,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 
 
+# benchmarks/results/ holds one folder per page of benchmarks/docs/: a script's results go to its page's
+PAGES = {
+    "backbones": "backbones",
+    "cpu_backends": "cpu-backends",
+    "ensemble_head": "ensemble-head",
+    "export_all": "export",
+    "export_graph": "export-graph",
+    "pass_ablation": "export-graph",
+    "latency_check": "latency",
+    "openvino": "openvino",
+    "pipeline": "pipeline",
+    "recipe": "recipe",
+}
+
+
 def default_json(script: str) -> str:
-    return os.path.join(RESULTS_DIR, f"{script}.json")
+    """benchmarks/results/PAGE/SCRIPT.json: beside the other results of the page that shows them."""
+    return os.path.join(RESULTS_DIR, PAGES[script], f"{script}.json")
 
 
 def add_json_option(parser, script: str) -> None:
@@ -35,7 +51,7 @@ def add_json_option(parser, script: str) -> None:
         "--json",
         default=default_json(script),
         metavar="PATH",
-        help=f"write the raw results here as JSON (default: benchmarks/results/{script}.json)",
+        help=f"write the raw results here as JSON (default: {os.path.relpath(default_json(script), REPO)})",
     )
 
 
@@ -127,19 +143,19 @@ def child_result(command: list[str], label: str):
     """Run COMMAND (a benchmark script re-run with a hidden flag, so that one model's memory dies with
     its process) and return the JSON value on the last line of its output that starts with ``{`` or ``[``.
     A failure raises SystemExit in one line naming LABEL: the child's own ``{"error": ...}``, the signal
-    that killed it, or the last line it wrote to stderr."""
+    that killed it, or the last line it wrote to stderr (``kbench.core.process.child_death``)."""
+    from kbench.core.process import child_death, last_line
+
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
     value = json.loads(lines[-1]) if lines else None
     if isinstance(value, dict) and "error" in value:
         raise SystemExit(f"{label}: {value['error']}")
-    if done.returncode < 0:
-        from kbench.export.convert import killed_by
-
-        raise SystemExit(f"{label}: its process was {killed_by(-done.returncode)}")
-    if done.returncode != 0 or value is None:
-        errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-        raise SystemExit(f"{label}: its process exited {done.returncode}: {errors[-1] if errors else 'no output'}")
+    failure = child_death(done.returncode, done.stderr, status=True)
+    if failure is None and value is None:
+        failure = f"its process exited 0: {last_line(done.stderr)}"
+    if failure:
+        raise SystemExit(f"{label}: {failure}")
     return value
 
 

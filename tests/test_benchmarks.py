@@ -336,3 +336,20 @@ def test_openvino_bench_rows_match_its_table(tmp_path, capsys):
     (trained,) = record["int8"]
     assert trained["model"] == "small_cnn (trained)" and trained["float_val_log_loss"] > 0
     assert len(trained["candidates"]) == 4 and "| small_cnn (trained) | float |" in record["table"]
+
+
+def test_results_are_grouped_by_page_and_every_link_to_them_resolves():
+    import re
+
+    record = load_script("record")
+    results, docs = os.path.join(REPO, "benchmarks", "results"), os.path.join(REPO, "benchmarks", "docs")
+    pages = {name[: -len(".md")] for name in os.listdir(docs) if name.endswith(".md")}
+    assert not [name for name in os.listdir(results) if os.path.isfile(os.path.join(results, name))]
+    assert set(os.listdir(results)) <= pages
+    assert set(record.PAGES.values()) <= pages
+    assert os.path.dirname(record.default_json("pass_ablation")) == os.path.join(results, "export-graph")
+    for folder, text in [
+        (os.path.join(REPO, "benchmarks"), open(os.path.join(REPO, "benchmarks", "README.md")).read())
+    ] + [(docs, open(os.path.join(docs, name)).read()) for name in sorted(os.listdir(docs)) if name.endswith(".md")]:
+        for link in re.findall(r"\]\(((?:\.\./)?results/[^)#]+)\)", text):
+            assert os.path.exists(os.path.normpath(os.path.join(folder, link))), link

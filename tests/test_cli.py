@@ -246,3 +246,25 @@ def test_latency_of_a_fixed_batch_onnx_marks_other_batch_sizes_unavailable(model
         (1, "ok"),
         (3, "unavailable: the ONNX file takes batches of 1 only"),
     ]
+
+
+RUNTIME_FAMILIES = {"keras": "Keras", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
+@pytest.mark.once
+def test_the_help_texts_name_exactly_the_registered_runtimes_and_graph_passes():
+    import re
+
+    from kbench.export.graph import PASSES
+    from kbench.serving.runtimes import RUNTIMES
+
+    latency = run_cli("latency", "--help")
+    summary = latency.stdout.split("\n\n")[1]
+    named = re.search(r"Runtimes: ([^.]+)\.", latency.stdout).group(1).split(", ")
+    assert named == list(RUNTIMES)
+    families = {RUNTIME_FAMILIES[name.split("-")[0]] for name in RUNTIMES}
+    assert {family for family in RUNTIME_FAMILIES.values() if family in summary} == families
+    export = " ".join(run_cli("export", "onnx", "--help").stdout.split())
+    passes = re.search(r"kbench\.export\.graph's passes \(([^)]+)\)", export).group(1).split(", ")
+    assert passes == list(PASSES)
+    assert "reshape" not in export.lower()

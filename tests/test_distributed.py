@@ -119,6 +119,35 @@ def test_ctrl_c_reaches_every_process_once(tmp_path):
     assert [open(tmp_path / rank).read() for rank in ("0", "1")] == ["int\n", "int\n"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_ranks_die_with_a_killed_launcher_which_forks_without_preexec_fn(tmp_path, monkeypatch):
+    import kbench.training.distributed as distributed
+
+    started, popen = [], subprocess.Popen
+    monkeypatch.setattr(distributed.subprocess, "Popen", lambda *a, **k: started.append(k) or popen(*a, **k))
+    assert (
+        distributed.launch(distributed.LaunchConfig(processes=2), [sys.executable, "-c", "pass"], echo=lambda _: 0) == 0
+    )
+    assert len(started) == 2 and not any("preexec_fn" in options for options in started)
+
+    script = (
+        f"import os, time; path = os.path.join({str(tmp_path)!r}, os.environ['JAX_PROCESS_ID']);"
+        "open(path, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
+    done = launcher("--processes", "2", "--", sys.executable, "-c", script)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / rank).exists() and (tmp_path / rank).read_text() for rank in "01"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks = [int((tmp_path / rank).read_text()) for rank in "01"]
+    done.kill()
+    done.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read() for pid in ranks):
+        assert time.monotonic() < deadline, "a rank outlived its launcher"
+        time.sleep(0.1)
+
+
 def test_launch_refuses_what_cannot_work(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     log_file = run_cli("launch", "--log-dir", str(tmp_path / "notes.txt"), "--", "true")

@@ -217,3 +217,12 @@ def test_jpegs_with_data_after_their_end_decode_and_truncated_ones_are_refused()
         assert np.array_equal(decode_image(jpeg + b"ftypmp42" + tail), expected)
         with pytest.raises(BadImage, match="truncated JPEG"):
             decode_image(jpeg[: len(jpeg) - 300])
+
+
+def test_loader_throughput_counts_one_augmented_pass(kaggle_data):
+    from kbench.data.loader import loader_throughput
+
+    images = find_images(kaggle_data["train"])
+    measured = loader_throughput(images, np.arange(len(images)), 32, 4, workers=2)
+    assert measured["images"] == len(images) and measured["threads"] == 2
+    assert measured["seconds"] > 0 and measured["images_per_second"] == measured["images"] / measured["seconds"]

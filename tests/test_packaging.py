@@ -102,3 +102,23 @@ def test_the_code_layout_in_the_docs_names_every_module_once():
     for package in {m.split("/")[0] for m in listed if not m.startswith("./")}:
         docstring = open(os.path.join(REPO, "kbench", package, "__init__.py"), encoding="utf-8").read()
         assert docstring.startswith('"""') and len(docstring) > 100, f"kbench/{package} says nothing of its stage"
+
+
+MAX_FUNCTION_LINES = 80  # docs/development.md: a longer function holds two ideas; split it along them
+
+
+def test_no_function_in_kbench_is_longer_than_80_lines():
+    import ast
+
+    long = []
+    for folder, _, names in os.walk(os.path.join(REPO, "kbench")):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == [], "functions over 80 lines: " + "; ".join(long)

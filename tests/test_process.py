@@ -38,3 +38,42 @@ def test_exit_now_keeps_the_status_and_what_was_printed():
     script = "from kbench.core.process import exit_now; print('written', end=''); exit_now(143)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (143, "written", "")
+
+
+def test_exit_now_runs_the_registered_exit_hooks_first_even_when_one_fails():
+    # a study's local Ray registers ray.shutdown this way (kbench.study.executors)
+    script = (
+        "from kbench.core.process import at_exit_now, exit_now\n"
+        "at_exit_now(lambda: print('first registered', flush=True))\n"
+        "at_exit_now(lambda: 1 / 0)\n"
+        "at_exit_now(lambda: print('last registered', flush=True))\n"
+        "exit_now(130)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "last registered\nfirst registered\n", "")
+
+
+def test_a_childs_death_is_one_line():
+    from kbench.core.process import child_death
+
+    assert child_death(0, "noise") is None
+    assert child_death(-9, "half a line") == "its process was killed by SIGKILL (signal 9) (out of memory?)"
+    assert child_death(-15, "") == "its process was killed by SIGTERM (signal 15)"
+    assert child_death(-99, "") == "its process was killed by signal 99"
+    assert child_death(1, "Traceback\n  ...\nValueError: boom\n\n") == "ValueError: boom"
+    assert child_death(2, "", silent="no message") == "no message"
+    assert child_death(3, "why\n", status=True) == "its process exited 3: why"
+
+
+def test_orphan_proof_runs_the_command_and_reports_one_that_cannot_start():
+    from kbench.core.process import orphan_proof
+
+    done = subprocess.run(
+        orphan_proof([sys.executable, "-c", "print('ran')"]), capture_output=True, text=True, cwd=REPO
+    )
+    assert (done.returncode, done.stdout) == (0, "ran\n")
+    missing = subprocess.run(orphan_proof(["no-such-command-kbench"]), capture_output=True, text=True, cwd=REPO)
+    assert (
+        missing.returncode == 127
+        and missing.stderr == "kbench: can't start no-such-command-kbench: No such file or directory\n"
+    )

@@ -113,3 +113,35 @@ def test_a_crash_while_importing_still_shows_its_reason(tmp_path):
     assert done.returncode < 0  # killed by SIGABRT
     assert "F0000 Check failed: AVX not available" in done.stderr  # replayed by the keeper process
     assert "Fatal Python error: Aborted" in done.stderr and "tensorflow" in done.stderr  # faulthandler's stack
+
+
+NESTED_REDIRECTIONS = """
+import os, sys, threading
+from kbench.core.quiet import held_stderr, output_to, redirected
+with open(sys.argv[1], "w") as log:
+    with output_to(log):
+        os.write(2, b"logged before;")
+        with held_stderr():
+            os.write(2, b"held;")
+        os.write(2, b"logged after;")
+        print("printed;", end="")
+os.write(2, b"terminal")
+first, second = open(os.devnull, "w"), open(os.devnull, "w")
+outer = redirected(first.fileno()); inner = redirected(second.fileno())
+outer.__enter__(); inner.__enter__()
+try:
+    outer.__exit__(None, None, None)
+except RuntimeError as error:
+    print(" out of turn:", error)
+"""
+
+
+@pytest.mark.once
+def test_stderr_redirections_nest_and_one_ended_out_of_turn_is_refused(tmp_path):
+    log = tmp_path / "task.log"
+    done = subprocess.run(
+        [sys.executable, "-c", NESTED_REDIRECTIONS, str(log)], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert log.read_text() == "logged before;logged after;printed;"
+    assert done.stderr == "terminal"
+    assert "out of turn: file descriptor redirections ended out of turn" in done.stdout

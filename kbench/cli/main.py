@@ -22,6 +22,7 @@ from kbench.export.onnx import OPSETS as _OPSETS
 from kbench.export.onnx import ExportOptions as _X1
 from kbench.report import compare as comparison
 from kbench.serving.latency import LatencyConfig as _L
+from kbench.serving.runtimes import RUNTIMES
 from kbench.serving.submission import PREDICT_RUNTIMES
 from kbench.serving.submission import SubmissionConfig as _S
 from kbench.training.config import TrainConfig as _T
@@ -137,9 +138,9 @@ def export():
     "--graph-passes/--no-graph-passes",
     default=_X1.graph_passes,
     show_default=True,
-    help="Clean the converted graph (kbench.export.graph: no-op reshapes, preprocessing folded, the "
-    "input read channels-last, then onnxslim) before the parity check. --no-graph-passes keeps tf2onnx's "
-    "graph as written.",
+    help="Clean the converted graph before the parity check: kbench.export.graph's passes (fold_input_affine, "
+    "read_input_channels_last, drop_dead_nodes), then onnxslim. --no-graph-passes keeps tf2onnx's graph as "
+    "written.",
 )
 def export_onnx_command(model, output, opset, batch_size, quantize, calibration_data, backend, graph_passes):
     """Export MODEL (a run folder, ensemble folder or .keras file) to ONNX, checked against Keras.
@@ -240,7 +241,18 @@ def score(submission, answers):
     click.echo(score_summary(submission, kbench.score(submission, answers)))
 
 
-@cli.command()
+@cli.command(
+    help=f"""Time inference of MODELS on Keras, ONNX Runtime (CPU, CUDA) and OpenVINO (CPU).
+
+    \b
+    Runtimes: {", ".join(RUNTIMES)}.
+    MODEL: a run or ensemble folder, a .keras or .onnx file, or a backbone name (native size,
+    fresh head). Keras models are exported to exports/NAME.onnx for the ONNX runtimes (reused
+    while made from the same model). Ctrl-C prints the rows finished so far.
+    Example:
+      kbench latency efficientnet_b0 --runtime onnxruntime-cpu,openvino-cpu,openvino-cpu-bf16 --batch-size 1,32
+    """
+)
 @click.argument("models", nargs=-1, required=True)
 @opt.from_config(_L, "runtimes")
 @opt.backend_option
@@ -248,15 +260,7 @@ def score(submission, answers):
 @opt.format_option("table", "markdown", "csv", "json")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here (after every row), not stdout.")
 def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune, output_format, output, backend):
-    """Time inference of MODELS on Keras and ONNX Runtime (CPU and CUDA).
-
-    \b
-    MODEL: a run or ensemble folder, a .keras or .onnx file, or a backbone name (native size,
-    fresh head). Keras models are exported to exports/NAME.onnx for the ONNX runtimes (reused
-    while made from the same model). Ctrl-C prints the rows finished so far.
-    Example:
-      kbench latency efficientnet_b0 --runtime onnxruntime-cpu,openvino-cpu,openvino-cpu-bf16 --batch-size 1,32
-    """
+    # its help is the command's help= above: it names the registered runtimes (kbench.serving.runtimes)
     from kbench.core.machine import facts
     from kbench.core.tables import latency_text
 

@@ -105,14 +105,46 @@ def positive(value, option: str, whole: bool = False):
     return value
 
 
-def option(default=dataclasses.MISSING, help: str = "", **click_options):
+def option(default=dataclasses.MISSING, help: str = "", *, minimum=None, below=None, **click_options):
     """A dataclass field that is also a command-line option: its help text lives beside its default,
     and ``kbench.cli.main`` builds the option from both (``click_options`` such as ``choices``,
-    ``shown_default`` reach click)."""
+    ``shown_default`` reach click). ``minimum`` (and ``below``) declare a whole number in
+    ``minimum <= value < below``, which ``check_bounds`` checks."""
     metadata = {"help": help, **click_options}
+    if minimum is not None:
+        metadata.update(minimum=minimum, below=below)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_bounds(config, *names: str) -> None:
+    """KbenchError in one line for the first of ``names`` (every bounded field when none is named)
+    that isn't a whole number within the bounds its ``option(minimum=..., below=...)`` declares.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Example:
+    ...     warmup_epochs: int = option(0, "Warm-up epochs.", minimum=0)
+    >>> check_bounds(Example(warmup_epochs=-1))
+    Traceback (most recent call last):
+    ...
+    kbench.core.errors.KbenchError: --warmup-epochs must be a whole number >= 0; got -1
+    """
+    for field in dataclasses.fields(config):
+        if "minimum" not in field.metadata or (names and field.name not in names):
+            continue
+        value, low, high = getattr(config, field.name), field.metadata["minimum"], field.metadata["below"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+            flag = "--" + field.metadata.get("flag", field.name).replace("_", "-")
+            bound = f">= {low}" if high is None else f">= {low} and < {_power_text(high)}"
+            raise KbenchError(f"{flag} must be a whole number {bound}; got {value}")
+
+
+def _power_text(number: int) -> str:
+    """2**32 rather than 4294967296."""
+    exponent = number.bit_length() - 1
+    return f"2**{exponent}" if number > 1024 and number == 1 << exponent else str(number)
 
 
 def options_of(cls) -> dict[str, dict]:

@@ -15,16 +15,26 @@ What is silenced, and how:
   and deprecation warnings raised outside kbench ignored.
 
 kbench's own ``kbench: ...`` lines (the ``kbench`` logger, click.echo) are untouched.
+
+This module is the one owner of file descriptor 2 (and 1): ``redirected`` is the only place kbench
+points them elsewhere, for ``held_stderr`` (while TensorFlow loads) and ``output_to`` (a Ray task's
+output into its log). Redirections nest as a stack: each saves the descriptors as they are when it
+begins and puts exactly those back when it ends, innermost first, so ``import tensorflow`` inside a
+Ray task's ``output_to`` is held and then written to the task's log, not the terminal. One ending out
+of turn (two threads interleaving) is a RuntimeError, not a terminal silently left pointing at a
+closed pipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib.abc
 import logging
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -75,6 +85,42 @@ _KEEPER = (
 )
 
 
+_REDIRECTIONS: list[object] = []  # the redirections in force, innermost last
+_REDIRECTIONS_LOCK = threading.Lock()
+
+
+@contextmanager
+def redirected(target_fd: int, fds: tuple[int, ...] = (2,)):
+    """Point the descriptors ``fds`` at ``target_fd`` for the block, then back to what they were."""
+    _flush()
+    token = object()
+    with _REDIRECTIONS_LOCK:
+        saved = [os.dup(fd) for fd in fds]
+        for fd in fds:
+            os.dup2(target_fd, fd)
+        _REDIRECTIONS.append(token)
+    try:
+        yield
+    finally:
+        _flush()
+        with _REDIRECTIONS_LOCK:
+            in_turn = _REDIRECTIONS[-1] is token
+            _REDIRECTIONS.remove(token)
+            for fd, copy in zip(fds, saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+        if not in_turn:
+            raise RuntimeError("file descriptor redirections ended out of turn (two threads redirecting at once)")
+
+
+@contextmanager
+def output_to(handle):
+    """This process's stdout and stderr (Python's and the C libraries') into ``handle``, an open file."""
+    with redirected(handle.fileno(), (1, 2)):
+        with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+            yield
+
+
 @contextmanager
 def held_stderr():
     """Point file descriptor 2 at a keeper process for the block, then back; what was written is
@@ -99,21 +145,15 @@ def held_stderr():
     except OSError:
         yield
         return
-    saved = os.dup(2)
-    real_stderr = os.fdopen(os.dup(saved), "w")
+    real_stderr = os.fdopen(os.dup(2), "w")
     faults_were_on = faulthandler.is_enabled()
-    ended_well = False
     try:
-        os.dup2(keeper.stdin.fileno(), 2)
-        faulthandler.enable(file=real_stderr)
-        yield
-        ended_well = True
+        with redirected(keeper.stdin.fileno()):
+            faulthandler.enable(file=real_stderr)
+            yield
+            _flush()
+            os.write(2, DISCARD)  # the block ended well: the keeper drops what it held
     finally:
-        _flush()
-        if ended_well:
-            os.write(2, DISCARD)
-        os.dup2(saved, 2)
-        os.close(saved)
         if faults_were_on:  # on fd 2: sys.stderr may have no descriptor (click's CliRunner, in tests)
             faulthandler.enable(file=2)
         else:

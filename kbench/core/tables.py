@@ -2,8 +2,8 @@
 JSON, a study's results as one flat or wide row per model, the Pareto front in words, and row labels
 that can be told apart.
 
-Nothing here imports the rest of kbench: the timing loop, the plots, the study's report and the CLI
-all lay their rows out with these functions.
+Of kbench it imports only ``kbench.core.timing`` (the busy-machine threshold, inside a function): the
+timing loop, the plots, the study's report and the CLI all lay their rows out with these functions.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 the device synchronised inside the timed region, interleaved rounds when variants are compared, and the
 statistics of the individual timings as flat dict values.
 
-Method as in timm's ``benchmark.py`` and nanoGPT's ``bench.py``. Every timing in kbench and in
-``benchmarks/`` goes through ``time_calls`` (one thing timed) or ``interleaved`` (several, compared);
-both take a ``clock`` so that tests can give them a fake one. ``watch_load`` says whether other
-processes were busy on the cores timed on meanwhile, as pyperf checks a benchmark's machine.
+Method as in timm's ``benchmark.py`` and nanoGPT's ``bench.py``. Every timing of calls in kbench goes
+through ``time_calls`` (one thing timed) or ``interleaved`` (several, compared); both take a ``clock`` so
+that tests can give them a fake one. The input pipeline's throughput (one pass of a loader, not calls)
+is ``kbench.data.loader.loader_throughput``; the training benchmarks time epochs as ``kbench train``
+does. ``watch_load`` says whether other processes were busy on the cores timed on meanwhile, as pyperf
+checks a benchmark's machine.
 
 >>> calls = []
 >>> timings = time_calls(lambda: calls.append(1), runs=3, warmup=2)

@@ -288,3 +288,39 @@ def predict(predict_batch, loader: ImageLoader) -> tuple[np.ndarray, np.ndarray]
     if not probabilities:
         raise KbenchError("no images to predict")
     return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def loader_throughput(
+    images: ImageSet,
+    indices: np.ndarray,
+    image_size: int,
+    batch_size: int,
+    workers: int | None = None,
+    seed: int = 0,
+    pixel_dtype: str = "uint8",
+) -> dict:
+    """How fast an ``ImageLoader`` feeds training: one augmented, shuffled pass (epoch 0) over
+    ``indices``, timed from the first batch asked to the last one read. Returns ``images`` (those
+    decoded), ``seconds``, ``images_per_second`` and ``threads`` (the loader's workers). The input
+    pipeline's benchmarks (benchmarks/pipeline.py, gpu_bench.py) measure with this; batches are
+    ``pixel_dtype`` (uint8, as training ships them)."""
+    import time
+
+    loader = ImageLoader(
+        images,
+        indices,
+        image_size,
+        batch_size,
+        augment=True,
+        shuffle=True,
+        seed=seed,
+        workers=workers,
+        pixel_dtype=pixel_dtype,
+    )
+    try:
+        start = time.perf_counter()
+        count = sum(len(loader.batch(0, batch)[1]) for batch in range(len(loader)))
+        seconds = time.perf_counter() - start
+    finally:
+        loader.close()
+    return {"images": count, "seconds": seconds, "images_per_second": count / seconds, "threads": loader.workers}

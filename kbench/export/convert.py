@@ -22,15 +22,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 
 from kbench.core.errors import KbenchError
+from kbench.core.process import child_death, die_with_parent, killed_by, signal_name  # noqa: F401
 from kbench.models.backbones import load_model
-from kbench.training.distributed import die_with_parent
 
 
 def describe_inputs(model) -> tuple[str, tuple[int, int, int]]:
@@ -185,25 +184,9 @@ def convert_in_tensorflow_process(source: str, output: str, opset: int, batch_si
     done = subprocess.run(command, capture_output=True, text=True, env=conversion_environment())
     if verbose() and done.stderr:
         sys.stderr.write(done.stderr)
-    if done.returncode < 0:  # its last stderr line would be whatever it printed before the kill
-        raise KbenchError(f"ONNX conversion failed: its process was {killed_by(-done.returncode)}")
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise KbenchError(f"ONNX conversion failed: {lines[-1] if lines else 'no message'}")
-
-
-def killed_by(number: int) -> str:
-    """``killed by SIGKILL (signal 9) (out of memory?)``: the kernel's OOM killer sends SIGKILL."""
-    hint = " (out of memory?)" if number == signal.SIGKILL else ""
-    return f"killed by {signal_name(number)}{hint}"
-
-
-def signal_name(number: int) -> str:
-    """``SIGKILL (signal 9)`` for 9; ``signal 99`` for a number Python doesn't name."""
-    try:
-        return f"{signal.Signals(number).name} (signal {number})"
-    except ValueError:
-        return f"signal {number}"
+    failure = child_death(done.returncode, done.stderr, silent="no message")
+    if failure:
+        raise KbenchError(f"ONNX conversion failed: {failure}")
 
 
 def _main(argv: list[str]) -> None:

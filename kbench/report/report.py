@@ -100,15 +100,9 @@ def _busy_note(results: dict) -> list[str]:
     ]
 
 
-def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None) -> str:
-    """report.md: the reference study's three tables (time per epoch, inference time as one row per
-    model, log loss), the plots with the Pareto front named, then ensembles, ONNX Runtime against
-    Keras, the submission, the machine and the command. With ``out_dir`` (where report.md goes),
-    model names link to their run folders."""
+def _header(results: dict) -> list[str]:
+    """report.md's title, the machine (or where each number came from) and the command."""
     machine = results.get("machine")
-    linked = _linked(flat, out_dir)
-    backbones = [row for row in linked if row["kind"] == "backbone"]
-    ensembles = [row for row in linked if row["kind"] == "ensemble"]
     title = "comparison" if results.get("kind") == "comparison" else "study"
     parts = [f"# kbench {title}: {results['name']}", ""]
     if machine:
@@ -124,61 +118,65 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
             "and timed (its metrics.json and latency.json).",
             "",
         ]
-    parts += [f"Command: `{results.get('command', '')}`", ""]
-    plots = {name: out_dir is not None and os.path.isfile(os.path.join(out_dir, name)) for name in PLOTS}
-    parts += [
-        "## Time per training epoch",
-        "",
-        format_table(
-            backbones,
-            [
-                "name",
-                "backbone",
-                "status",
-                "params",
-                "image_size",
-                "batch_size",
-                "epochs",
-                "epoch_seconds",
-                "train_images_per_second",
-            ],
-            style="markdown",
-        ),
-        "",
+    return parts + [f"Command: `{results.get('command', '')}`", ""]
+
+
+def _epoch_section(backbones: list[dict], plots: dict) -> list[str]:
+    """The reference study's first table: time per training epoch, then its plot."""
+    columns = [
+        "name",
+        "backbone",
+        "status",
+        "params",
+        "image_size",
+        "batch_size",
+        "epochs",
+        "epoch_seconds",
+        "train_images_per_second",
     ]
+    parts = ["## Time per training epoch", "", format_table(backbones, columns, style="markdown"), ""]
     if plots[EPOCH_PLOT]:
         parts += [f"![seconds per training epoch]({EPOCH_PLOT})", ""]
+    return parts
+
+
+def _latency_section(results: dict, linked: list[dict]) -> list[str]:
+    """The inference table (one row per model), why cells are empty, each runtime's settings, the
+    busy-machine warning and the link to every timing."""
     wide = latency_wide(linked)
-    parts += [
+    parts = [
         "## Inference time",
         "",
         "p50 ms (median of individually timed runs after warm-up); bN = batch size N.",
         "",
     ]
-    if any(len(row) > 1 for row in wide):
-        notes = _status_notes(results)
-        parts += [format_table(wide, style="markdown"), ""]
-        parts += ["Empty cells:", "", *notes, ""] if notes else []
-        settings = _settings_notes(results)
-        if settings:
-            parts += ["Settings each runtime ran with (its detail, without the timings it chose them by):", ""]
-            parts += [*settings, ""]
-            if any(line.startswith("- **") for line in settings):
-                parts += [
-                    "**A runtime ran with different settings for different models** (it chooses by measuring, "
-                    "and the machine's load changed during the study): compare those models' times with care.",
-                    "",
-                ]
-        parts += _busy_note(results)
-        parts += [
-            f"Every timing (p50, p90, images/s, status), one row per model, runtime and batch size: "
-            f"[{LATENCY_CSV}]({LATENCY_CSV}).",
-            "",
-        ]
-    else:
-        parts += ["No model was timed.", ""]
+    if not any(len(row) > 1 for row in wide):
+        return parts + ["No model was timed.", ""]
+    notes = _status_notes(results)
+    parts += [format_table(wide, style="markdown"), ""]
+    parts += ["Empty cells:", "", *notes, ""] if notes else []
+    settings = _settings_notes(results)
+    if settings:
+        parts += ["Settings each runtime ran with (its detail, without the timings it chose them by):", ""]
+        parts += [*settings, ""]
+        if any(line.startswith("- **") for line in settings):
+            parts += [
+                "**A runtime ran with different settings for different models** (it chooses by measuring, "
+                "and the machine's load changed during the study): compare those models' times with care.",
+                "",
+            ]
+    parts += _busy_note(results)
+    return parts + [
+        f"Every timing (p50, p90, images/s, status), one row per model, runtime and batch size: "
+        f"[{LATENCY_CSV}]({LATENCY_CSV}).",
+        "",
+    ]
+
+
+def _quality_sections(linked: list[dict], flat: list[dict], out_dir: str | None, plots: dict) -> list[str]:
+    """The log-loss table, the Pareto front in words with its plot, and the training curves."""
     by_loss = sorted(linked, key=lambda r: (r["val_log_loss"] is None, r["val_log_loss"] or 0))
-    parts += [
+    parts = [
         "## Log loss",
         "",
         format_table(
@@ -203,17 +201,18 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
             f"![validation log loss per epoch]({VAL_LOSS_PLOT})",
             "",
         ]
-    if ensembles:
-        parts += [
-            "## Ensembles",
-            "",
-            format_table(
-                ensembles,
-                ["name", "backbone", "status", "val_log_loss", "val_accuracy", "feature_seconds", "head_seconds"],
-                style="markdown",
-            ),
-            "",
-        ]
+    return parts
+
+
+def _ensembles_section(ensembles: list[dict]) -> list[str]:
+    if not ensembles:
+        return []
+    columns = ["name", "backbone", "status", "val_log_loss", "val_accuracy", "feature_seconds", "head_seconds"]
+    return ["## Ensembles", "", format_table(ensembles, columns, style="markdown"), ""]
+
+
+def _onnx_against_keras(flat: list[dict], linked: list[dict]) -> list[str]:
+    """Keras compiled against ONNX Runtime on the CPU at batch 1, for the models timed on both."""
     comparison = []
     for row, shown in zip(flat, linked):
         keras_ms, onnx_ms = row.get("keras-compiled_b1_p50_ms"), row.get("onnxruntime-cpu_b1_p50_ms")
@@ -226,24 +225,44 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
                     "speed-up": keras_ms / onnx_ms,
                 }
             )
-    if comparison:
-        parts += ["## ONNX Runtime against Keras (batch 1)", "", format_table(comparison, style="markdown"), ""]
-    submission = results.get("submission")
-    if submission and submission.get("status", "ok") != "ok":
-        parts += ["## Submission", "", f"From {submission['model']}: {submission['status']}.", ""]
-    elif submission:
-        score = (
-            f"; test log loss {submission['test_log_loss']:.4f}, accuracy {submission['test_accuracy']:.3f}"
-            if "test_log_loss" in submission
-            else ""
-        )
-        parts += [
-            "## Submission",
-            "",
-            f"`{submission['path']}` from {submission['model']}: "
-            f"{submission['predicted']} of {submission['images']} test images{score}.",
-            "",
-        ]
+    if not comparison:
+        return []
+    return ["## ONNX Runtime against Keras (batch 1)", "", format_table(comparison, style="markdown"), ""]
+
+
+def _submission_section(submission: dict | None) -> list[str]:
+    if not submission:
+        return []
+    if submission.get("status", "ok") != "ok":
+        return ["## Submission", "", f"From {submission['model']}: {submission['status']}.", ""]
+    score = (
+        f"; test log loss {submission['test_log_loss']:.4f}, accuracy {submission['test_accuracy']:.3f}"
+        if "test_log_loss" in submission
+        else ""
+    )
+    return [
+        "## Submission",
+        "",
+        f"`{submission['path']}` from {submission['model']}: "
+        f"{submission['predicted']} of {submission['images']} test images{score}.",
+        "",
+    ]
+
+
+def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None) -> str:
+    """report.md: the reference study's three tables (time per epoch, inference time as one row per
+    model, log loss), the plots with the Pareto front named, then ensembles, ONNX Runtime against
+    Keras, the submission, the machine and the command. With ``out_dir`` (where report.md goes),
+    model names link to their run folders."""
+    linked = _linked(flat, out_dir)
+    plots = {name: out_dir is not None and os.path.isfile(os.path.join(out_dir, name)) for name in PLOTS}
+    parts = _header(results)
+    parts += _epoch_section([row for row in linked if row["kind"] == "backbone"], plots)
+    parts += _latency_section(results, linked)
+    parts += _quality_sections(linked, flat, out_dir, plots)
+    parts += _ensembles_section([row for row in linked if row["kind"] == "ensemble"])
+    parts += _onnx_against_keras(flat, linked)
+    parts += _submission_section(results.get("submission"))
     return "\n".join(parts)
 
 

@@ -16,13 +16,13 @@ from functools import partial
 import numpy as np
 
 from kbench.core import files, timing
-from kbench.core.config import option, positive
+from kbench.core.config import check_bounds, option, positive
 from kbench.core.errors import KbenchError, first_line
 from kbench.core.machine import facts
 from kbench.core.metrics import relative_difference
 from kbench.core.tables import distinct_names, latency_text
 from kbench.data.synthetic import sample_pixels
-from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime, onnxruntime_module
+from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime, onnx_session, onnxruntime_module
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LatencyConfig:
     runtimes: list[str] = option(list(RUNTIMES), "Comma-separated runtimes to time.", flag="runtime")
     batch_sizes: list[int] = option([1, 8, 32], "Comma-separated batch sizes.", flag="batch_size")
     runs: int = option(100, "Timed runs per row, each timed on its own.")
-    warmup: int = option(10, "Untimed runs first.")
+    warmup: int = option(10, "Untimed runs first.", minimum=0)
     threads: int | None = option(None, "ONNX Runtime intra-op threads.", shown_default="ONNX Runtime's own count")
     weights: str = option("none", "For backbone names: imagenet or none.", choices=("none", "imagenet"))
     tune: bool = option(
@@ -50,8 +50,7 @@ class LatencyConfig:
         positive(self.runs, "--runs", whole=True)
         for batch in self.batch_sizes:
             positive(batch, "--batch-size", whole=True)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise KbenchError(f"--warmup must be a whole number >= 0; got {self.warmup}")
+        check_bounds(self, "warmup")
         if self.threads is not None:
             positive(self.threads, "--threads", whole=True)
         if not self.batch_sizes:
@@ -311,6 +310,9 @@ def measure(
     config.check()
     if output and os.path.isdir(output):
         raise KbenchError(f"-o {output} is a folder; give a file name")
+    for model in config.models:  # a broken ONNX file is refused before the bar or any timing starts
+        if model.endswith(".onnx"):
+            onnx_session(model, ["CPUExecutionProvider"])
     machine = facts(config.threads)
     rows, interrupted, total = [], False, plan(config)
     try:

@@ -84,6 +84,38 @@ def load_config(path: str, **overrides) -> StudyConfig:
     """Read and check a study TOML. Relative paths in ``[study]`` are relative to the TOML;
     ``overrides`` (data, test_data, answers, backend, layout, devices, mixed_precision) win when not
     None (an empty string clears test_data or answers)."""
+    path, raw = _read_toml(path)
+    study, train_overrides = _study_settings(raw, path, overrides)
+    train = raw.get("train", {})
+    check_keys(train, TRAIN_KEYS, f"{path} [train]")
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in train.items():  # a [train] value is reported against [train], not a member
+        check_value(value, hints[key], key, f"{path} [train]")
+    members = _members(raw, path, study, train, train_overrides)
+    ensembles = _ensembles(raw, path, study, [m.name for m in members], train.get("seed", 0))
+    latency_table = raw.get("latency", {})
+    check_keys(latency_table, LATENCY_KEYS, f"{path} [latency]")
+    latency = from_dict(LatencyConfig, latency_table, f"{path} [latency]", models=[]).check()
+    submission = from_dict(SubmissionConfig, raw.get("submission", {}), f"{path} [submission]").check()
+    config = StudyConfig(
+        name=study.name or os.path.splitext(os.path.basename(path))[0],
+        data=study.data,
+        backbones=members,
+        ensembles=ensembles,
+        latency=latency,
+        submission=submission,
+        test_data=study.test_data,
+        answers=study.answers,
+        backend=study.backend,
+        layout=study.layout,
+        path=os.path.abspath(path),
+    )
+    _check_paths(config)
+    return config
+
+
+def _read_toml(path: str) -> tuple[str, dict]:
+    """The TOML's path (a packaged study's, given its name) and its tables, each of the right shape."""
     if not os.path.isfile(path):
         if os.sep in path or path.endswith(".toml"):
             raise KbenchError(f"config not found: {path}")
@@ -100,14 +132,20 @@ def load_config(path: str, **overrides) -> StudyConfig:
     for section in ("backbones", "ensembles"):
         if not isinstance(raw.get(section, []), list):
             raise KbenchError(f"{path}: {section} must be written [[{section}]]")
+    return path, raw
+
+
+def _located(path: str, value: str) -> str:
+    """A path the TOML names, relative to the TOML's folder unless absolute."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), value) if value and not os.path.isabs(value) else value
+
+
+def _study_settings(raw: dict, path: str, overrides: dict) -> tuple[StudySettings, dict]:
+    """The [study] table with its paths located and the command line's overrides applied; the
+    overrides meant for every member's TrainConfig (devices, mixed_precision)."""
     study = from_dict(StudySettings, raw.get("study", {}), f"{path} [study]")
-    base = os.path.dirname(os.path.abspath(path))
-
-    def located(value: str) -> str:
-        return os.path.join(base, value) if value and not os.path.isabs(value) else value
-
     for key in ("data", "test_data", "answers"):
-        setattr(study, key, located(getattr(study, key)))
+        setattr(study, key, _located(path, getattr(study, key)))
     train_overrides = {k: overrides.pop(k) for k in ("devices", "mixed_precision") if overrides.get(k) is not None}
     for key, value in overrides.items():
         if value is not None:
@@ -116,12 +154,11 @@ def load_config(path: str, **overrides) -> StudyConfig:
             setattr(study, key, value)
     if overrides.get("test_data") == "" and overrides.get("answers") is None:
         study.answers = ""  # --test-data '' skips the submission, and so its scoring
+    return study, train_overrides
 
-    train = raw.get("train", {})
-    check_keys(train, TRAIN_KEYS, f"{path} [train]")
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in train.items():  # a [train] value is reported against [train], not a member
-        check_value(value, hints[key], key, f"{path} [train]")
+
+def _members(raw: dict, path: str, study: StudySettings, train: dict, train_overrides: dict) -> list[Member]:
+    """The [[backbones]] entries, each a TrainConfig: [train] under the entry's own keys, checked."""
     entries = raw.get("backbones", [])
     if not entries:
         raise KbenchError(f"{path} lists no [[backbones]]")
@@ -138,7 +175,7 @@ def load_config(path: str, **overrides) -> StudyConfig:
             raise KbenchError(f"{where}: name {name!r} must be a plain folder name")
         weights = {**train, **entry}.get("weights")
         if isinstance(weights, str) and weights not in ("none", "imagenet"):
-            entry["weights"] = located(weights)  # a weights file, like the data, is relative to the TOML
+            entry["weights"] = _located(path, weights)  # a weights file, like the data, is relative to the TOML
         config = from_dict(
             TrainConfig,
             {**train, **entry, **train_overrides},
@@ -155,9 +192,12 @@ def load_config(path: str, **overrides) -> StudyConfig:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise KbenchError(f"{path}: backbone entries need distinct names ({', '.join(duplicates)} repeated)")
+    return members
 
+
+def _ensembles(raw: dict, path: str, study: StudySettings, names: list[str], seed: int) -> list[EnsembleEntry]:
+    """The [[ensembles]] entries, each over at least two backbone entries (by name), seeded like [train]."""
     ensembles = []
-    seed = train.get("seed", 0)
     for number, entry in enumerate(raw.get("ensembles", []), 1):
         entry = dict(entry)
         where = f"{path} [[ensembles]] #{number} ({entry.get('name', '?')})"
@@ -188,26 +228,7 @@ def load_config(path: str, **overrides) -> StudyConfig:
         except KbenchError as error:
             raise KbenchError(f"{where}: {error}") from None
         ensembles.append(EnsembleEntry(name, list(member_names), config))
-
-    latency_table = raw.get("latency", {})
-    check_keys(latency_table, LATENCY_KEYS, f"{path} [latency]")
-    latency = from_dict(LatencyConfig, latency_table, f"{path} [latency]", models=[]).check()
-    submission = from_dict(SubmissionConfig, raw.get("submission", {}), f"{path} [submission]").check()
-    config = StudyConfig(
-        name=study.name or os.path.splitext(os.path.basename(path))[0],
-        data=study.data,
-        backbones=members,
-        ensembles=ensembles,
-        latency=latency,
-        submission=submission,
-        test_data=study.test_data,
-        answers=study.answers,
-        backend=study.backend,
-        layout=study.layout,
-        path=os.path.abspath(path),
-    )
-    _check_paths(config)
-    return config
+    return ensembles
 
 
 def _check_member(config: TrainConfig, where: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from kbench.core.config import option
 from kbench.core.errors import KbenchError, TrainingInterrupted, first_line
-from kbench.core.process import stop_if_requested
+from kbench.core.process import at_exit_now, stop_if_requested
 
 log = logging.getLogger("kbench")
 
@@ -153,6 +153,7 @@ def _connect(address: str | None) -> None:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # workers import this kbench
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
             ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+            at_exit_now(ray.shutdown)  # a stopped command (exit_now) ends its local Ray first
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise KbenchError(f"can't start or join {where}: {first_line(error, 200)}") from None

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from kbench.core.backend import named_backend, use_backend
-from kbench.core.config import from_dict, option, positive
+from kbench.core.config import check_bounds, from_dict, option, positive
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import LAYOUTS
 from kbench.models.backbones import get_backbone, weights_kind
@@ -46,7 +46,7 @@ class TrainConfig:
     )
     augment: bool = option(True, "The reference study's flips and crops.")
     val_split: float = option(0.1, "Stratified hold-out fraction.")
-    seed: int = option(0, "Seed for the split, shuffling, augmentation and weights.")
+    seed: int = option(0, "Seed for the split, shuffling, augmentation and weights.", minimum=0, below=2**32)
     freeze_backbone: bool = option(False, "Train only the head.")
     cache: bool = option(False, "Keep decoded images in memory after the first epoch.")
     workers: int | None = option(None, "Image decoding threads.", shown_default="the CPU count")
@@ -63,7 +63,9 @@ class TrainConfig:
     )
     # The fine-tuning recipe. The defaults are the reference study's: every layer trains from the first
     # step at a constant Adam rate for a fixed number of epochs (seed.toml adds train_bn = true).
-    head_epochs: int = option(0, "Epochs with the backbone frozen (only the head trains) before it is unfrozen.")
+    head_epochs: int = option(
+        0, "Epochs with the backbone frozen (only the head trains) before it is unfrozen.", minimum=0
+    )
     train_bn: bool = option(
         False,
         "Let BatchNormalization layers of a pretrained backbone train (update their "
@@ -77,7 +79,7 @@ class TrainConfig:
         shown_default="the backbone's own (0.99 or 0.999)",
     )
     schedule: str = option("constant", "Learning-rate schedule after the warm-up.", choices=SCHEDULES)
-    warmup_epochs: int = option(0, "Epochs of linear learning-rate warm-up from 0 to --lr.")
+    warmup_epochs: int = option(0, "Epochs of linear learning-rate warm-up from 0 to --lr.", minimum=0)
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW) when > 0, on every trainable weight.")
     label_smoothing: float = option(
         0.0,
@@ -88,6 +90,7 @@ class TrainConfig:
         0,
         "Stop when the validation log loss hasn't improved for this many epochs and "
         "keep the best epoch's weights; 0: off.",
+        minimum=0,
     )
 
     def check(self) -> "TrainConfig":
@@ -102,8 +105,7 @@ class TrainConfig:
                     f"--image-size {self.image_size} is more than {MAX_IMAGE_SIZE} pixels per side, "
                     "larger than any backbone is trained at"
                 )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise KbenchError(f"--seed must be a whole number >= 0 and < 2**32; got {self.seed}")
+        check_bounds(self, "seed")
         if self.workers is not None:
             positive(self.workers, "--workers", whole=True)
         if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
@@ -112,10 +114,7 @@ class TrainConfig:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         if self.devices is not None:
             count_devices(self.devices, available=10**6)  # its form; the count is checked on the devices
-        for name in ("head_epochs", "warmup_epochs", "early_stopping"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0; got {value}")
+        check_bounds(self, "head_epochs", "warmup_epochs", "early_stopping")
         if self.head_epochs and self.head_epochs >= self.epochs and not self.freeze_backbone:
             raise KbenchError(
                 f"--head-epochs {self.head_epochs} leaves none of the {self.epochs} epochs to fine-tune "

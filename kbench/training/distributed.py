@@ -17,7 +17,6 @@ backend can't promise. kbench refuses it in one line rather than train something
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -27,8 +26,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kbench.core.config import option
+from kbench.core.config import check_bounds, option
 from kbench.core.errors import KbenchError, first_line
+from kbench.core.process import die_with_parent, exit_status, orphan_proof  # noqa: F401  (die_with_parent's old home)
 
 ADDRESS, COUNT, INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 CLUSTER_VARIABLES = (ADDRESS, COUNT, INDEX)
@@ -36,7 +36,6 @@ CLUSTER_VARIABLES = (ADDRESS, COUNT, INDEX)
 # evaluates and saves the model alone after the last epoch, which can take minutes on a large model.
 SHUTDOWN_SECONDS = 1800
 GRACE_SECONDS = 10  # after asking the other processes to stop, before killing them
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 _initialized = False
 
@@ -222,15 +221,14 @@ def leave() -> None:
 class LaunchConfig:
     """``kbench launch``: N local processes of one command, joined by the cluster environment."""
 
-    processes: int = option(2, "Processes to start (each gets its own rank).")
+    processes: int = option(2, "Processes to start (each gets its own rank).", minimum=1)
     port: int | None = option(None, "Coordinator port on 127.0.0.1.", shown_default="a free one")
     log_dir: str | None = option(
         None, "Write each rank's output to LOG_DIR/rank-N.log instead of the terminal.", path=True
     )
 
     def check(self) -> "LaunchConfig":
-        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
-            raise KbenchError(f"--processes must be a whole number >= 1; got {self.processes}")
+        check_bounds(self, "processes")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise KbenchError(f"--port must be in 1..65535; got {self.port}")
         return self
@@ -242,12 +240,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _check_port(port: int) -> None:
+def _check_port(port: int) -> int:
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as error:
             raise KbenchError(f"--port {port} can't be used: {error.strerror}") from None
+    return port
 
 
 def resolve_command(command: list[str]) -> list[str]:
@@ -269,100 +268,132 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
 
     Output is streamed prefixed ``[rank N]`` (or to per-rank logs). When one process fails, the
     others are stopped (SIGTERM, then SIGKILL after a grace period); SIGINT / SIGTERM to the
-    launcher is passed to every process once, and the same escalation follows.
+    launcher is passed to every process once, and the same escalation follows. Each process dies
+    with the launcher (``kbench.core.process.orphan_proof``: no ``preexec_fn``), and the threads that
+    relay their output start once every process is running.
     """
     config.check()
-    argv = resolve_command(command)
+    argv = orphan_proof(resolve_command(command))
     placement = rank_devices(config.processes)
-    if config.port is None:
-        port = free_port()
-    else:
-        port = config.port
-        _check_port(port)
+    port = free_port() if config.port is None else _check_port(config.port)
     if config.log_dir:
-        if os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
-            raise KbenchError(f"--log-dir {config.log_dir} is a file, not a folder")
-        try:
-            os.makedirs(config.log_dir, exist_ok=True)
-        except OSError as error:
-            raise KbenchError(f"can't create --log-dir {config.log_dir}: {error.strerror}") from None
+        _make_log_dir(config.log_dir)
     base = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(config.processes), "PYTHONUNBUFFERED": "1"}
-    children, readers = [], []
-    state = {"first": None, "stopping_since": None}
-    lock = threading.Lock()
+    group = _Ranks()
+    previous = group.forward_signals()
+    try:
+        for rank in range(config.processes):
+            log = os.path.join(config.log_dir, f"rank-{rank}.log") if config.log_dir else None
+            group.start(argv, {**base, INDEX: str(rank), **placement[rank]}, log)
+        readers = [] if config.log_dir else [group.relay(rank, echo) for rank in range(config.processes)]
+        gpus = f", GPU {' / '.join(p['CUDA_VISIBLE_DEVICES'] for p in placement)}" if placement[0] else ""
+        echo(f"kbench launch: {config.processes} processes, coordinator 127.0.0.1:{port}{gpus}")
+        group.wait()
+        for reader in readers:
+            reader.join(timeout=5)
+        return group.status()
+    finally:
+        group.kill_left()  # an exception on our side: no process outlives the launcher
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
-    def stop_all(signal_number: int) -> None:
-        with lock:
-            if state["stopping_since"] is None:
-                state["stopping_since"] = time.monotonic()
-                for child in children:
+
+def _make_log_dir(log_dir: str) -> None:
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise KbenchError(f"--log-dir {log_dir} is a file, not a folder")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as error:
+        raise KbenchError(f"can't create --log-dir {log_dir}: {error.strerror}") from None
+
+
+class _Ranks:
+    """``kbench launch``'s processes: started, stopped together, and their first failing status."""
+
+    def __init__(self):
+        self.children: list[subprocess.Popen] = []
+        self.first: int | None = None  # the status to report: the first failure, or 128 + a signal
+        self.stopping_since: float | None = None
+        self.lock = threading.Lock()
+
+    def start(self, argv: list[str], env: dict, log: str | None) -> None:
+        output = open(log, "w") if log else subprocess.PIPE
+        try:
+            child = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C reaches them once, through us
+                text=True,
+                errors="replace",
+            )
+        except OSError as error:
+            self.stop_all(signal.SIGTERM)
+            raise KbenchError(f"can't start {argv[0]}: {error.strerror}") from None
+        finally:
+            if log:
+                output.close()
+        self.children.append(child)
+
+    def relay(self, rank: int, echo) -> threading.Thread:
+        reader = threading.Thread(
+            target=_relay, args=(self.children[rank].stdout, f"[rank {rank}] ", echo), daemon=True
+        )
+        reader.start()
+        return reader
+
+    def stop_all(self, signal_number: int) -> None:
+        with self.lock:
+            if self.stopping_since is None:
+                self.stopping_since = time.monotonic()
+                for child in self.children:
                     if child.poll() is None:
                         try:
                             child.send_signal(signal_number)
                         except ProcessLookupError:
                             pass
 
-    def forward(signal_number, frame):
-        with lock:
-            state["first"] = state["first"] or 128 + signal_number
-        stop_all(signal_number)
+    def forward_signals(self) -> dict:
+        """SIGINT / SIGTERM to the launcher stop every process; returns the handlers to put back."""
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, signal.SIGTERM):
-            previous[number] = signal.signal(number, forward)
-    try:
-        for rank in range(config.processes):
-            output = open(os.path.join(config.log_dir, f"rank-{rank}.log"), "w") if config.log_dir else subprocess.PIPE
-            try:
-                child = subprocess.Popen(
-                    argv,
-                    env={**base, INDEX: str(rank), **placement[rank]},
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # a terminal's Ctrl-C reaches them once, through us
-                    preexec_fn=die_with_parent,
-                    text=True,
-                    errors="replace",
-                )
-            except OSError as error:
-                stop_all(signal.SIGTERM)
-                raise KbenchError(f"can't start {argv[0]}: {error.strerror}") from None
-            finally:
-                if config.log_dir:
-                    output.close()
-            children.append(child)
-            if not config.log_dir:
-                reader = threading.Thread(target=_relay, args=(child.stdout, f"[rank {rank}] ", echo), daemon=True)
-                reader.start()
-                readers.append(reader)
-        gpus = f", GPU {' / '.join(p['CUDA_VISIBLE_DEVICES'] for p in placement)}" if placement[0] else ""
-        echo(f"kbench launch: {config.processes} processes, coordinator 127.0.0.1:{port}{gpus}")
-        while any(child.poll() is None for child in children):
-            for child in children:
+        def forward(signal_number, frame):
+            with self.lock:
+                self.first = self.first or 128 + signal_number
+            self.stop_all(signal_number)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                previous[number] = signal.signal(number, forward)
+        return previous
+
+    def wait(self) -> None:
+        """Until every process has ended: one that fails stops the others, SIGKILL after the grace."""
+        while any(child.poll() is None for child in self.children):
+            for child in self.children:
                 code = child.poll()
                 if code not in (None, 0):
-                    with lock:
-                        state["first"] = state["first"] or _status(code)
-                    stop_all(signal.SIGTERM)
-            since = state["stopping_since"]
+                    with self.lock:
+                        self.first = self.first or exit_status(code)
+                    self.stop_all(signal.SIGTERM)
+            since = self.stopping_since
             if since is not None and time.monotonic() - since > GRACE_SECONDS:
-                for child in children:
+                for child in self.children:
                     if child.poll() is None:
                         child.kill()
             time.sleep(0.1)
-        for reader in readers:
-            reader.join(timeout=5)
-        codes = [_status(child.returncode) for child in children]
-        return state["first"] or next((code for code in codes if code), 0)
-    finally:
-        for child in children:  # an exception on our side: no process outlives the launcher
+
+    def status(self) -> int:
+        codes = [exit_status(child.returncode) for child in self.children]
+        return self.first or next((code for code in codes if code), 0)
+
+    def kill_left(self) -> None:
+        for child in self.children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def visible_gpus(environ=None) -> list[str]:
@@ -416,31 +447,6 @@ def slurm_local_devices(environ=None) -> list[int] | None:
     if not ids or not (tasks == nodes or len(ids) == 1):
         return None
     return list(range(len(ids)))
-
-
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """In a child process kbench started: the kernel kills it (SIGKILL) when its parent dies, even by
-    kill -9, so nothing kbench started outlives it: no rank left training, no ONNX conversion left
-    holding memory (Linux; elsewhere nothing happens). Used by ``launch`` and kbench.export.onnx's
-    conversion process.
-
-    Best called first thing in the child, as the conversion does: a ``preexec_fn`` (as ``launch``
-    uses, in a launcher that hasn't imported JAX) forks the parent, which Python documents as unsafe
-    in a multithreaded one such as a process running JAX. With ``parent_pid``, a child whose parent
-    died before the request exits at once.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _status(code: int) -> int:
-    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
 
 
 def _relay(stream, prefix: str, echo) -> None:

@@ -19,9 +19,17 @@ import numpy as np
 
 from kbench.core import files, metrics
 from kbench.core.backend import use_backend
-from kbench.core.config import option, positive
+from kbench.core.config import check_bounds, option, positive
 from kbench.core.errors import KbenchError
-from kbench.data.dataset import LAYOUTS, data_change, data_fingerprint, find_images, fingerprints, indices_of
+from kbench.data.dataset import (
+    LAYOUTS,
+    ImageSet,
+    data_change,
+    data_fingerprint,
+    find_images,
+    fingerprints,
+    indices_of,
+)
 from kbench.data.loader import ImageLoader, predict
 from kbench.models.backbones import HEAD_LAYER, feature_model, load_model
 from kbench.training.runs import METRICS, Run
@@ -43,8 +51,10 @@ class EnsembleConfig:
     epochs: int = option(10, "Head epochs (stack), as in the reference study.")
     batch_size: int = option(32, "Images per batch.")
     lr: float = option(1e-3, "Head learning rate (Adam).")
-    tta_passes: int = option(0, "Augmented passes of the training split added to the head's features.")
-    seed: int = option(0, "Seed for the head and the augmented passes.")
+    tta_passes: int = option(
+        0, "Augmented passes of the training split added to the head's features.", minimum=0, below=2**32
+    )
+    seed: int = option(0, "Seed for the head and the augmented passes.", minimum=0, below=2**32)
     workers: int | None = None
     layout: str = option("auto", "How labels are read from the data (see docs/data.md).", choices=LAYOUTS)
 
@@ -56,10 +66,7 @@ class EnsembleConfig:
         positive(self.lr, "--lr")
         if self.workers is not None:
             positive(self.workers, "--workers", whole=True)
-        for name in ("tta_passes", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-                raise KbenchError(f"--{name.replace('_', '-')} must be a whole number >= 0 and < 2**32; got {value}")
+        check_bounds(self, "tta_passes", "seed")
         if self.layout not in LAYOUTS:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         return self
@@ -216,66 +223,55 @@ def train_ensemble(config: EnsembleConfig, verbose: int | str = "auto", overwrit
     with run.lock():
         run.prepare("ensemble", overwrite=overwrite)
         try:
-            return _train_locked(run, config, members, split, images, data, train_idx, val_idx, verbose)
+            found = _Images(images, data, split, train_idx, val_idx)
+            return _train_locked(run, config, members, found, verbose)
         except BaseException:
             if not run.exists(METRICS):
                 run.clear()  # nothing half-made stays
             raise
 
 
-def _train_locked(run: Run, config, members, split, images, data, train_idx, val_idx, verbose) -> dict:
+@dataclass
+class _Images:
+    """The members' images: where they are, their recorded split and its indices."""
+
+    images: ImageSet
+    data: str
+    split: dict
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def _train_locked(run: Run, config: EnsembleConfig, members: list[Member], found: _Images, verbose) -> dict:
     import keras
 
     keras.utils.set_random_seed(config.seed)
     run.write_config(
         {"kind": "ensemble", **dataclasses.asdict(config), "member_hashes": {m.name: m.model_hash for m in members}}
     )
-    run.write_split({**split, "data": os.path.abspath(data), **fingerprints(images)})
+    run.write_split({**found.split, "data": os.path.abspath(found.data), **fingerprints(found.images)})
     models = [load_model(m.run.model_path) for m in members]
-    ensemble, head = build_ensemble(models, members, len(images.classes), config.method)
-    binary = len(images.classes) == 2
+    ensemble, head = build_ensemble(models, members, len(found.images.classes), config.method)
 
     feature_seconds = head_seconds = 0.0
     if head is not None:
         start = time.perf_counter()
-        passes = [(False, 0)] + [(True, k + 1) for k in range(config.tta_passes)]
-        train_parts = []
-        for augment, epoch in passes:
-            columns = [
-                _member_features(
-                    feature_model(model),
-                    m,
-                    images,
-                    train_idx,
-                    config,
-                    run.feature_path(m.name, "train", epoch),
-                    augment,
-                    epoch,
-                )
-                for m, model in zip(members, models)
-            ]
-            train_parts.append(_aligned(columns))
-        features = np.concatenate([f for f, _ in train_parts])
-        labels = np.concatenate([y for _, y in train_parts])
+        features, labels = _head_features(run, config, members, models, found)
         feature_seconds = time.perf_counter() - start
-
         start = time.perf_counter()
-        loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
-        head.compile(optimizer=keras.optimizers.Adam(config.lr), loss=loss, metrics=["accuracy"])
-        targets = labels.astype("float32")[:, None] if binary else labels
-        head.fit(features, targets, batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=verbose)
+        _fit_head(head, features, labels, config, len(found.images.classes) == 2, verbose)
         head_seconds = time.perf_counter() - start
 
     run.save_model(ensemble)
     size = max(m.image_size for m in members)
-    loader = ImageLoader(images, val_idx, size, config.batch_size, workers=config.workers)
+    loader = ImageLoader(found.images, found.val_idx, size, config.batch_size, workers=config.workers)
     probabilities, val_labels = predict(ensemble.predict_on_batch, loader)
     record = {
         "kind": "ensemble",
         "method": config.method,
         "backbones": [m.backbone for m in members],
         "backend": keras.backend.backend(),
-        "classes": images.classes,
+        "classes": found.images.classes,
         "image_size": size,
         "params": int(ensemble.count_params()),
         "members": [
@@ -298,6 +294,38 @@ def _train_locked(run: Run, config, members, split, images, data, train_idx, val
     }
     run.write_metrics(record)
     return record
+
+
+def _head_features(run: Run, config: EnsembleConfig, members: list[Member], models: list, found: _Images):
+    """The stacked head's training rows: every member's cached features of the training split, plain
+    and then once per augmented (TTA) pass, side by side; and their labels."""
+    passes = [(False, 0)] + [(True, k + 1) for k in range(config.tta_passes)]
+    train_parts = []
+    for augment, epoch in passes:
+        columns = [
+            _member_features(
+                feature_model(model),
+                m,
+                found.images,
+                found.train_idx,
+                config,
+                run.feature_path(m.name, "train", epoch),
+                augment,
+                epoch,
+            )
+            for m, model in zip(members, models)
+        ]
+        train_parts.append(_aligned(columns))
+    return np.concatenate([f for f, _ in train_parts]), np.concatenate([y for _, y in train_parts])
+
+
+def _fit_head(head, features: np.ndarray, labels: np.ndarray, config: EnsembleConfig, binary: bool, verbose) -> None:
+    import keras
+
+    loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
+    head.compile(optimizer=keras.optimizers.Adam(config.lr), loss=loss, metrics=["accuracy"])
+    targets = labels.astype("float32")[:, None] if binary else labels
+    head.fit(features, targets, batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=verbose)
 
 
 def _aligned(columns: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

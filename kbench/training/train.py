@@ -14,23 +14,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
 import statistics
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kbench.core import metrics
 from kbench.core.backend import default_notice
-from kbench.core.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
+from kbench.core.errors import KbenchError, TrainingInterrupted, first_line
 from kbench.data.dataset import ImageSet, data_change, find_images, fingerprints, indices_of, split_indices
 from kbench.data.loader import ImageLoader, predict
 from kbench.training import distributed, recipe
 from kbench.training.config import TrainConfig
 from kbench.training.curves import write_curves
 from kbench.training.devices import check_devices, process_local_values, training_devices
+from kbench.training.epochs import AgreedStop, StopRequest, epoch_callbacks
 from kbench.training.runs import CHECKPOINT, CHECKPOINT_STATE, CURVES, HISTORY, METRICS, Run, file_hash
 
 log = logging.getLogger("kbench")
@@ -82,7 +80,7 @@ def _train_prepared(run: Run, config: TrainConfig, images, state, resume, verbos
 
         keras.utils.set_random_seed(config.seed)  # the same initial weights in every process
         with training_devices(config.devices, config.batch_size, config.mixed_precision) as devices:
-            return _train_on(run, devices, config, images, train_idx, val_idx, state, verbose)
+            return _train_on(_Job(run, config, images, train_idx, val_idx, devices, verbose), state)
     except BaseException as error:
         interrupted = isinstance(error, (TrainingInterrupted, KeyboardInterrupt)) and run.exists(CHECKPOINT_STATE)
         if not (resume or interrupted or run.exists(HISTORY) or run.exists(METRICS)):
@@ -90,49 +88,41 @@ def _train_prepared(run: Run, config: TrainConfig, images, state, resume, verbos
         raise
 
 
-def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verbose) -> dict:
+@dataclass
+class _Job:
+    """What one process trains: the run folder, the resolved options, the images and their split."""
+
+    run: Run
+    config: TrainConfig
+    images: ImageSet
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    devices: list  # the devices training_devices() chose
+    verbose: int | str
+
+    def loader(self, indices, **options) -> ImageLoader:
+        # uint8 to the device, a quarter of float32's bytes: the model casts its input there
+        config = self.config
+        sizes = dict(image_size=config.image_size, batch_size=config.batch_size, workers=config.workers)
+        return ImageLoader(self.images, indices, pixel_dtype="uint8", **sizes, **options)
+
+
+def _train_on(job: _Job, state) -> dict:
     import keras
 
-    processes = distributed.process_count()
-    # uint8 to the device, a quarter of float32's bytes: the model casts its input there
-    loader_options = dict(
-        image_size=config.image_size, batch_size=config.batch_size, workers=config.workers, pixel_dtype="uint8"
+    run, config, processes = job.run, job.config, distributed.process_count()
+    shard = dict(shard=(distributed.process_index(), processes), multiple=len(job.devices)) if processes > 1 else {}
+    train_loader = job.loader(
+        job.train_idx, augment=config.augment, shuffle=True, seed=config.seed, cache=config.cache, **shard
     )
-    shard = dict(shard=(distributed.process_index(), processes), multiple=len(devices)) if processes > 1 else {}
-    train_loader = ImageLoader(
-        images,
-        train_idx,
-        augment=config.augment,
-        shuffle=True,
-        seed=config.seed,
-        cache=config.cache,
-        **loader_options,
-        **shard,
-    )
-    val_loader = ImageLoader(images, val_idx, cache=config.cache, **loader_options, **shard) if len(val_idx) else None
-    feed = _Feed(train_loader, val_loader, len(images.classes), len(devices))
-    if state:
-        recipe.schedule_class()  # registered before the checkpoint's optimizer is deserialised
-        try:
-            import kbench.models.layers  # noqa: F401  (kbench's preprocessing layer, registered before loading)
-
-            model = keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
-        except Exception as error:
-            raise KbenchError(
-                f"the checkpoint in {run.path} can't be loaded ({first_line(error, 200, named=True)}); "
-                "remove the folder and train again"
-            ) from None
-    else:
-        model = recipe.build_model(config, feed.num_classes)
-        recipe.compile_model(model, config, feed.num_classes, len(feed.train), 0)
-
+    val_loader = job.loader(job.val_idx, cache=config.cache, **shard) if len(job.val_idx) else None
+    feed = _Feed(train_loader, val_loader, len(job.images.classes), len(job.devices))
+    model = _model(run, config, feed, state)
     progress = _Progress.resumed(config, state)
-    history = progress.history
     alone = contextlib.ExitStack()
     try:
-        with _StopRequest() as stop:
-            _fit(model, run, config, feed, progress, stop, verbose)
-        model_epoch = len(history)
+        with StopRequest() as stop:
+            _fit(model, job, feed, progress, stop)
         if processes > 1:
             # From here process 0 works alone, on its replica of the weights (the same in every
             # process); the others are done. It evaluates on the whole validation split.
@@ -141,15 +131,8 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
                 return {"process": distributed.process_index(), "processes": processes, "run_dir": run.path}
             if val_loader is not None:  # --val-split 0: nothing to evaluate
                 val_loader.close()
-            val_loader = ImageLoader(images, val_idx, **loader_options) if len(val_idx) else None
-        if config.early_stopping and progress.best_epoch not in (None, model_epoch):
-            run.load_best(model)
-            model_epoch = progress.best_epoch
-        if config.schedule != "constant" or config.warmup_epochs:
-            # kbench's schedule class would make model.keras unreadable by keras.saving.load_model
-            # elsewhere (compile=True): the finished model carries a fresh optimizer at a plain rate
-            plain = dataclasses.replace(config, schedule="constant", warmup_epochs=0, lr=history[-1]["lr"] or config.lr)
-            recipe.compile_model(model, plain, feed.num_classes, len(feed.train), 0)
+            val_loader = job.loader(job.val_idx) if len(job.val_idx) else None
+        model_epoch = _final_weights(model, run, config, feed, progress)
         run.save_model(model)
         result = _evaluate(model, val_loader, feed.binary)
     finally:
@@ -159,16 +142,70 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
             val_loader.close()
 
     unreadable = {**train_loader.bad, **(val_loader.bad if val_loader else {})}
-    skipped = images.skipped + [images.keys[i] for i in sorted(unreadable)]
+    skipped = job.images.skipped + [job.images.keys[i] for i in sorted(unreadable)]
+    record = {
+        **_metrics_record(job, model, progress, model_epoch),
+        **result,
+        "skipped_images": skipped,
+        "keras_version": keras.__version__,
+    }
+    run.write_metrics(record)
+    run.clear_checkpoint()
+    if skipped:
+        log.warning("%d image file(s) were skipped as unreadable", len(skipped))
+    return record
+
+
+def _model(run: Run, config: TrainConfig, feed: "_Feed", state: dict | None):
+    """The checkpoint's model when resuming (``state``), else a new one, compiled for its first phase."""
+    import keras
+
+    if not state:
+        model = recipe.build_model(config, feed.num_classes)
+        recipe.compile_model(model, config, feed.num_classes, len(feed.train), 0)
+        return model
+    recipe.schedule_class()  # registered before the checkpoint's optimizer is deserialised
+    try:
+        import kbench.models.layers  # noqa: F401  (kbench's preprocessing layer, registered before loading)
+
+        return keras.saving.load_model(run.file(CHECKPOINT), safe_mode=True)
+    except Exception as error:
+        raise KbenchError(
+            f"the checkpoint in {run.path} can't be loaded ({first_line(error, 200, named=True)}); "
+            "remove the folder and train again"
+        ) from None
+
+
+def _final_weights(model, run: Run, config: TrainConfig, feed: "_Feed", progress: "_Progress") -> int:
+    """Puts the weights model.keras keeps into ``model`` (the best epoch's with early stopping) with a
+    plain optimizer; returns their epoch."""
+    history = progress.history
+    model_epoch = len(history)
+    if config.early_stopping and progress.best_epoch not in (None, model_epoch):
+        run.load_best(model)
+        model_epoch = progress.best_epoch
+    if config.schedule != "constant" or config.warmup_epochs:
+        # kbench's schedule class would make model.keras unreadable by keras.saving.load_model
+        # elsewhere (compile=True): the finished model carries a fresh optimizer at a plain rate
+        plain = dataclasses.replace(config, schedule="constant", warmup_epochs=0, lr=history[-1]["lr"] or config.lr)
+        recipe.compile_model(model, plain, feed.num_classes, len(feed.train), 0)
+    return model_epoch
+
+
+def _metrics_record(job: _Job, model, progress: "_Progress", model_epoch: int) -> dict:
+    """metrics.json's settings, sizes and epoch times (the evaluation is added by the caller)."""
+    import keras
+
+    config, history = job.config, progress.history
     epoch_seconds = [row["epoch_seconds"] for row in history]
     compiled = sorted(set(e for e in progress.compiled if e <= len(history)))
     steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
-    record = {
+    return {
         "kind": "backbone",
         "backbone": config.backbone,
         "backend": keras.backend.backend(),
-        "devices": devices,
-        "processes": processes,
+        "devices": job.devices,
+        "processes": distributed.process_count(),
         "image_size": config.image_size,
         "batch_size": config.batch_size,
         "global_batch_size": config.batch_size,
@@ -179,23 +216,15 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
         "model_epoch": model_epoch,  # whose weights model.keras holds: the best one with early stopping
         "weights": config.weights,
         "recipe": recipe.settings(config),
-        "classes": images.classes,
+        "classes": job.images.classes,
         "params": int(model.count_params()),
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
+        "train_images": int(len(job.train_idx)),
+        "val_images": int(len(job.val_idx)),
         "epoch_seconds": epoch_seconds,
         "epochs_with_compilation": compiled,
-        "train_images_per_second": len(train_idx) / statistics.median(steady),
-        **result,
-        "skipped_images": skipped,
-        "keras_version": keras.__version__,
+        "train_images_per_second": len(job.train_idx) / statistics.median(steady),
     }
-    run.write_metrics(record)
-    run.clear_checkpoint()
-    if skipped:
-        log.warning("%d image file(s) were skipped as unreadable", len(skipped))
-    return record
 
 
 def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tuple[np.ndarray, np.ndarray]:
@@ -320,71 +349,14 @@ class _Progress:
         }
 
 
-def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress, stop, verbose) -> None:
+def _fit(model, job: _Job, feed: _Feed, progress: _Progress, stop) -> None:
     """One ``fit`` call per epoch, so that each epoch's data order is fixed by its number and a
     resumed run replays exactly the epochs it missed. The checkpoint (with ``progress``) is written as
     each epoch begins, never mid-epoch: a stopped epoch is redone from the state it began with."""
-    import keras
-
-    history = progress.history
-
-    class EpochClock(keras.callbacks.Callback):
-        # Reads no value of a step on the training thread: under JAX, Keras then dispatches the batch
-        # callbacks to its own threads (which wait for each step's logs) and the steps run back to
-        # back. The epoch's time ends when the last step's logs were ready (validation not counted).
-        async_safe = True
-
-        def __init__(self):
-            super().__init__()
-            # several processes agree on a stop after every batch (a collective): in order, on the
-            # training thread, never on Keras' callback threads
-            self.async_safe = distributed.process_count() == 1
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.finished, self.seconds = time.perf_counter(), None, None
-            self.lock = threading.Lock()
-
-        def on_train_batch_end(self, batch, logs=None):
-            with self.lock:
-                self.finished = max(self.finished or 0.0, time.perf_counter())
-            if stop.agreed() is not None:
-                if distributed.process_count() > 1:
-                    raise _AgreedStop  # every process after this same batch, none validating alone
-                self.model.stop_training = True
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds = (self.finished or time.perf_counter()) - self.start
-            loss = (logs or {}).get("loss")
-            if loss is not None and not np.isfinite(float(loss)):
-                raise KbenchError(
-                    f"training diverged: the loss is {float(loss)} in epoch {len(history) + 1}; "
-                    f"lower --lr (now {config.lr})"
-                )
-
-    class Progress(keras.callbacks.ProgbarLogger):
-        # Its updates come from Keras' callback threads under JAX: one at a time, never backwards.
-        async_safe = True
-
-        def set_params(self, params):
-            super().set_params(params)
-            self.epochs = config.epochs  # one fit per epoch: show the run's total, not 1
-            self.lock, self.shown = threading.Lock(), -1
-
-        def on_train_batch_end(self, batch, logs=None):
-            with self.lock:
-                if batch > self.shown:
-                    self.shown = batch
-                    super().on_train_batch_end(batch, logs)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.shown = -1
-            super().on_epoch_begin(epoch, logs)
-
-    clock = EpochClock()
-    callbacks = [clock] + ([Progress()] if verbose else [])
+    run, config = job.run, job.config
+    clock, callbacks = epoch_callbacks(config, progress.history, stop, job.verbose)
     val_data = feed.batches(feed.val, 0) if feed.val is not None else None
-    monitor = "val_log_loss" if config.label_smoothing else "val_loss"  # the log loss, not the smoothed loss
-    for epoch in range(len(history), config.epochs):
+    for epoch in range(len(progress.history), config.epochs):
         if progress.saved != epoch:  # before a phase switch: a resumed run recompiles as this one does
             if not model.optimizer.built:  # a new run's: saved with its (zero) state, which loads as is
                 model.optimizer.build(model.trainable_variables)
@@ -408,9 +380,9 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
                     shuffle=False,  # the loader orders each epoch by (seed, epoch); keras' own shuffle uses
                     # Python's global random state, which a resumed process has consumed differently
                     callbacks=callbacks,
-                    verbose=verbose,
+                    verbose=job.verbose,
                 ).history
-            except _AgreedStop:
+            except AgreedStop:
                 pass
         if stop.agreed() is not None:  # the checkpoint of this epoch's start stays: --resume redoes it
             raise TrainingInterrupted(
@@ -418,31 +390,42 @@ def _fit(model, run: Run, config: TrainConfig, feed: _Feed, progress: _Progress,
                 f"{run.path}; continue with: kbench train --run-dir {run.path} --resume",
                 stop.signal,
             )
-        row = {
-            "epoch": epoch + 1,
-            "phase": progress.phase,
-            "lr": recipe.current_lr(model.optimizer),
-            "epoch_seconds": clock.seconds,
-        }
-        row.update({name: float(values[-1]) for name, values in logs.items()})
-        history.append(row)
-        run.write_history(history)
-        title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
-        if run.writer:  # redrawn with each checkpoint, so it is never stale
-            write_curves(history, run.file(CURVES), title)
-        if monitor in row and (progress.best_val_loss is None or row[monitor] < progress.best_val_loss):
-            progress.best_epoch, progress.best_val_loss = epoch + 1, row[monitor]
-            if config.early_stopping:
-                with process_local_values(model):
-                    run.save_best(model)
-        waited = epoch + 1 - (progress.best_epoch or epoch + 1)
-        if config.early_stopping and waited >= config.early_stopping:
-            log.info(
-                "early stopping after epoch %d: no better validation log loss since epoch %d",
-                epoch + 1,
-                progress.best_epoch,
-            )
+        if _epoch_done(model, run, config, progress, clock.seconds, logs):
             break
+
+
+def _epoch_done(model, run: Run, config: TrainConfig, progress: _Progress, epoch_seconds, logs: dict) -> bool:
+    """Records the epoch that ended (history, curves, the best epoch and its weights); True when
+    early stopping ends the run here."""
+    history = progress.history
+    epoch = len(history)  # 0-based, as fit counts
+    row = {
+        "epoch": epoch + 1,
+        "phase": progress.phase,
+        "lr": recipe.current_lr(model.optimizer),
+        "epoch_seconds": epoch_seconds,
+    }
+    row.update({name: float(values[-1]) for name, values in logs.items()})
+    history.append(row)
+    run.write_history(history)
+    title = run.name if run.name == config.backbone else f"{run.name} ({config.backbone})"
+    if run.writer:  # redrawn with each checkpoint, so it is never stale
+        write_curves(history, run.file(CURVES), title)
+    monitor = "val_log_loss" if config.label_smoothing else "val_loss"  # the log loss, not the smoothed loss
+    if monitor in row and (progress.best_val_loss is None or row[monitor] < progress.best_val_loss):
+        progress.best_epoch, progress.best_val_loss = epoch + 1, row[monitor]
+        if config.early_stopping:
+            with process_local_values(model):
+                run.save_best(model)
+    waited = epoch + 1 - (progress.best_epoch or epoch + 1)
+    if config.early_stopping and waited >= config.early_stopping:
+        log.info(
+            "early stopping after epoch %d: no better validation log loss since epoch %d",
+            epoch + 1,
+            progress.best_epoch,
+        )
+        return True
+    return False
 
 
 def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
@@ -453,46 +436,3 @@ def _evaluate(model, val_loader: ImageLoader | None, binary: bool) -> dict:
         "val_log_loss": metrics.log_loss(labels, probabilities),
         "val_accuracy": metrics.accuracy(labels, probabilities),
     }
-
-
-class _AgreedStop(Exception):
-    """Every process training together stops after the same batch (``_StopRequest.agreed``)."""
-
-
-class _StopRequest:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current batch; a second
-    SIGINT aborts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signal_number, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal_number
-        log.warning("stopping after this batch; --resume redoes this epoch from its start (Ctrl-C again: at once)")
-
-    def agreed(self) -> int | None:
-        """The stop request: this process's, or where several train as one, any process's, so that
-        all stop after the same batch (one that stopped alone would leave the others waiting in a
-        collective). An all-gather there: call it on every process at the same points."""
-        requested = distributed.largest_everywhere(self.signal or 0)
-        if requested and self.signal is None:
-            self.signal = requested
-        return self.signal
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        if STOP_REQUESTS:  # asked before training began (its KeyboardInterrupt may have been swallowed)
-            self.signal = STOP_REQUESTS[0]
-        return self
-
-    def __exit__(self, *exc):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        return False
