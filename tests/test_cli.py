@@ -2,10 +2,6 @@
 the traceback only under --debug), and nothing half-written."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -165,39 +161,6 @@ def test_a_run_without_validation_split_quantizes_and_refuses_calibration(kaggle
     )
     assert done.returncode == 2 and "--calibrate needs validation images" in done.stderr
     assert not (tmp_path / "s.csv").exists()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_parent_leaves_no_conversion_subprocess_behind(tmp_path):
-    """The ONNX conversion subprocess dies with kbench, even when kbench is killed with -9. The child
-    asks for it first thing, as the conversion does (kbench.export.convert._main), and says so in pid_file."""
-    pid_file = tmp_path / "child.pid"
-    child_code = (
-        "import os, sys, time; from kbench.training.distributed import die_with_parent; "
-        f"die_with_parent(int(sys.argv[1])); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    )
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import os, subprocess, sys; subprocess.run([sys.executable, '-c', {child_code!r}, str(os.getpid())])",
-        ]
-    )
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    child = int(pid_file.read_text())
-    os.kill(parent.pid, signal.SIGKILL)
-    parent.wait()
-    for _ in range(100):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the child outlived its killed parent")
 
 
 def test_a_training_set_or_a_stray_name_is_no_test_set(model_file, kaggle_data, tmp_path):
