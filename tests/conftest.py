@@ -66,6 +66,29 @@ def class_folders(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def small_cnn_run(kaggle_data, tmp_path_factory):
+    """The one way tests get a trained small_cnn run on ``kaggle_data``: ``small_cnn_run(epochs=6)``
+    trains once per set of options in a test process and returns the run folder (defaults: 2 epochs at
+    32 px, lr 2e-3, batch 24, a 20 % validation split, seed 0). Read it; copy it to change it."""
+    from kbench.training.config import TrainConfig
+    from kbench.training.train import train
+
+    made = {}
+
+    def make(**options) -> str:
+        settings = {"epochs": 2, "image_size": 32, "lr": 2e-3, "batch_size": 24, "val_split": 0.2, "seed": 0}
+        settings.update(options)
+        key = tuple(sorted(settings.items()))
+        if key not in made:
+            run_dir = str(tmp_path_factory.mktemp("small_cnn") / "run")
+            train(TrainConfig(backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, **settings), verbose=0)
+            made[key] = run_dir
+        return made[key]
+
+    return make
+
+
 def run_process(*args, env=None, timeout=300, cwd=None):
     """Run `python cli.py ARGS` in a fresh process; returns the CompletedProcess. For what is about
     processes: signals, stderr written by C++ libraries, environment variables read at start-up, locks

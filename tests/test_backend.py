@@ -131,7 +131,7 @@ def test_one_gpu_memory_policy_is_set_with_the_backend_and_the_user_wins():
         "print(os.environ['TF_FORCE_GPU_ALLOW_GROWTH'], os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'],"
         "os.environ.get('JAX_COMPILATION_CACHE_DIR', '-'), 'keras' in sys.modules)"
     )
-    environment = {k: v for k, v in os.environ.items() if k not in backend.MEMORY_POLICY}
+    environment = {k: v for k, v in os.environ.items() if k not in (*backend.MEMORY_POLICY, backend.COMPILATION_CACHE)}
     environment.update(PYTHONPATH=REPO, PATH="/nowhere")  # no nvidia-smi: no compilation cache set
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert done.stdout.split() == ["true", "false", "-", "False"], done.stderr

@@ -18,29 +18,15 @@ pytestmark = pytest.mark.once  # backend-independent: `make test` runs it under 
 
 
 @pytest.fixture(scope="module")
-def two_runs(kaggle_data, tmp_path_factory):
+def two_runs(small_cnn_run, tmp_path_factory):
     """Two small_cnn runs trained by hand (no study); the first one timed, as a study leaves it."""
-    from kbench.training.config import TrainConfig
-    from kbench.training.train import train
+    import shutil
 
     root = tmp_path_factory.mktemp("runs")
-    paths = []
-    for name, seed in (("first", 0), ("second", 1)):
-        run_dir = str(root / name)
-        train(
-            TrainConfig(
-                backbone="small_cnn",
-                data=kaggle_data["train"],
-                run_dir=run_dir,
-                epochs=2,
-                image_size=24,
-                lr=2e-3,
-                val_split=0.2,
-                seed=seed,
-            ),
-            verbose=0,
-        )
-        paths.append(run_dir)
+    paths = [
+        str(shutil.copytree(small_cnn_run(image_size=24, seed=seed), root / name))
+        for name, seed in (("first", 0), ("second", 1))
+    ]
     rows = [timing("onnxruntime-cpu", 1, 0.25), timing("keras-compiled", 1, 0.9)]
     with open(os.path.join(paths[0], "latency.json"), "w") as handle:
         json.dump({"key": {}, "rows": rows}, handle)

@@ -14,27 +14,13 @@ from conftest import BACKEND, run_cli
 
 
 @pytest.fixture(scope="module")
-def members(kaggle_data, tmp_path_factory):
-    """Two small_cnn runs at different input sizes (32 and 24 px) on the same data and split."""
+def members(small_cnn_run, tmp_path_factory):
+    """Two small_cnn runs at different input sizes (32 and 24 px) on the same data and split, in
+    folders of their own names (an ensemble names its members by folder)."""
+    import shutil
+
     root = tmp_path_factory.mktemp("members")
-    runs = []
-    for size in (32, 24):
-        run_dir = str(root / f"cnn{size}")
-        train(
-            TrainConfig(
-                backbone="small_cnn",
-                data=kaggle_data["train"],
-                run_dir=run_dir,
-                epochs=5,
-                image_size=size,
-                lr=2e-3,
-                batch_size=24,
-                val_split=0.2,
-            ),
-            verbose=0,
-        )
-        runs.append(run_dir)
-    return runs
+    return [str(shutil.copytree(small_cnn_run(epochs=5, image_size=size), root / f"cnn{size}")) for size in (32, 24)]
 
 
 def test_stacked_ensemble_trains_on_cached_features_and_reloads(members, tmp_path):

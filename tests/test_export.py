@@ -12,8 +12,6 @@ from kbench.export import onnx as export_module
 from kbench.export.onnx import export_onnx, read_metadata
 from kbench.models.backbones import build_classifier, build_feature_extractor, get_backbone
 from kbench.models.settle import calibrate_batch_norm, settle_random_weights
-from kbench.training.config import TrainConfig
-from kbench.training.train import train
 
 from conftest import BACKEND, FAMILIES, run_cli
 
@@ -165,20 +163,8 @@ def test_user_model_keeps_its_own_names(tmp_path):
     assert [i.name for i in graph.get_inputs()] == ["photo"] and [o.name for o in graph.get_outputs()] == ["logits"]
 
 
-def test_cli_exports_a_run_and_quantizes_it(kaggle_data, tmp_path):
-    run_dir = str(tmp_path / "run")
-    train(
-        TrainConfig(
-            backbone="small_cnn",
-            data=kaggle_data["train"],
-            run_dir=run_dir,
-            epochs=2,
-            image_size=32,
-            lr=2e-3,
-            batch_size=24,
-        ),
-        verbose=0,
-    )
+def test_cli_exports_a_run_and_quantizes_it(small_cnn_run, tmp_path):
+    run_dir = small_cnn_run()
     output = str(tmp_path / "out" / "run.onnx")
     done = run_cli("export", "onnx", run_dir, "-o", output, "--quantize", "int8", "--backend", BACKEND)
     assert done.returncode == 0, done.stderr

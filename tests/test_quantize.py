@@ -6,8 +6,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from kbench.serving import quantize
-from kbench.training.config import TrainConfig
-from kbench.training.train import train
 
 from conftest import BACKEND, run_cli
 
@@ -18,14 +16,10 @@ TWO = {label: quantize.CANDIDATES[label] for label in ("QDQ S8S8 per-channel", "
 
 
 @pytest.fixture(scope="module")
-def exported(kaggle_data, tmp_path_factory):
+def exported(small_cnn_run, tmp_path_factory):
     """A small_cnn run with a validation split and its float ONNX file."""
     folder = tmp_path_factory.mktemp("quantize")
-    run_dir = str(folder / "run")
-    config = TrainConfig(
-        backbone="small_cnn", data=kaggle_data["train"], run_dir=run_dir, epochs=2, image_size=32, lr=2e-3
-    )
-    train(config, verbose=0)
+    run_dir = small_cnn_run()
     done = run_cli("export", "onnx", run_dir, "-o", str(folder / "m.onnx"), "--backend", BACKEND)
     assert done.returncode == 0, done.stderr
     return run_dir, str(folder / "m.onnx")

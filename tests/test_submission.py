@@ -9,29 +9,13 @@ import pytest
 from kbench.core.errors import KbenchError
 from kbench.data.synthetic import encode_jpeg, make_image
 from kbench.serving.submission import apply_temperature, fit_temperature, predict_test_set, score_submission
-from kbench.training.config import TrainConfig
-from kbench.training.train import train
 
 from conftest import BACKEND, run_cli
 
 
 @pytest.fixture(scope="module")
-def run(kaggle_data, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("sub") / "run")
-    train(
-        TrainConfig(
-            backbone="small_cnn",
-            data=kaggle_data["train"],
-            run_dir=run_dir,
-            epochs=6,
-            image_size=32,
-            lr=2e-3,
-            batch_size=24,
-            val_split=0.2,
-        ),
-        verbose=0,
-    )
-    return run_dir
+def run(small_cnn_run):
+    return small_cnn_run(epochs=6)
 
 
 @pytest.fixture()
