@@ -200,6 +200,16 @@ def test_scorer_accepts_what_the_grader_accepts(tmp_path):
     assert done.returncode == 0 and "accuracy 1.0000 (3 rows)" in done.stdout, done.stderr
 
 
+def test_scorer_reads_ids_written_as_floats_as_pandas_does(tmp_path):
+    # pandas writes an id column that held a NaN as 1.0, 2.0; a grader merging on id matches them to 1, 2
+    answers = write_text(tmp_path / "answers.csv", "id,label\n1,1\n2,0\n")
+    submission = write_text(tmp_path / "s.csv", "id,label\n1.0,0.9\n2.00,0.2\n")
+    assert score_submission(submission, answers)["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2)
+    half = write_text(tmp_path / "half.csv", "id,label\n1.5,0.9\n2,0.2\n")
+    with pytest.raises(KbenchError, match="submission lacks ids present in the answers: 1$"):
+        score_submission(half, answers)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

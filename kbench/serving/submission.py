@@ -54,13 +54,14 @@ def image_id(key: str) -> str:
     return os.path.basename(key).rsplit(".", 1)[0]
 
 
-_NUMBER = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"([0-9]+)(?:\.0*)?")  # 7, 007 and 7.0 (pandas' float id column) are id 7
 
 
 def _id_key(identifier: str):
-    """What makes two ids the same, as a grader reads an integer id column: ``007`` is ``7``."""
+    """What makes two ids the same, as a grader reads a numeric id column: ``007`` and ``7.0`` are ``7``."""
     identifier = identifier.strip()
-    return int(identifier) if _NUMBER.fullmatch(identifier) else identifier
+    number = _NUMBER.fullmatch(identifier)
+    return int(number.group(1)) if number else identifier
 
 
 def _id_order(identifier: str):
@@ -336,7 +337,7 @@ def score_submission(submission: str, answers: str) -> dict:
     the checks a grader makes; each failed check is a one-line KbenchError.
 
     As Kaggle's grader, it reads UTF-8 with or without a BOM, ignores whitespace around values and
-    reads integer ids as numbers (``01`` is ``1``). Answers' labels must be exactly 0 or 1.
+    reads integer ids as numbers (``01`` and ``1.0`` are ``1``, as pandas reads them). Answers' labels must be exactly 0 or 1.
     """
     columns, rows = _read_csv(submission, "submission")
     for column in ("id", "label"):
