@@ -190,6 +190,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
         (["--image-size", "0"], "--image-size must be a positive whole number"),
         (["--image-size", "5000"], "more than 1024 pixels per side"),
         (["--epochs", "0"], "--epochs must be a positive whole number"),
+        (["--epochs", "99999999999"], "--epochs 99999999999 is more than the limit of 10,000"),
         (["--val-split", "1"], "--val-split must be in [0, 1)"),
         (["--devices", "two"], "--devices must be 'all' or a positive number"),
         (["--seed", str(2**32)], "--seed must be a whole number >= 0 and < 2**32"),

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from kbench.core.backend import named_backend, use_backend
-from kbench.core.config import from_dict, option, positive
+from kbench.core.config import MAX_EPOCHS, from_dict, option, positive
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import LAYOUTS
 from kbench.models.backbones import get_backbone, weights_kind
@@ -92,8 +92,8 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """KbenchError in one line for any value that can't work, before anything is read or built."""
-        for name in ("epochs", "batch_size"):
-            positive(getattr(self, name), f"--{name.replace('_', '-')}", whole=True)
+        positive(self.epochs, "--epochs", whole=True, most=MAX_EPOCHS)
+        positive(self.batch_size, "--batch-size", whole=True)
         positive(self.lr, "--lr")
         if self.image_size is not None:
             positive(self.image_size, "--image-size", whole=True)
