@@ -160,6 +160,9 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
 
     unreadable = {**train_loader.bad, **(val_loader.bad if val_loader else {})}
     skipped = images.skipped + [images.keys[i] for i in sorted(unreadable)]
+    # the images trained and validated on: files that could not be decoded were left out of both
+    train_images = len(train_idx) - len(train_loader.bad)
+    val_images = len(val_idx) - len(val_loader.bad if val_loader else {})
     epoch_seconds = [row["epoch_seconds"] for row in history]
     compiled = sorted(set(e for e in progress.compiled if e <= len(history)))
     steady = [s for epoch, s in enumerate(epoch_seconds, 1) if epoch not in compiled] or epoch_seconds
@@ -182,11 +185,11 @@ def _train_on(run: Run, devices, config, images, train_idx, val_idx, state, verb
         "classes": images.classes,
         "params": int(model.count_params()),
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
+        "train_images": int(train_images),
+        "val_images": int(val_images),
         "epoch_seconds": epoch_seconds,
         "epochs_with_compilation": compiled,
-        "train_images_per_second": len(train_idx) / statistics.median(steady),
+        "train_images_per_second": train_images / statistics.median(steady),
         **result,
         "skipped_images": skipped,
         "keras_version": keras.__version__,
