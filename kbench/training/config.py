@@ -13,6 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from kbench.core import files
 from kbench.core.backend import named_backend, use_backend
 from kbench.core.config import MAX_EPOCHS, from_dict, option, positive
 from kbench.core.errors import KbenchError
@@ -110,6 +111,11 @@ class TrainConfig:
             raise KbenchError(f"--val-split must be in [0, 1); got {self.val_split}")
         if self.layout not in LAYOUTS:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.data and self.run_dir and os.path.isdir(self.data) and files.within(self.run_dir, self.data):
+            raise KbenchError(
+                f"--run-dir {self.run_dir} is inside --data {self.data}: its files would be read as images "
+                "next time; choose a folder outside the data"
+            )
         if self.devices is not None:
             count_devices(self.devices, available=10**6)  # its form; the count is checked on the devices
         for name in ("head_epochs", "warmup_epochs", "early_stopping"):

@@ -44,13 +44,14 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     """
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
+    given_data = config.data  # as the user wrote it: what refusals name (config.json records it absolute)
     config = config.resolved()
-    images = find_images(config.data, layout=config.layout)
+    images = find_images(given_data, layout=config.layout)
     binary = len(images.classes) == 2
     if notice := check_devices(config.devices, config.batch_size, config.mixed_precision, config.backbone):
         log.info(notice)  # bfloat16 on a CPU: what to expect; checked before anything is written
     if config.label_smoothing and not binary:
-        raise KbenchError(f"--label-smoothing works with two classes; {config.data} has {len(images.classes)}")
+        raise KbenchError(f"--label-smoothing works with two classes; {given_data} has {len(images.classes)}")
     # several processes training together (kbench.training.distributed): process 0 alone writes the folder
     run = Run(config.run_dir, writer=distributed.process_index() == 0)
     agreed = False
@@ -207,7 +208,7 @@ def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tu
         change = data_change(saved, images)
         if change == "changed":
             raise KbenchError(
-                f"{config.data} no longer holds the images {resume_from.path} was trained on (other files, "
+                f"{images.root} no longer holds the images {resume_from.path} was trained on (other files, "
                 "labels or pixels); resume needs the same data"
             )
         if change == "unverified":
