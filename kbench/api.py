@@ -314,6 +314,10 @@ def check_image_model(model) -> None:
         raise KbenchError(
             f"model {model.name!r} takes {shape}; kbench takes RGB images, NHWC (batch, height, width, 3)"
         )
+    if shape[1] is None or shape[2] is None:
+        from kbench.export.convert import fixed_size_needed
+
+        raise KbenchError(fixed_size_needed(model.name, shape))
 
 
 # -- serving -------------------------------------------------------------------------------------------

@@ -113,6 +113,20 @@ def test_what_a_notebook_user_gets_wrong_is_one_line(two_runs, tiny, tmp_path):
         kbench.ensemble([first, elsewhere], str(tmp_path / "mixed"))
 
 
+def test_a_model_of_any_image_size_is_refused_saying_to_fix_one(tmp_path):
+    import keras
+
+    image = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(image))
+    any_size = keras.Model(image, keras.layers.Dense(1, activation="sigmoid")(pooled), name="any_size")
+    fix = r"'any_size' takes images of any size \(None, None, None, 3\).*keras.Input\(shape=\(224, 224, 3\)\)"
+    with pytest.raises(KbenchError, match=fix):
+        kbench.export_onnx(any_size, str(tmp_path / "any.onnx"))
+    with pytest.raises(KbenchError, match=fix):
+        kbench.latency([any_size], runtimes="keras-compiled", batch_sizes=1)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_keyboard_interrupt_mid_epoch_resumes_exactly(tiny, tmp_path, monkeypatch):
     """Ctrl-C in a notebook cell (SIGINT) stops training at once; resume=True finishes the run with the
     uninterrupted run's history."""

@@ -307,3 +307,19 @@ def test_a_zero_byte_test_image_gets_a_row_and_the_submission_scores(kaggle_data
     assert [row["id"] for row in rows] == [str(i) for i in range(1, 31)]
     assert rows[6]["label"] == "0.500000" and result["skipped"] == 1 and result["predicted"] == 29
     assert score_submission(str(tmp_path / "s.csv"), kaggle_data["answers"])["rows"] == 30
+
+
+def test_predict_refuses_a_model_of_any_image_size_in_one_line(kaggle_data, tmp_path):
+    import keras
+
+    image = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(image))
+    keras.Model(image, keras.layers.Dense(1, activation="sigmoid")(pooled), name="any_size").save(
+        str(tmp_path / "any.keras")
+    )
+    output = tmp_path / "submission.csv"
+    done = run_cli("predict", str(tmp_path / "any.keras"), "--data", kaggle_data["test"], "-o", str(output))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("kbench: error: model 'any_size' takes images of any size (None, None, None, 3)")
+    assert not output.exists()
