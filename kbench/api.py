@@ -278,7 +278,14 @@ def export_onnx(
     options = ExportOptions.parse(opset or ExportOptions.opset, str(batch_size), graph_passes)
     if quantize not in (None, "int8"):
         raise KbenchError(f"quantize must be 'int8' or None; got {quantize!r}")
-    if _is_keras_model(model):
+    in_memory = _is_keras_model(model)
+    if quantize:  # no images to calibrate on: refused before the float file is written
+        from kbench.serving.quantize import check_calibration
+
+        if in_memory and not calibration_data:
+            raise KbenchError("quantize='int8' of an in-memory model needs calibration_data (a folder of images)")
+        check_calibration("" if in_memory else _path(model), calibration_data and os.fspath(calibration_data))
+    if in_memory:
         use_backend_if_unset()
         check_image_model(model)
         output = output or os.path.join(DEFAULT_EXPORT_DIR, f"{model.name}.onnx")
@@ -294,8 +301,6 @@ def export_onnx(
     if quantize:
         from kbench.serving.quantize import quantize_export
 
-        if source is None and not calibration_data:
-            raise KbenchError("quantize='int8' of an in-memory model needs calibration_data (a folder of images)")
         record["quantize"] = quantize_export(record["path"], source or "", calibration_data)
     return OnnxExport(record["path"], record.get("max_relative_difference"), bool(record.get("reused")), record)
 
