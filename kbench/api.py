@@ -354,6 +354,9 @@ def latency(
 
     if isinstance(models, (str, os.PathLike, Run)) or _is_keras_model(models):
         models = [models]
+    if not isinstance(models, Sequence) or not models:
+        raise KbenchError("models must be a model or a non-empty list of models (paths, Runs, backbone names)")
+    _refuse_repeats(models)
     defaults = LatencyConfig(models=[])
     with files.scratch_folder("latency-models") as scratch:
         paths = [_model_file(model, scratch, number) for number, model in enumerate(models)]
@@ -369,6 +372,24 @@ def latency(
         )
         rows, interrupted = measure(config, output, output_format, progress=progress)
     return LatencyRows(rows, interrupted)
+
+
+def _refuse_repeats(models: Sequence) -> None:
+    """The same model named twice (``runs/a``, ``runs/a/`` and ``runs/a/model.keras``; one keras.Model
+    object) would be timed twice, under one label: KbenchError naming the repeat."""
+    seen: dict = {}
+    for model in models:
+        if _is_keras_model(model):
+            key, shown = id(model), f"model {model.name!r}"
+        else:
+            shown = _path(model)
+            key = os.path.realpath(shown) if os.path.exists(shown) else shown  # a backbone name: itself
+            if os.path.isdir(shown) and os.path.isfile(os.path.join(shown, "model.keras")):
+                key = os.path.realpath(os.path.join(shown, "model.keras"))
+        if key in seen:
+            again = "" if seen[key] == shown else f" (as {seen[key]})"
+            raise KbenchError(f"{shown} is given twice{again}; each model is timed once: drop the repeat")
+        seen[key] = shown
 
 
 class LatencyRows(list):

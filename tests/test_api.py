@@ -3,6 +3,7 @@ export, time, predict and score; and what it refuses, in one line (KbenchError).
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,24 @@ def test_a_model_of_any_image_size_is_refused_saying_to_fix_one(tmp_path):
     with pytest.raises(KbenchError, match=fix):
         kbench.latency([any_size], runtimes="keras-compiled", batch_sizes=1)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_same_model_twice_is_timed_once_or_refused(two_runs, tmp_path):
+    from conftest import run_cli
+
+    first, _ = two_runs
+    model_file = os.path.join(first.path, "model.keras")
+    for models, message in [
+        ([first.path, first.path + os.sep], f"{first.path}{os.sep} is given twice (as {first.path})"),
+        ([model_file, first], f"{first.path} is given twice (as {model_file})"),
+        (["small_cnn", "small_cnn"], "small_cnn is given twice;"),
+        ([], "models must be a model or a non-empty list"),
+        ([3], "expected a run folder, a model file or a kbench.Run; got int"),
+    ]:
+        with pytest.raises(KbenchError, match=re.escape(message)):
+            kbench.latency(models, runtimes="keras-compiled", batch_sizes=1, runs=1, warmup=0)
+    done = run_cli("latency", first.path, model_file, "--runtime", "keras-compiled", "--batch-size", "1")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("drop the repeat"), done.stderr
 
 
 def test_a_keyboard_interrupt_mid_epoch_resumes_exactly(tiny, tmp_path, monkeypatch):
