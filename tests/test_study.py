@@ -179,3 +179,15 @@ def test_the_ray_executor_refuses_an_unreachable_cluster_before_anything(study, 
                        "--address", f"127.0.0.1:{port}", timeout=60, process=True)  # fmt: skip
     assert done.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1" in done.stderr
     assert not out.exists()
+
+
+def test_address_auto_is_resolved_and_refused_before_anything_is_written(study, tmp_path, monkeypatch):
+    config_path, _, _ = study
+    out = tmp_path / "st" / "auto"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed.getsockname()[1]}")  # what auto finds first
+        done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray", "--address", "auto")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "can't reach the Ray cluster at " in lines[0], done.stderr
+    assert not (tmp_path / "st").exists()
