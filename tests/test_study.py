@@ -191,3 +191,31 @@ def test_address_auto_is_resolved_and_refused_before_anything_is_written(study, 
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "can't reach the Ray cluster at " in lines[0], done.stderr
     assert not (tmp_path / "st").exists()
+
+
+def test_demo_refuses_an_out_it_cannot_own_before_writing_an_image(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"kind": "backbone"}')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text('{"name": "seed"}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out, extra, message in [
+        ("", [], "--out is empty"),
+        (str(run_dir), [], "is a run folder"),
+        (str(other), ["--fresh"], "holds the results of study 'seed', not the demo"),
+        (
+            str(mine),
+            ["--fresh"],
+            "--fresh would remove --out " + str(mine) + ", which holds more than a demo (notes.txt)",
+        ),
+        (str(tmp_path / "x"), ["--images", "5"], "--images must be a whole number of at least 20"),
+    ]:
+        done = run_cli("demo", "--out", out, *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["mine", "other", "run"] and os.listdir(mine) == ["notes.txt"]
+    assert sorted(os.listdir(run_dir)) == ["config.json"] and sorted(os.listdir(other)) == ["results.json"]
