@@ -49,6 +49,8 @@ def list_backbones(pattern: str | None = None) -> list[dict]:
     """
     from kbench.models.backbones import list_backbones as registered
 
+    if pattern is not None and not isinstance(pattern, str):
+        raise KbenchError(f"pattern must be a string such as 'efficientnet_b*'; got {type(pattern).__name__}")
     return [spec.to_dict() for spec in registered(pattern)]
 
 
@@ -70,6 +72,8 @@ def build_model(
     from kbench.models.backbones import build_classifier, get_backbone
 
     positive(num_classes, "num_classes", whole=True)
+    if image_size is not None:
+        positive(image_size, "image_size", whole=True)
     if num_classes < 2:
         raise KbenchError(f"num_classes must be at least 2; got {num_classes}")
     use_backend_if_unset()
@@ -96,7 +100,7 @@ class Run:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = _file(path, "Run's path")
         _ = self._folder  # a folder that isn't a finished run is refused here, in one line
 
     @property
@@ -150,6 +154,15 @@ def _path(model) -> str:
     raise KbenchError(f"expected a run folder, a model file or a kbench.Run; got {type(model).__name__}")
 
 
+def _file(value, name: str, optional: bool = False) -> str | None:
+    """A path argument (str or os.PathLike) as a string; anything else is a one-line KbenchError."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise KbenchError(f"{name} must be a path (str or os.PathLike); got {type(value).__name__}")
+
+
 def _verbose(quiet: bool):
     return 0 if quiet else "auto"
 
@@ -179,9 +192,12 @@ def train(
 
     if run_dir is None:
         raise KbenchError("run_dir is required: the folder for the model, metrics and history")
-    run_dir = os.fspath(run_dir)
+    run_dir = _file(run_dir, "run_dir")
     given = {name: value for name, value in options.items() if value is not None}
     _check_names(given, TrainConfig, "train")
+    if backbone is not None and not isinstance(backbone, str):
+        raise KbenchError(f"backbone must be a name (kbench backbones lists them); got {type(backbone).__name__}")
+    data = _file(data, "data", optional=True)
     if resume:
         if overwrite:
             raise KbenchError("resume and overwrite contradict each other")
@@ -209,6 +225,38 @@ def _check_names(given: dict, config_class, command: str) -> None:
             close = difflib.get_close_matches(name, sorted(fields), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise KbenchError(f"unknown option {name!r} for {command}{hint}")
+    _check_types(given, config_class)
+
+
+def _check_types(given: dict, config_class) -> None:
+    """A value of the wrong type is refused in one line: ``augment="no"`` would augment, ``epochs="2"``
+    fail deep inside. Whole numbers are ints (not bools), numbers int or float, flags bools."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for name, value in given.items():
+        kinds = (
+            set(typing.get_args(hints[name]))
+            if typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
+            else {hints[name]}
+        )
+        kinds.discard(type(None))
+        if value is None or object in kinds or any(typing.get_origin(kind) is not None for kind in kinds):
+            continue  # lists and other generics: checked by the config itself
+        if bool in kinds:
+            ok = isinstance(value, bool)
+        elif float in kinds:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif int in kinds:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif str in kinds:
+            ok = isinstance(value, (str, os.PathLike))
+        else:
+            continue
+        if not ok:
+            wanted = " or ".join(sorted(kind.__name__ for kind in kinds))
+            raise KbenchError(f"{name} must be {wanted}; got {value!r} ({type(value).__name__})")
 
 
 def ensemble(
@@ -232,7 +280,7 @@ def ensemble(
         raise KbenchError("members must be a list of run folders (or kbench.Run objects)")
     _check_names(options, EnsembleConfig, "ensemble")
     given = {name: value for name, value in options.items() if value is not None}
-    config = EnsembleConfig([_path(member) for member in members], os.fspath(run_dir), **given)
+    config = EnsembleConfig([_path(member) for member in members], _file(run_dir, "run_dir"), **given)
     train_ensemble(config, verbose=_verbose(quiet), overwrite=overwrite)
     return Run(run_dir)
 
@@ -275,6 +323,7 @@ def export_onnx(
     from kbench.export.onnx import DEFAULT_EXPORT_DIR, ExportOptions, onnx_for
     from kbench.export.onnx import export_onnx as export_model
 
+    output = _file(output, "output", optional=True)
     options = ExportOptions.parse(opset or ExportOptions.opset, str(batch_size), graph_passes)
     if quantize not in (None, "int8"):
         raise KbenchError(f"quantize must be 'int8' or None; got {quantize!r}")
@@ -357,6 +406,9 @@ def latency(
     if not isinstance(models, Sequence) or not models:
         raise KbenchError("models must be a model or a non-empty list of models (paths, Runs, backbone names)")
     _refuse_repeats(models)
+    if output_format not in LATENCY_FORMATS:
+        raise KbenchError(f"output_format must be one of {', '.join(LATENCY_FORMATS)}; got {output_format!r}")
+    output = _file(output, "output", optional=True)
     defaults = LatencyConfig(models=[])
     with files.scratch_folder("latency-models") as scratch:
         paths = [_model_file(model, scratch, number) for number, model in enumerate(models)]
@@ -392,6 +444,9 @@ def _refuse_repeats(models: Sequence) -> None:
         seen[key] = shown
 
 
+LATENCY_FORMATS = ("table", "markdown", "csv", "json")
+
+
 class LatencyRows(list):
     """The rows of ``latency``: a plain list of dicts, with ``interrupted`` set when Ctrl-C ended it."""
 
@@ -407,7 +462,10 @@ def _listed(value, default: list, kind) -> list:
         value = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, (int, float)):
         value = [value]
-    return [kind(item) for item in value]
+    try:
+        return [kind(item) for item in value]
+    except (TypeError, ValueError):
+        raise KbenchError(f"expected {kind.__name__}s (a list, or a comma-separated string); got {value!r}") from None
 
 
 def _model_file(model, scratch: str, number: int) -> str:
@@ -446,14 +504,18 @@ def predict(
     from kbench.serving.submission import SubmissionConfig, predict_command
 
     defaults = SubmissionConfig()
+    given = {"tta": tta, "clip": clip, "batch_size": batch_size}
+    _check_types({name: value for name, value in given.items() if value is not None}, SubmissionConfig)
     settings = SubmissionConfig(
-        tta or defaults.tta, defaults.clip if clip is None else clip, batch_size or defaults.batch_size
+        tta or defaults.tta,
+        defaults.clip if clip is None else clip,
+        defaults.batch_size if batch_size is None else batch_size,  # 0 is refused, not the default
     )
     use_backend_if_unset()
     return predict_command(
         _path(model),
-        os.fspath(data),
-        os.fspath(output),
+        _file(data, "data"),
+        _file(output, "output"),
         settings,
         runtime,
         calibrate,
@@ -469,7 +531,7 @@ def score(submission: str, answers: str) -> dict:
     """
     from kbench.serving.submission import score_submission
 
-    return score_submission(os.fspath(submission), os.fspath(answers))
+    return score_submission(_file(submission, "submission"), _file(answers, "answers"))
 
 
 # -- the study -----------------------------------------------------------------------------------------
@@ -532,8 +594,10 @@ def bench(
         "mixed_precision": mixed_precision,
     }
     overrides = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in overrides.items()}
-    study = load_config(os.fspath(config), **{key: value for key, value in overrides.items() if value is not None})
-    out = os.fspath(out) if out else os.path.join("reports", study.name)
+    study = load_config(
+        _file(config, "config"), **{key: value for key, value in overrides.items() if value is not None}
+    )
+    out = _file(out, "out") if out is not None else os.path.join("reports", study.name)
     results = run_study(study, out, command, _verbose(not progress), echo or (lambda line: None), overwrite, where)
     return _study(results, out)
 
@@ -565,7 +629,9 @@ def demo(
     ``demo`` study on them, into ``out``."""
     from kbench.study.study import run_demo
 
-    results, out = run_demo(os.fspath(out), images, fresh, backend, echo=echo or (lambda line: None), command=command)
+    results, out = run_demo(
+        _file(out, "out"), images, fresh, backend, echo=echo or (lambda line: None), command=command
+    )
     return _study(results, out)
 
 
@@ -574,5 +640,8 @@ def compare(runs: Sequence[str | Run], out: str = os.path.join("reports", "compa
     (``kbench compare``); nothing is trained or timed again."""
     from kbench.report.compare import compare_runs
 
-    results = compare_runs([_path(run) for run in runs], os.fspath(out), command=command)
-    return _study(results, os.fspath(out))
+    if isinstance(runs, (str, os.PathLike, Run)):
+        runs = [runs]
+    out = _file(out, "out")
+    results = compare_runs([_path(run) for run in runs], out, command=command)
+    return _study(results, out)

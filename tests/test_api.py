@@ -146,6 +146,41 @@ def test_the_same_model_twice_is_timed_once_or_refused(two_runs, tmp_path):
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("drop the repeat"), done.stderr
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda t, d: kbench.train("small_cnn", 5, t / "r"), "data must be a path (str or os.PathLike); got int"),
+        (lambda t, d: kbench.train(3, d, t / "r"), "backbone must be a name"),
+        (lambda t, d: kbench.train("small_cnn", d, 7), "run_dir must be a path"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", epochs="2"), "epochs must be int; got '2' (str)"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", epochs=2.5), "epochs must be int; got 2.5"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", augment="no"), "augment must be bool; got 'no'"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", lr="1e-3"), "lr must be float; got '1e-3'"),
+        (lambda t, d: kbench.Run(None), "Run's path must be a path"),
+        (lambda t, d: kbench.ensemble([t / "a", t / "b"], None), "run_dir must be a path"),
+        (lambda t, d: kbench.export_onnx(t / "a", 5), "output must be a path"),
+        (lambda t, d: kbench.latency("small_cnn", batch_sizes="1,x"), "expected ints"),
+        (lambda t, d: kbench.latency("small_cnn", runs="3"), "--runs must be a positive whole number; got '3'"),
+        (lambda t, d: kbench.latency("small_cnn", output=t / "l", output_format="xml"), "output_format must be one of"),
+        (lambda t, d: kbench.predict(t / "a", 5), "data must be a path"),
+        (lambda t, d: kbench.predict(t / "a", d, t / "s.csv", clip="0.1"), "clip must be float"),
+        (lambda t, d: kbench.predict(t / "a", d, t / "s.csv", batch_size=0), "--batch-size must be a positive whole"),
+        (lambda t, d: kbench.score(5, d), "submission must be a path"),
+        (lambda t, d: kbench.bench(5), "config must be a path"),
+        (
+            lambda t, d: kbench.build_model("small_cnn", weights="none", image_size="32"),
+            "image_size must be a positive",
+        ),
+        (lambda t, d: kbench.list_backbones(5), "pattern must be a string"),
+        (lambda t, d: kbench.demo(t / "demo", images="30"), "--images must be a whole number of at least 20"),
+    ],
+)
+def test_wrong_types_are_refused_in_one_line_before_any_work(call, message, tiny, tmp_path):
+    with pytest.raises(KbenchError, match=re.escape(message)):
+        call(tmp_path, tiny["train"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_keyboard_interrupt_mid_epoch_resumes_exactly(tiny, tmp_path, monkeypatch):
     """Ctrl-C in a notebook cell (SIGINT) stops training at once; resume=True finishes the run with the
     uninterrupted run's history."""

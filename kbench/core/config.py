@@ -105,7 +105,7 @@ def positive(value, option: str, whole: bool = False, most: int | None = None):
     """KbenchError unless ``value`` is a finite number > 0 (NaN and inf included) and, given
     ``most``, no more than it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise KbenchError(f"{option} must be a positive {'whole number' if whole else 'number'}; got {value}")
+        raise KbenchError(f"{option} must be a positive {'whole number' if whole else 'number'}; got {value!r}")
     if whole and not isinstance(value, int):
         raise KbenchError(f"{option} must be a whole number; got {value}")
     if most is not None and value > most:
