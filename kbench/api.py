@@ -324,6 +324,8 @@ def export_onnx(
     from kbench.export.onnx import export_onnx as export_model
 
     output = _file(output, "output", optional=True)
+    if output and not output.endswith(".onnx") and not os.path.isdir(output):  # a folder: onnx_for says so
+        raise KbenchError(f"-o {output} must name an .onnx file")
     options = ExportOptions.parse(opset or ExportOptions.opset, str(batch_size), graph_passes)
     if quantize not in (None, "int8"):
         raise KbenchError(f"quantize must be 'int8' or None; got {quantize!r}")
@@ -344,7 +346,11 @@ def export_onnx(
         record["reused"] = False
         source = None
     else:
+        from kbench.training.runs import refuse_overwriting
+
         source = _path(model)
+        if output:
+            refuse_overwriting(output, "-o", [source])
         use_backend_if_unset()
         record = onnx_for(source, output, options)
     if quantize:
@@ -409,6 +415,10 @@ def latency(
     if output_format not in LATENCY_FORMATS:
         raise KbenchError(f"output_format must be one of {', '.join(LATENCY_FORMATS)}; got {output_format!r}")
     output = _file(output, "output", optional=True)
+    if output:
+        from kbench.training.runs import refuse_overwriting
+
+        refuse_overwriting(output, "-o", [model for model in models if isinstance(model, (str, os.PathLike))])
     defaults = LatencyConfig(models=[])
     with files.scratch_folder("latency-models") as scratch:
         paths = [_model_file(model, scratch, number) for number, model in enumerate(models)]
@@ -429,6 +439,8 @@ def latency(
 def _refuse_repeats(models: Sequence) -> None:
     """The same model named twice (``runs/a``, ``runs/a/`` and ``runs/a/model.keras``; one keras.Model
     object) would be timed twice, under one label: KbenchError naming the repeat."""
+    from kbench.training.runs import Run as Folder
+
     seen: dict = {}
     for model in models:
         if _is_keras_model(model):
@@ -436,8 +448,8 @@ def _refuse_repeats(models: Sequence) -> None:
         else:
             shown = _path(model)
             key = os.path.realpath(shown) if os.path.exists(shown) else shown  # a backbone name: itself
-            if os.path.isdir(shown) and os.path.isfile(os.path.join(shown, "model.keras")):
-                key = os.path.realpath(os.path.join(shown, "model.keras"))
+            if os.path.isdir(shown) and os.path.isfile(Folder(shown).model_path):
+                key = os.path.realpath(Folder(shown).model_path)
         if key in seen:
             again = "" if seen[key] == shown else f" (as {seen[key]})"
             raise KbenchError(f"{shown} is given twice{again}; each model is timed once: drop the repeat")
@@ -511,11 +523,15 @@ def predict(
         defaults.clip if clip is None else clip,
         defaults.batch_size if batch_size is None else batch_size,  # 0 is refused, not the default
     )
+    from kbench.training.runs import refuse_overwriting
+
+    model, data, output = _path(model), _file(data, "data"), _file(output, "output")
+    refuse_overwriting(output, "-o", [data, model])
     use_backend_if_unset()
     return predict_command(
-        _path(model),
-        _file(data, "data"),
-        _file(output, "output"),
+        model,
+        data,
+        output,
         settings,
         runtime,
         calibrate,
