@@ -277,3 +277,19 @@ def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, kaggle_dat
         assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr
     assert all(path.read_bytes() == data for path, data in before.items())
     assert sorted(os.listdir(run_dir)) == ["config.json", "model.keras"]
+
+
+def test_latency_stopped_by_sigterm_exits_143_and_says_where_its_rows_are(monkeypatch, tmp_path):
+    import kbench
+    from kbench.api import LatencyRows
+    from kbench.core.errors import STOP_REQUESTS
+
+    def stopped(*args, **options):
+        STOP_REQUESTS.append(signal.SIGTERM)  # what kbench's SIGTERM handler records
+        return LatencyRows([], interrupted=True)
+
+    monkeypatch.setattr(kbench, "latency", stopped)
+    output = str(tmp_path / "rows.csv")
+    done = run_cli("latency", "small_cnn", "-o", output)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"kbench: interrupted; the rows in {output} are those finished"
