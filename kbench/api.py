@@ -329,6 +329,10 @@ def export_onnx(
     options = ExportOptions.parse(opset or ExportOptions.opset, str(batch_size), graph_passes)
     if quantize not in (None, "int8"):
         raise KbenchError(f"quantize must be 'int8' or None; got {quantize!r}")
+    if calibration_data and not quantize:
+        raise KbenchError(
+            "calibration_data (--calibration-data) is for quantize='int8' (--quantize int8); add it or drop it"
+        )
     in_memory = _is_keras_model(model)
     if quantize:  # no images to calibrate on: refused before the float file is written
         from kbench.serving.quantize import check_calibration

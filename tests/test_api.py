@@ -159,6 +159,7 @@ def test_the_same_model_twice_is_timed_once_or_refused(two_runs, tmp_path):
         (lambda t, d: kbench.Run(None), "Run's path must be a path"),
         (lambda t, d: kbench.ensemble([t / "a", t / "b"], None), "run_dir must be a path"),
         (lambda t, d: kbench.export_onnx(t / "a", 5), "output must be a path"),
+        (lambda t, d: kbench.export_onnx(t / "a", calibration_data=d), "calibration_data (--calibration-data) is for"),
         (lambda t, d: kbench.latency("small_cnn", batch_sizes="1,x"), "expected ints"),
         (lambda t, d: kbench.latency("small_cnn", runs="3"), "--runs must be a positive whole number; got '3'"),
         (lambda t, d: kbench.latency("small_cnn", output=t / "l", output_format="xml"), "output_format must be one of"),
