@@ -194,6 +194,8 @@ def train(
         raise KbenchError("run_dir is required: the folder for the model, metrics and history")
     run_dir = _file(run_dir, "run_dir")
     given = {name: value for name, value in options.items() if value is not None}
+    if isinstance(given.get("devices"), int) and not isinstance(given["devices"], bool):
+        given["devices"] = str(given["devices"])  # devices=2, as the command line's --devices 2
     _check_names(given, TrainConfig, "train")
     if backbone is not None and not isinstance(backbone, str):
         raise KbenchError(f"backbone must be a name (kbench backbones lists them); got {type(backbone).__name__}")
@@ -610,7 +612,7 @@ def bench(
         "answers": answers,
         "backend": backend,
         "layout": layout,
-        "devices": devices,
+        "devices": str(devices) if isinstance(devices, int) and not isinstance(devices, bool) else devices,
         "mixed_precision": mixed_precision,
     }
     overrides = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in overrides.items()}

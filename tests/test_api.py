@@ -156,6 +156,7 @@ def test_the_same_model_twice_is_timed_once_or_refused(two_runs, tmp_path):
         (lambda t, d: kbench.train("small_cnn", d, t / "r", epochs=2.5), "epochs must be int; got 2.5"),
         (lambda t, d: kbench.train("small_cnn", d, t / "r", augment="no"), "augment must be bool; got 'no'"),
         (lambda t, d: kbench.train("small_cnn", d, t / "r", lr="1e-3"), "lr must be float; got '1e-3'"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", devices=64), "--devices 64: only"),  # an int is N
         (lambda t, d: kbench.Run(None), "Run's path must be a path"),
         (lambda t, d: kbench.ensemble([t / "a", t / "b"], None), "run_dir must be a path"),
         (lambda t, d: kbench.export_onnx(t / "a", 5), "output must be a path"),
