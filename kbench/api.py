@@ -58,6 +58,8 @@ def list_backbones(pattern: str | None = None) -> list[dict]:
     """
     from kbench.models.backbones import list_backbones as registered
 
+    if pattern is not None and not isinstance(pattern, str):
+        raise KbenchError(f"pattern must be a string such as 'efficientnet_b*'; got {type(pattern).__name__}")
     return [spec.to_dict() for spec in registered(pattern)]
 
 
@@ -79,6 +81,8 @@ def build_model(
     from kbench.models.backbones import build_classifier, get_backbone
 
     positive(num_classes, "num_classes", whole=True)
+    if image_size is not None:
+        positive(image_size, "image_size", whole=True)
     if num_classes < 2:
         raise KbenchError(f"num_classes must be at least 2; got {num_classes}")
     use_backend_if_unset()
@@ -106,7 +110,7 @@ class Run:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = _file(path, "Run's path")
         _ = self._folder  # a folder that isn't a finished run is refused here, in one line
 
     @property
@@ -160,6 +164,15 @@ def _path(model) -> str:
     raise KbenchError(f"expected a run folder, a model file or a kbench.Run; got {type(model).__name__}")
 
 
+def _file(value, name: str, optional: bool = False) -> str | None:
+    """A path argument (str or os.PathLike) as a string; anything else is a one-line KbenchError."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise KbenchError(f"{name} must be a path (str or os.PathLike); got {type(value).__name__}")
+
+
 def _verbose(quiet: bool):
     return 0 if quiet else "auto"
 
@@ -190,9 +203,14 @@ def train(
     _quiet()
     if run_dir is None:
         raise KbenchError("run_dir is required: the folder for the model, metrics and history")
-    run_dir = os.fspath(run_dir)
+    run_dir = _file(run_dir, "run_dir")
     given = {name: value for name, value in options.items() if value is not None}
+    if isinstance(given.get("devices"), int) and not isinstance(given["devices"], bool):
+        given["devices"] = str(given["devices"])  # devices=2, as the command line's --devices 2
     _check_names(given, TrainConfig, "train")
+    if backbone is not None and not isinstance(backbone, str):
+        raise KbenchError(f"backbone must be a name (kbench backbones lists them); got {type(backbone).__name__}")
+    data = _file(data, "data", optional=True)
     if resume:
         if overwrite:
             raise KbenchError("resume and overwrite contradict each other")
@@ -220,6 +238,38 @@ def _check_names(given: dict, config_class, command: str) -> None:
             close = difflib.get_close_matches(name, sorted(fields), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise KbenchError(f"unknown option {name!r} for {command}{hint}")
+    _check_types(given, config_class)
+
+
+def _check_types(given: dict, config_class) -> None:
+    """A value of the wrong type is refused in one line: ``augment="no"`` would augment, ``epochs="2"``
+    fail deep inside. Whole numbers are ints (not bools), numbers int or float, flags bools."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for name, value in given.items():
+        kinds = (
+            set(typing.get_args(hints[name]))
+            if typing.get_origin(hints[name]) in (typing.Union, types.UnionType)
+            else {hints[name]}
+        )
+        kinds.discard(type(None))
+        if value is None or object in kinds or any(typing.get_origin(kind) is not None for kind in kinds):
+            continue  # lists and other generics: checked by the config itself
+        if bool in kinds:
+            ok = isinstance(value, bool)
+        elif float in kinds:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif int in kinds:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif str in kinds:
+            ok = isinstance(value, (str, os.PathLike))
+        else:
+            continue
+        if not ok:
+            wanted = " or ".join(sorted(kind.__name__ for kind in kinds))
+            raise KbenchError(f"{name} must be {wanted}; got {value!r} ({type(value).__name__})")
 
 
 def ensemble(
@@ -244,7 +294,7 @@ def ensemble(
         raise KbenchError("members must be a list of run folders (or kbench.Run objects)")
     _check_names(options, EnsembleConfig, "ensemble")
     given = {name: value for name, value in options.items() if value is not None}
-    config = EnsembleConfig([_path(member) for member in members], os.fspath(run_dir), **given)
+    config = EnsembleConfig([_path(member) for member in members], _file(run_dir, "run_dir"), **given)
     train_ensemble(config, verbose=_verbose(quiet), overwrite=overwrite)
     return Run(run_dir)
 
@@ -287,10 +337,24 @@ def export_onnx(
     from kbench.export.onnx import DEFAULT_EXPORT_DIR, ExportOptions, onnx_for
     from kbench.export.onnx import export_onnx as export_model
 
+    output = _file(output, "output", optional=True)
+    if output and not output.endswith(".onnx") and not os.path.isdir(output):  # a folder: onnx_for says so
+        raise KbenchError(f"-o {output} must name an .onnx file")
     options = ExportOptions.parse(opset or ExportOptions.opset, str(batch_size), graph_passes)
     if quantize not in (None, "int8"):
         raise KbenchError(f"quantize must be 'int8' or None; got {quantize!r}")
-    if _is_keras_model(model):
+    if calibration_data and not quantize:
+        raise KbenchError(
+            "calibration_data (--calibration-data) is for quantize='int8' (--quantize int8); add it or drop it"
+        )
+    in_memory = _is_keras_model(model)
+    if quantize:  # no images to calibrate on: refused before the float file is written
+        from kbench.serving.quantize import check_calibration
+
+        if in_memory and not calibration_data:
+            raise KbenchError("quantize='int8' of an in-memory model needs calibration_data (a folder of images)")
+        check_calibration("" if in_memory else _path(model), calibration_data and os.fspath(calibration_data))
+    if in_memory:
         use_backend_if_unset()
         check_image_model(model)
         output = output or os.path.join(DEFAULT_EXPORT_DIR, f"{model.name}.onnx")
@@ -300,14 +364,16 @@ def export_onnx(
         record["reused"] = False
         source = None
     else:
+        from kbench.training.runs import refuse_overwriting
+
         source = _path(model)
+        if output:
+            refuse_overwriting(output, "-o", [source])
         use_backend_if_unset()
         record = onnx_for(source, output, options)
     if quantize:
         from kbench.serving.quantize import quantize_export
 
-        if source is None and not calibration_data:
-            raise KbenchError("quantize='int8' of an in-memory model needs calibration_data (a folder of images)")
         record["quantize"] = quantize_export(record["path"], source or "", calibration_data)
     return OnnxExport(record["path"], record.get("max_relative_difference"), bool(record.get("reused")), record)
 
@@ -326,6 +392,10 @@ def check_image_model(model) -> None:
         raise KbenchError(
             f"model {model.name!r} takes {shape}; kbench takes RGB images, NHWC (batch, height, width, 3)"
         )
+    if shape[1] is None or shape[2] is None:
+        from kbench.export.convert import fixed_size_needed
+
+        raise KbenchError(fixed_size_needed(model.name, shape))
 
 
 # -- serving -------------------------------------------------------------------------------------------
@@ -357,6 +427,16 @@ def latency(
 
     if isinstance(models, (str, os.PathLike, Run)) or _is_keras_model(models):
         models = [models]
+    if not isinstance(models, Sequence) or not models:
+        raise KbenchError("models must be a model or a non-empty list of models (paths, Runs, backbone names)")
+    _refuse_repeats(models)
+    if output_format not in LATENCY_FORMATS:
+        raise KbenchError(f"output_format must be one of {', '.join(LATENCY_FORMATS)}; got {output_format!r}")
+    output = _file(output, "output", optional=True)
+    if output:
+        from kbench.training.runs import refuse_overwriting
+
+        refuse_overwriting(output, "-o", [model for model in models if isinstance(model, (str, os.PathLike))])
     defaults = LatencyConfig(models=[])
     with files.scratch_folder("latency-models") as scratch:
         paths = [_model_file(model, scratch, number) for number, model in enumerate(models)]
@@ -374,6 +454,29 @@ def latency(
     return LatencyRows(rows, interrupted)
 
 
+def _refuse_repeats(models: Sequence) -> None:
+    """The same model named twice (``runs/a``, ``runs/a/`` and ``runs/a/model.keras``; one keras.Model
+    object) would be timed twice, under one label: KbenchError naming the repeat."""
+    from kbench.training.runs import Run as Folder
+
+    seen: dict = {}
+    for model in models:
+        if _is_keras_model(model):
+            key, shown = id(model), f"model {model.name!r}"
+        else:
+            shown = _path(model)
+            key = os.path.realpath(shown) if os.path.exists(shown) else shown  # a backbone name: itself
+            if os.path.isdir(shown) and os.path.isfile(Folder(shown).model_path):
+                key = os.path.realpath(Folder(shown).model_path)
+        if key in seen:
+            again = "" if seen[key] == shown else f" (as {seen[key]})"
+            raise KbenchError(f"{shown} is given twice{again}; each model is timed once: drop the repeat")
+        seen[key] = shown
+
+
+LATENCY_FORMATS = ("table", "markdown", "csv", "json")
+
+
 class LatencyRows(list):
     """The rows of ``latency``: a plain list of dicts, with ``interrupted`` set when Ctrl-C ended it."""
 
@@ -389,7 +492,10 @@ def _listed(value, default: list, kind) -> list:
         value = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, (int, float)):
         value = [value]
-    return [kind(item) for item in value]
+    try:
+        return [kind(item) for item in value]
+    except (TypeError, ValueError):
+        raise KbenchError(f"expected {kind.__name__}s (a list, or a comma-separated string); got {value!r}") from None
 
 
 def _model_file(model, scratch: str, number: int) -> str:
@@ -428,14 +534,22 @@ def predict(
     from kbench.serving.submission import SubmissionConfig, predict_command
 
     defaults = SubmissionConfig()
+    given = {"tta": tta, "clip": clip, "batch_size": batch_size}
+    _check_types({name: value for name, value in given.items() if value is not None}, SubmissionConfig)
     settings = SubmissionConfig(
-        tta or defaults.tta, defaults.clip if clip is None else clip, batch_size or defaults.batch_size
+        tta or defaults.tta,
+        defaults.clip if clip is None else clip,
+        defaults.batch_size if batch_size is None else batch_size,  # 0 is refused, not the default
     )
+    from kbench.training.runs import refuse_overwriting
+
+    model, data, output = _path(model), _file(data, "data"), _file(output, "output")
+    refuse_overwriting(output, "-o", [data, model])
     use_backend_if_unset()
     return predict_command(
-        _path(model),
-        os.fspath(data),
-        os.fspath(output),
+        model,
+        data,
+        output,
         settings,
         runtime,
         calibrate,
@@ -451,7 +565,7 @@ def score(submission: str, answers: str) -> dict:
     """
     from kbench.serving.submission import score_submission
 
-    return score_submission(os.fspath(submission), os.fspath(answers))
+    return score_submission(_file(submission, "submission"), _file(answers, "answers"))
 
 
 # -- the study -----------------------------------------------------------------------------------------
@@ -511,12 +625,14 @@ def bench(
         "answers": answers,
         "backend": backend,
         "layout": layout,
-        "devices": devices,
+        "devices": str(devices) if isinstance(devices, int) and not isinstance(devices, bool) else devices,
         "mixed_precision": mixed_precision,
     }
     overrides = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in overrides.items()}
-    study = load_config(os.fspath(config), **{key: value for key, value in overrides.items() if value is not None})
-    out = os.fspath(out) if out else os.path.join("reports", study.name)
+    study = load_config(
+        _file(config, "config"), **{key: value for key, value in overrides.items() if value is not None}
+    )
+    out = _file(out, "out") if out is not None else os.path.join("reports", study.name)
     results = run_study(study, out, command, _verbose(not progress), echo or (lambda line: None), overwrite, where)
     return _study(results, out)
 
@@ -548,7 +664,9 @@ def demo(
     ``demo`` study on them, into ``out``."""
     from kbench.study.study import run_demo
 
-    results, out = run_demo(os.fspath(out), images, fresh, backend, echo=echo or (lambda line: None), command=command)
+    results, out = run_demo(
+        _file(out, "out"), images, fresh, backend, echo=echo or (lambda line: None), command=command
+    )
     return _study(results, out)
 
 
@@ -557,5 +675,8 @@ def compare(runs: Sequence[str | Run], out: str = os.path.join("reports", "compa
     (``kbench compare``); nothing is trained or timed again."""
     from kbench.report.compare import compare_runs
 
-    results = compare_runs([_path(run) for run in runs], os.fspath(out), command=command)
-    return _study(results, os.fspath(out))
+    if isinstance(runs, (str, os.PathLike, Run)):
+        runs = [runs]
+    out = _file(out, "out")
+    results = compare_runs([_path(run) for run in runs], out, command=command)
+    return _study(results, out)

@@ -3,6 +3,7 @@ export, time, predict and score; and what it refuses, in one line (KbenchError).
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,6 +112,75 @@ def test_what_a_notebook_user_gets_wrong_is_one_line(two_runs, tiny, tmp_path):
     elsewhere = kbench.train("small_cnn", other["train"], str(tmp_path / "elsewhere"), **{**SMALL, "epochs": 1})
     with pytest.raises(KbenchError, match="trained on different data"):
         kbench.ensemble([first, elsewhere], str(tmp_path / "mixed"))
+
+
+def test_a_model_of_any_image_size_is_refused_saying_to_fix_one(tmp_path):
+    import keras
+
+    image = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(image))
+    any_size = keras.Model(image, keras.layers.Dense(1, activation="sigmoid")(pooled), name="any_size")
+    fix = r"'any_size' takes images of any size \(None, None, None, 3\).*keras.Input\(shape=\(224, 224, 3\)\)"
+    with pytest.raises(KbenchError, match=fix):
+        kbench.export_onnx(any_size, str(tmp_path / "any.onnx"))
+    with pytest.raises(KbenchError, match=fix):
+        kbench.latency([any_size], runtimes="keras-compiled", batch_sizes=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_same_model_twice_is_timed_once_or_refused(two_runs, tmp_path):
+    from conftest import run_cli
+
+    first, _ = two_runs
+    model_file = os.path.join(first.path, "model.keras")
+    for models, message in [
+        ([first.path, first.path + os.sep], f"{first.path}{os.sep} is given twice (as {first.path})"),
+        ([model_file, first], f"{first.path} is given twice (as {model_file})"),
+        (["small_cnn", "small_cnn"], "small_cnn is given twice;"),
+        ([], "models must be a model or a non-empty list"),
+        ([3], "expected a run folder, a model file or a kbench.Run; got int"),
+    ]:
+        with pytest.raises(KbenchError, match=re.escape(message)):
+            kbench.latency(models, runtimes="keras-compiled", batch_sizes=1, runs=1, warmup=0)
+    done = run_cli("latency", first.path, model_file, "--runtime", "keras-compiled", "--batch-size", "1")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("drop the repeat"), done.stderr
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda t, d: kbench.train("small_cnn", 5, t / "r"), "data must be a path (str or os.PathLike); got int"),
+        (lambda t, d: kbench.train(3, d, t / "r"), "backbone must be a name"),
+        (lambda t, d: kbench.train("small_cnn", d, 7), "run_dir must be a path"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", epochs="2"), "epochs must be int; got '2' (str)"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", epochs=2.5), "epochs must be int; got 2.5"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", augment="no"), "augment must be bool; got 'no'"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", lr="1e-3"), "lr must be float; got '1e-3'"),
+        (lambda t, d: kbench.train("small_cnn", d, t / "r", devices=64), "--devices 64: only"),  # an int is N
+        (lambda t, d: kbench.Run(None), "Run's path must be a path"),
+        (lambda t, d: kbench.ensemble([t / "a", t / "b"], None), "run_dir must be a path"),
+        (lambda t, d: kbench.export_onnx(t / "a", 5), "output must be a path"),
+        (lambda t, d: kbench.export_onnx(t / "a", calibration_data=d), "calibration_data (--calibration-data) is for"),
+        (lambda t, d: kbench.latency("small_cnn", batch_sizes="1,x"), "expected ints"),
+        (lambda t, d: kbench.latency("small_cnn", runs="3"), "--runs must be a positive whole number; got '3'"),
+        (lambda t, d: kbench.latency("small_cnn", output=t / "l", output_format="xml"), "output_format must be one of"),
+        (lambda t, d: kbench.predict(t / "a", 5), "data must be a path"),
+        (lambda t, d: kbench.predict(t / "a", d, t / "s.csv", clip="0.1"), "clip must be float"),
+        (lambda t, d: kbench.predict(t / "a", d, t / "s.csv", batch_size=0), "--batch-size must be a positive whole"),
+        (lambda t, d: kbench.score(5, d), "submission must be a path"),
+        (lambda t, d: kbench.bench(5), "config must be a path"),
+        (
+            lambda t, d: kbench.build_model("small_cnn", weights="none", image_size="32"),
+            "image_size must be a positive",
+        ),
+        (lambda t, d: kbench.list_backbones(5), "pattern must be a string"),
+        (lambda t, d: kbench.demo(t / "demo", images="30"), "--images must be a whole number of at least 20"),
+    ],
+)
+def test_wrong_types_are_refused_in_one_line_before_any_work(call, message, tiny, tmp_path):
+    with pytest.raises(KbenchError, match=re.escape(message)):
+        call(tmp_path, tiny["train"])
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_keyboard_interrupt_mid_epoch_resumes_exactly(tiny, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 the traceback only under --debug), and nothing half-written."""
 
 import os
+import signal
 
 import pytest
 
@@ -231,3 +232,50 @@ def test_the_help_texts_name_exactly_the_registered_runtimes_and_graph_passes():
     passes = re.search(r"kbench\.export\.graph's passes \(([^)]+)\)", export).group(1).split(", ")
     assert passes == list(PASSES)
     assert "reshape" not in export.lower()
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, kaggle_data):
+    """predict -o the test set replaced it with the CSV; export -o RUN/model.keras replaced the model."""
+    import shutil
+
+    from kbench.models.backbones import build_classifier, get_backbone
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    build_classifier(get_backbone("small_cnn"), 2, 24, "none").save(str(run_dir / "model.keras"))
+    (run_dir / "config.json").write_text('{"kind": "backbone"}')
+    test_zip = shutil.copy(kaggle_data["test"], tmp_path / "test.zip")
+    before = {
+        path: path.read_bytes() for path in (run_dir / "model.keras", run_dir / "config.json", tmp_path / "test.zip")
+    }
+    model = str(run_dir / "model.keras")
+    for args, message in [
+        (["predict", model, "--data", str(test_zip), "-o", str(test_zip)], f"would overwrite {test_zip}, an input"),
+        (["predict", str(run_dir), "--data", str(test_zip), "-o", model], "would overwrite the model.keras of run"),
+        (["export", "onnx", str(run_dir), "-o", str(run_dir / "config.json")], "must name an .onnx file"),
+        (["export", "onnx", model, "-o", model], "must name an .onnx file"),
+        (
+            ["latency", str(run_dir), "--runtime", "keras-predict", "-o", str(run_dir / "config.json")],
+            "config.json of run",
+        ),
+    ]:
+        done = run_cli(*args)
+        assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert all(path.read_bytes() == data for path, data in before.items())
+    assert sorted(os.listdir(run_dir)) == ["config.json", "model.keras"]
+
+
+def test_latency_stopped_by_sigterm_exits_143_and_says_where_its_rows_are(monkeypatch, tmp_path):
+    import kbench
+    from kbench.api import LatencyRows
+    from kbench.core.errors import STOP_REQUESTS
+
+    def stopped(*args, **options):
+        STOP_REQUESTS.append(signal.SIGTERM)  # what kbench's SIGTERM handler records
+        return LatencyRows([], interrupted=True)
+
+    monkeypatch.setattr(kbench, "latency", stopped)
+    output = str(tmp_path / "rows.csv")
+    done = run_cli("latency", "small_cnn", "-o", output)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"kbench: interrupted; the rows in {output} are those finished"

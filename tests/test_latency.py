@@ -263,3 +263,41 @@ def test_keras_compiled_measures_xla_only_when_tuned(tiny_model):
             assert runtime.detail.startswith("tf.function") and "(chosen by measuring: tf.function " in runtime.detail
         else:
             assert runtime.detail == "tf.function without XLA (fixed; --tune also measures tf.function+XLA)"
+
+
+def test_openvino_parity_compares_logits_where_the_probabilities_saturate(tmp_path):
+    """A confident model's sigmoid gives 1.0 whatever small error its logits carry: the check compares
+    the head's logits too, as the export's does (here: OpenVINO's own against Keras', then a runtime
+    whose logits are 1% off while its probabilities agree)."""
+    import numpy as np
+
+    from kbench.data.synthetic import sample_pixels
+    from kbench.serving.openvino import OpenVinoCPU
+
+    model = build_classifier(get_backbone("small_cnn"), 2, 24, "none")
+    head = model.get_layer("probability")
+    head.bias.assign(np.full(head.bias.shape, 60.0, np.float32))  # P = 1.0 in float32 on any pixels
+    model.save(str(tmp_path / "sure.keras"))
+    (row,) = iter_latency(
+        LatencyConfig([str(tmp_path / "sure.keras")], ["openvino-cpu"], [1], 2, 0, export_dir=str(tmp_path))
+    )
+    assert row["status"] == "ok" and row["parity"] <= TOLERANCES["f32"]
+
+    source = resolve_model(str(tmp_path / "sure.keras"), "imagenet", str(tmp_path))
+    reference, pixels = Reference(source), sample_pixels(1, source.image_size)
+    runtime = OpenVinoCPU()
+    runtime.prepare(str(tmp_path / "sure.onnx"), source.image_size)
+    assert np.all(reference(pixels)[0] == 1.0)
+    assert np.allclose(runtime.logits(pixels), reference.logits(pixels), rtol=1e-4) and runtime.logits(pixels) > 50
+
+    class OffLogits:
+        detail, tolerance = "fake", 1e-4
+
+        def run(self, pixels):
+            return reference(pixels)  # the same saturated probabilities
+
+        def logits(self, pixels):
+            return reference.logits(pixels) * 1.01
+
+    checked = reference.check(OffLogits(), pixels)
+    assert checked["status"].startswith("failed: differs from Keras by 1.0e-02")

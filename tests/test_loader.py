@@ -168,13 +168,14 @@ def test_dangling_symlinks_are_skipped_in_training_and_uniform_in_prediction(tmp
     os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "train" / "dog.99.jpg")
     os.symlink("cat.98.jpg", tmp_path / "train" / "cat.98.jpg")  # a link to itself: a loop
     os.symlink(str(tmp_path / "gone.jpg"), tmp_path / "test" / "5.jpg")
+    (tmp_path / "train" / "cat.97.jpg").write_bytes(b"not a JPEG at all")  # found, then not decodable
     config = TrainConfig(
         backbone="small_cnn", data=str(tmp_path / "train"), run_dir=str(tmp_path / "run"), epochs=1, image_size=32
     )
     with caplog.at_level(logging.WARNING, logger="kbench"):
         record = train(config, verbose=0)
-    assert record["skipped_images"] == ["cat.98.jpg", "dog.99.jpg"]
-    assert record["train_images"] + record["val_images"] == 16
+    assert sorted(record["skipped_images"]) == ["cat.97.jpg", "cat.98.jpg", "dog.99.jpg"]
+    assert record["train_images"] + record["val_images"] == 16  # the undecodable file is not counted
     assert "dog.99.jpg (a dangling symlink)" in caplog.text and "cat.98.jpg (a symlink loop)" in caplog.text
     result = predict_test_set(str(tmp_path / "run"), str(tmp_path / "test"), str(tmp_path / "submission.csv"))
     rows = (tmp_path / "submission.csv").read_text().splitlines()

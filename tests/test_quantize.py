@@ -134,3 +134,29 @@ def test_an_ensemble_of_members_of_other_sizes_quantizes_and_openvino_says_why_i
     for row in rows[1:]:
         assert row["status"].startswith("unavailable: ") and "OpenVINO" in row["status"], row
     assert "ONNX Runtime's own operators (" in rows[1]["status"]
+
+
+def test_nothing_to_calibrate_on_is_refused_before_the_float_file_is_written(exported, tmp_path):
+    import kbench
+    from kbench.core.errors import KbenchError
+
+    run_dir, _ = exported
+    model_file = os.path.join(run_dir, "model.keras")  # a file, not a run folder: no training split
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("no images")
+    cases = [
+        ([], "--quantize int8 needs --calibration-data PATH"),
+        (["--calibration-data", str(tmp_path / "empty")], "no images (.jpg"),
+        (["--calibration-data", str(tmp_path / "missing")], "data not found"),
+        (["--calibration-data", str(tmp_path / "notes.txt")], "is neither a folder nor a zip file"),
+    ]
+    output = tmp_path / "out" / "m.onnx"
+    for extra, message in cases:
+        done = run_cli("export", "onnx", model_file, "-o", str(output), "--quantize", "int8", *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+        assert not (tmp_path / "out").exists()
+    model = kbench.Run(run_dir).load_model()
+    with pytest.raises(KbenchError, match="in-memory model needs calibration_data"):
+        kbench.export_onnx(model, str(output), quantize="int8")
+    assert not (tmp_path / "out").exists()

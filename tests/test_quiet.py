@@ -79,6 +79,18 @@ IMPORT = (
 )
 
 
+def test_keras_user_warnings_are_kept_off_stderr_and_kbench_s_are_not():
+    code = (
+        "import warnings; from kbench.core.quiet import set_up; set_up(); "
+        "warnings.warn_explicit('keras advice', UserWarning, 'trainer.py', 1, module='keras.src.trainers.trainer'); "
+        "warnings.warn_explicit('kbench note', UserWarning, 'train.py', 1, module='kbench.training.train')"
+    )
+    for verbose, shown in (("", ["kbench note"]), ("1", ["keras advice", "kbench note"])):
+        env = {**os.environ, "PYTHONPATH": REPO, "KBENCH_VERBOSE": verbose, "PYTHONWARNINGS": ""}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0 and [m for m in ("keras advice", "kbench note") if m in done.stderr] == shown
+
+
 def test_start_up_chatter_is_held_and_verbose_shows_it(tmp_path):
     _fake_tensorflow(tmp_path, "LOADED = True\n")
     code = IMPORT + "print('kbench: after', file=sys.stderr); print(tensorflow.LOADED, tensorflow.__loader__)"

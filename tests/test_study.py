@@ -179,3 +179,43 @@ def test_the_ray_executor_refuses_an_unreachable_cluster_before_anything(study, 
                        "--address", f"127.0.0.1:{port}", timeout=60, process=True)  # fmt: skip
     assert done.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1" in done.stderr
     assert not out.exists()
+
+
+def test_address_auto_is_resolved_and_refused_before_anything_is_written(study, tmp_path, monkeypatch):
+    config_path, _, _ = study
+    out = tmp_path / "st" / "auto"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed.getsockname()[1]}")  # what auto finds first
+        done = run_cli("bench", "--config", config_path, "--out", str(out), "--executor", "ray", "--address", "auto")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "can't reach the Ray cluster at " in lines[0], done.stderr
+    assert not (tmp_path / "st").exists()
+
+
+def test_demo_refuses_an_out_it_cannot_own_before_writing_an_image(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"kind": "backbone"}')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text('{"name": "seed"}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out, extra, message in [
+        ("", [], "--out is empty"),
+        (str(run_dir), [], "is a run folder"),
+        (str(other), ["--fresh"], "holds the results of study 'seed', not the demo"),
+        (
+            str(mine),
+            ["--fresh"],
+            "--fresh would remove --out " + str(mine) + ", which holds more than a demo (notes.txt)",
+        ),
+        (str(tmp_path / "x"), ["--images", "5"], "--images must be a whole number of at least 20"),
+    ]:
+        done = run_cli("demo", "--out", out, *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["mine", "other", "run"] and os.listdir(mine) == ["notes.txt"]
+    assert sorted(os.listdir(run_dir)) == ["config.json"] and sorted(os.listdir(other)) == ["results.json"]

@@ -184,6 +184,16 @@ def test_scorer_accepts_what_the_grader_accepts(tmp_path):
     assert done.returncode == 0 and "accuracy 1.0000 (3 rows)" in done.stdout, done.stderr
 
 
+def test_scorer_reads_ids_written_as_floats_as_pandas_does(tmp_path):
+    # pandas writes an id column that held a NaN as 1.0, 2.0; a grader merging on id matches them to 1, 2
+    answers = write_text(tmp_path / "answers.csv", "id,label\n1,1\n2,0\n")
+    submission = write_text(tmp_path / "s.csv", "id,label\n1.0,0.9\n2.00,0.2\n")
+    assert score_submission(submission, answers)["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2)
+    half = write_text(tmp_path / "half.csv", "id,label\n1.5,0.9\n2,0.2\n")
+    with pytest.raises(KbenchError, match="submission lacks ids present in the answers: 1$"):
+        score_submission(half, answers)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -281,3 +291,19 @@ def test_a_zero_byte_test_image_gets_a_row_and_the_submission_scores(kaggle_data
     assert [row["id"] for row in rows] == [str(i) for i in range(1, 31)]
     assert rows[6]["label"] == "0.500000" and result["skipped"] == 1 and result["predicted"] == 29
     assert score_submission(str(tmp_path / "s.csv"), kaggle_data["answers"])["rows"] == 30
+
+
+def test_predict_refuses_a_model_of_any_image_size_in_one_line(kaggle_data, tmp_path):
+    import keras
+
+    image = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(image))
+    keras.Model(image, keras.layers.Dense(1, activation="sigmoid")(pooled), name="any_size").save(
+        str(tmp_path / "any.keras")
+    )
+    output = tmp_path / "submission.csv"
+    done = run_cli("predict", str(tmp_path / "any.keras"), "--data", kaggle_data["test"], "-o", str(output))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("kbench: error: model 'any_size' takes images of any size (None, None, None, 3)")
+    assert not output.exists()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -182,6 +183,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
         (["--image-size", "0"], "--image-size must be a positive whole number"),
         (["--image-size", "5000"], "more than 1024 pixels per side"),
         (["--epochs", "0"], "--epochs must be a positive whole number"),
+        (["--epochs", "99999999999"], "--epochs 99999999999 is more than the limit of 10,000"),
         (["--val-split", "1"], "--val-split must be in [0, 1)"),
         (["--devices", "two"], "--devices must be 'all' or a positive number"),
         (["--seed", str(2**32)], "--seed must be a whole number >= 0 and < 2**32"),
@@ -204,6 +206,23 @@ def test_impossible_numbers_are_refused_before_any_work(args, message, kaggle_da
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_refusals_name_the_data_as_given_and_a_run_dir_inside_the_data_is_refused(kaggle_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    images = tmp_path / "images"
+    with zipfile.ZipFile(kaggle_data["train"]) as archive:
+        archive.extractall(images)
+    train = ["train", "--backbone", "small_cnn", "--backend", BACKEND, "--epochs", "1", "--image-size", "24"]
+    done = run_cli(*train, "--data", "empty", "--run-dir", "run", cwd=str(tmp_path))
+    assert done.returncode == 2 and "found in empty;" in done.stderr and str(tmp_path) not in done.stderr
+    done = run_cli(*train, "--data", "missing", "--run-dir", "run", cwd=str(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip() == "kbench: error: data not found: missing"
+    for run_dir in ("images", "images/run", "images/train/run"):
+        done = run_cli(*train, "--data", "images", "--run-dir", run_dir, cwd=str(tmp_path))
+        assert done.returncode == 2 and f"--run-dir {run_dir} is inside --data images" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(images)) == ["train"] and not (tmp_path / "run").exists()
 
 
 def test_resume_refuses_options_it_would_ignore(kaggle_data, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ library's config dataclasses, never retyped here.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -15,7 +16,7 @@ import click
 import kbench
 from kbench.cli import options as opt
 from kbench.cli.study import bench, demo, show_study
-from kbench.core.errors import KbenchError
+from kbench.core.errors import STOP_REQUESTS, KbenchError
 from kbench.core.version import __version__
 from kbench.export.onnx import DEFAULT_EXPORT_DIR as _EXPORT_DIR
 from kbench.export.onnx import OPSETS as _OPSETS
@@ -283,9 +284,10 @@ def latency(models, runtimes, batch_sizes, runs, warmup, threads, weights, tune,
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
         click.echo(latency_text(rows, output_format, facts(threads)))
-    if rows.interrupted:
-        click.echo("kbench: interrupted; the rows above are those finished", err=True)
-        sys.exit(130)
+    if rows.interrupted:  # 130 for Ctrl-C, 143 for SIGTERM, as every other command
+        finished = f"the rows in {output}" if output else "the rows above"
+        click.echo(f"kbench: interrupted; {finished} are those finished", err=True)
+        sys.exit(128 + (STOP_REQUESTS[0] if STOP_REQUESTS else signal.SIGINT))
 
 
 @cli.command()

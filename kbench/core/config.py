@@ -98,10 +98,18 @@ def from_dict(cls, values: dict, where: str, **given):
     return cls(**given, **checked)
 
 
-def positive(value, option: str, whole: bool = False):
-    """KbenchError unless ``value`` is a finite number > 0 (NaN and inf included)."""
+MAX_EPOCHS = 10_000  # more is a typo: 10,000 epochs of even 40 tiny images is hours of training
+
+
+def positive(value, option: str, whole: bool = False, most: int | None = None):
+    """KbenchError unless ``value`` is a finite number > 0 (NaN and inf included) and, given
+    ``most``, no more than it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise KbenchError(f"{option} must be a positive {'whole number' if whole else 'number'}; got {value}")
+        raise KbenchError(f"{option} must be a positive {'whole number' if whole else 'number'}; got {value!r}")
+    if whole and not isinstance(value, int):
+        raise KbenchError(f"{option} must be a whole number; got {value}")
+    if most is not None and value > most:
+        raise KbenchError(f"{option} {value} is more than the limit of {most:,}")
     return value
 
 

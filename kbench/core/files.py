@@ -92,6 +92,12 @@ def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> 
     write_text(path, buffer.getvalue())
 
 
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (links resolved; neither need exist)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def save_model(model, path: str) -> None:
     """``model.save`` to a temporary ``.keras`` file, then rename."""
     with atomic_path(path, suffix=".keras") as temporary:

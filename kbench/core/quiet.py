@@ -12,7 +12,7 @@ What is silenced, and how:
   import of ``tensorflow``, from wherever it comes (keras seeds TensorFlow's RNG even under JAX;
   tf2onnx; the ONNX export subprocess). See ``held_stderr`` for what keeps that safe.
 - Python-side warnings of other libraries: TensorFlow's, absl's, tf2onnx's and matplotlib's loggers at ERROR,
-  and deprecation warnings raised outside kbench ignored.
+  deprecation warnings raised outside kbench and keras' UserWarnings ignored.
 
 kbench's own ``kbench: ...`` lines (the ``kbench`` logger, click.echo) are untouched.
 
@@ -69,6 +69,9 @@ def set_up(verbose_flag: bool = False) -> None:
     for category in DEPRECATIONS:
         warnings.filterwarnings("ignore", category=category)
         warnings.filterwarnings("default", category=category, module=r"kbench(\.|$)")  # ours still show
+    # keras' advice to a user of its own API (the trainable state changed since compile, an input
+    # structure, the weights ImageNet shapes load from): kbench drives keras and checks what matters itself
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"keras(\.|$)")
     if not any(isinstance(finder, _HeldImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _HeldImport())
 

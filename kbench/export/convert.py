@@ -37,9 +37,19 @@ def describe_inputs(model) -> tuple[str, tuple[int, int, int]]:
     if len(model.inputs) != 1:
         raise KbenchError(f"the model has {len(model.inputs)} inputs; kbench exports models with one image input")
     shape = tuple(model.inputs[0].shape)
-    if len(shape) != 4 or any(d is None for d in shape[1:]):
+    if len(shape) != 4:
         raise KbenchError(f"the model's input shape {shape} is not (batch, height, width, channels)")
+    if any(d is None for d in shape[1:]):
+        raise KbenchError(fixed_size_needed(model.name, shape))
     return model.inputs[0].name, shape[1:]
+
+
+def fixed_size_needed(name: str, shape: tuple) -> str:
+    """The refusal of an input of any height or width: what to do instead."""
+    return (
+        f"model {name!r} takes images of any size {shape}; kbench exports and times a fixed size: "
+        f"build it with a sized input, e.g. keras.Input(shape=(224, 224, {shape[-1]}))"
+    )
 
 
 def convert_keras_file(path: str, opset: int, batch_size: int | None):

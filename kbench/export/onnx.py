@@ -274,15 +274,10 @@ def _with_logits(model, onnx_bytes: bytes):
     """(the ONNX model with its head's logits as one more output, a function of pixels giving Keras'
     outputs and then its logits, from one forward pass); (``onnx_bytes``, None) where the model or the
     graph doesn't end in kbench's head."""
-    import keras
     import onnx
 
-    try:
-        head = model.get_layer(HEAD_LAYER)
-    except ValueError:
-        return onnx_bytes, None
-    activation = getattr(getattr(head, "activation", None), "__name__", None)
-    if not isinstance(head, keras.layers.Dense) or activation not in ("sigmoid", "softmax") or len(model.outputs) != 1:
+    outputs_and_logits = keras_logits(model)
+    if outputs_and_logits is None:
         return onnx_bytes, None
     proto = onnx.load_from_string(onnx_bytes)
     producers = {name: node for node in proto.graph.node for name in node.output}
@@ -290,6 +285,23 @@ def _with_logits(model, onnx_bytes: bytes):
     if final is None or final.op_type not in ("Sigmoid", "Softmax"):
         return onnx_bytes, None
     proto.graph.output.append(onnx.helper.make_tensor_value_info(final.input[0], onnx.TensorProto.FLOAT, None))
+    return proto.SerializeToString(), outputs_and_logits
+
+
+def keras_logits(model):
+    """A function of pixels giving ``model``'s outputs and then its head's logits (one forward pass), or
+    None where the model doesn't end in kbench's head (one Dense ``probability`` layer, sigmoid or
+    softmax). Parity is checked on logits too: a confident model's probabilities saturate at 0 and 1,
+    where a runtime's error no longer shows."""
+    import keras
+
+    try:
+        head = model.get_layer(HEAD_LAYER)
+    except ValueError:
+        return None
+    activation = getattr(getattr(head, "activation", None), "__name__", None)
+    if not isinstance(head, keras.layers.Dense) or activation not in ("sigmoid", "softmax") or len(model.outputs) != 1:
+        return None
     both = keras.Model(model.inputs, [*model.outputs, head.input])
     kernel, bias = (np.asarray(keras.ops.convert_to_numpy(weight), np.float32) for weight in (head.kernel, head.bias))
 
@@ -297,7 +309,7 @@ def _with_logits(model, onnx_bytes: bytes):
         probabilities, features = _outputs(both, pixels)
         return [probabilities, np.asarray(features, np.float32) @ kernel + bias]
 
-    return proto.SerializeToString(), outputs_and_logits
+    return outputs_and_logits
 
 
 def _set_metadata(onnx_model, model, backend: str, extra: dict) -> None:

@@ -183,11 +183,29 @@ class Reference:
             self.outputs[pixels.shape] = [np.array(output) for output in outputs]
         return self.outputs[pixels.shape]
 
+    def logits(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The Keras model's head logits on ``pixels`` (float32), or None: no Keras model, or no kbench head."""
+        if not self.source.keras_path:
+            return None
+        from kbench.core.backend import full_float32
+        from kbench.export.onnx import keras_logits
+        from kbench.models.backbones import float32_model
+
+        self.float32 = getattr(self, "float32", None) or float32_model(self.keras_model())
+        with_logits = keras_logits(self.float32)
+        if with_logits is None:
+            return None
+        with full_float32():
+            return with_logits(pixels)[1]
+
     def check(self, runtime, pixels: np.ndarray) -> dict:
         """The row's ``parity`` (largest relative difference) and, above the runtime's tolerance, its
         failed status; the detail names the reference and the tolerance."""
         expected = self(pixels)
         difference = max(relative_difference(e, got) for e, got in zip(expected, runtime.run(pixels)))
+        logits = self.logits(pixels) if hasattr(runtime, "logits") else None
+        if logits is not None and (got := runtime.logits(pixels)) is not None:  # as the export checks
+            difference = max(difference, relative_difference(logits, got))
         fields = {
             "parity": difference,
             "detail": f"{runtime.detail}; checked against {self.label} within {runtime.tolerance:.0e}",

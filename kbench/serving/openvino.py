@@ -123,6 +123,20 @@ class OpenVinoCPU:
             self._requests[shape] = compiled.create_infer_request()
         return self._requests[shape]
 
+    def logits(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The head's logits on ``pixels`` under this runtime's settings (the input of the graph's final
+        Sigmoid or Softmax, made one more output of a copy compiled for the check), or None where the
+        graph ends otherwise. Parity on probabilities alone misses an error a saturated sigmoid hides."""
+        model = self.model.clone()
+        final = model.outputs[0].get_node().input_value(0).get_node()
+        if final.get_type_name() not in ("Sigmoid", "Softmax", "SoftMax"):
+            return None
+        model.add_outputs([final.input_value(0)])
+        if model.inputs[0].get_partial_shape().is_dynamic:
+            model.reshape({0: list(pixels.shape)})
+        compiled = self.core.compile_model(model, "CPU", self.config())
+        return np.array(compiled(pixels)[compiled.outputs[-1]], dtype=np.float32)
+
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         request = self.request(tuple(pixels.shape))
         results = request.infer({0: pixels}, share_inputs=True, share_outputs=True)

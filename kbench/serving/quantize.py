@@ -230,6 +230,12 @@ def quantize_int8(
     return record
 
 
+def check_calibration(model: str, calibration_data: str | None = None) -> None:
+    """KbenchError in one line unless there are images to calibrate ``model`` (a path) on: run before
+    the float file is exported, so that a refusal leaves nothing written."""
+    _calibration_images(calibration_data, model if os.path.isdir(model) else None, 1, 0)
+
+
 def quantize_export(float_path: str, model: str, calibration_data: str | None = None) -> dict:
     """``export onnx --quantize int8``: the int8 copy beside ``float_path`` when one pays, calibrated on
     ``calibration_data`` or, when MODEL is a run folder, on its training split."""

@@ -54,13 +54,14 @@ def image_id(key: str) -> str:
     return os.path.basename(key).rsplit(".", 1)[0]
 
 
-_NUMBER = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"([0-9]+)(?:\.0*)?")  # 7, 007 and 7.0 (pandas' float id column) are id 7
 
 
 def _id_key(identifier: str):
-    """What makes two ids the same, as a grader reads an integer id column: ``007`` is ``7``."""
+    """What makes two ids the same, as a grader reads a numeric id column: ``007`` and ``7.0`` are ``7``."""
     identifier = identifier.strip()
-    return int(identifier) if _NUMBER.fullmatch(identifier) else identifier
+    number = _NUMBER.fullmatch(identifier)
+    return int(number.group(1)) if number else identifier
 
 
 def _id_order(identifier: str):
@@ -106,10 +107,11 @@ class _Predictor:
         if model.endswith(".onnx") or runtime != "keras":
             self._load_onnx(model, PREDICT_RUNTIMES[runtime])
         else:
+            from kbench.export.convert import describe_inputs
             from kbench.export.onnx import load_model, model_file, run_metadata
 
             self.keras_model = load_model(model_file(model))
-            self.image_size = int(self.keras_model.inputs[0].shape[1])
+            self.image_size = int(describe_inputs(self.keras_model)[1][0])  # a model of any size: refused
             self.classes = run_metadata(model).get("classes")
             self._run = lambda pixels: np.asarray(self.keras_model.predict_on_batch(pixels))
 
@@ -124,8 +126,10 @@ class _Predictor:
 
             path = onnx_for(model)["path"]
         session = onnx_session(path, ["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        self.image_size = int(session.get_inputs()[0].shape[1])
+        name, shape = session.get_inputs()[0].name, session.get_inputs()[0].shape
+        if len(shape) != 4 or not isinstance(shape[1], int):
+            raise KbenchError(f"{path} takes images of shape {shape}; kbench predicts with a fixed NHWC size")
+        self.image_size = int(shape[1])
         properties = session.get_modelmeta().custom_metadata_map
         self.classes = json.loads(properties["classes"]) if "classes" in properties else None
         self._run = lambda pixels: session.run(None, {name: pixels})[0]
@@ -181,17 +185,17 @@ def predict_test_set(
     Binary models: ``id,label`` with label = P(second class), e.g. P(dog). More classes: ``id`` and
     one column per class. Rows sorted by numeric id; an unreadable image gets the uniform
     probability (so every id is present) and is counted as skipped. ``progress(done, total)``, when
-    given, is called before the model is loaded and after each batch (images predicted so far).
+    given, is called once the model is loaded and after each batch (images predicted so far).
     """
     if tta not in ("none", "flip"):
         raise KbenchError(f"unknown --tta {tta!r}; choose none or flip")
     if clip is not None and not 0 <= clip < 0.5:
         raise KbenchError(f"--clip must be in [0, 0.5); got {clip}")
     images = find_test_images(data)  # before the model: a bad test set is refused at once
+    predictor = _Predictor(model, runtime)  # before the progress bar: a refused model is one line
     done = 0
     if progress:
         progress(done, len(images))
-    predictor = _Predictor(model, runtime)
     order = sorted(range(len(images)), key=lambda i: _id_order(image_id(images.keys[i])))
     loader = ImageLoader(images, np.array(order), predictor.image_size, batch_size)
     found: dict[int, np.ndarray] = {}
@@ -336,7 +340,8 @@ def score_submission(submission: str, answers: str) -> dict:
     the checks a grader makes; each failed check is a one-line KbenchError.
 
     As Kaggle's grader, it reads UTF-8 with or without a BOM, ignores whitespace around values and
-    reads integer ids as numbers (``01`` is ``1``). Answers' labels must be exactly 0 or 1.
+    reads integer ids as numbers (``01`` and ``1.0`` are ``1``, as pandas reads them). Answers' labels
+    must be exactly 0 or 1.
     """
     columns, rows = _read_csv(submission, "submission")
     for column in ("id", "label"):

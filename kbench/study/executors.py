@@ -53,8 +53,8 @@ class ExecutorConfig:
             raise KbenchError("--address joins a Ray cluster; it needs --executor ray")
         if self.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise KbenchError("--executor ray needs Ray: pip install 'kbench[ray]'")
-        if self.address and self.address != "auto":
-            _check_reachable(self.address)  # before anything is written; Ray retries for minutes
+        if self.address:  # before anything is written; Ray retries an unreachable cluster for minutes
+            _check_reachable(_found_cluster() if self.address == "auto" else self.address)
         return self
 
 
@@ -157,6 +157,22 @@ def _connect(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise KbenchError(f"can't start or join {where}: {first_line(error, 200)}") from None
+
+
+def _found_cluster() -> str:
+    """The HOST:PORT ``--address auto`` means (RAY_ADDRESS, the latest cluster this machine started,
+    or a running one, as ray.init finds it); KbenchError when there is none."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        address = canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError) as error:
+        address, reason = None, f" ({first_line(error, 120)})"
+    else:
+        reason = ""
+    if not address:
+        raise KbenchError(f"--address auto found no running Ray cluster{reason}; start one with `ray start --head`")
+    return address
 
 
 def _check_reachable(address: str) -> None:

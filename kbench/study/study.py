@@ -401,6 +401,32 @@ def _submit(config: StudyConfig, model_dir: str, name: str, out_dir: str) -> dic
     return result
 
 
+DEMO_ENTRIES = {"data", "runs", "ensembles", "onnx", "logs"}  # what a demo holds before its results
+
+
+def _check_demo_out(out: str, fresh: bool) -> None:
+    """Refuse, before any image is generated, an --out the demo can't own: empty, a run folder,
+    another study's results, or (``--fresh``, which removes it) a folder that holds no demo."""
+    if not out.strip():
+        raise KbenchError("--out is empty; name the demo's folder (default reports/demo)")
+    if Run(out).exists(CONFIG):
+        raise KbenchError(f"--out {out} is a run folder; choose another --out")
+    results = os.path.join(out, RESULTS)
+    if os.path.isfile(results):
+        try:
+            name = files.read_json(results).get("name")
+        except (ValueError, AttributeError, OSError):
+            name = "?"
+        if name != "demo":
+            raise KbenchError(f"--out {out} holds the results of study {name!r}, not the demo; choose another --out")
+    elif fresh and os.path.isdir(out):
+        foreign = sorted(e for e in os.listdir(out) if e not in DEMO_ENTRIES and not e.startswith(".kbench"))
+        if foreign:
+            raise KbenchError(
+                f"--fresh would remove --out {out}, which holds more than a demo ({foreign[0]}); choose another --out"
+            )
+
+
 def run_demo(
     out: str, images: int = 600, fresh: bool = False, backend: str | None = None, echo=print, command: str = ""
 ) -> tuple[dict, str]:
@@ -408,8 +434,9 @@ def run_demo(
     ``demo`` study on them. Returns (results, out)."""
     from kbench.data.synthetic import write_kaggle_dataset
 
-    if images < 20:
-        raise KbenchError(f"--images must be at least 20; got {images}")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 20:
+        raise KbenchError(f"--images must be a whole number of at least 20; got {images}")
+    _check_demo_out(out, fresh)
     if fresh and os.path.isdir(out):
         with folder_lock(out, what="--out folder"):
             pass  # refuse to remove a folder that another process is using

@@ -13,8 +13,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from kbench.core import files
 from kbench.core.backend import named_backend, use_backend
-from kbench.core.config import check_bounds, from_dict, option, positive
+from kbench.core.config import MAX_EPOCHS, check_bounds, from_dict, option, positive
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import LAYOUTS
 from kbench.models.backbones import get_backbone, weights_kind
@@ -95,8 +96,8 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """KbenchError in one line for any value that can't work, before anything is read or built."""
-        for name in ("epochs", "batch_size"):
-            positive(getattr(self, name), f"--{name.replace('_', '-')}", whole=True)
+        positive(self.epochs, "--epochs", whole=True, most=MAX_EPOCHS)
+        positive(self.batch_size, "--batch-size", whole=True)
         positive(self.lr, "--lr")
         if self.image_size is not None:
             positive(self.image_size, "--image-size", whole=True)
@@ -112,6 +113,11 @@ class TrainConfig:
             raise KbenchError(f"--val-split must be in [0, 1); got {self.val_split}")
         if self.layout not in LAYOUTS:
             raise KbenchError(f"--layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.data and self.run_dir and os.path.isdir(self.data) and files.within(self.run_dir, self.data):
+            raise KbenchError(
+                f"--run-dir {self.run_dir} is inside --data {self.data}: its files would be read as images "
+                "next time; choose a folder outside the data"
+            )
         if self.devices is not None:
             count_devices(self.devices, available=10**6)  # its form; the count is checked on the devices
         check_bounds(self, "head_epochs", "warmup_epochs", "early_stopping")

@@ -19,7 +19,7 @@ import numpy as np
 
 from kbench.core import files, metrics
 from kbench.core.backend import use_backend
-from kbench.core.config import check_bounds, option, positive
+from kbench.core.config import MAX_EPOCHS, check_bounds, option, positive
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import (
     LAYOUTS,
@@ -61,7 +61,7 @@ class EnsembleConfig:
     def check(self) -> "EnsembleConfig":
         if self.method not in METHODS:
             raise KbenchError(f"unknown method {self.method!r}; choose {' or '.join(METHODS)}")
-        positive(self.epochs, "--epochs", whole=True)
+        positive(self.epochs, "--epochs", whole=True, most=MAX_EPOCHS)
         positive(self.batch_size, "--batch-size", whole=True)
         positive(self.lr, "--lr")
         if self.workers is not None:

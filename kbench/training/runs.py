@@ -395,6 +395,21 @@ def folder_lock(path: str, what: str = "folder"):
         handle.close()
 
 
+def refuse_overwriting(output: str, option: str, inputs) -> None:
+    """KbenchError in one line when writing ``output`` would replace one of ``inputs`` (the file itself,
+    the folder, or a run folder's own file: its model.keras, config.json, ...): ``kbench predict
+    --data test.zip -o test.zip`` replaced the test set, ``export onnx RUN -o RUN/model.keras`` the model."""
+    for given in inputs:
+        if not given or not os.path.exists(given):
+            continue
+        if os.path.exists(output) and os.path.samefile(output, given):
+            raise KbenchError(f"{option} {output} would overwrite {given}, an input; choose another file")
+        if os.path.isdir(given) and files.within(output, given) and os.path.isfile(os.path.join(given, CONFIG)):
+            name = os.path.relpath(os.path.realpath(output), os.path.realpath(given)).split(os.sep)[0]
+            if name in (*OWNED, LOCK):
+                raise KbenchError(f"{option} {output} would overwrite the {name} of run {given}; choose another file")
+
+
 def _remove(folder: str, names) -> None:
     for name in names:
         path = os.path.join(folder, name)

@@ -42,13 +42,14 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     """
     if notice := default_notice(config.backend):  # once, when the machine picked the backend
         log.info(notice)
+    given_data = config.data  # as the user wrote it: what refusals name (config.json records it absolute)
     config = config.resolved()
-    images = find_images(config.data, layout=config.layout)
+    images = find_images(given_data, layout=config.layout)
     binary = len(images.classes) == 2
     if notice := check_devices(config.devices, config.batch_size, config.mixed_precision, config.backbone):
         log.info(notice)  # bfloat16 on a CPU: what to expect; checked before anything is written
     if config.label_smoothing and not binary:
-        raise KbenchError(f"--label-smoothing works with two classes; {config.data} has {len(images.classes)}")
+        raise KbenchError(f"--label-smoothing works with two classes; {given_data} has {len(images.classes)}")
     # several processes training together (kbench.training.distributed): process 0 alone writes the folder
     run = Run(config.run_dir, writer=distributed.process_index() == 0)
     agreed = False
@@ -143,8 +144,10 @@ def _train_on(job: _Job, state) -> dict:
 
     unreadable = {**train_loader.bad, **(val_loader.bad if val_loader else {})}
     skipped = job.images.skipped + [job.images.keys[i] for i in sorted(unreadable)]
+    # the images trained and validated on: files that could not be decoded were left out of both
+    counted = (len(job.train_idx) - len(train_loader.bad), len(job.val_idx) - len(val_loader.bad if val_loader else {}))
     record = {
-        **_metrics_record(job, model, progress, model_epoch),
+        **_metrics_record(job, model, progress, model_epoch, *counted),
         **result,
         "skipped_images": skipped,
         "keras_version": keras.__version__,
@@ -192,8 +195,11 @@ def _final_weights(model, run: Run, config: TrainConfig, feed: "_Feed", progress
     return model_epoch
 
 
-def _metrics_record(job: _Job, model, progress: "_Progress", model_epoch: int) -> dict:
-    """metrics.json's settings, sizes and epoch times (the evaluation is added by the caller)."""
+def _metrics_record(
+    job: _Job, model, progress: "_Progress", model_epoch: int, train_images: int, val_images: int
+) -> dict:
+    """metrics.json's settings, sizes and epoch times (the evaluation is added by the caller);
+    ``train_images`` and ``val_images`` count the images decoded, not files that could not be."""
     import keras
 
     config, history = job.config, progress.history
@@ -219,11 +225,11 @@ def _metrics_record(job: _Job, model, progress: "_Progress", model_epoch: int) -
         "classes": job.images.classes,
         "params": int(model.count_params()),
         "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
-        "train_images": int(len(job.train_idx)),
-        "val_images": int(len(job.val_idx)),
+        "train_images": int(train_images),
+        "val_images": int(val_images),
         "epoch_seconds": epoch_seconds,
         "epochs_with_compilation": compiled,
-        "train_images_per_second": len(job.train_idx) / statistics.median(steady),
+        "train_images_per_second": train_images / statistics.median(steady),
     }
 
 
@@ -233,7 +239,7 @@ def _split(images: ImageSet, config: TrainConfig, resume_from: Run | None) -> tu
         change = data_change(saved, images)
         if change == "changed":
             raise KbenchError(
-                f"{config.data} no longer holds the images {resume_from.path} was trained on (other files, "
+                f"{images.root} no longer holds the images {resume_from.path} was trained on (other files, "
                 "labels or pixels); resume needs the same data"
             )
         if change == "unverified":
