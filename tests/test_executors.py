@@ -51,6 +51,22 @@ def test_placement_asks_for_the_gpus_an_entry_trains_on_or_a_nodes_cpus():
         placement([_member("two", "2")], cpu_nodes)
 
 
+def test_rows_of_entries_that_trained_side_by_side_on_a_node_name_each_other():
+    from kbench.study.executors import _mark_shared_nodes
+
+    def result(node, started, ended):
+        return {"row": {}, "node": node, "started": started, "ended": ended}
+
+    results = {"a": result("n1", 0, 10), "b": result("n1", 5, 15), "c": result("n1", 15, 20), "d": result("n2", 0, 20)}
+    _mark_shared_nodes(results)
+    assert {name: r["row"].get("trained_beside") for name, r in results.items()} == {
+        "a": ["b"],
+        "b": ["a"],
+        "c": None,  # after b, on the same node: alone
+        "d": None,  # on another node
+    }
+
+
 def test_a_task_of_an_earlier_driver_writes_nothing_in_a_folder_with_a_new_owner(tmp_path):
     from kbench.study.executors import LOGS, OWNER, _member_task
 
