@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from kbench.core.errors import KbenchError
-from kbench.study.executors import placement
+from kbench.study.cluster import placement
 
 from conftest import REPO, run_process
 
