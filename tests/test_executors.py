@@ -51,6 +51,19 @@ def test_placement_asks_for_the_gpus_an_entry_trains_on_or_a_nodes_cpus():
         placement([_member("two", "2")], cpu_nodes)
 
 
+def test_a_lost_node_or_a_dead_worker_starts_an_entry_again_its_own_error_does_not():
+    ray_errors = pytest.importorskip("ray.exceptions")  # the optional extra kbench[ray]
+
+    from kbench.study.executors import NODE_LOSSES, WORKER_CRASHES, _lost
+
+    assert _lost(ray_errors.NodeDiedError("the node died")) == "node"
+    assert _lost(ray_errors.WorkerCrashedError()) == "worker"  # the OOM killer, a segfault
+    assert _lost(ray_errors.OutOfMemoryError("Ray's memory monitor")) == "worker"
+    own = ray_errors.RayTaskError("member", "Traceback ...", ValueError("bad input"))
+    assert _lost(own) is None
+    assert (NODE_LOSSES, WORKER_CRASHES) == (3, 1)  # docs/study.md says so
+
+
 def test_rows_of_entries_that_trained_side_by_side_on_a_node_name_each_other():
     from kbench.study.executors import _mark_shared_nodes
 
