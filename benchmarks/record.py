@@ -37,6 +37,7 @@ PAGES = {
     "latency_check": "latency",
     "openvino": "openvino",
     "pipeline": "pipeline",
+    "ray_cluster": "ray",
     "recipe": "recipe",
 }
 

@@ -42,12 +42,13 @@ def test_resume_is_keyed_by_configuration(kaggle_data, tmp_path):
 
 
 def test_a_node_that_cannot_read_the_study_folder_is_named(tmp_path):
-    from kbench.study.executors import _probe_task
+    from kbench.core.version import __version__
+    from kbench.study.cluster import _probe_task
 
     assert _probe_task(str(tmp_path / "elsewhere"), "token").startswith("error:")  # the driver's token unseen
     (tmp_path / ".kbench-probe-token").write_text("token")
-    written = _probe_task(str(tmp_path), "token")
-    assert open(written).read() == "token"
+    written, identity = _probe_task(str(tmp_path), "token").split("\t")
+    assert open(written).read() == "token" and identity.split()[0] == __version__  # and its kbench
 
 
 def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, tmp_path, monkeypatch):

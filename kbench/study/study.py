@@ -101,6 +101,8 @@ def _train_member(member: Member, run_dir: str, fingerprint: str, verbose) -> di
             overwrite = True
         else:
             resume = True
+            done = len((run.read_checkpoint() or {}).get("history", []))
+            log.info("%s: resuming from its checkpoint after epoch %d", member.name, done)
     try:
         return train(config, resume=resume, overwrite=overwrite, verbose=verbose)
     except (TrainingInterrupted, KeyboardInterrupt, KbenchError):
@@ -205,7 +207,8 @@ def run_study(
     config.backend = use_backend(config.backend)
     images = find_images(config.data, layout=config.layout)  # the layout is checked before any training
     fingerprint = data_fingerprint(images)  # content included: other pixels under the same names retrain
-    check_devices(config)
+    if executor.executor != "ray":  # on Ray, against the cluster's nodes (executors.placement)
+        check_devices(config)
     prepare_out(config, out_dir, overwrite)
     try:
         with folder_lock(out_dir, what="--out folder"):
@@ -217,12 +220,22 @@ def run_study(
 
 
 def member_row(
-    member: Member, out_dir: str, fingerprint: str, latency: LatencyConfig, verbose, timing: bool = True
+    member: Member,
+    out_dir: str,
+    fingerprint: str,
+    latency: LatencyConfig,
+    verbose,
+    timing: bool = True,
+    lock_wait_seconds: float = 0,
 ) -> dict:
     """Train (or reuse), export and (``timing``) time one backbone entry into its results row; a
     failure is marked in the row. Executors (``kbench.study.executors``) run this, in turn or as Ray tasks;
-    Ray tasks leave the timing to ``time_member`` in the driver, once no entry trains beside it."""
+    Ray tasks leave the timing to ``time_member`` in the driver, once no entry trains beside it. An
+    entry started again after its node was lost first waits up to ``lock_wait_seconds`` for its run
+    folder's lock (a dead node's lock on NFS lasts until its lease expires)."""
     run_dir = os.path.join(out_dir, "runs", member.name)
+    if lock_wait_seconds:
+        _wait_unlocked(run_dir, lock_wait_seconds)
     row = {
         "name": member.name,
         "kind": "backbone",
@@ -233,6 +246,22 @@ def member_row(
     fit = lambda: _train_member(member, run_dir, fingerprint, verbose)  # noqa: E731
     _measure(row, fit, run_dir, os.path.join(out_dir, "onnx"), latency if timing else None)
     return row
+
+
+def _wait_unlocked(run_dir: str, seconds: float) -> None:
+    """Return once nobody holds ``run_dir``'s lock, or after ``seconds`` (training then refuses the
+    folder in use, in one line, as it would have)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while os.path.isdir(run_dir):
+        try:
+            with folder_lock(run_dir, what="run folder"):
+                return
+        except KbenchError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(1)
 
 
 def time_member(row: dict, out_dir: str, latency: LatencyConfig) -> None:
