@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from kbench.core import files
 from kbench.core.config import option
 from kbench.core.errors import KbenchError, TrainingInterrupted, first_line
 from kbench.core.process import stop_if_requested
+from kbench.core.quiet import output_to
 from kbench.study.cluster import asking, check_nodes, check_reachable, connect, found_cluster, placement
 
 log = logging.getLogger("kbench")
@@ -112,7 +112,7 @@ def _member_task(run_member, member, out_dir: str, backend: str, owner: str, sta
         return None
     log_path = os.path.join(out_dir, LOGS, f"{member.name}.log")
     node = ray.get_runtime_context().get_node_id()
-    with open(log_path, "a", buffering=1) as handle, _output_to(handle):
+    with open(log_path, "a", buffering=1) as handle, output_to(handle):  # quiet.py owns fd 1 and 2
         print(
             f"kbench: {member.name} on {socket.gethostname()} (pid {os.getpid()}, Ray node {node[:12]}, "
             f"start {start}, GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'none')})",
@@ -132,26 +132,6 @@ def _member_task(run_member, member, out_dir: str, backend: str, owner: str, sta
         row = run_member(member, verbose=0, timing=False, lock_wait_seconds=LOCK_WAIT_SECONDS if start > 1 else 0)
         print(f"kbench: {member.name}: {row['status']} in {time.time() - started:.1f} s", flush=True)
         return {"row": row, "node": node, "started": started, "ended": time.time()}
-
-
-@contextlib.contextmanager
-def _output_to(handle):
-    """This process's stdout and stderr (Python's and the C libraries') into ``handle``."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    os.dup2(handle.fileno(), 1)
-    os.dup2(handle.fileno(), 2)
-    try:
-        with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
 
 
 def _owner(out_dir: str) -> str | None:
