@@ -267,7 +267,7 @@ def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, kaggle_dat
 
 def test_latency_stopped_by_sigterm_exits_143_and_says_where_its_rows_are(monkeypatch, tmp_path):
     import kbench
-    from kbench.api import LatencyRows
+    from kbench.api.serving import LatencyRows
     from kbench.core.errors import STOP_REQUESTS
 
     def stopped(*args, **options):
