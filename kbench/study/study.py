@@ -274,9 +274,7 @@ def time_member(row: dict, out_dir: str, latency: LatencyConfig) -> None:
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as error:
-        _stop_if_requested_from(error)
-        row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
-        log.warning("%s %s", row["name"], row["status"])
+        _mark_failed(row, error)
 
 
 def _run_locked(
@@ -369,10 +367,15 @@ def _measure(row: dict, fit, model_dir: str, onnx_dir: str, latency: LatencyConf
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as error:
-        _stop_if_requested_from(error)
-        row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
-        log.warning("%s %s", row["name"], row["status"])
+        _mark_failed(row, error)
         return False
+
+
+def _mark_failed(row: dict, error: Exception) -> None:
+    """A stage's failure marks its row (the study goes on), unless it came with a stop request."""
+    _stop_if_requested_from(error)
+    row["status"] = f"failed: {first_line(error, named=True) if not isinstance(error, KbenchError) else error}"
+    log.warning("%s %s", row["name"], row["status"])
 
 
 def _stop_if_requested_from(error: Exception) -> None:
