@@ -278,6 +278,7 @@ def test_slurm_with_one_task_per_node_gives_jax_every_gpu_of_the_node(two_gpus):
     assert rank_devices(2, {"CUDA_VISIBLE_DEVICES": ""}) == [{}, {}]  # GPUs hidden: the CPU, any count
 
 
+@pytest.mark.heavy  # about 50 s: two JAX processes train, stop, resume, and are refused (make test-heavy)
 @pytest.mark.skipif(BACKEND != "jax", reason="multi-process training runs under JAX")
 def test_ctrl_c_stops_every_rank_with_its_line_then_resume_and_a_finished_folder_is_refused_by_all(
     kaggle_data, tmp_path
