@@ -6,9 +6,11 @@ default tier."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -141,7 +143,10 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     saved = {name: os.environ.get(name) for name in ("RAY_TMPDIR", "PYTHONPATH", LOOPBACK)}
-    os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray", numbered=True))[:60]
+    # short: Ray's sockets live below it (.../session_DATE_PID/sockets/plasma_store), and a UNIX
+    # socket's path has at most 107 bytes (pytest's own temp folders under xdist are too long)
+    ray_tmp = tempfile.mkdtemp(prefix="kbr-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = ray_tmp
     # Ray's single-machine mode (its macOS default): 127.0.0.1 stays 127.0.0.1, where Ray otherwise
     # swaps it for this machine's network address (and the driver looks for the GCS there)
     os.environ[LOOPBACK] = "0"
@@ -152,6 +157,7 @@ def cluster(tmp_path_factory):
     simulated.wait_for_nodes()
     yield SimpleNamespace(cluster=simulated, workers=workers, address=simulated.address, node=node)
     simulated.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
