@@ -25,13 +25,24 @@ def epoch_callbacks(config: TrainConfig, history: list[dict], stop, verbose) -> 
     import keras
 
     class EpochClock(keras.callbacks.Callback):
-        # Not async_safe, on purpose: with Keras' asynchronous batch callbacks under JAX (every
-        # callback async_safe), a stopped run failed once in the test gate with JAX's "Invalid buffer
-        # passed to Execute(): Buffer has been deleted or donated" (keras 3.15, jax 0.10; a test that
-        # passes alone). Callbacks run on the training thread, as Keras' own do; several processes
-        # agreeing on a stop after every batch need that too. The epoch's time ends when the last
-        # step's logs were ready (validation not counted).
-        async_safe = False
+        # Reads no value of a step on the training thread: under JAX with one process, Keras then
+        # dispatches the batch callbacks to its own threads (which wait for each step's logs) and the
+        # steps run back to back, one device sync per epoch. Several processes agree on a stop after
+        # every batch (a collective): in order, on the training thread. The epoch's time ends when the
+        # last step's logs were ready (validation not counted).
+        #
+        # Never `self.model` here: under JAX that property copies the training state into the model
+        # (keras' Callback.model calls jax_state_sync). From Keras' callback thread it races with the
+        # loop: the model gets buffers the next step was already given (donated), the loop's own sync
+        # is skipped, and the epoch ends in "Buffer has been deleted or donated". `self.trained` is
+        # the model without that copy.
+        def __init__(self):
+            super().__init__()
+            self.async_safe = distributed.process_count() == 1
+
+        def set_model(self, model):
+            super().set_model(model)
+            self.trained = model
 
         def on_epoch_begin(self, epoch, logs=None):
             self.start, self.finished, self.seconds = time.perf_counter(), None, None
@@ -43,7 +54,7 @@ def epoch_callbacks(config: TrainConfig, history: list[dict], stop, verbose) -> 
             if stop.agreed() is not None:
                 if distributed.process_count() > 1:
                     raise AgreedStop  # every process after this same batch, none validating alone
-                self.model.stop_training = True
+                self.trained.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds = (self.finished or time.perf_counter()) - self.start
@@ -55,8 +66,8 @@ def epoch_callbacks(config: TrainConfig, history: list[dict], stop, verbose) -> 
                 )
 
     class Progress(keras.callbacks.ProgbarLogger):
-        # One update at a time, never backwards (safe should Keras ever call it from its threads).
-        async_safe = False
+        # Its updates come from Keras' callback threads under JAX: one at a time, never backwards.
+        async_safe = True
 
         def set_params(self, params):
             super().set_params(params)
