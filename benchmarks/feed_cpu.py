@@ -1,8 +1,10 @@
 """Before/after check that #38's feeding changes cost nothing on a CPU: the loader's images/s over one
 shuffled, augmented epoch of generated JPEGs (its default threads), and a 2-epoch small_cnn
-`kbench.training.train` (epoch seconds). Run it with PYTHONPATH at each tree to compare; prints one JSON line.
+`kbench.training.train` (epoch seconds, the whole call's wall seconds, the validation log loss). Run it with
+PYTHONPATH at each tree to compare; prints one JSON line.
 
     PYTHONPATH=. python benchmarks/feed_cpu.py --images 2048 --image-size 96
+    PYTHONPATH=. KERAS_BACKEND=jax python benchmarks/feed_cpu.py --images 1024 --epochs 3   # the async A/B
 """
 
 import argparse
@@ -20,6 +22,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     from kbench.core.backend import use_backend
 
@@ -47,7 +50,7 @@ def main() -> None:
             backbone="small_cnn",
             data=data["train"],
             run_dir=os.path.join(folder, "run"),
-            epochs=2,
+            epochs=args.epochs,
             batch_size=args.batch_size,
             image_size=args.image_size,
             val_split=0.1,
@@ -55,7 +58,9 @@ def main() -> None:
         )
         from kbench.training.runs import Run
 
-        train(config, verbose=0)
+        start = time.perf_counter()
+        result = train(config, verbose=0)
+        train_seconds = time.perf_counter() - start
         epochs = [row["epoch_seconds"] for row in Run(config.run_dir).history]
     print(
         json.dumps(
@@ -63,6 +68,8 @@ def main() -> None:
                 "tree": sys.path[0] if False else os.environ.get("PYTHONPATH"),
                 "loader_images_per_second": round(loader_rate, 1),
                 "epoch_seconds": [round(e, 2) for e in epochs],
+                "train_wall_seconds": round(train_seconds, 2),
+                "val_log_loss": round(result["val_log_loss"], 6),
                 "workers": loader.workers,
             }
         )

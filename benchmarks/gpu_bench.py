@@ -8,11 +8,10 @@ Measures, in this order (a measure that would not fit in what is left of the bud
 ``skipped``):
 
 - ``train_images_per_second``: EfficientNet-B0 at batch 256, mixed bfloat16, `model.fit` over uint8
-  batches with callbacks on the training thread (as `kbench train` runs them: Keras then reads each
-  step's logs on the host); target >= 2,000 on an H100;
-- ``step_sync``: that rate over the same fit's with Keras' asynchronous callback dispatch (every
-  callback async-safe: no host sync per step): below 1 by what the asynchronous dispatch would be worth
-  (kbench turned it off after a donated-buffer failure under JAX; kbench.training.epochs);
+  batches with Keras' asynchronous callback dispatch (every callback async-safe, as `kbench train`
+  runs them under JAX: no host read of each step's loss); target >= 2,000 on an H100;
+- ``step_sync``: the same fit's rate with a callback on the training thread (a host sync per step)
+  over that rate: below 1 by what the asynchronous dispatch is worth;
 - ``loader_images_per_second``: kbench's ImageLoader (decode, resize, augment) over generated JPEGs at 8
   and at 16 threads;
 - ``keras_compiled_ms``: kbench's keras-compiled runtime (jax.jit over stateless_call), batch 1 and 32,
@@ -27,7 +26,6 @@ TensorFlow, ONNX Runtime and OpenVINO are never imported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -78,8 +76,9 @@ class Results:
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(" ".join(["RESULT", name, shown, *(f"{key}={item}" for key, item in fields.items())]), flush=True)
         self.record["results"].append({"name": name, "value": value, **fields})
-        with open(self.path, "w") as handle:
-            json.dump(self.record, handle, indent=2)
+        from kbench.core.files import write_json
+
+        write_json(self.path, self.record)  # atomic: a run cut off by its time limit keeps the rows so far
 
 
 def write_images(path: str, count: int) -> None:
@@ -105,10 +104,10 @@ def loader_rate(images, sizes: dict, threads: int) -> float:
     return measured["images_per_second"]
 
 
-def fit_rate(model, pixels, labels, steps: int, asynchronous: bool) -> float:
+def fit_rate(model, pixels, labels, steps: int, asynchronous: bool) -> tuple[float, bool]:
     """Images/s of ``model.fit`` over ``steps`` copies of one batch (compiled beforehand), its batch
-    callbacks on the training thread as kbench runs them, or (``asynchronous``) dispatched by Keras to
-    its own threads."""
+    callbacks dispatched by Keras to its own threads (``asynchronous``, as kbench runs them under JAX)
+    or on the training thread (a host read of each step's logs); and whether Keras did dispatch them."""
     import keras
 
     class Batches(keras.utils.PyDataset):
@@ -121,13 +120,16 @@ def fit_rate(model, pixels, labels, steps: int, asynchronous: bool) -> float:
         def __getitem__(self, index):
             return pixels, labels
 
-    class EpochOnly(keras.callbacks.Callback):  # like kbench's epoch clock: reads nothing per step
+    class BatchEnd(keras.callbacks.Callback):  # like kbench's epoch clock: reads nothing of the step itself
         async_safe = asynchronous
 
-    callbacks = [EpochOnly()]
+        def on_train_batch_end(self, batch, logs=None):
+            pass  # defined, so that Keras runs it on the training thread unless it is async-safe
+
+    callbacks = keras.callbacks.CallbackList([BatchEnd()], add_history=True, model=model, epochs=1, steps=steps)
     start = time.perf_counter()
     model.fit(Batches(), epochs=1, verbose=0, callbacks=callbacks)
-    return steps * len(labels) / (time.perf_counter() - start)
+    return steps * len(labels) / (time.perf_counter() - start), callbacks._async_train
 
 
 def train_model(sizes: dict, images):
@@ -145,7 +147,7 @@ def train_model(sizes: dict, images):
     pixels, labels = loader.batch(0, 0)
     loader.close()
     labels = labels.astype("float32")[:, None]
-    fit_rate(model, pixels, labels, 2, asynchronous=False)  # compiles
+    fit_rate(model, pixels, labels, 2, asynchronous=True)  # compiles
     return model, pixels, labels
 
 
@@ -194,12 +196,19 @@ def measure(args, results: Results) -> None:
             try:
                 with training_devices(None, sizes["batch_size"], precision):
                     model, pixels, labels = train_model(sizes, images)
-                    rate = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=False)
+                    rate, dispatched = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=True)
                     shown = {**common, "batch": sizes["batch_size"], "precision": precision or "float32"}
-                    results.add("train_images_per_second", rate, **shown, target=sizes["target_images_per_second"])
+                    target = sizes["target_images_per_second"]
+                    results.add("train_images_per_second", rate, **shown, target=target, asynchronous=dispatched)
                     if fits("step_sync"):
-                        unsynced = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=True)
-                        results.add("step_sync", rate / unsynced, **shown, async_images_per_second=round(unsynced, 1))
+                        synced, dispatched = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=False)
+                        results.add(
+                            "step_sync",
+                            synced / rate,
+                            **shown,
+                            synced_images_per_second=round(synced, 1),
+                            asynchronous=dispatched,
+                        )
                 del model
             except Exception as error:  # out of memory, a backend's own failure: the other measures go on
                 results.add("train_images_per_second", "failed", why=f"{type(error).__name__}: {error}"[:200])
