@@ -22,7 +22,7 @@ mean 0, variance 1, which would hide the preprocessing's cost). "before" is the 
 ``--repeats`` rounds runs every variant ``--runs`` times (``--big-runs`` at batch >= 8 for backbones
 whose native size is above 260 px), the rounds in pairs: an order, then the same order reversed,
 rotated from pair to pair (an odd ``--repeats`` is rounded up); the p50 is the median of all of them.
-Sessions use kbench's onnxruntime-cpu settings (``kbench.serving.runtimes.OnnxRuntimeCPU``) with
+Sessions use kbench's onnxruntime-cpu settings (``kbench.serving.onnx_runtime.OnnxRuntimeCPU``) with
 spinning off. timm's model takes NCHW pixels and has one output unit too; its weights are random as
 well. Tiny mode, for tests: --backbones small_cnn --image-size 32 --batch-sizes 1 --repeats 2 --runs 2.
 """
@@ -48,7 +48,7 @@ from kbench.core.errors import first_line  # noqa: E402
 from kbench.core.process import child_death  # noqa: E402
 from kbench.models.backbones import build_classifier, get_backbone  # noqa: E402
 from kbench.models.settle import settle_random_weights  # noqa: E402
-from kbench.serving.runtimes import FIXED_CPU_SETTINGS, CpuSettings, OnnxRuntimeCPU, onnx_session  # noqa: E402
+from kbench.serving.onnx_runtime import FIXED_CPU_SETTINGS, CpuSettings, OnnxRuntimeCPU, onnx_session  # noqa: E402
 
 PEER_PYTHON = os.path.join(record.REPO, ".venv-peer", "bin", "python")
 PEER_SCRIPT = os.path.join(record.REPO, "benchmarks", "peer_timm.py")
@@ -281,7 +281,7 @@ def measure_backbone(name: str, args, folder: str, backend: str) -> list[dict]:
     return rows
 
 
-# ONNX Runtime session options timed by --session-options, as kbench.serving.runtimes.OnnxRuntimeCPU settings.
+# ONNX Runtime session options timed by --session-options, as kbench.serving.onnx_runtime.OnnxRuntimeCPU settings.
 SESSION_VARIANTS = {
     "ORT defaults (threads 0)": {"threads": 0, "settings": CpuSettings()},
     "threads = physical cores": {"settings": CpuSettings()},

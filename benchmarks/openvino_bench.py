@@ -61,7 +61,8 @@ def exported(name: str, export_dir: str) -> tuple[str, str, int]:
 def runtime_for(name: str):
     from dataclasses import replace
 
-    from kbench.serving.runtimes import FIXED_CPU_SETTINGS, OnnxRuntimeCPU, make_runtime
+    from kbench.serving.onnx_runtime import FIXED_CPU_SETTINGS, OnnxRuntimeCPU
+    from kbench.serving.runtimes import make_runtime
 
     spinning_off = replace(FIXED_CPU_SETTINGS, spinning=False)
     return OnnxRuntimeCPU(settings=spinning_off) if name == "onnxruntime-cpu" else make_runtime(name)

@@ -9,17 +9,17 @@ import pytest
 from onnx import TensorProto, helper
 
 from kbench.core import machine
-from kbench.core.errors import KbenchError
+from kbench.core.errors import KbenchError, Unavailable
+from kbench.serving import onnx_runtime
 from kbench.serving import openvino as ovruntime
-from kbench.serving import runtimes
-from kbench.serving.runtimes import (
+from kbench.serving.onnx_runtime import (
     FIXED_CPU_SETTINGS,
     MEASURED_CPU_SETTINGS,
     CpuSettings,
     OnnxRuntimeCPU,
     OnnxRuntimeCUDA,
-    make_runtime,
 )
+from kbench.serving.runtimes import make_runtime
 
 
 def tiny_onnx(path, batch="batch", size=("h", "w")) -> str:
@@ -76,12 +76,12 @@ class FakeSession:
     ],
 )
 def test_probe_feed_keeps_fixed_dimensions_and_fills_the_rest(dims, expected):
-    (pixels,) = runtimes.probe_feed(FakeSession(dims), (9, 7)).values()
+    (pixels,) = onnx_runtime.probe_feed(FakeSession(dims), (9, 7)).values()
     assert pixels.shape == expected and pixels.dtype == np.float32
 
 
 def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 9.0}))
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 9.0}))
     runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
@@ -92,7 +92,7 @@ def test_the_faster_spinning_setting_is_kept_and_named(tmp_path, monkeypatch):
 
 
 def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 5.1}))
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", fake_interleaved({"spinning on": 5.0, "spinning off": 5.1}))
     runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "0"
@@ -101,7 +101,7 @@ def test_a_tie_keeps_spinning_off_and_the_thread_count(tmp_path, monkeypatch):
 
 
 def test_given_threads_are_used_by_both_candidates(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 1.0, "spinning off": 9.0}))
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", fake_interleaved({"spinning on": 1.0, "spinning off": 9.0}))
     runtime = make_runtime("onnxruntime-cpu", threads=1, tune=True)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 1
@@ -114,7 +114,7 @@ def test_a_fixed_batch_above_one_is_not_probed(tmp_path, monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", refuse)
     runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "fixed.onnx", batch=4, size=(6, 5)), (99, 99))
     assert spin_entry(runtime) == "0"
@@ -126,7 +126,7 @@ def test_the_probe_keeps_one_session_alive(tmp_path, monkeypatch):
     import weakref
 
     alive = [0]
-    real = runtimes.onnx_session
+    real = onnx_runtime.onnx_session
 
     def counted(*args, **kwargs):
         made = real(*args, **kwargs)
@@ -134,8 +134,8 @@ def test_the_probe_keeps_one_session_alive(tmp_path, monkeypatch):
         weakref.finalize(made, lambda: alive.__setitem__(0, alive[0] - 1))
         return made
 
-    monkeypatch.setattr(runtimes, "onnx_session", counted)
-    monkeypatch.setattr(runtimes.timing, "interleaved", fake_interleaved({"spinning on": 2.0, "spinning off": 1.0}))
+    monkeypatch.setattr(onnx_runtime, "onnx_session", counted)
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", fake_interleaved({"spinning on": 2.0, "spinning off": 1.0}))
     runtime = OnnxRuntimeCPU(settings=MEASURED_CPU_SETTINGS)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     gc.collect()
@@ -146,7 +146,7 @@ def test_the_fixed_settings_by_default_named_in_the_detail(tmp_path, monkeypatch
     def refuse(*_, **__):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", refuse)
     runtime = make_runtime("onnxruntime-cpu")
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert spin_entry(runtime) == "1" and runtime.session.get_session_options().intra_op_num_threads == 0
@@ -172,7 +172,7 @@ def test_no_probe_where_spinning_is_given_or_untuned(tmp_path, monkeypatch, sett
     def refuse(*_, **__):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(runtimes.timing, "interleaved", refuse)
+    monkeypatch.setattr(onnx_runtime.timing, "interleaved", refuse)
     runtime = OnnxRuntimeCPU(settings=settings)
     runtime.prepare(tiny_onnx(tmp_path / "tiny.onnx"), (8, 8))
     assert "chosen by measuring" not in runtime.detail
@@ -207,7 +207,7 @@ def test_the_probe_really_measures(tmp_path):
     # detail's rounding (2 decimals, or 3 significant figures under 1 ms) can't decide a 3 % tie (CI failed once)
     on, off = runtime.probe_medians["spinning on"], runtime.probe_medians["spinning off"]
     assert float(found[1]) == pytest.approx(on, rel=0.01) and float(found[2]) == pytest.approx(off, rel=0.01)
-    spinning = off > runtimes.SPINNING_TIE * on
+    spinning = off > onnx_runtime.SPINNING_TIE * on
     assert spin_entry(runtime) == ("1" if spinning else "0") and runtime.settings.spinning is spinning
     assert not runtime.settings.measure_spinning  # measured once, then fixed
     assert runtime.session.get_session_options().intra_op_num_threads == (0 if spinning else machine.physical_cores())
@@ -240,7 +240,7 @@ def test_cpu_settings_are_typed_and_frozen():
 def test_the_settings_record_keys_saved_study_timings_as_before():
     """The study keys a model's saved timings by this record: it has the form the settings' dicts had,
     so timings saved before the settings were typed are reused, not measured again."""
-    assert runtimes.cpu_settings_record() == {
+    assert onnx_runtime.cpu_settings_record() == {
         "denormal_as_zero": False,
         "nhwc": True,
         "spinning": True,
@@ -260,21 +260,21 @@ def test_node_placement_is_read_from_the_first_runs_profile(tmp_path):
         tiny_onnx(tmp_path / "tiny.onnx"), options, providers=["CPUExecutionProvider"]
     )
     session.run(None, {"pixels": np.zeros((1, 8, 8, 3), np.float32)})
-    placement = runtimes.node_providers(session.end_profiling())
+    placement = onnx_runtime.node_providers(session.end_profiling())
     assert placement == {"CPUExecutionProvider": ["ReduceMean"]} and not list(tmp_path.glob("profile*"))
-    detail = runtimes.cuda_detail({"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}, placement)
+    detail = onnx_runtime.cuda_detail({"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}, placement)
     assert detail == (
-        f"IO binding, {runtimes.HOST_TO_HOST}; CUDA provider device_id 0, cudnn_conv_algo_search EXHAUSTIVE; "
+        f"IO binding, {onnx_runtime.HOST_TO_HOST}; CUDA provider device_id 0, cudnn_conv_algo_search EXHAUSTIVE; "
         "1 of 1 nodes on the CPU: ReduceMean"
     )
-    on_gpu = runtimes.cuda_detail({}, {"CUDAExecutionProvider": ["Conv", "Conv"]})
+    on_gpu = onnx_runtime.cuda_detail({}, {"CUDAExecutionProvider": ["Conv", "Conv"]})
     assert on_gpu.endswith("; 0 of 2 nodes on the CPU")
 
 
 def test_every_library_names_a_card_alike():
     names = ["cuda:0", "gpu:0", "/job:localhost/replica:0/task:0/device:GPU:0", "/device:GPU:0"]
-    assert {runtimes.device_name(name) for name in names} == {"gpu:0"}
-    assert {runtimes.device_name(name) for name in ("cpu:0", "CPU", "/device:CPU:0")} == {"cpu"}
+    assert {machine.device_name(name) for name in names} == {"gpu:0"}
+    assert {machine.device_name(name) for name in ("cpu:0", "CPU", "/device:CPU:0")} == {"cpu"}
 
 
 def test_openvino_f32_runs_the_onnx_file_in_float32_with_its_settings_named(tmp_path):
@@ -307,7 +307,7 @@ def test_openvino_bf16_runs_only_where_the_cpu_has_bf16(tmp_path, monkeypatch):
         assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
         assert runtime.detail.startswith("bf16 inference precision") and "inference threads 1," in runtime.detail
     monkeypatch.setattr(ovruntime, "has_native_bf16", lambda: False)
-    with pytest.raises(runtimes.Unavailable, match="has no native bf16 .* would be emulated"):
+    with pytest.raises(Unavailable, match="has no native bf16 .* would be emulated"):
         make_runtime("openvino-cpu-bf16").prepare(path, (8, 8))
 
 
@@ -362,7 +362,7 @@ def test_two_onnxruntimes_or_none_are_refused_in_one_line_with_the_fix(monkeypat
     if len(installed) < 2:  # the folder gone, or half-removed
         monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(KbenchError, match=re.escape(message)) as error:
-        runtimes.onnxruntime_module()
+        machine.onnxruntime_module()
     assert "\n" not in str(error.value) and "make install" in str(error.value)
     with pytest.raises(KbenchError, match=re.escape(message)):
         LatencyConfig(["small_cnn"], ["keras-predict", "onnxruntime-cpu"]).check()

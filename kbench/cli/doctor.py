@@ -80,7 +80,7 @@ def cuda_session_status() -> str:
     import onnxruntime
     from onnx import TensorProto, helper
 
-    from kbench.serving.runtimes import preload_cuda_libraries
+    from kbench.serving.onnx_runtime import preload_cuda_libraries
 
     missing = preload_cuda_libraries()
     graph = helper.make_graph(

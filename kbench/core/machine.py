@@ -215,3 +215,18 @@ def onnxruntime_module():
             raise KbenchError(f"ONNX Runtime is not installed: {ONNXRUNTIME_FIX.split(', then ', 1)[1]}") from None
         raise KbenchError(f"ONNX Runtime can't be imported ({first_line(error, 120)}): {ONNXRUNTIME_FIX}") from None
     return onnxruntime
+
+
+def device_name(device: str) -> str:
+    """One name per card, whichever library names it: ``gpu:N`` for the N-th GPU this process sees
+    (JAX's ``cuda:0`` / ``gpu:0``, TensorFlow's ``/device:GPU:0``, ONNX Runtime's device_id), ``cpu``
+    for the host.
+
+    >>> [device_name(d) for d in ("cuda:1", "/job:localhost/replica:0/task:0/device:GPU:0", "cpu:0", "CPU")]
+    ['gpu:1', 'gpu:0', 'cpu', 'cpu']
+    """
+    text = str(device).lower().rsplit("device:", 1)[-1].strip("/")
+    kind, _, index = text.partition(":")
+    if kind in ("gpu", "cuda"):
+        return f"gpu:{int(index or 0)}"
+    return "cpu" if kind == "cpu" else text

@@ -270,3 +270,14 @@ def watch_load(min_seconds: float = LOAD_WINDOW_S) -> Iterator[dict]:
         cores = other_cores(first, cpu_sample())
         if cores is not None:
             load.update(other_cpu_cores=round(cores, 2), busy=cores > BUSY_CORES)
+
+
+# How every row is timed, so that rows compare like with like on a GPU: from pixels in host memory to
+# outputs in host memory, the copies to and from the device inside each timing (what serving one
+# request costs). Rows on a GPU say so in their detail; on the CPU there is nothing to copy.
+HOST_TO_HOST = "host to host (input copy to the GPU and output copy back timed)"
+
+
+def timed_on(device: str, detail: str) -> str:
+    """``detail`` with the timing policy named where the row runs on a GPU."""
+    return f"{detail}; {HOST_TO_HOST}" if device.startswith("gpu") else detail

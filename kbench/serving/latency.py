@@ -17,12 +17,13 @@ import numpy as np
 
 from kbench.core import files, timing
 from kbench.core.config import check_bounds, option, positive
-from kbench.core.errors import KbenchError, first_line
-from kbench.core.machine import facts
+from kbench.core.errors import KbenchError, Unavailable, first_line
+from kbench.core.machine import facts, onnxruntime_module
 from kbench.core.metrics import relative_difference
 from kbench.core.tables import distinct_names, latency_text
 from kbench.data.synthetic import sample_pixels
-from kbench.serving.runtimes import RUNTIMES, Unavailable, make_runtime, onnx_session, onnxruntime_module
+from kbench.serving.onnx_runtime import onnx_session
+from kbench.serving.runtimes import RUNTIMES, make_runtime
 
 
 @dataclass
@@ -112,8 +113,6 @@ def resolve_model(model: str, weights: str, scratch: str) -> ModelSource:
     from kbench.export.onnx import describe_inputs, load_model, model_file
 
     if model.endswith(".onnx"):
-        from kbench.serving.runtimes import onnx_session
-
         shape = onnx_session(model, ["CPUExecutionProvider"]).get_inputs()[0].shape
         fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         return ModelSource(model_name(model), None, model, (int(shape[1]), int(shape[2])), batch_size=fixed)
@@ -175,8 +174,6 @@ class Reference:
                 with full_float32():  # not TF32 on an Ampere or newer GPU: OpenVINO is checked to 1e-4
                     outputs = self.float32.predict_on_batch(pixels)
             else:
-                from kbench.serving.runtimes import onnx_session
-
                 session = onnx_session(self.source.onnx_path, ["CPUExecutionProvider"])
                 outputs = session.run(None, {session.get_inputs()[0].name: pixels})
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]

@@ -21,7 +21,7 @@ from kbench.core import files, metrics, timing
 from kbench.core.errors import KbenchError
 from kbench.data.dataset import find_images
 from kbench.data.loader import ImageLoader, predict
-from kbench.serving.runtimes import FIXED_CPU_SETTINGS, OnnxRuntimeCPU, onnx_session
+from kbench.serving.onnx_runtime import FIXED_CPU_SETTINGS, OnnxRuntimeCPU, onnx_session
 from kbench.training.runs import SPLIT, Run
 
 # Configurations tried, in this order (the first calibrates; the others reuse its ranges where ONNX

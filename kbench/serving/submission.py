@@ -118,7 +118,7 @@ class _Predictor:
     def _load_onnx(self, model: str, openvino: str | None = None) -> None:
         import json
 
-        from kbench.serving.runtimes import onnx_session
+        from kbench.serving.onnx_runtime import onnx_session
 
         path = model
         if not model.endswith(".onnx"):  # a Keras model asked to run on ONNX Runtime: its checked export

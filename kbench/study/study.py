@@ -128,7 +128,7 @@ def _latency_rows(model_dir: str, onnx_dir: str, settings: LatencyConfig) -> lis
     from kbench.core.version import __version__
     from kbench.serving.latency import iter_latency
     from kbench.serving.openvino import SETTINGS, TOLERANCES
-    from kbench.serving.runtimes import cpu_settings_record
+    from kbench.serving.onnx_runtime import cpu_settings_record
 
     run = Run(model_dir)
     key = {
