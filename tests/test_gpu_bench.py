@@ -52,6 +52,9 @@ def test_gpu_script_tiny_through_gpu_sh_prints_a_result_line_per_measure(tmp_pat
         if row["name"] in MEASURES:
             assert isinstance(row["value"], float) and row["value"] > 0, row
     assert results["train_images_per_second", 8]["model"] == "small_cnn" and record["sizes"]["batch_size"] == 8
+    # as kbench trains under JAX (no host sync per step), against a callback on the training thread
+    assert results["train_images_per_second", 8]["asynchronous"] is True
+    assert results["step_sync", 8]["asynchronous"] is False
     assert float(results["tf32_gap", 32]["relative_difference"]) < 1e-4  # a CPU computes float32 either way
     assert results["imported_tensorflow", None]["value"] is False
     assert record["command"] == "python benchmarks/gpu_bench.py --output-dir " + str(tmp_path) + " --tiny"
