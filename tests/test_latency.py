@@ -232,7 +232,7 @@ def test_the_study_report_says_which_timings_a_busy_machine_made():
 def test_tune_is_part_of_the_study_latency_cache_key(tmp_path, monkeypatch):
     """A study's timings are reused only under the same settings: --tune times again."""
     from kbench.serving import latency
-    from kbench.study import study
+    from kbench.study import stages
 
     (tmp_path / "model.keras").write_bytes(b"a model")
     timed = []
@@ -240,7 +240,7 @@ def test_tune_is_part_of_the_study_latency_cache_key(tmp_path, monkeypatch):
     settings = LatencyConfig(models=[])
     for tune in (False, False, True, True):
         settings.tune = tune
-        assert study._latency_rows(str(tmp_path), str(tmp_path / "onnx"), settings) == [{"row": 1}]
+        assert stages._latency_rows(str(tmp_path), str(tmp_path / "onnx"), settings) == [{"row": 1}]
     assert timed == [False, True]
 
 

@@ -55,17 +55,17 @@ def test_a_lost_stop_request_stops_the_study_before_its_next_stage(kaggle_data, 
     """A SIGTERM whose KeyboardInterrupt Python swallowed (in a gc callback, while exporting) stops
     the study there: no timing, no next member, exit status 143."""
     from kbench.core.errors import STOP_REQUESTS, TrainingInterrupted
-    from kbench.study import study
+    from kbench.study import stages
 
     trained = []
-    monkeypatch.setattr(study, "_train_member", lambda member, *args: trained.append(member.name) or {})
+    monkeypatch.setattr(stages, "_train_member", lambda member, *args: trained.append(member.name) or {})
 
     def export_meeting_a_signal(model_dir, onnx_dir):
         STOP_REQUESTS.append(signal.SIGTERM)  # recorded by the handler; its KeyboardInterrupt lost
         return "model.onnx"
 
-    monkeypatch.setattr(study, "_export", export_meeting_a_signal)
-    monkeypatch.setattr(study, "_latency_rows", lambda *args: pytest.fail("timed after a stop request"))
+    monkeypatch.setattr(stages, "_export", export_meeting_a_signal)
+    monkeypatch.setattr(stages, "_latency_rows", lambda *args: pytest.fail("timed after a stop request"))
     two = MINIMAL_STUDY + '[[backbones]]\nname = "second"\nbackbone = "small_cnn"\n'
     config = load_config(write_study(tmp_path, two, data=kaggle_data["train"]))
     try:

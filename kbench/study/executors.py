@@ -2,7 +2,7 @@
 as Ray tasks (``ray``), one per entry, each asking for the devices it trains on (its ``devices``
 GPUs where the cluster has GPUs, else the CPUs of a node).
 
-Both run the function the study hands them (``kbench.study.study.member_row``: train or reuse, export,
+Both run the function the study hands them (``kbench.study.stages.member_row``: train or reuse, export,
 time), so results, resume (a finished member is reused, keyed by its settings, data and weights) and
 failure marking are the sequential study's. Under Ray each entry runs in a fresh worker process (``max_calls=1``:
 no backend state or GPU memory carries over) whose output goes to ``OUT/logs/NAME.log``; the
