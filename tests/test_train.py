@@ -589,15 +589,31 @@ def test_a_stop_seen_on_keras_callback_threads_leaves_the_training_state_to_the_
     from keras.src.backend.jax import trainer as jax_trainer
 
     from kbench.core.errors import TrainingInterrupted
+    from kbench.training import epochs
+    from kbench.training import train as train_module
 
-    synced_on, sync = [], jax_trainer.JAXTrainer.jax_state_sync
+    synced_on, clock_on, sync = [], [], jax_trainer.JAXTrainer.jax_state_sync
+    callbacks = epochs.epoch_callbacks
 
     def recorded(self):
         synced_on.append(threading.current_thread() is threading.main_thread())
         return sync(self)
 
+    def watched_callbacks(*args):
+        clock, listed = callbacks(*args)
+        batch_end = clock.on_train_batch_end
+
+        def on_train_batch_end(batch, logs=None):
+            clock_on.append(threading.current_thread() is threading.main_thread())
+            return batch_end(batch, logs)
+
+        clock.on_train_batch_end = on_train_batch_end
+        return clock, listed
+
     monkeypatch.setattr(jax_trainer.JAXTrainer, "jax_state_sync", recorded)
+    monkeypatch.setattr(train_module, "epoch_callbacks", watched_callbacks)
     _interrupt_at(monkeypatch, signal.SIGTERM, epoch=0, batch=1)
     with pytest.raises(TrainingInterrupted):
         train(_tiny_config(tiny_data, tmp_path / "run", epochs=1), verbose=0)
+    assert False in clock_on  # the clock did run on Keras' threads, and saw the stop there
     assert synced_on and all(synced_on)

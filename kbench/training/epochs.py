@@ -93,8 +93,8 @@ class AgreedStop(Exception):
 
 
 class StopRequest:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current batch; a second
-    SIGINT aborts at once."""
+    """Turns the first SIGINT/SIGTERM into a request to stop at the end of a batch (under JAX with one
+    process, the steps already dispatched finish first: a batch or two); a second SIGINT aborts at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -106,7 +106,7 @@ class StopRequest:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal_number
-        log.warning("stopping after this batch; --resume redoes this epoch from its start (Ctrl-C again: at once)")
+        log.warning("stopping after a batch; --resume redoes this epoch from its start (Ctrl-C again: at once)")
 
     def agreed(self) -> int | None:
         """The stop request: this process's, or where several train as one, any process's, so that
