@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kbench.core import machine
+from kbench.core import machine, timing
 from kbench.core.errors import KbenchError, Unavailable
 from kbench.serving import onnx_runtime
 from kbench.serving import openvino as ovruntime
@@ -264,7 +264,7 @@ def test_node_placement_is_read_from_the_first_runs_profile(tmp_path):
     assert placement == {"CPUExecutionProvider": ["ReduceMean"]} and not list(tmp_path.glob("profile*"))
     detail = onnx_runtime.cuda_detail({"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}, placement)
     assert detail == (
-        f"IO binding, {onnx_runtime.HOST_TO_HOST}; CUDA provider device_id 0, cudnn_conv_algo_search EXHAUSTIVE; "
+        f"IO binding, {timing.HOST_TO_HOST}; CUDA provider device_id 0, cudnn_conv_algo_search EXHAUSTIVE; "
         "1 of 1 nodes on the CPU: ReduceMean"
     )
     on_gpu = onnx_runtime.cuda_detail({}, {"CUDAExecutionProvider": ["Conv", "Conv"]})

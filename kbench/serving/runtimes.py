@@ -10,6 +10,8 @@ host (``kbench.core.timing.HOST_TO_HOST``).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from kbench.core import timing
@@ -28,17 +30,18 @@ RUNTIMES = (
 )
 
 
-class Runtime:
-    name = ""
-    needs = "keras"  # "keras" (a Keras model) or "onnx" (an ONNX file)
-    device = "cpu"
-    detail = ""
+class Runtime(Protocol):
+    """What every runtime has: the Keras runtimes here subclass it; ONNX Runtime's and OpenVINO's
+    only match it (their modules don't import this one, which imports them)."""
 
-    def prepare(self, model, image_size: tuple[int, int]) -> None:
-        raise NotImplementedError
+    name: str = ""
+    needs: str = "keras"  # "keras" (a Keras model) or "onnx" (an ONNX file)
+    device: str = "cpu"
+    detail: str = ""
 
-    def run(self, pixels: np.ndarray):
-        raise NotImplementedError
+    def prepare(self, model, image_size: tuple[int, int]) -> None: ...
+
+    def run(self, pixels: np.ndarray): ...
 
 
 def keras_device() -> str:
