@@ -129,6 +129,7 @@ def fit_rate(model, pixels, labels, steps: int, asynchronous: bool) -> tuple[flo
     callbacks = keras.callbacks.CallbackList([BatchEnd()], add_history=True, model=model, epochs=1, steps=steps)
     start = time.perf_counter()
     model.fit(Batches(), epochs=1, verbose=0, callbacks=callbacks)
+    # whether Keras dispatched them: its CallbackList's private flag (a benchmark may read it; kbench doesn't)
     return steps * len(labels) / (time.perf_counter() - start), callbacks._async_train
 
 
@@ -151,6 +152,80 @@ def train_model(sizes: dict, images):
     return model, pixels, labels
 
 
+def measure_training(sizes: dict, images, precision: str | None, common: dict, results: Results, fits) -> None:
+    """train_images_per_second (as kbench trains: Keras' asynchronous callback dispatch) and step_sync."""
+    import keras
+
+    from kbench.training.devices import training_devices
+
+    try:
+        shown = {**common, "batch": sizes["batch_size"], "precision": precision or "float32"}
+        with training_devices(None, sizes["batch_size"], precision):
+            model, pixels, labels = train_model(sizes, images)
+            rate, dispatched = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=True)
+            target = sizes["target_images_per_second"]
+            results.add("train_images_per_second", rate, **shown, target=target, asynchronous=dispatched)
+            if fits("step_sync"):
+                synced, dispatched = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=False)
+                results.add(
+                    "step_sync",
+                    synced / rate,
+                    **shown,
+                    synced_images_per_second=round(synced, 1),
+                    asynchronous=dispatched,
+                )
+        del model
+    except Exception as error:  # out of memory, a backend's own failure: the other measures go on
+        results.add("train_images_per_second", "failed", why=f"{type(error).__name__}: {error}"[:200])
+    keras.backend.clear_session()
+
+
+def measure_latency(model, sizes: dict, common: dict, results: Results) -> None:
+    """keras_compiled_ms at each of LATENCY_BATCHES, host to host as kbench latency times every row."""
+    from kbench.core import timing
+    from kbench.serving.runtimes import KerasCompiled
+
+    runtime = KerasCompiled()
+    runtime.prepare(model, (sizes["image_size"],) * 2)
+    for batch in LATENCY_BATCHES:
+        pixels = np.random.default_rng(batch).uniform(0, 255, (batch, *(sizes["image_size"],) * 2, 3))
+        pixels = pixels.astype("float32")
+        milliseconds = timing.time_calls(lambda p=pixels: runtime.run(p), sizes["latency_runs"], 5)
+        stats = timing.stats(milliseconds)
+        results.add("keras_compiled_ms", stats["p50_ms"], **common, batch=batch, p90_ms=round(stats["p90_ms"], 3))
+
+
+def measure_tf32(model, sizes: dict, common: dict, results: Results) -> None:
+    """tf32_gap: the forward at batch 32 at JAX's default precision against full float32."""
+    import jax
+
+    from kbench.core import timing
+    from kbench.core.backend import full_float32
+    from kbench.core.metrics import relative_difference
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (32, *(sizes["image_size"],) * 2, 3)).astype("float32")
+    forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
+    weights = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+
+    def run():
+        return np.asarray(forward(*weights, pixels))
+
+    default = run()
+    default_ms = timing.stats(timing.time_calls(run, sizes["latency_runs"], 3))["p50_ms"]
+    with full_float32():  # part of JAX's compilation key: compiled again at 'highest'
+        full = run()
+        full_ms = timing.stats(timing.time_calls(run, sizes["latency_runs"], 3))["p50_ms"]
+    results.add(
+        "tf32_gap",
+        full_ms / default_ms,
+        **common,
+        batch=32,
+        default_ms=round(default_ms, 3),
+        float32_ms=round(full_ms, 3),
+        relative_difference=f"{relative_difference(full, default):.2e}",
+    )
+
+
 def measure(args, results: Results) -> None:
     from kbench.core.backend import use_backend
 
@@ -158,12 +233,10 @@ def measure(args, results: Results) -> None:
     import jax
     import keras
 
-    from kbench.core import machine, timing
-    from kbench.core.backend import full_float32
-    from kbench.core.metrics import relative_difference
+    from kbench.core import machine
     from kbench.data.dataset import find_images
-    from kbench.serving.runtimes import KerasCompiled, keras_device
-    from kbench.training.devices import training_devices
+    from kbench.models.backbones import build_classifier, get_backbone
+    from kbench.serving.runtimes import keras_device
 
     sizes = TINY if args.tiny else FULL
     device = keras_device()
@@ -190,73 +263,21 @@ def measure(args, results: Results) -> None:
         data = os.path.join(folder, "train.zip")
         write_images(data, sizes["loader_images"])
         images = find_images(data)
-        # bfloat16 on the GPU; a CPU (the tiny run) trains in float32, as kbench train there without AMX
-        precision = "bfloat16" if device.startswith("gpu") else None
         if fits("train"):
-            try:
-                with training_devices(None, sizes["batch_size"], precision):
-                    model, pixels, labels = train_model(sizes, images)
-                    rate, dispatched = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=True)
-                    shown = {**common, "batch": sizes["batch_size"], "precision": precision or "float32"}
-                    target = sizes["target_images_per_second"]
-                    results.add("train_images_per_second", rate, **shown, target=target, asynchronous=dispatched)
-                    if fits("step_sync"):
-                        synced, dispatched = fit_rate(model, pixels, labels, sizes["steps"], asynchronous=False)
-                        results.add(
-                            "step_sync",
-                            synced / rate,
-                            **shown,
-                            synced_images_per_second=round(synced, 1),
-                            asynchronous=dispatched,
-                        )
-                del model
-            except Exception as error:  # out of memory, a backend's own failure: the other measures go on
-                results.add("train_images_per_second", "failed", why=f"{type(error).__name__}: {error}"[:200])
-            keras.backend.clear_session()
+            # bfloat16 on the GPU; a CPU (the tiny run) trains in float32, as kbench train there without AMX
+            precision = "bfloat16" if device.startswith("gpu") else None
+            measure_training(sizes, images, precision, common, results, fits)
         if fits("loader"):
             for threads in LOADER_THREADS:
                 rate = loader_rate(images, sizes, threads)
                 results.add("loader_images_per_second", rate, threads=threads, images=len(images), cores=os.cpu_count())
         model = None
         if fits("latency"):
-            from kbench.models.backbones import build_classifier, get_backbone
-
             model = build_classifier(get_backbone(sizes["backbone"]), 2, sizes["image_size"], "none")
-            runtime = KerasCompiled()
-            runtime.prepare(model, (sizes["image_size"],) * 2)
-            for batch in LATENCY_BATCHES:
-                pixels = np.random.default_rng(batch).uniform(0, 255, (batch, *(sizes["image_size"],) * 2, 3))
-                pixels = pixels.astype("float32")
-                milliseconds = timing.time_calls(lambda p=pixels: runtime.run(p), sizes["latency_runs"], 5)
-                stats = timing.stats(milliseconds)
-                results.add(
-                    "keras_compiled_ms", stats["p50_ms"], **common, batch=batch, p90_ms=round(stats["p90_ms"], 3)
-                )
+            measure_latency(model, sizes, common, results)
         if fits("tf32"):
-            from kbench.models.backbones import build_classifier, get_backbone
-
             model = model or build_classifier(get_backbone(sizes["backbone"]), 2, sizes["image_size"], "none")
-            pixels = np.random.default_rng(0).uniform(0, 255, (32, *(sizes["image_size"],) * 2, 3)).astype("float32")
-            forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
-            weights = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-
-            def run():
-                return np.asarray(forward(*weights, pixels))
-
-            default = run()
-            default_ms = timing.stats(timing.time_calls(run, sizes["latency_runs"], 3))["p50_ms"]
-            with full_float32():  # part of JAX's compilation key: compiled again at 'highest'
-                full = run()
-                full_ms = timing.stats(timing.time_calls(run, sizes["latency_runs"], 3))["p50_ms"]
-            results.add(
-                "tf32_gap",
-                full_ms / default_ms,
-                **common,
-                batch=32,
-                default_ms=round(default_ms, 3),
-                float32_ms=round(full_ms, 3),
-                relative_difference=f"{relative_difference(full, default):.2e}",
-            )
+            measure_tf32(model, sizes, common, results)
     results.add("imported_tensorflow", "tensorflow" in sys.modules)
 
 
