@@ -279,3 +279,39 @@ def test_latency_stopped_by_sigterm_exits_143_and_says_where_its_rows_are(monkey
     done = run_cli("latency", "small_cnn", "-o", output)
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"kbench: interrupted; the rows in {output} are those finished"
+
+
+@pytest.mark.once  # click's parsing, the same under either backend
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["latency", "small_cnn", "--runtime", "keras-compiled", "--runtime", "onnxruntime-cpu"],
+            "--runtime given twice; give it once (a list is comma-separated: --runtime a,b)",
+        ),
+        (["latency", "small_cnn", "--batch-size=1", "--batch-size", "8"], "--batch-size given twice; give it once"),
+        (["export", "onnx", "m.keras", "--output=a.onnx", "-ob.onnx"], "--output and -o (one option) given twice"),
+        (
+            ["export", "onnx", "m.keras", "--graph-passes", "--no-graph-passes"],
+            "--graph-passes and --no-graph-passes contradict each other; give one",
+        ),
+        (["bench", "--config", "demo", "--out", "a", "--out", "b"], "--out given twice; give it once"),
+        (["launch", "--processes", "1", "--processes", "2", "--", "kbench", "backbones"], "--processes given twice"),
+    ],
+)
+def test_an_option_given_twice_is_refused_before_any_work(args, message, tmp_path):
+    """click keeps the last of a repeated option silently: `--runtime a --runtime b` timed b alone."""
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.once
+def test_the_same_flag_twice_and_a_launched_commands_own_options_are_not_refused(tmp_path):
+    from kbench.cli.main import launch
+    from kbench.cli.options import _options_given
+
+    done = run_cli("export", "onnx", "missing.keras", "--no-graph-passes", "--no-graph-passes", cwd=tmp_path)
+    assert done.returncode == 2 and "given twice" not in done.stderr and "missing.keras" in done.stderr
+    inner = ["--processes", "2", "kbench", "train", "--processes", "3"]  # launch's options come first only
+    assert [name for name, _ in _options_given(launch.params, inner, interspersed=False)] == ["--processes"]

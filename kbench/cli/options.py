@@ -19,9 +19,66 @@ from kbench.core.config import default, options_of
 from kbench.core.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 
 
+class Command(click.Command):
+    """An option given twice with values that may differ is refused (exit 2): click would keep the
+    last one silently, so ``--runtime keras-compiled --runtime onnxruntime-cpu`` timed onnxruntime-cpu
+    alone, and ``--x`` with ``--no-x`` would be decided by their order. The same flag twice is harmless."""
+
+    def parse_args(self, ctx, args):
+        given: dict[str, str] = {}
+        for name, param in _options_given(self.get_params(ctx), args, ctx.allow_interspersed_args):
+            if param.name not in given:
+                given[param.name] = name
+                continue
+            earlier = given[param.name]
+            if param.is_flag and earlier == name:
+                continue
+            if param.is_flag:
+                raise click.UsageError(f"{earlier} and {name} contradict each other; give one", ctx)
+            listed = "comma-separated" in (param.help or "").lower()
+            hint = f" (a list is comma-separated: {name} a,b)" if listed else ""
+            shown = name if earlier == name else f"{earlier} and {name} (one option)"
+            raise click.UsageError(f"{shown} given twice; give it once{hint}", ctx)
+        return super().parse_args(ctx, args)
+
+
+def _options_given(params, args: list[str], interspersed: bool):
+    """(the name as typed, its click option) for each option in ``args``, in order: each option's value
+    is skipped, and the scan ends at ``--`` (or at the first argument, where options come first only)."""
+    names = {}
+    for param in params:
+        if isinstance(param, click.Option) and not param.multiple and not param.count:
+            for name in (*param.opts, *param.secondary_opts):
+                names[name] = param
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            return
+        if not token.startswith("-") or token == "-":
+            if not interspersed:
+                return
+            continue
+        name, attached = token, False
+        if token.startswith("--") and "=" in token:
+            name, attached = token.split("=", 1)[0], True
+        elif not token.startswith("--") and len(token) > 2 and token[:2] in names:
+            name, attached = token[:2], True  # -oFILE
+        param = names.get(name)
+        if param is None:
+            continue  # not an option of this command: click refuses it
+        yield name, param
+        if not param.is_flag and not attached:
+            for _ in range(param.nargs):
+                next(tokens, None)
+
+
 class Group(click.Group):
     """Errors as one line: KbenchError exits 2, an interrupted run 130/143, an unexpected exception
-    1 (``--debug`` or KBENCH_DEBUG=1 shows its traceback instead)."""
+    1 (``--debug`` or KBENCH_DEBUG=1 shows its traceback instead). Its commands refuse an option given
+    twice (``Command``); its subgroups are Groups too."""
+
+    command_class = Command
+    group_class = type
 
     def invoke(self, ctx):
         try:

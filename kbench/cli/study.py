@@ -22,7 +22,7 @@ def show_study(results: dict, out: str) -> None:
         sys.exit(1)
 
 
-@click.command()
+@click.command(cls=opt.Command)
 @click.option("--config", "config_path", required=True, help="Study TOML, or one kbench ships: seed, demo, modern.")
 @click.option("--data", type=click.Path(), help="Training images (overrides the config).")
 @click.option("--test-data", type=click.Path(), help="Test images for the submission ('' for none).")
@@ -61,7 +61,7 @@ def bench(config_path, out, progress, overwrite, executor, address, **overrides)
     show_study(study.record, study.out)
 
 
-@click.command()
+@click.command(cls=opt.Command)
 @click.option("--out", type=click.Path(), default="reports/demo", show_default=True, help="Report folder.")
 @opt.backend_option
 @click.option("--images", type=int, default=600, show_default=True, help="Generated training images.")
