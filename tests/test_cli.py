@@ -297,6 +297,11 @@ def test_latency_stopped_by_sigterm_exits_143_and_says_where_its_rows_are(monkey
         ),
         (["bench", "--config", "demo", "--out", "a", "--out", "b"], "--out given twice; give it once"),
         (["launch", "--processes", "1", "--processes", "2", "--", "kbench", "backbones"], "--processes given twice"),
+        (
+            ["latency", "small_cnn", "--runtime", "keras-compiled,onnxruntime-cpu,keras-compiled"],
+            "--runtime names keras-compiled twice; name each once",
+        ),
+        (["latency", "small_cnn", "--batch-size", "1,8,1"], "--batch-size names 1 twice; name each once"),
     ],
 )
 def test_an_option_given_twice_is_refused_before_any_work(args, message, tmp_path):

@@ -48,6 +48,10 @@ class LatencyConfig:
                 raise KbenchError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
         if not self.runtimes:
             raise KbenchError("--runtime names no runtime")
+        for flag, values in (("--runtime", self.runtimes), ("--batch-size", self.batch_sizes)):
+            repeated = sorted({str(value) for value in values if values.count(value) > 1})
+            if repeated:  # a typo, most likely: the same rows twice would look like two measurements
+                raise KbenchError(f"{flag} names {', '.join(repeated)} twice; name each once")
         positive(self.runs, "--runs", whole=True)
         for batch in self.batch_sizes:
             positive(batch, "--batch-size", whole=True)
