@@ -138,3 +138,15 @@ def test_report_names_the_settings_each_runtime_ran_with_and_flags_a_change(tmp_
     assert "- **onnxruntime-cpu** (a, b): intra-op threads ONNX Runtime's default, spinning on\n" in inference
     assert "- **onnxruntime-cpu** (c): intra-op threads 2 (physical cores), spinning off\n" in inference
     assert "**A runtime ran with different settings for different models**" in inference
+
+
+def test_entries_trained_side_by_side_are_named_under_the_epoch_table(tmp_path):
+    """Ray entries that shared a node (trained_beside) took their epoch times on a shared machine:
+    report.md says so where the epoch times are; a study trained in turn says nothing."""
+    results, out = study_results(tmp_path)
+    assert "side by side" not in markdown_report(results, flat_rows(results), out)
+    results["rows"][0].update(trained_beside=["b", "c"], host="node-1")
+    results["rows"][1].update(trained_beside=["a"], host="node-1")
+    epochs = section(markdown_report(results, flat_rows(results), out), "Time per training epoch")
+    assert "**Trained side by side on one node**: a beside b, c on node-1; b beside a on node-1." in epochs
+    assert "--executor sequential" in epochs

@@ -121,6 +121,24 @@ def _header(results: dict) -> list[str]:
     return parts + [f"Command: `{results.get('command', '')}`", ""]
 
 
+def _shared_training_note(results: dict) -> list[str]:
+    """report.md's warning under the epoch table when entries trained side by side on one Ray node
+    (``trained_beside``): their epoch times were taken on a shared machine; [] when none did."""
+    shared = [
+        f"{row['name']} beside {', '.join(row['trained_beside'])}" + (f" on {row['host']}" if row.get("host") else "")
+        for row in results["rows"]
+        if row.get("trained_beside")
+    ]
+    if not shared:
+        return []
+    return [
+        f"**Trained side by side on one node**: {'; '.join(shared)}. Their epoch times were taken while "
+        "they shared it and may be slower than each alone; to compare training costs, train them in turn "
+        "(`--executor sequential`).",
+        "",
+    ]
+
+
 def _epoch_section(backbones: list[dict], plots: dict) -> list[str]:
     """The reference study's first table: time per training epoch, then its plot."""
     columns = [
@@ -258,6 +276,7 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
     plots = {name: out_dir is not None and os.path.isfile(os.path.join(out_dir, name)) for name in PLOTS}
     parts = _header(results)
     parts += _epoch_section([row for row in linked if row["kind"] == "backbone"], plots)
+    parts += _shared_training_note(results)
     parts += _latency_section(results, linked)
     parts += _quality_sections(linked, flat, out_dir, plots)
     parts += _ensembles_section([row for row in linked if row["kind"] == "ensemble"])
