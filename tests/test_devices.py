@@ -20,7 +20,7 @@ def test_device_counts():
         count_devices("two", 4)
 
 
-def train_args(kaggle_data, run_dir, *extra):
+def train_args(kaggle_data, run_dir, *extra, batch_size=16):
     return (
         "train",
         "--backbone",
@@ -32,7 +32,7 @@ def train_args(kaggle_data, run_dir, *extra):
         "--epochs",
         "3",
         "--batch-size",
-        "16",
+        str(batch_size),
         "--lr",
         "2e-3",
         "--run-dir",
@@ -116,7 +116,5 @@ def test_two_virtual_devices_follow_the_one_device_loss_curve(kaggle_data, tmp_p
     # Reduction order differs between one and two devices; measured: 2.8e-3 relative by epoch 3
     # (each epoch's batch order is the loader's own since fit stopped reshuffling it).
     assert curves["1"] == pytest.approx(curves["2"], rel=5e-3), curves
-    odd = run_cli(
-        *train_args(kaggle_data, str(tmp_path / "odd"), "--devices", "2", "--batch-size", "15"), env=environment
-    )
+    odd = run_cli(*train_args(kaggle_data, str(tmp_path / "odd"), "--devices", "2", batch_size=15), env=environment)
     assert odd.returncode == 2 and "multiple of the 2 devices" in odd.stderr
