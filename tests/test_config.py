@@ -9,8 +9,8 @@ from kbench.core.config import check_bounds
 from kbench.core.errors import KbenchError
 from kbench.serving.latency import LatencyConfig
 from kbench.training.config import TrainConfig
-from kbench.training.distributed import LaunchConfig
 from kbench.training.ensemble import EnsembleConfig
+from kbench.training.launch import LaunchConfig
 
 pytestmark = pytest.mark.once  # backend-independent
 

@@ -121,13 +121,11 @@ def test_ctrl_c_reaches_every_process_once(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_ranks_die_with_a_killed_launcher_which_forks_without_preexec_fn(tmp_path, monkeypatch):
-    import kbench.training.distributed as distributed
+    import kbench.training.launch as launching
 
     started, popen = [], subprocess.Popen
-    monkeypatch.setattr(distributed.subprocess, "Popen", lambda *a, **k: started.append(k) or popen(*a, **k))
-    assert (
-        distributed.launch(distributed.LaunchConfig(processes=2), [sys.executable, "-c", "pass"], echo=lambda _: 0) == 0
-    )
+    monkeypatch.setattr(launching.subprocess, "Popen", lambda *a, **k: started.append(k) or popen(*a, **k))
+    assert launching.launch(launching.LaunchConfig(processes=2), [sys.executable, "-c", "pass"], echo=lambda _: 0) == 0
     assert len(started) == 2 and not any("preexec_fn" in options for options in started)
 
     script = (
@@ -268,7 +266,8 @@ def test_launch_gives_each_rank_its_own_gpu_and_refuses_more_ranks_than_gpus(two
 
 
 def test_slurm_with_one_task_per_node_gives_jax_every_gpu_of_the_node(two_gpus):
-    from kbench.training.distributed import rank_devices, slurm_local_devices
+    from kbench.training.distributed import slurm_local_devices
+    from kbench.training.launch import rank_devices
 
     one_per_node = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}
     assert slurm_local_devices(one_per_node) == [0, 1]  # JAX alone would give [SLURM_LOCALID] = [0]

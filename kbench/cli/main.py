@@ -27,8 +27,8 @@ from kbench.serving.runtimes import RUNTIMES
 from kbench.serving.submission import PREDICT_RUNTIMES
 from kbench.serving.submission import SubmissionConfig as _S
 from kbench.training.config import TrainConfig as _T
-from kbench.training.distributed import LaunchConfig as _D
 from kbench.training.ensemble import EnsembleConfig as _E  # the configs: options, help and defaults (no keras import)
+from kbench.training.launch import LaunchConfig as _D
 
 
 @click.group(cls=opt.Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -113,8 +113,8 @@ def launch(processes, port, log_dir, command):
       kbench launch --processes 2 -- kbench train --backbone small_cnn --data train.zip \\
         --devices all --run-dir runs/mp --backend jax
     """
-    from kbench.training.distributed import LaunchConfig
-    from kbench.training.distributed import launch as launch_processes
+    from kbench.training.launch import LaunchConfig
+    from kbench.training.launch import launch as launch_processes
 
     code = launch_processes(LaunchConfig(processes, port, log_dir), list(command), echo=click.echo)
     sys.exit(code)
