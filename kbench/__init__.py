@@ -15,42 +15,10 @@ The public Python API (docs/python.md); the ``kbench`` command line calls these 
 Importing kbench imports no keras, TensorFlow, JAX or click: the backend is chosen first.
 """
 
-from kbench.api import (
-    OnnxExport,
-    Run,
-    Study,
-    bench,
-    build_model,
-    compare,
-    demo,
-    ensemble,
-    export_onnx,
-    latency,
-    list_backbones,
-    predict,
-    score,
-    train,
-    use_backend,
-)
+from kbench import api as _api
+from kbench.api import *  # noqa: F403  (the API's names: kbench.api.__all__, the one list of them)
 from kbench.core.errors import KbenchError
 from kbench.core.version import __version__
 
-__all__ = [
-    "KbenchError",
-    "OnnxExport",
-    "Run",
-    "Study",
-    "__version__",
-    "bench",
-    "build_model",
-    "compare",
-    "demo",
-    "ensemble",
-    "export_onnx",
-    "latency",
-    "list_backbones",
-    "predict",
-    "score",
-    "train",
-    "use_backend",
-]
+__all__ = ["KbenchError", "__version__"]
+__all__ += _api.__all__
