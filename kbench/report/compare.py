@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import os
 
-from kbench.core import files
 from kbench.core.errors import KbenchError
 from kbench.core.tables import distinct_names
-from kbench.report.report import RESULTS_JSON, write_report
-from kbench.training.runs import CONFIG, Run, ensure_writable_folder
+from kbench.report.report import report_in, write_report
+from kbench.training.runs import Run, ensure_writable_folder
 
 log = logging.getLogger("kbench")
 
@@ -80,18 +79,11 @@ def _check_out(out_dir: str, runs: dict[str, str]) -> None:
         if real == run_real or real.startswith(run_real + os.sep):
             raise KbenchError(f"--out {out_dir} is inside the run folder {path}; choose another --out")
     ensure_writable_folder(out_dir, "--out")
-    if Run(out_dir).exists(CONFIG):
-        raise KbenchError(f"--out {out_dir} is a run folder; choose another --out")
-    results = os.path.join(out_dir, RESULTS_JSON)
-    if os.path.isfile(results):
-        try:
-            kind = files.read_json(results).get("kind")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            kind = None
-        if kind != KIND:
-            raise KbenchError(
-                f"--out {out_dir} holds a study's report, which compare would overwrite; choose another --out"
-            )
+    found = report_in(out_dir)
+    if found is not None and found.get("kind") != KIND:
+        raise KbenchError(
+            f"--out {out_dir} holds a study's report, which compare would overwrite; choose another --out"
+        )
 
 
 def _row(run: Run, name: str, out_dir: str) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from kbench.core import files
+from kbench.core.errors import KbenchError
 from kbench.core.tables import LATENCY_COLUMNS, flat_rows, format_table, latency_wide, pareto_text
 from kbench.report.plots import EPOCH_PLOT, LOGLOSS_PLOT, PLOTS, VAL_LOSS_PLOT, write_plots
 
@@ -283,6 +285,24 @@ def markdown_report(results: dict, flat: list[dict], out_dir: str | None = None)
     parts += _onnx_against_keras(flat, linked)
     parts += _submission_section(results.get("submission"))
     return "\n".join(parts)
+
+
+def report_in(out_dir: str) -> dict | None:
+    """What the report already in ``out_dir`` says of itself (its results.json: ``name``, ``kind``) for
+    the study, the demo and compare to decide whether --out is theirs, after refusing an --out that is a
+    run folder; None where there is no report, ``{"name": "?"}`` where it can't be read."""
+    from kbench.training.runs import CONFIG, Run
+
+    if Run(out_dir).exists(CONFIG):
+        raise KbenchError(f"--out {out_dir} is a run folder; choose another --out")
+    path = os.path.join(out_dir, RESULTS_JSON)
+    if not os.path.isfile(path):
+        return None
+    try:
+        found = files.read_json(path)
+    except (ValueError, OSError):
+        return {"name": "?"}
+    return found if isinstance(found, dict) else {"name": "?"}
 
 
 def write_report(results: dict, out_dir: str) -> dict:

@@ -22,27 +22,21 @@ import signal
 from kbench.core import files
 from kbench.core.errors import STOP_REQUESTS, KbenchError, TrainingInterrupted, first_line
 from kbench.core.process import stop_if_requested
+from kbench.report.report import report_in
 from kbench.study.config import StudyConfig, check_devices, load_config, packaged_config
 from kbench.study.executors import ExecutorConfig, run_members
 from kbench.study.stages import build_ensemble, measure, member_row, stop_if_requested_from, time_member
-from kbench.training.runs import CONFIG, Run, ensure_writable_folder, folder_lock
+from kbench.training.runs import ensure_writable_folder, folder_lock
 
 log = logging.getLogger("kbench")
-
-RESULTS = "results.json"
 
 
 def prepare_out(config: StudyConfig, out_dir: str, overwrite: bool = False) -> None:
     """Refuse an --out folder that holds something else: a run folder, or another study's results."""
     ensure_writable_folder(out_dir, "--out")
-    if Run(out_dir).exists(CONFIG):
-        raise KbenchError(f"--out {out_dir} is a run folder; choose another --out")
-    results = os.path.join(out_dir, RESULTS)
-    if os.path.isfile(results) and not overwrite:
-        try:
-            previous = files.read_json(results).get("name")
-        except (ValueError, AttributeError):
-            previous = "?"
+    found = report_in(out_dir)
+    if found is not None and not overwrite:
+        previous = found.get("name")
         if previous != config.name:
             raise KbenchError(
                 f"--out {out_dir} holds the results of study {previous!r}, not {config.name!r}; "
@@ -183,14 +177,9 @@ def _check_demo_out(out: str, fresh: bool) -> None:
     another study's results, or (``--fresh``, which removes it) a folder that holds no demo."""
     if not out.strip():
         raise KbenchError("--out is empty; name the demo's folder (default reports/demo)")
-    if Run(out).exists(CONFIG):
-        raise KbenchError(f"--out {out} is a run folder; choose another --out")
-    results = os.path.join(out, RESULTS)
-    if os.path.isfile(results):
-        try:
-            name = files.read_json(results).get("name")
-        except (ValueError, AttributeError, OSError):
-            name = "?"
+    found = report_in(out)
+    if found is not None:
+        name = found.get("name")
         if name != "demo":
             raise KbenchError(f"--out {out} holds the results of study {name!r}, not the demo; choose another --out")
     elif fresh and os.path.isdir(out):
