@@ -119,6 +119,28 @@ def test_ctrl_c_reaches_every_process_once(tmp_path):
     assert [open(tmp_path / rank).read() for rank in ("0", "1")] == ["int\n", "int\n"]
 
 
+def test_a_signal_landing_during_the_stop_gather_counts_at_the_next_gather_on_every_process(monkeypatch):
+    """Ranks decide a stop from the gathered value only: a SIGINT that lands on this process while the
+    all-gather runs (the others gathered 0) must not make it stop alone, which left the others' next
+    collective facing a different one ("passed to device_put is not the same on each process")."""
+    from kbench.training import distributed
+    from kbench.training.epochs import StopRequest
+
+    stop = StopRequest()
+    calls = []
+
+    def gather(value):  # what every process contributed: nothing yet; the signal lands meanwhile
+        calls.append(value)
+        if len(calls) == 1:
+            stop._handle(signal.SIGINT, None)
+            return 0
+        return value
+
+    monkeypatch.setattr(distributed, "largest_everywhere", gather)
+    assert stop.agreed() is None  # as on the processes that gathered 0
+    assert stop.agreed() == signal.SIGINT and calls == [0, signal.SIGINT]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_ranks_die_with_a_killed_launcher_which_forks_without_preexec_fn(tmp_path, monkeypatch):
     import kbench.training.launch as launching

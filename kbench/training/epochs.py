@@ -111,11 +111,15 @@ class StopRequest:
     def agreed(self) -> int | None:
         """The stop request: this process's, or where several train as one, any process's, so that
         all stop after the same batch (one that stopped alone would leave the others waiting in a
-        collective). An all-gather there: call it on every process at the same points."""
+        collective). An all-gather there: call it on every process at the same points.
+
+        The answer is the gathered value, never ``self.signal`` read again after the gather: a signal
+        that lands on one process during the gather would make that process alone stop here, and the
+        others' next collective would meet a different one. It counts at the next call instead."""
         requested = distributed.largest_everywhere(self.signal or 0)
         if requested and self.signal is None:
             self.signal = requested
-        return self.signal
+        return requested or None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
