@@ -18,6 +18,7 @@ from kbench.core.config import check_bounds, option
 from kbench.core.errors import KbenchError
 from kbench.core.process import exit_status, orphan_proof
 from kbench.training.distributed import ADDRESS, COUNT, INDEX, visible_gpus
+from kbench.training.runs import ensure_writable_folder
 
 GRACE_SECONDS = 10  # after asking the other processes to stop, before killing them
 
@@ -82,7 +83,7 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
     placement = rank_devices(config.processes)
     port = free_port() if config.port is None else _check_port(config.port)
     if config.log_dir:
-        _make_log_dir(config.log_dir)
+        ensure_writable_folder(config.log_dir, "--log-dir")
     base = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(config.processes), "PYTHONUNBUFFERED": "1"}
     group = _Ranks()
     previous = group.forward_signals()
@@ -101,15 +102,6 @@ def launch(config: LaunchConfig, command: list[str], echo=print) -> int:
         group.kill_left()  # an exception on our side: no process outlives the launcher
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def _make_log_dir(log_dir: str) -> None:
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise KbenchError(f"--log-dir {log_dir} is a file, not a folder")
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-    except OSError as error:
-        raise KbenchError(f"can't create --log-dir {log_dir}: {error.strerror}") from None
 
 
 class _Ranks:
