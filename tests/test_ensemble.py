@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -112,3 +113,12 @@ def test_an_ensemble_is_no_member_and_a_refusal_leaves_no_folder(members, tmp_pa
     )
     assert done.returncode == 2 and "is an ensemble; members must be training runs" in done.stderr
     assert not (tmp_path / "nested").exists()
+    # the ensemble's folder inside a member's, or a member's inside the ensemble's: refused, nothing written
+    inside = os.path.join(members[0], "ensemble")
+    refusal = f"{inside} is inside {members[0]}; give the ensemble and each member folders of their own"
+    with pytest.raises(KbenchError, match=re.escape(refusal)):
+        train_ensemble(EnsembleConfig(members, inside, method="mean"), verbose=0)
+    outer = os.path.dirname(members[1])
+    with pytest.raises(KbenchError, match=re.escape(f"{members[0]} is inside {outer}; give")):
+        train_ensemble(EnsembleConfig(members, outer, method="mean"), verbose=0)
+    assert not os.path.exists(inside) and not os.path.exists(os.path.join(outer, "config.json"))
