@@ -144,11 +144,17 @@ def test_nothing_to_calibrate_on_is_refused_before_the_float_file_is_written(exp
     model_file = os.path.join(run_dir, "model.keras")  # a file, not a run folder: no training split
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("no images")
+    import cv2
+    import numpy as np
+
+    (tmp_path / "stray").mkdir()
+    cv2.imwrite(str(tmp_path / "stray" / "a.png"), np.zeros((8, 8, 3), np.uint8))  # one stray picture
     cases = [
         ([], "--quantize int8 needs --calibration-data PATH"),
         (["--calibration-data", str(tmp_path / "empty")], "no images (.jpg"),
         (["--calibration-data", str(tmp_path / "missing")], "data not found"),
         (["--calibration-data", str(tmp_path / "notes.txt")], "is neither a folder nor a zip file"),
+        (["--calibration-data", str(tmp_path / "stray")], "stray holds 1 image; int8 calibration needs at least 16"),
     ]
     output = tmp_path / "out" / "m.onnx"
     for extra, message in cases:

@@ -51,6 +51,10 @@ TIMING_BATCH = 1
 SPEEDUP_MARGIN = 1.03
 SETTINGS = replace(FIXED_CPU_SETTINGS, spinning=False)
 SQUEEZE_OPS = ("GlobalAveragePool", "ReduceMean")
+# Images the activation ranges are calibrated on, and the fewest a calibration may have: ranges taken
+# from a handful of images clip what the model is later served (a folder holding one stray picture is
+# the wrong folder, not a calibration set).
+CALIBRATION_IMAGES, FEWEST_CALIBRATION_IMAGES = 64, 16
 
 
 def int8_path(float_path: str) -> str:
@@ -72,6 +76,12 @@ def _calibration_images(calibration_data: str | None, run_dir: str | None, count
         images, indices = Run(run_dir).images("train")
     else:
         raise KbenchError("--quantize int8 needs --calibration-data PATH (or MODEL as a run folder)")
+    if len(indices) < min(count, FEWEST_CALIBRATION_IMAGES):
+        where = calibration_data or f"{run_dir}'s training split"
+        raise KbenchError(
+            f"{where} holds {len(indices)} image{'s' * (len(indices) != 1)}; int8 calibration needs at least "
+            f"{min(count, FEWEST_CALIBRATION_IMAGES)} (it uses up to {count}) of the kind the model will serve"
+        )
     rng = np.random.default_rng(seed)
     return images, np.sort(rng.permutation(indices)[:count])
 
@@ -157,7 +167,7 @@ def quantize_int8(
     output: str,
     calibration_data: str | None = None,
     run_dir: str | None = None,
-    calibration_images: int = 64,
+    calibration_images: int = CALIBRATION_IMAGES,
     seed: int = 0,
     candidates: dict | None = None,
 ) -> dict:
@@ -233,7 +243,7 @@ def quantize_int8(
 def check_calibration(model: str, calibration_data: str | None = None) -> None:
     """KbenchError in one line unless there are images to calibrate ``model`` (a path) on: run before
     the float file is exported, so that a refusal leaves nothing written."""
-    _calibration_images(calibration_data, model if os.path.isdir(model) else None, 1, 0)
+    _calibration_images(calibration_data, model if os.path.isdir(model) else None, CALIBRATION_IMAGES, 0)
 
 
 def quantize_export(float_path: str, model: str, calibration_data: str | None = None) -> dict:
