@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
+from kbench.core import files
 from kbench.core.errors import KbenchError
 from kbench.core.tables import distinct_names
 from kbench.report.report import report_in, write_report
@@ -74,9 +75,8 @@ def _warn_if_validated_apart(runs: list[Run]) -> None:
 
 
 def _check_out(out_dir: str, runs: dict[str, str]) -> None:
-    real = os.path.realpath(out_dir)
     for run_real, path in runs.items():
-        if real == run_real or real.startswith(run_real + os.sep):
+        if files.within(out_dir, run_real):
             raise KbenchError(f"--out {out_dir} is inside the run folder {path}; choose another --out")
     ensure_writable_folder(out_dir, "--out")
     found = report_in(out_dir)

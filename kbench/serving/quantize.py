@@ -76,11 +76,12 @@ def _calibration_images(calibration_data: str | None, run_dir: str | None, count
         images, indices = Run(run_dir).images("train")
     else:
         raise KbenchError("--quantize int8 needs --calibration-data PATH (or MODEL as a run folder)")
-    if len(indices) < min(count, FEWEST_CALIBRATION_IMAGES):
+    needed = min(count, FEWEST_CALIBRATION_IMAGES)
+    if len(indices) < needed:
         where = calibration_data or f"{run_dir}'s training split"
         raise KbenchError(
             f"{where} holds {len(indices)} image{'s' * (len(indices) != 1)}; int8 calibration needs at least "
-            f"{min(count, FEWEST_CALIBRATION_IMAGES)} (it uses up to {count}) of the kind the model will serve"
+            f"{needed} (it uses up to {count}) of the kind the model will serve"
         )
     rng = np.random.default_rng(seed)
     return images, np.sort(rng.permutation(indices)[:count])

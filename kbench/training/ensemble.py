@@ -92,11 +92,9 @@ def check_members(config: EnsembleConfig) -> tuple[list[Member], dict]:
         member = os.path.realpath(run_dir)
         if member == target:
             raise KbenchError(f"--run-dir {config.run_dir} is one of the members; write the ensemble elsewhere")
-        if target.startswith(member + os.sep) or member.startswith(target + os.sep):
-            # removing or replacing one folder would take the other with it
-            ensemble_inside = target.startswith(member + os.sep)
-            inside, outer = (config.run_dir, run_dir) if ensemble_inside else (run_dir, config.run_dir)
-            raise KbenchError(f"{inside} is inside {outer}; give the ensemble and each member folders of their own")
+        for inside, outer in ((config.run_dir, run_dir), (run_dir, config.run_dir)):
+            if files.within(inside, outer):  # removing or replacing one folder would take the other with it
+                raise KbenchError(f"{inside} is inside {outer}; give the ensemble and each member folders of their own")
         run = Run.open(run_dir)
         if run.kind != "backbone":
             raise KbenchError(f"member {run_dir} is an ensemble; members must be training runs (kbench train)")
